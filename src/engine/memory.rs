@@ -1,0 +1,296 @@
+//! In-memory state: a slab of rows found through a hash table of slot numbers (so each key
+//! is stored once), a B-tree of open deadlines and one of closed rows' expiries.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+
+use super::state::{Clock, Due, Instance, State, StepStatus};
+use crate::time::Instant;
+
+struct Slot {
+    rule: u32,
+    key: Box<str>,
+    inst: Instance,
+}
+
+/// What a row looked like when it was taken, to update the indexes on `put`.
+struct Taken {
+    slot: u32,
+    open: Vec<(u32, Instant)>,
+    expiry: Option<Instant>,
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct EarlyKey(u32, u32, Box<str>);
+
+#[derive(Hash)]
+struct EarlyRef<'a>(u32, u32, &'a str);
+
+impl hashbrown::Equivalent<EarlyKey> for EarlyRef<'_> {
+    fn equivalent(&self, k: &EarlyKey) -> bool {
+        self.0 == k.0 && self.1 == k.1 && self.2 == &*k.2
+    }
+}
+
+/// State held in memory, for `replay`, `test` and the engine's own tests.
+#[derive(Default)]
+pub struct MemoryState {
+    hasher: DefaultHashBuilder,
+    table: HashTable<u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// (deadline, slot, step) of every open step.
+    deadlines: BTreeSet<(Instant, u32, u32)>,
+    /// (expires_at, slot) of every closed row.
+    expiries: BTreeSet<(Instant, u32)>,
+    taken: Option<Taken>,
+    /// Early correlates: (rule, step, key) → (event time, expiry).
+    early: HashMap<EarlyKey, (Instant, Instant)>,
+    early_expiry: BinaryHeap<Reverse<(Instant, u32, u32, Box<str>)>>,
+    /// Remembered cancels: (rule, 0, key) → expiry.
+    cancels: HashMap<EarlyKey, Instant>,
+    cancel_expiry: BinaryHeap<Reverse<(Instant, u32, Box<str>)>>,
+    clock: Clock,
+    open: usize,
+}
+
+fn open_steps(inst: &Instance) -> Vec<(u32, Instant)> {
+    inst.steps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.status == StepStatus::Open)
+        .map(|(i, s)| (i as u32, s.at))
+        .collect()
+}
+
+impl MemoryState {
+    pub fn new() -> MemoryState {
+        MemoryState::default()
+    }
+
+    fn hash(&self, rule: u32, key: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        rule.hash(&mut h);
+        key.hash(&mut h);
+        h.finish()
+    }
+
+    fn find(&self, rule: u32, key: &str) -> Option<u32> {
+        let hash = self.hash(rule, key);
+        let slots = &self.slots;
+        self.table
+            .find(hash, |&s| {
+                let slot = &slots[s as usize];
+                slot.rule == rule && &*slot.key == key
+            })
+            .copied()
+    }
+
+    /// Rows held (open and closed), for tests and memory accounting.
+    pub fn rows(&self) -> usize {
+        self.table.len()
+    }
+}
+
+impl State for MemoryState {
+    fn take(&mut self, rule: usize, key: &str) -> Option<Instance> {
+        debug_assert!(self.taken.is_none(), "take without put");
+        let slot = self.find(rule as u32, key)?;
+        let inst = std::mem::replace(
+            &mut self.slots[slot as usize].inst,
+            Instance {
+                opened_at: 0,
+                closed_at: None,
+                expires_at: 0,
+                steps: Box::new([]),
+                captures: Box::new([]),
+            },
+        );
+        self.taken = Some(Taken {
+            slot,
+            open: open_steps(&inst),
+            expiry: inst.closed_at.map(|_| inst.expires_at),
+        });
+        if inst.is_open() {
+            self.open -= 1;
+        }
+        Some(inst)
+    }
+
+    fn put(&mut self, rule: usize, key: &str, row: Option<Instance>) {
+        let rule32 = rule as u32;
+        let (slot, old_open, old_expiry) = match self.taken.take() {
+            Some(t) => (Some(t.slot), t.open, t.expiry),
+            None => (None, Vec::new(), None),
+        };
+        let Some(inst) = row else {
+            if let Some(slot) = slot {
+                for (step, d) in old_open {
+                    self.deadlines.remove(&(d, slot, step));
+                }
+                if let Some(e) = old_expiry {
+                    self.expiries.remove(&(e, slot));
+                }
+                let hash = self.hash(rule32, key);
+                if let Ok(entry) = self.table.find_entry(hash, |&s| s == slot) {
+                    entry.remove();
+                }
+                self.slots[slot as usize].key = Box::from("");
+                self.free.push(slot);
+            }
+            return;
+        };
+        let slot = match slot {
+            Some(s) => s,
+            None => {
+                let s = match self.free.pop() {
+                    Some(s) => s,
+                    None => {
+                        self.slots.push(Slot {
+                            rule: rule32,
+                            key: Box::from(""),
+                            inst: Instance {
+                                opened_at: 0,
+                                closed_at: None,
+                                expires_at: 0,
+                                steps: Box::new([]),
+                                captures: Box::new([]),
+                            },
+                        });
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.slots[s as usize].rule = rule32;
+                self.slots[s as usize].key = Box::from(key);
+                let hash = self.hash(rule32, key);
+                let slots = &self.slots;
+                let hasher = &self.hasher;
+                self.table.insert_unique(hash, s, |&x| {
+                    let sl = &slots[x as usize];
+                    let mut h = hasher.build_hasher();
+                    sl.rule.hash(&mut h);
+                    sl.key.hash(&mut h);
+                    h.finish()
+                });
+                s
+            }
+        };
+        let new_open = open_steps(&inst);
+        for &(step, d) in &old_open {
+            if !new_open.contains(&(step, d)) {
+                self.deadlines.remove(&(d, slot, step));
+            }
+        }
+        for &(step, d) in &new_open {
+            if !old_open.contains(&(step, d)) {
+                self.deadlines.insert((d, slot, step));
+            }
+        }
+        let new_expiry = inst.closed_at.map(|_| inst.expires_at);
+        if old_expiry != new_expiry {
+            if let Some(e) = old_expiry {
+                self.expiries.remove(&(e, slot));
+            }
+            if let Some(e) = new_expiry {
+                self.expiries.insert((e, slot));
+            }
+        }
+        if inst.is_open() {
+            self.open += 1;
+        }
+        self.slots[slot as usize].inst = inst;
+    }
+
+    fn due(&mut self, before: Instant, out: &mut Vec<Due>) {
+        for &(deadline, slot, step) in self.deadlines.range(..(before, 0, 0)) {
+            let s = &self.slots[slot as usize];
+            out.push(Due {
+                deadline,
+                rule: s.rule as usize,
+                key: s.key.to_string(),
+                step: step as usize,
+            });
+        }
+    }
+
+    fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)> {
+        self.early
+            .get(&EarlyRef(rule as u32, step as u32, key))
+            .copied()
+    }
+
+    fn put_early(&mut self, rule: usize, key: &str, step: usize, time: Instant, expires: Instant) {
+        self.early.insert(
+            EarlyKey(rule as u32, step as u32, Box::from(key)),
+            (time, expires),
+        );
+        self.early_expiry
+            .push(Reverse((expires, rule as u32, step as u32, Box::from(key))));
+    }
+
+    fn remove_early(&mut self, rule: usize, key: &str, step: usize) {
+        self.early.remove(&EarlyRef(rule as u32, step as u32, key));
+    }
+
+    fn cancel(&self, rule: usize, key: &str) -> Option<Instant> {
+        self.cancels.get(&EarlyRef(rule as u32, 0, key)).copied()
+    }
+
+    fn put_cancel(&mut self, rule: usize, key: &str, expires: Instant) {
+        self.cancels
+            .insert(EarlyKey(rule as u32, 0, Box::from(key)), expires);
+        self.cancel_expiry
+            .push(Reverse((expires, rule as u32, Box::from(key))));
+    }
+
+    fn purge(&mut self, clock: Instant) {
+        while let Some(&(e, slot)) = self.expiries.first() {
+            if e >= clock {
+                break;
+            }
+            let s = &self.slots[slot as usize];
+            let (rule, key) = (s.rule as usize, s.key.to_string());
+            self.take(rule, &key);
+            self.put(rule, &key, None);
+        }
+        while let Some(Reverse((e, ..))) = self.early_expiry.peek() {
+            if *e >= clock {
+                break;
+            }
+            let Some(Reverse((e, rule, step, key))) = self.early_expiry.pop() else {
+                break;
+            };
+            let q = EarlyRef(rule, step, &key);
+            if self.early.get(&q).is_some_and(|&(_, x)| x == e) {
+                self.early.remove(&q);
+            }
+        }
+        while let Some(Reverse((e, ..))) = self.cancel_expiry.peek() {
+            if *e >= clock {
+                break;
+            }
+            let Some(Reverse((e, rule, key))) = self.cancel_expiry.pop() else {
+                break;
+            };
+            let q = EarlyRef(rule, 0, &key);
+            if self.cancels.get(&q) == Some(&e) {
+                self.cancels.remove(&q);
+            }
+        }
+    }
+
+    fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
+    fn open_instances(&self) -> usize {
+        self.open
+    }
+}

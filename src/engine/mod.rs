@@ -1,0 +1,451 @@
+//! The correlation engine: pure. Events and an explicit clock go in, outcomes come out as
+//! data. It reads no clock, does no I/O and knows nothing of tokio, SQLite or Kafka; its
+//! state goes through the [`State`] trait.
+//!
+//! Semantics (docs/rules.md is the long form): each event first advances the clock to
+//! `max(event time seen) - lateness` and fires every open step whose deadline is before it;
+//! then it is applied to each rule — cancel, steps, trigger, in that order.
+
+pub mod memory;
+pub mod outcome;
+pub mod state;
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::event::Event;
+use crate::rules::template::Vars;
+use crate::rules::{Action, Matcher, Rule, RuleSet};
+use crate::time::{Instant, format_rfc3339};
+pub use memory::MemoryState;
+pub use outcome::{Alert, Compensation, Kind, Outcome};
+pub use state::{Clock, Due, Instance, State, StepState, StepStatus};
+
+/// Does `m` select `ev`? Returns the correlation key if so.
+pub fn match_key<'e>(m: &Matcher, ev: &'e Event<'_>) -> Option<std::borrow::Cow<'e, str>> {
+    if let Some(src) = &m.source {
+        if ev.source != Some(src.as_str()) {
+            return None;
+        }
+    }
+    for (path, want) in &m.conds {
+        match ev.field(*path) {
+            Some(f) if f.equals(want) => {}
+            _ => return None,
+        }
+    }
+    ev.field(m.key)?.key()
+}
+
+/// A stable id for an action of a step of an instance: hex of SHA-256 over its parts.
+pub fn action_id(rule: &str, key: &str, opened_at: Instant, step: &str, action: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [rule, key, &opened_at.to_string(), step, action] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let digest = h.finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The engine over a state implementation.
+pub struct Engine<S: State> {
+    rules: Arc<RuleSet>,
+    state: S,
+    lateness: i64,
+    lifecycle: bool,
+    due: Vec<Due>,
+}
+
+/// The parts of one rule application that every helper needs.
+struct Cx<'a> {
+    rule_ix: usize,
+    rule: &'a Rule,
+    key: &'a str,
+    clock: Instant,
+    lifecycle: bool,
+}
+
+impl<S: State> Engine<S> {
+    /// `lateness` (nanoseconds) is subtracted from the largest event time to get the clock.
+    pub fn new(rules: Arc<RuleSet>, state: S, lateness: i64) -> Engine<S> {
+        Engine {
+            rules,
+            state,
+            lateness,
+            lifecycle: false,
+            due: Vec::new(),
+        }
+    }
+
+    /// Also emit lifecycle outcomes (opened, satisfied, closed, cancelled).
+    pub fn with_lifecycle(mut self, on: bool) -> Self {
+        self.lifecycle = on;
+        self
+    }
+
+    pub fn rules(&self) -> &Arc<RuleSet> {
+        &self.rules
+    }
+
+    /// Swaps in a new rule set; open instances of rules that keep their name and steps
+    /// continue. Callers check compatibility before.
+    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        self.rules = rules;
+    }
+
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    pub fn state_mut(&mut self) -> &mut S {
+        &mut self.state
+    }
+
+    pub fn into_state(self) -> S {
+        self.state
+    }
+
+    /// The engine clock (`i64::MIN` before anything happened).
+    pub fn clock(&self) -> Instant {
+        self.state.clock().now
+    }
+
+    /// Applies one event.
+    pub fn process(&mut self, ev: &Event<'_>, out: &mut Vec<Outcome>) {
+        let mut c = self.state.clock();
+        c.max_seen = c.max_seen.max(ev.time);
+        c.now = c.now.max(c.max_seen.saturating_sub(self.lateness));
+        self.state.set_clock(c);
+        self.fire(c.now, out);
+        let rules = Arc::clone(&self.rules);
+        for (rule_ix, rule) in rules.rules.iter().enumerate() {
+            self.apply(rule_ix, rule, ev, c.now, out);
+        }
+    }
+
+    /// Moves the clock forward to `to` (never back) and fires what is due.
+    pub fn tick(&mut self, to: Instant, out: &mut Vec<Outcome>) {
+        let mut c = self.state.clock();
+        c.now = c.now.max(to);
+        self.state.set_clock(c);
+        if c.now != Instant::MIN {
+            self.fire(c.now, out);
+        }
+    }
+
+    /// End of input: the clock moves to the largest event time seen.
+    pub fn finish(&mut self, out: &mut Vec<Outcome>) {
+        let max_seen = self.state.clock().max_seen;
+        if max_seen != Instant::MIN {
+            self.tick(max_seen, out);
+        }
+    }
+
+    fn fire(&mut self, clock: Instant, out: &mut Vec<Outcome>) {
+        self.due.clear();
+        self.state.due(clock, &mut self.due);
+        if !self.due.is_empty() {
+            self.due.sort();
+            let due = std::mem::take(&mut self.due);
+            let rules = Arc::clone(&self.rules);
+            for d in &due {
+                let Some(rule) = rules.rules.get(d.rule) else {
+                    continue;
+                };
+                let cx = Cx {
+                    rule_ix: d.rule,
+                    rule,
+                    key: &d.key,
+                    clock,
+                    lifecycle: self.lifecycle,
+                };
+                let mut row = self.state.take(d.rule, &d.key);
+                if let Some(inst) = row.as_mut() {
+                    let s = inst.steps.get(d.step).copied();
+                    if s == Some(StepState { status: StepStatus::Open, at: d.deadline }) {
+                        mark_missing(&cx, inst, d.step, out);
+                        close_if_done(&cx, inst, out);
+                    }
+                }
+                self.state.put(d.rule, &d.key, row);
+            }
+            self.due = due;
+        }
+        self.state.purge(clock);
+    }
+
+    fn apply(&mut self, rule_ix: usize, rule: &Rule, ev: &Event<'_>, clock: Instant, out: &mut Vec<Outcome>) {
+        let lifecycle = self.lifecycle;
+        for m in &rule.cancels {
+            if let Some(key) = match_key(m, ev) {
+                let cx = Cx { rule_ix, rule, key: &key, clock, lifecycle };
+                self.cancel(&cx, ev.time, out);
+                break;
+            }
+        }
+        for (step, s) in rule.steps.iter().enumerate() {
+            if let Some(key) = match_key(&s.matcher, ev) {
+                let cx = Cx { rule_ix, rule, key: &key, clock, lifecycle };
+                self.correlate(&cx, step, ev.time, out);
+            }
+        }
+        if let Some(key) = match_key(&rule.trigger, ev) {
+            let cx = Cx { rule_ix, rule, key: &key, clock, lifecycle };
+            self.trigger(&cx, ev, out);
+        }
+    }
+
+    fn cancel(&mut self, cx: &Cx<'_>, time: Instant, out: &mut Vec<Outcome>) {
+        let mut row = self.state.take(cx.rule_ix, cx.key);
+        match row.as_mut() {
+            Some(inst) if inst.is_open() => {
+                for s in inst.steps.iter_mut() {
+                    if s.status == StepStatus::Open {
+                        s.status = StepStatus::Cancelled;
+                    }
+                }
+                close(cx, inst);
+                if cx.lifecycle {
+                    out.push(outcome(cx, Kind::Cancelled, inst.opened_at, None, None, Some(time)));
+                }
+                self.state.put(cx.rule_ix, cx.key, row);
+            }
+            _ => {
+                self.state.put(cx.rule_ix, cx.key, row);
+                let expires = time.saturating_add(cx.rule.max_within);
+                if expires >= cx.clock {
+                    let prev = self.state.cancel(cx.rule_ix, cx.key).unwrap_or(Instant::MIN);
+                    if expires > prev {
+                        self.state.put_cancel(cx.rule_ix, cx.key, expires);
+                    }
+                }
+            }
+        }
+    }
+
+    fn correlate(&mut self, cx: &Cx<'_>, step: usize, time: Instant, out: &mut Vec<Outcome>) {
+        let mut row = self.state.take(cx.rule_ix, cx.key);
+        let remember = match row.as_mut() {
+            Some(inst) if inst.is_open() => {
+                let s = inst.steps[step];
+                match s.status {
+                    StepStatus::Open if time <= s.at => {
+                        self.satisfy(cx, inst, step, time, out);
+                        close_if_done(cx, inst, out);
+                        false
+                    }
+                    StepStatus::Open => {
+                        mark_missing(cx, inst, step, out);
+                        report_late(cx, inst, step, time, out);
+                        close_if_done(cx, inst, out);
+                        false
+                    }
+                    StepStatus::Missing => {
+                        if cx.clock <= s.at.saturating_add(cx.rule.late.nanos()) {
+                            report_late(cx, inst, step, time, out);
+                        }
+                        false
+                    }
+                    StepStatus::Pending => can_still_open(cx.rule, inst, step),
+                    _ => false,
+                }
+            }
+            Some(inst) => {
+                let s = inst.steps[step];
+                let closed_at = inst.closed_at.unwrap_or(Instant::MIN);
+                if s.status == StepStatus::Missing
+                    && cx.clock <= s.at.saturating_add(cx.rule.late.nanos())
+                {
+                    report_late(cx, inst, step, time, out);
+                    inst.expires_at = expiry(cx.rule, inst);
+                    false
+                } else {
+                    cx.clock > closed_at.saturating_add(cx.rule.dedup.nanos())
+                }
+            }
+            None => true,
+        };
+        self.state.put(cx.rule_ix, cx.key, row);
+        if remember {
+            let expires = time.saturating_add(cx.rule.steps[step].within.nanos());
+            let known = self
+                .state
+                .early(cx.rule_ix, cx.key, step)
+                .is_some_and(|(_, e)| cx.clock <= e);
+            if !known && cx.clock <= expires {
+                self.state.put_early(cx.rule_ix, cx.key, step, time, expires);
+            }
+        }
+    }
+
+    fn trigger(&mut self, cx: &Cx<'_>, ev: &Event<'_>, out: &mut Vec<Outcome>) {
+        let row = self.state.take(cx.rule_ix, cx.key);
+        let duplicate = match &row {
+            Some(inst) => match inst.closed_at {
+                None => true,
+                Some(c) => cx.clock <= c.saturating_add(cx.rule.dedup.nanos()),
+            },
+            None => false,
+        };
+        let cancelled = || {
+            self.state
+                .cancel(cx.rule_ix, cx.key)
+                .is_some_and(|e| cx.clock <= e)
+        };
+        if duplicate || cancelled() {
+            self.state.put(cx.rule_ix, cx.key, row);
+            return;
+        }
+        let captures = cx
+            .rule
+            .captures
+            .iter()
+            .map(|p| ev.field(*p).map(|f| f.to_text()).unwrap_or_default())
+            .collect();
+        let mut inst = Instance {
+            opened_at: ev.time,
+            closed_at: None,
+            expires_at: 0,
+            steps: vec![StepState { status: StepStatus::Pending, at: 0 }; cx.rule.steps.len()]
+                .into_boxed_slice(),
+            captures,
+        };
+        if cx.lifecycle {
+            out.push(outcome(cx, Kind::Opened, ev.time, None, None, Some(ev.time)));
+        }
+        for (i, s) in cx.rule.steps.iter().enumerate() {
+            if s.after.is_none() {
+                self.open_step(cx, &mut inst, i, ev.time.saturating_add(s.within.nanos()), out);
+            }
+        }
+        close_if_done(cx, &mut inst, out);
+        self.state.put(cx.rule_ix, cx.key, Some(inst));
+    }
+
+    /// Opens a step; a remembered early correlate within the new deadline satisfies it.
+    fn open_step(&mut self, cx: &Cx<'_>, inst: &mut Instance, step: usize, deadline: Instant, out: &mut Vec<Outcome>) {
+        inst.steps[step] = StepState { status: StepStatus::Open, at: deadline };
+        if let Some((time, expires)) = self.state.early(cx.rule_ix, cx.key, step) {
+            if cx.clock <= expires && time <= deadline {
+                self.state.remove_early(cx.rule_ix, cx.key, step);
+                self.satisfy(cx, inst, step, time, out);
+            }
+        }
+    }
+
+    fn satisfy(&mut self, cx: &Cx<'_>, inst: &mut Instance, step: usize, time: Instant, out: &mut Vec<Outcome>) {
+        let deadline = inst.steps[step].at;
+        inst.steps[step] = StepState { status: StepStatus::Satisfied, at: time };
+        if cx.lifecycle {
+            out.push(outcome(cx, Kind::Satisfied, inst.opened_at, Some(step), Some(deadline), Some(time)));
+        }
+        for &d in &cx.rule.steps[step].dependents {
+            let within = cx.rule.steps[d].within.nanos();
+            self.open_step(cx, inst, d, time.saturating_add(within), out);
+        }
+    }
+}
+
+fn outcome(cx: &Cx<'_>, kind: Kind, opened_at: Instant, step: Option<usize>, deadline: Option<Instant>, time: Option<Instant>) -> Outcome {
+    Outcome {
+        kind,
+        rule: cx.rule_ix,
+        key: cx.key.to_string(),
+        step,
+        deadline,
+        at: cx.clock,
+        time,
+        opened_at,
+    }
+}
+
+/// Can a pending step still open: is some step up its `after` chain open?
+fn can_still_open(rule: &Rule, inst: &Instance, step: usize) -> bool {
+    let mut cur = rule.steps[step].after;
+    while let Some(a) = cur {
+        match inst.steps[a].status {
+            StepStatus::Open => return true,
+            StepStatus::Pending => cur = rule.steps[a].after,
+            _ => return false,
+        }
+    }
+    false
+}
+
+fn expiry(rule: &Rule, inst: &Instance) -> Instant {
+    let mut e = inst
+        .closed_at
+        .unwrap_or(Instant::MIN)
+        .saturating_add(rule.dedup.nanos());
+    for s in inst.steps.iter() {
+        if s.status == StepStatus::Missing {
+            e = e.max(s.at.saturating_add(rule.late.nanos()));
+        }
+    }
+    e
+}
+
+fn close(cx: &Cx<'_>, inst: &mut Instance) {
+    inst.closed_at = Some(cx.clock);
+    inst.expires_at = expiry(cx.rule, inst);
+}
+
+fn close_if_done(cx: &Cx<'_>, inst: &mut Instance, out: &mut Vec<Outcome>) {
+    if inst.is_open() && !inst.steps.iter().any(|s| s.status == StepStatus::Open) {
+        close(cx, inst);
+        if cx.lifecycle {
+            out.push(outcome(cx, Kind::Closed, inst.opened_at, None, None, None));
+        }
+    }
+}
+
+fn report_late(cx: &Cx<'_>, inst: &mut Instance, step: usize, time: Instant, out: &mut Vec<Outcome>) {
+    let deadline = inst.steps[step].at;
+    inst.steps[step].status = StepStatus::Late;
+    out.push(outcome(cx, Kind::Late, inst.opened_at, Some(step), Some(deadline), Some(time)));
+}
+
+/// Marks a step missing and runs its actions (its own, else the rule's).
+fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Outcome>) {
+    let deadline = inst.steps[step].at;
+    inst.steps[step].status = StepStatus::Missing;
+    out.push(outcome(cx, Kind::Missing, inst.opened_at, Some(step), Some(deadline), None));
+    let s = &cx.rule.steps[step];
+    let deadline_text = format_rfc3339(deadline);
+    let vars = Vars {
+        key: cx.key,
+        rule: &cx.rule.name,
+        step: &s.name,
+        within: s.within.as_str(),
+        deadline: &deadline_text,
+        captures: &inst.captures,
+    };
+    for (i, action) in cx.rule.actions_for(step).iter().enumerate() {
+        let id = action_id(&cx.rule.name, cx.key, inst.opened_at, &s.name, &i.to_string());
+        let kind = match action {
+            Action::Alert(a) => {
+                let mut labels: Vec<(String, String)> = cx.rule.labels.clone();
+                for (k, t) in &a.labels {
+                    labels.retain(|(l, _)| l != k);
+                    labels.push((k.clone(), t.render(&vars)));
+                }
+                Kind::Alert(Alert {
+                    id,
+                    severity: a.severity.render(&vars),
+                    summary: a.summary.render(&vars),
+                    description: a.description.as_ref().map(|d| d.render(&vars)),
+                    labels,
+                    sinks: a.sinks.clone(),
+                })
+            }
+            Action::Compensate(c) => Kind::Compensate(Compensation {
+                id,
+                sink: c.sink.clone(),
+                payload: c.payload.render(&vars),
+            }),
+        };
+        out.push(outcome(cx, kind, inst.opened_at, Some(step), Some(deadline), None));
+    }
+}

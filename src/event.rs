@@ -1,0 +1,578 @@
+//! Decoding events: a JSON object per line, read in one pass that keeps only the fields
+//! the rules use (and the time field) and skips the rest without allocating.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::rules::RuleSet;
+use crate::time::{Instant, parse_rfc3339};
+
+/// A field value taken from an event. Strings borrow from the input line when they can.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Field<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    /// An array or object, kept whole.
+    Json(serde_json::Value),
+}
+
+impl Field<'_> {
+    /// The correlation key this field stands for: a non-empty string, or an integer as its
+    /// decimal text. Anything else is no key.
+    pub fn key(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Field::Str(s) if !s.is_empty() => Some(Cow::Borrowed(s.as_ref())),
+            Field::Int(i) => Some(Cow::Owned(i.to_string())),
+            Field::UInt(u) => Some(Cow::Owned(u.to_string())),
+            _ => None,
+        }
+    }
+
+    /// Equality with a rule's expected value: JSON types must agree, numbers compare
+    /// numerically, arrays and objects compare element by element.
+    pub fn equals(&self, want: &serde_json::Value) -> bool {
+        use serde_json::Value as V;
+        match (self, want) {
+            (Field::Null, V::Null) => true,
+            (Field::Bool(a), V::Bool(b)) => a == b,
+            (Field::Str(a), V::String(b)) => a == b,
+            (Field::Int(a), V::Number(b)) => num_eq(Num::I(*a), num_of(b)),
+            (Field::UInt(a), V::Number(b)) => num_eq(Num::U(*a), num_of(b)),
+            (Field::Float(a), V::Number(b)) => num_eq(Num::F(*a), num_of(b)),
+            (Field::Json(a), b) => json_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// The field as text for templates: strings as they are, other values as JSON.
+    pub fn to_text(&self) -> String {
+        match self {
+            Field::Null => "null".into(),
+            Field::Bool(b) => b.to_string(),
+            Field::Int(i) => i.to_string(),
+            Field::UInt(u) => u.to_string(),
+            Field::Float(f) => serde_json::Number::from_f64(*f).map_or("null".into(), |n| n.to_string()),
+            Field::Str(s) => s.to_string(),
+            Field::Json(v) => v.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Num {
+    I(i64),
+    U(u64),
+    F(f64),
+}
+
+fn num_of(n: &serde_json::Number) -> Num {
+    if let Some(u) = n.as_u64() {
+        Num::U(u)
+    } else if let Some(i) = n.as_i64() {
+        Num::I(i)
+    } else {
+        Num::F(n.as_f64().unwrap_or(f64::NAN))
+    }
+}
+
+fn num_eq(a: Num, b: Num) -> bool {
+    fn int(n: Num) -> Option<i128> {
+        match n {
+            Num::I(i) => Some(i128::from(i)),
+            Num::U(u) => Some(i128::from(u)),
+            Num::F(_) => None,
+        }
+    }
+    match (int(a), int(b), a, b) {
+        (Some(x), Some(y), _, _) => x == y,
+        (_, _, Num::F(x), Num::F(y)) => x == y,
+        (Some(i), None, _, Num::F(f)) | (None, Some(i), Num::F(f), _) => {
+            f.fract() == 0.0 && f.abs() < 1.8e19 && (f as i128) == i
+        }
+        _ => false,
+    }
+}
+
+/// JSON equality where numbers compare numerically.
+pub fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match (a, b) {
+        (V::Number(x), V::Number(y)) => num_eq(num_of(x), num_of(y)),
+        (V::Array(x), V::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
+        }
+        (V::Object(x), V::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// A decoded event: its source, its time, and the fields the rules read, indexed by
+/// [`crate::rules::PathId`].
+#[derive(Clone, Debug)]
+pub struct Event<'a> {
+    pub source: Option<&'a str>,
+    pub time: Instant,
+    pub fields: Vec<Option<Field<'a>>>,
+}
+
+impl<'a> Event<'a> {
+    pub fn field(&self, id: usize) -> Option<&Field<'a>> {
+        self.fields.get(id).and_then(Option::as_ref)
+    }
+}
+
+/// Why a line is not an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    Json(String),
+    NotObject,
+    NoTime(String),
+    BadTime(String, String),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Json(e) => write!(f, "invalid JSON: {e}"),
+            DecodeError::NotObject => write!(f, "not a JSON object"),
+            DecodeError::NoTime(p) => write!(f, "no time field {p:?}"),
+            DecodeError::BadTime(p, v) => {
+                write!(f, "time field {p:?} is not an RFC 3339 timestamp: {v}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+#[derive(Default, Debug)]
+struct Trie {
+    children: Vec<(String, Trie)>,
+    slot: Option<usize>,
+    /// Whether some child name is an array index.
+    numeric: bool,
+}
+
+impl Trie {
+    fn child(&self, name: &str) -> Option<&Trie> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+    }
+
+    fn insert(&mut self, segs: &[String], slot: usize) {
+        match segs.split_first() {
+            None => self.slot = Some(slot),
+            Some((head, rest)) => {
+                if head.parse::<usize>().is_ok() {
+                    self.numeric = true;
+                }
+                let i = match self.children.iter().position(|(n, _)| n == head) {
+                    Some(i) => i,
+                    None => {
+                        self.children.push((head.clone(), Trie::default()));
+                        self.children.len() - 1
+                    }
+                };
+                self.children[i].1.insert(rest, slot);
+            }
+        }
+    }
+}
+
+/// Decodes JSON lines into [`Event`]s for one rule set and time field.
+#[derive(Debug)]
+pub struct Decoder {
+    trie: Trie,
+    slots: usize,
+    time_slot: usize,
+    time_path: String,
+}
+
+impl Decoder {
+    /// `time_path` is the dot path of the event time (default `time`).
+    pub fn new(rules: &RuleSet, time_path: &str) -> Decoder {
+        let mut trie = Trie::default();
+        for (id, segs) in rules.paths.iter().enumerate() {
+            trie.insert(segs, id);
+        }
+        let time_segs: Vec<String> = time_path.split('.').map(str::to_string).collect();
+        let time_slot = match rules.paths.iter().position(|p| *p == time_segs) {
+            Some(id) => id,
+            None => {
+                trie.insert(&time_segs, rules.paths.len());
+                rules.paths.len()
+            }
+        };
+        Decoder {
+            trie,
+            slots: rules.paths.len().max(time_slot + 1),
+            time_slot,
+            time_path: time_path.to_string(),
+        }
+    }
+
+    /// Decodes one line (surrounding whitespace allowed).
+    pub fn decode<'a>(
+        &self,
+        line: &'a [u8],
+        source: Option<&'a str>,
+    ) -> Result<Event<'a>, DecodeError> {
+        let mut fields: Vec<Option<Field<'a>>> = vec![None; self.slots];
+        let mut de = serde_json::Deserializer::from_slice(line);
+        let is_object = RootSeed {
+            node: &self.trie,
+            fields: &mut fields,
+        }
+        .deserialize(&mut de)
+        .map_err(|e| DecodeError::Json(e.to_string()))?;
+        de.end().map_err(|e| DecodeError::Json(e.to_string()))?;
+        if !is_object {
+            return Err(DecodeError::NotObject);
+        }
+        let time = match fields[self.time_slot].as_ref() {
+            None => return Err(DecodeError::NoTime(self.time_path.clone())),
+            Some(Field::Str(s)) => parse_rfc3339(s)
+                .ok_or_else(|| DecodeError::BadTime(self.time_path.clone(), format!("{s:?}")))?,
+            Some(other) => {
+                return Err(DecodeError::BadTime(self.time_path.clone(), other.to_text()));
+            }
+        };
+        Ok(Event {
+            source,
+            time,
+            fields,
+        })
+    }
+}
+
+/// The top level: must be an object. Returns whether it was.
+struct RootSeed<'t, 'f, 'a> {
+    node: &'t Trie,
+    fields: &'f mut Vec<Option<Field<'a>>>,
+}
+
+impl<'de, 't, 'f> DeserializeSeed<'de> for RootSeed<'t, 'f, 'de> {
+    type Value = bool;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(RootVisitor(NodeSeed {
+            node: self.node,
+            fields: self.fields,
+        }))
+    }
+}
+
+struct RootVisitor<'t, 'f, 'a>(NodeSeed<'t, 'f, 'a>);
+
+impl<'de, 't, 'f> Visitor<'de> for RootVisitor<'t, 'f, 'de> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<bool, A::Error> {
+        self.0.visit_map(map).map(|_| true)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+}
+
+/// Walks an object or array, descending only into paths the trie knows.
+struct NodeSeed<'t, 'f, 'a> {
+    node: &'t Trie,
+    fields: &'f mut Vec<Option<Field<'a>>>,
+}
+
+impl<'de, 't, 'f> NodeSeed<'t, 'f, 'de> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(child) = map.next_key_seed(KeySeed(self.node))? {
+            match child {
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Some(child) => {
+                    if child.slot.is_some() {
+                        let v = map.next_value_seed(FieldSeed)?;
+                        store(child, v, self.fields);
+                    } else {
+                        map.next_value_seed(NodeSeed {
+                            node: child,
+                            fields: &mut *self.fields,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stores a captured value at `node`'s slot and at every slot below it.
+fn store<'a>(node: &Trie, v: Field<'a>, fields: &mut [Option<Field<'a>>]) {
+    if let Field::Json(json) = &v {
+        for (name, child) in &node.children {
+            let sub = match json {
+                serde_json::Value::Object(m) => m.get(name),
+                serde_json::Value::Array(a) => name.parse::<usize>().ok().and_then(|i| a.get(i)),
+                _ => None,
+            };
+            if let Some(sub) = sub {
+                store(child, field_of(sub), fields);
+            }
+        }
+    }
+    if let Some(slot) = node.slot {
+        fields[slot] = Some(v);
+    }
+}
+
+fn field_of(v: &serde_json::Value) -> Field<'static> {
+    use serde_json::Value as V;
+    match v {
+        V::Null => Field::Null,
+        V::Bool(b) => Field::Bool(*b),
+        V::Number(n) => match num_of(n) {
+            Num::U(u) => Field::UInt(u),
+            Num::I(i) => Field::Int(i),
+            Num::F(f) => Field::Float(f),
+        },
+        V::String(s) => Field::Str(Cow::Owned(s.clone())),
+        other => Field::Json(other.clone()),
+    }
+}
+
+impl<'de, 't, 'f> DeserializeSeed<'de> for NodeSeed<'t, 'f, 'de> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 't, 'f> Visitor<'de> for NodeSeed<'t, 'f, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        NodeSeed::visit_map(self, map)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if !self.node.numeric {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(());
+        }
+        let mut i = 0usize;
+        loop {
+            let name = i.to_string();
+            let more = match self.node.child(&name) {
+                None => seq.next_element::<IgnoredAny>()?.is_some(),
+                Some(child) if child.slot.is_some() => match seq.next_element_seed(FieldSeed)? {
+                    Some(v) => {
+                        store(child, v, self.fields);
+                        true
+                    }
+                    None => false,
+                },
+                Some(child) => seq
+                    .next_element_seed(NodeSeed {
+                        node: child,
+                        fields: &mut *self.fields,
+                    })?
+                    .is_some(),
+            };
+            if !more {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// Looks a key up among a trie node's children without allocating.
+struct KeySeed<'t>(&'t Trie);
+
+impl<'de, 't> DeserializeSeed<'de> for KeySeed<'t> {
+    type Value = Option<&'t Trie>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, 't> Visitor<'de> for KeySeed<'t> {
+    type Value = Option<&'t Trie>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.child(v))
+    }
+}
+
+/// Captures one value as a [`Field`].
+struct FieldSeed;
+
+impl<'de> DeserializeSeed<'de> for FieldSeed {
+    type Value = Field<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Field<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed {
+    type Value = Field<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+        Ok(Field::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Field<'de>, E> {
+        Ok(Field::Int(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+        Ok(Field::UInt(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
+        Ok(Field::Float(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Field<'de>, A::Error> {
+        let v: serde_json::Value =
+            de::Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Field::Json(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field<'de>, A::Error> {
+        let v: serde_json::Value =
+            de::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Field::Json(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::load_sources;
+
+    fn rules() -> RuleSet {
+        let yaml = r#"
+rules:
+  - name: r
+    trigger: { where: { type: A, "n": 1, "obj": {"x": [1, 2.0]} }, key: data.id }
+    expect:
+      - { step: s, key: items.1.id, within: 1m }
+"#;
+        load_sources(&[("r.yaml".into(), yaml.into())]).unwrap()
+    }
+
+    #[test]
+    fn decodes_only_needed_fields() {
+        let rs = rules();
+        let d = Decoder::new(&rs, "time");
+        let line = br#"{"type":"A","n":1.0,"obj":{"x":[1,2]},"junk":{"deep":[1,{"a":2}]},"data":{"id":7},"items":[{"id":"a"},{"id":"b"}],"time":"2026-01-01T00:00:00Z"}"#;
+        let ev = d.decode(line, None).unwrap();
+        let id = |segs: &[&str]| {
+            rs.paths
+                .iter()
+                .position(|p| p.iter().map(String::as_str).eq(segs.iter().copied()))
+                .unwrap()
+        };
+        assert_eq!(ev.field(id(&["type"])), Some(&Field::Str("A".into())));
+        assert!(ev.field(id(&["n"])).unwrap().equals(&serde_json::json!(1)));
+        assert!(ev.field(id(&["obj"])).unwrap().equals(&serde_json::json!({"x": [1.0, 2]})));
+        assert_eq!(ev.field(id(&["data", "id"])).unwrap().key().unwrap(), "7");
+        assert_eq!(ev.field(id(&["items", "1", "id"])).unwrap().key().unwrap(), "b");
+    }
+
+    #[test]
+    fn rejects_bad_lines() {
+        let d = Decoder::new(&rules(), "time");
+        assert!(matches!(d.decode(b"[1]", None), Err(DecodeError::NotObject)));
+        assert!(matches!(d.decode(b"{\"a\":", None), Err(DecodeError::Json(_))));
+        assert!(matches!(d.decode(b"{} x", None), Err(DecodeError::Json(_))));
+        assert!(matches!(d.decode(b"{}", None), Err(DecodeError::NoTime(_))));
+        assert!(matches!(
+            d.decode(br#"{"time":"yesterday"}"#, None),
+            Err(DecodeError::BadTime(..))
+        ));
+        assert!(matches!(d.decode(br#"{"time":5}"#, None), Err(DecodeError::BadTime(..))));
+    }
+
+    #[test]
+    fn keys_are_strings_or_integers() {
+        assert_eq!(Field::Str("x".into()).key().unwrap(), "x");
+        assert_eq!(Field::Int(-3).key().unwrap(), "-3");
+        assert!(Field::Str("".into()).key().is_none());
+        assert!(Field::Float(1.0).key().is_none());
+        assert!(Field::Bool(true).key().is_none());
+        assert!(Field::Null.key().is_none());
+    }
+
+    #[test]
+    fn numbers_compare_numerically_types_must_agree() {
+        assert!(Field::Int(1).equals(&serde_json::json!(1.0)));
+        assert!(Field::Float(2.0).equals(&serde_json::json!(2)));
+        assert!(!Field::Str("1".into()).equals(&serde_json::json!(1)));
+        assert!(!Field::Bool(true).equals(&serde_json::json!(1)));
+        assert!(Field::Null.equals(&serde_json::Value::Null));
+        assert!(!Field::UInt(u64::MAX).equals(&serde_json::json!(-1)));
+    }
+}

@@ -1,0 +1,9 @@
+//! sagawatch: an observer for choreographed sagas. It matches every trigger event with the
+//! correlates that must follow it, by correlation key and within time windows defined by
+//! YAML rules, and reports the ones that go missing.
+
+pub mod engine;
+pub mod event;
+pub mod rules;
+pub mod time;
+pub mod yaml;

@@ -1,0 +1,810 @@
+//! YAML with positions: a small node tree built from saphyr's event parser, and a serde
+//! deserializer over it that reports every unknown field (with a suggestion) and every type
+//! error with its file position and YAML path, instead of stopping at the first.
+//!
+//! serde_yaml has no spans, and an operator fixing a broken rules file wants all the
+//! problems at once, each pointing at a line and column. Scalars are resolved with the
+//! YAML 1.2 core schema (`true`, `~`, `12`, `1.5` ...), as serde_yaml does.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+
+use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+use serde::de::{self, DeserializeOwned, Visitor};
+
+/// A position in a source file, both 1-based.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+/// One step of a YAML path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// A YAML path such as `rules[0].expect[1].after`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct YamlPath(pub Vec<Seg>);
+
+impl YamlPath {
+    pub fn key(&self, k: &str) -> YamlPath {
+        let mut p = self.clone();
+        p.0.push(Seg::Key(k.to_string()));
+        p
+    }
+    pub fn index(&self, i: usize) -> YamlPath {
+        let mut p = self.clone();
+        p.0.push(Seg::Index(i));
+        p
+    }
+}
+
+impl fmt::Display for YamlPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A problem found in a YAML file, at a position and a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diag {
+    pub pos: Pos,
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+/// A YAML node with the position where it starts. Scalars keep their source text so that a
+/// number can still be read as a string where a string is expected.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub pos: Pos,
+    pub value: Value,
+    pub text: Option<String>,
+}
+
+impl Node {
+    fn kind(&self) -> &'static str {
+        match self.value {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Int(_) => "an integer",
+            Value::Float(_) => "a number",
+            Value::Str(_) => "a string",
+            Value::Seq(_) => "a sequence",
+            Value::Map(_) => "a mapping",
+        }
+    }
+
+    /// The scalar text of a node that can stand for a string.
+    fn as_text(&self) -> Option<&str> {
+        match &self.value {
+            Value::Str(s) => Some(s),
+            Value::Seq(_) | Value::Map(_) | Value::Null => None,
+            _ => self.text.as_deref(),
+        }
+    }
+
+    /// The map entry for `key`, if this is a mapping that has it.
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_text() == Some(key))
+                .map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The node a path leads to, or the deepest node on the way (so a diagnostic about a
+    /// missing field still points at the mapping that lacks it).
+    pub fn locate(&self, path: &YamlPath) -> Pos {
+        let mut node = self;
+        for seg in &path.0 {
+            let next = match (seg, &node.value) {
+                (Seg::Key(k), Value::Map(_)) => node.get(k),
+                (Seg::Index(i), Value::Seq(items)) => items.get(*i),
+                _ => None,
+            };
+            match next {
+                Some(n) => node = n,
+                None => break,
+            }
+        }
+        node.pos
+    }
+
+    /// Converts to JSON (for `where` values and payloads).
+    pub fn to_json(&self) -> serde_json::Value {
+        match &self.value {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => (*b).into(),
+            Value::Int(i) => (*i).into(),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            Value::Str(s) => s.clone().into(),
+            Value::Seq(items) => items.iter().map(Node::to_json).collect(),
+            Value::Map(entries) => entries
+                .iter()
+                .map(|(k, v)| (k.as_text().unwrap_or_default().to_string(), v.to_json()))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        }
+    }
+}
+
+fn pos_of(span: &Span) -> Pos {
+    Pos {
+        line: span.start.line(),
+        col: span.start.col() + 1,
+    }
+}
+
+/// Resolves a plain scalar with the YAML 1.2 core schema.
+fn resolve_plain(s: &str) -> Value {
+    match s {
+        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
+        "true" | "True" | "TRUE" => return Value::Bool(true),
+        "false" | "False" | "FALSE" => return Value::Bool(false),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
+            return Value::Float(f64::INFINITY);
+        }
+        "-.inf" | "-.Inf" | "-.INF" => return Value::Float(f64::NEG_INFINITY),
+        ".nan" | ".NaN" | ".NAN" => return Value::Float(f64::NAN),
+        _ => {}
+    }
+    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
+    if !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()) {
+        if let Ok(i) = s.parse::<i64>() {
+            return Value::Int(i);
+        }
+    }
+    if let Some(hex) = s.strip_prefix("0x") {
+        if let Ok(i) = i64::from_str_radix(hex, 16) {
+            return Value::Int(i);
+        }
+    }
+    if let Some(oct) = s.strip_prefix("0o") {
+        if let Ok(i) = i64::from_str_radix(oct, 8) {
+            return Value::Int(i);
+        }
+    }
+    let looks_numeric = digits
+        .bytes()
+        .next()
+        .is_some_and(|c| c.is_ascii_digit() || c == b'.')
+        && digits
+            .bytes()
+            .all(|c| c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'+' | b'-'));
+    if looks_numeric {
+        if let Ok(f) = s.parse::<f64>() {
+            return Value::Float(f);
+        }
+    }
+    Value::Str(s.to_string())
+}
+
+/// Parses one YAML document into a node tree. An empty document is `Null`. Duplicate keys
+/// in a mapping are reported as diagnostics (the first entry wins).
+pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
+    let mut parser = Parser::new_from_str(text);
+    let mut stack: Vec<(Node, Option<Node>)> = Vec::new();
+    let mut anchors: HashMap<usize, Node> = HashMap::new();
+    let mut anchor_of: Vec<usize> = Vec::new();
+    let mut root: Option<Node> = None;
+    let mut docs = 0;
+    let err = |span: &Span, message: String| Diag {
+        pos: pos_of(span),
+        path: String::new(),
+        message,
+    };
+    for item in &mut parser {
+        let (event, span) = item.map_err(|e| Diag {
+            pos: Pos {
+                line: e.marker().line(),
+                col: e.marker().col() + 1,
+            },
+            path: String::new(),
+            message: format!("invalid YAML: {}", e.info()),
+        })?;
+        let complete: Node = match event {
+            Event::StreamStart | Event::StreamEnd | Event::Nothing | Event::DocumentEnd => {
+                continue;
+            }
+            Event::DocumentStart(_) => {
+                docs += 1;
+                if docs > 1 {
+                    return Err(err(
+                        &span,
+                        "a rules file holds one YAML document; found a second `---`".into(),
+                    ));
+                }
+                continue;
+            }
+            Event::Alias(id) => match anchors.get(&id) {
+                Some(n) => n.clone(),
+                None => return Err(err(&span, "unknown alias".into())),
+            },
+            Event::Scalar(value, style, anchor, tag) => {
+                let forced_str = tag.as_ref().is_some_and(|t| t.suffix == "str");
+                let v = if style == ScalarStyle::Plain && !forced_str {
+                    resolve_plain(&value)
+                } else {
+                    Value::Str(value.to_string())
+                };
+                let node = Node {
+                    pos: pos_of(&span),
+                    value: v,
+                    text: Some(value.into_owned()),
+                };
+                if anchor > 0 {
+                    anchors.insert(anchor, node.clone());
+                }
+                node
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                let value = if matches!(event, Event::SequenceStart(..)) {
+                    Value::Seq(Vec::new())
+                } else {
+                    Value::Map(Vec::new())
+                };
+                stack.push((
+                    Node {
+                        pos: pos_of(&span),
+                        value,
+                        text: None,
+                    },
+                    None,
+                ));
+                anchor_of.push(anchor);
+                continue;
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (node, _) = stack.pop().expect("balanced events");
+                let anchor = anchor_of.pop().unwrap_or(0);
+                if anchor > 0 {
+                    anchors.insert(anchor, node.clone());
+                }
+                node
+            }
+        };
+        match stack.last_mut() {
+            None => root = Some(complete),
+            Some((parent, pending_key)) => match &mut parent.value {
+                Value::Seq(items) => items.push(complete),
+                Value::Map(entries) => match pending_key.take() {
+                    None => *pending_key = Some(complete),
+                    Some(key) => {
+                        let dup = entries.iter().any(|(k, _)| k.value == key.value);
+                        if dup {
+                            diags.push(Diag {
+                                pos: key.pos,
+                                path: String::new(),
+                                message: format!(
+                                    "duplicate key {:?} in this mapping",
+                                    key.as_text().unwrap_or("?")
+                                ),
+                            });
+                        } else {
+                            entries.push((key, complete));
+                        }
+                    }
+                },
+                _ => unreachable!("only collections are on the stack"),
+            },
+        }
+    }
+    Ok(root.unwrap_or(Node {
+        pos: Pos { line: 1, col: 1 },
+        value: Value::Null,
+        text: None,
+    }))
+}
+
+/// Closest candidate by edit distance, if it is close enough to be a likely typo.
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Optimal string alignment distance: edits and adjacent transpositions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let w = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * w];
+    for i in 0..=a.len() {
+        d[i * w] = i;
+    }
+    for (j, cell) in d.iter_mut().enumerate().take(w) {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[(i - 1) * w + j] + 1)
+                .min(d[i * w + j - 1] + 1)
+                .min(d[(i - 1) * w + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[(i - 2) * w + j - 2] + 1);
+            }
+            d[i * w + j] = v;
+        }
+    }
+    d[a.len() * w + b.len()]
+}
+
+/// Appends ` (did you mean "x"?)` when there is a close candidate.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    match suggest(word, candidates) {
+        Some(s) => format!(" (did you mean {s:?}?)"),
+        None => String::new(),
+    }
+}
+
+/// Deserializes `node` into `T`, pushing every problem found to `diags`. Returns `None` when
+/// a problem prevented building the value (unknown fields alone do not).
+pub fn from_node<T: DeserializeOwned>(
+    node: &Node,
+    path: &YamlPath,
+    diags: &mut Vec<Diag>,
+) -> Option<T> {
+    let sink = RefCell::new(Vec::new());
+    let result = T::deserialize(NodeDe {
+        node,
+        path: path.clone(),
+        sink: &sink,
+    });
+    let mut found = sink.into_inner();
+    let failed = match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            if !e.reported {
+                found.push(Diag {
+                    pos: node.pos,
+                    path: path.to_string(),
+                    message: e.message,
+                });
+            }
+            None
+        }
+    };
+    diags.extend(found);
+    failed
+}
+
+/// A deserialization error. `reported` means it is already in the sink with its position.
+#[derive(Debug)]
+pub struct DeError {
+    message: String,
+    reported: bool,
+}
+
+impl fmt::Display for DeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for DeError {}
+
+impl de::Error for DeError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        DeError {
+            message: msg.to_string().replace('`', "\""),
+            reported: false,
+        }
+    }
+}
+
+struct NodeDe<'a> {
+    node: &'a Node,
+    path: YamlPath,
+    sink: &'a RefCell<Vec<Diag>>,
+}
+
+impl<'a> NodeDe<'a> {
+    fn report(&self, message: String) -> DeError {
+        self.sink.borrow_mut().push(Diag {
+            pos: self.node.pos,
+            path: self.path.to_string(),
+            message,
+        });
+        DeError {
+            message: String::new(),
+            reported: true,
+        }
+    }
+
+    /// Attaches this node's position to an error raised by a visitor below it.
+    fn locate(&self, e: DeError) -> DeError {
+        if e.reported { e } else { self.report(e.message) }
+    }
+
+    fn expected(&self, what: &str) -> DeError {
+        self.report(format!("expected {what}, found {}", self.node.kind()))
+    }
+
+    fn child(&self, node: &'a Node, seg: Seg) -> NodeDe<'a> {
+        let mut path = self.path.clone();
+        path.0.push(seg);
+        NodeDe {
+            node,
+            path,
+            sink: self.sink,
+        }
+    }
+}
+
+impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
+    type Error = DeError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        let r = match &self.node.value {
+            Value::Null => visitor.visit_unit(),
+            Value::Bool(b) => visitor.visit_bool(*b),
+            Value::Int(i) => visitor.visit_i64(*i),
+            Value::Float(f) => visitor.visit_f64(*f),
+            Value::Str(s) => visitor.visit_borrowed_str(s),
+            Value::Seq(items) => visitor.visit_seq(SeqDe {
+                de: &self,
+                items: items.iter().enumerate(),
+            }),
+            Value::Map(entries) => visitor.visit_map(MapDe {
+                de: &self,
+                entries: entries.iter().map(|(k, v)| (k, v)).collect(),
+                at: 0,
+            }),
+        };
+        r.map_err(|e| self.locate(e))
+    }
+
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.node.as_text() {
+            Some(s) => visitor.visit_borrowed_str(s).map_err(|e| self.locate(e)),
+            None => Err(self.expected("a string")),
+        }
+    }
+
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_str(visitor)
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.node.value {
+            Value::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match &self.node.value {
+            Value::Seq(items) => visitor
+                .visit_seq(SeqDe {
+                    de: &self,
+                    items: items.iter().enumerate(),
+                })
+                .map_err(|e| self.locate(e)),
+            _ => Err(self.expected("a sequence")),
+        }
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match &self.node.value {
+            Value::Map(entries) => visitor
+                .visit_map(MapDe {
+                    de: &self,
+                    entries: entries.iter().map(|(k, v)| (k, v)).collect(),
+                    at: 0,
+                })
+                .map_err(|e| self.locate(e)),
+            _ => Err(self.expected("a mapping")),
+        }
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        let Value::Map(entries) = &self.node.value else {
+            return Err(self.expected("a mapping"));
+        };
+        let mut known = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            let name = k.as_text().unwrap_or_default();
+            if fields.contains(&name) {
+                known.push((k, v));
+            } else {
+                self.sink.borrow_mut().push(Diag {
+                    pos: k.pos,
+                    path: self.path.key(name).to_string(),
+                    message: format!(
+                        "unknown field {name:?}{}",
+                        did_you_mean(name, fields.iter().copied())
+                    ),
+                });
+            }
+        }
+        visitor
+            .visit_map(MapDe {
+                de: &self,
+                entries: known,
+                at: 0,
+            })
+            .map_err(|e| self.locate(e))
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        let (tag, body) = match &self.node.value {
+            Value::Str(s) => (s.as_str(), None),
+            Value::Map(entries) if entries.len() == 1 => {
+                (entries[0].0.as_text().unwrap_or_default(), Some(&entries[0].1))
+            }
+            _ => {
+                return Err(self.report(format!(
+                    "expected one of {} (a mapping with one key)",
+                    variants.join(", ")
+                )));
+            }
+        };
+        if !variants.contains(&tag) {
+            return Err(self.report(format!(
+                "unknown kind {tag:?}, expected one of {}{}",
+                variants.join(", "),
+                did_you_mean(tag, variants.iter().copied())
+            )));
+        }
+        let body_de = body.map(|b| self.child(b, Seg::Key(tag.to_string())));
+        visitor
+            .visit_enum(EnumDe { tag, body: body_de })
+            .map_err(|e| self.locate(e))
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        visitor.visit_unit()
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char
+        bytes byte_buf unit unit_struct tuple tuple_struct
+    }
+}
+
+struct SeqDe<'s, 'a> {
+    de: &'s NodeDe<'a>,
+    items: std::iter::Enumerate<std::slice::Iter<'a, Node>>,
+}
+
+impl<'de, 's, 'a: 'de> de::SeqAccess<'de> for SeqDe<'s, 'a> {
+    type Error = DeError;
+    fn next_element_seed<T: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, DeError> {
+        match self.items.next() {
+            None => Ok(None),
+            Some((i, node)) => seed.deserialize(self.de.child(node, Seg::Index(i))).map(Some),
+        }
+    }
+}
+
+struct MapDe<'s, 'a> {
+    de: &'s NodeDe<'a>,
+    entries: Vec<(&'a Node, &'a Node)>,
+    at: usize,
+}
+
+impl<'de, 's, 'a: 'de> de::MapAccess<'de> for MapDe<'s, 'a> {
+    type Error = DeError;
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
+        let Some((k, _)) = self.entries.get(self.at) else {
+            return Ok(None);
+        };
+        let text = k.as_text().unwrap_or_default();
+        let key_de = de::value::BorrowedStrDeserializer::<'de, DeError>::new(text);
+        seed.deserialize(key_de).map(Some)
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
+        let (k, v) = self.entries[self.at];
+        self.at += 1;
+        let name = k.as_text().unwrap_or_default().to_string();
+        seed.deserialize(self.de.child(v, Seg::Key(name)))
+    }
+}
+
+struct EnumDe<'a, 'b> {
+    tag: &'a str,
+    body: Option<NodeDe<'b>>,
+}
+
+impl<'de, 'a: 'de, 'b: 'de> de::EnumAccess<'de> for EnumDe<'a, 'b> {
+    type Error = DeError;
+    type Variant = VariantDe<'b>;
+    fn variant_seed<V: de::DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, VariantDe<'b>), DeError> {
+        let tag = de::value::BorrowedStrDeserializer::<'de, DeError>::new(self.tag);
+        let v = seed.deserialize(tag)?;
+        Ok((v, VariantDe { body: self.body }))
+    }
+}
+
+struct VariantDe<'b> {
+    body: Option<NodeDe<'b>>,
+}
+
+impl<'de, 'b: 'de> de::VariantAccess<'de> for VariantDe<'b> {
+    type Error = DeError;
+    fn unit_variant(self) -> Result<(), DeError> {
+        Ok(())
+    }
+    fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, DeError> {
+        match self.body {
+            Some(b) => seed.deserialize(b),
+            None => Err(de::Error::custom("expected a mapping for this kind")),
+        }
+    }
+    fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, DeError> {
+        match self.body {
+            Some(b) => de::Deserializer::deserialize_seq(b, visitor),
+            None => Err(de::Error::custom("expected a sequence for this kind")),
+        }
+    }
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, DeError> {
+        match self.body {
+            Some(b) => de::Deserializer::deserialize_struct(b, "", fields, visitor),
+            None => Err(de::Error::custom("expected a mapping for this kind")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Inner {
+        name: String,
+        within: Option<String>,
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Outer {
+        items: Vec<Inner>,
+        #[serde(default)]
+        payload: serde_json::Value,
+    }
+
+    #[test]
+    fn reports_all_unknown_fields_with_positions() {
+        let text = "items:\n  - name: a\n    withn: 5m\n  - name: b\n    bogus: 1\npayload: {x: [1, 2.5, true, ~, \"s\"]}\n";
+        let mut diags = vec![];
+        let node = parse(text, &mut diags).unwrap();
+        let out: Option<Outer> = from_node(&node, &YamlPath::default(), &mut diags);
+        let out = out.expect("unknown fields alone do not fail");
+        assert_eq!(out.items.len(), 2);
+        assert_eq!(out.payload, serde_json::json!({"x": [1, 2.5, true, null, "s"]}));
+        assert_eq!(diags.len(), 2, "{diags:?}");
+        assert_eq!(diags[0].pos, Pos { line: 3, col: 5 });
+        assert_eq!(diags[0].path, "items[0].withn");
+        assert!(diags[0].message.contains("did you mean \"within\""), "{}", diags[0].message);
+        assert_eq!(diags[1].path, "items[1].bogus");
+    }
+
+    #[test]
+    fn type_errors_point_at_the_node() {
+        let text = "items:\n  - name: [x]\n";
+        let mut diags = vec![];
+        let node = parse(text, &mut diags).unwrap();
+        let out: Option<Outer> = from_node(&node, &YamlPath::default(), &mut diags);
+        assert!(out.is_none());
+        assert_eq!(diags.len(), 1);
+        assert_eq!(diags[0].path, "items[0].name");
+        assert_eq!(diags[0].pos, Pos { line: 2, col: 11 });
+        assert!(diags[0].message.contains("expected a string"));
+    }
+
+    #[test]
+    fn missing_field_points_at_the_mapping() {
+        let text = "items:\n  - within: 5m\n";
+        let mut diags = vec![];
+        let node = parse(text, &mut diags).unwrap();
+        let out: Option<Outer> = from_node(&node, &YamlPath::default(), &mut diags);
+        assert!(out.is_none());
+        assert_eq!(diags[0].path, "items[0]");
+        assert!(diags[0].message.contains("missing field \"name\""), "{:?}", diags);
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let mut diags = vec![];
+        let e = parse("a: [1, 2\nb: 3\n", &mut diags).unwrap_err();
+        assert!(e.message.starts_with("invalid YAML"));
+        assert!(e.pos.line >= 1);
+    }
+
+    #[test]
+    fn duplicate_keys_are_reported() {
+        let mut diags = vec![];
+        parse("a: 1\na: 2\n", &mut diags).unwrap();
+        assert_eq!(diags.len(), 1);
+        assert_eq!(diags[0].pos.line, 2);
+    }
+
+    #[test]
+    fn core_schema_scalars() {
+        assert_eq!(resolve_plain("12"), Value::Int(12));
+        assert_eq!(resolve_plain("-3"), Value::Int(-3));
+        assert_eq!(resolve_plain("1.5"), Value::Float(1.5));
+        assert_eq!(resolve_plain("true"), Value::Bool(true));
+        assert_eq!(resolve_plain("yes"), Value::Str("yes".into()));
+        assert_eq!(resolve_plain("~"), Value::Null);
+        assert_eq!(resolve_plain("15m"), Value::Str("15m".into()));
+        assert_eq!(resolve_plain("1e3"), Value::Float(1000.0));
+    }
+
+    #[test]
+    fn did_you_mean_finds_close_words() {
+        assert_eq!(suggest("paymnt", ["payment", "shipment"]), Some("payment"));
+        assert_eq!(suggest("zzz", ["payment", "shipment"]), None);
+    }
+}
