@@ -7,3 +7,7 @@ pub mod event;
 pub mod rules;
 pub mod time;
 pub mod yaml;
+pub mod cli;
+pub mod output;
+pub mod replay;
+pub mod testing;

@@ -1,0 +1,190 @@
+//! The command line: `replay`, `validate` and `test`, their flags, and what each exits with.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::replay::{self, Input};
+use crate::rules;
+use crate::testing;
+use crate::time::Duration;
+
+/// Exit code for bad usage, bad config or bad rules given to a command that runs them.
+pub const EXIT_CONFIG: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "sagawatch", version, about = "An observer for choreographed sagas: flags the steps that never happen")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run recorded events through the rules and print the outcomes as JSON lines.
+    Replay {
+        /// Rules file or directory of *.yaml / *.yml files.
+        #[arg(long, value_name = "PATH")]
+        rules: PathBuf,
+        /// How far behind the largest event time the clock runs (e.g. 30s).
+        #[arg(long, value_name = "DUR")]
+        lateness: Option<String>,
+        /// Dot path of the event time field (RFC 3339).
+        #[arg(long, value_name = "PATH", default_value = "time")]
+        time_field: String,
+        /// Source name for inputs given without NAME=.
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// Stop at the first bad line (exit 1) instead of skipping it.
+        #[arg(long)]
+        strict: bool,
+        /// Also print lifecycle outcomes: opened, satisfied, closed, cancelled.
+        #[arg(long)]
+        lifecycle: bool,
+        /// Inputs: FILE, - (stdin) or NAME=FILE; several are merged by event time.
+        /// Default: stdin.
+        #[arg(value_name = "INPUT")]
+        inputs: Vec<String>,
+    },
+    /// Check rules; print every problem with file:line:column. Exit 1 if any.
+    Validate {
+        /// Rules file or directory.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+    /// Run rule unit tests (YAML). Exit 1 if any fails.
+    Test {
+        /// Test files or directories of them.
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Runs a command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Replay {
+            rules,
+            lateness,
+            time_field,
+            source,
+            strict,
+            lifecycle,
+            inputs,
+        } => {
+            if let Some(s) = &source {
+                if !rules::valid_name(s) {
+                    eprintln!("error: --source {s:?}: invalid source name: use [a-z0-9][a-z0-9_-]*");
+                    return Ok(EXIT_CONFIG);
+                }
+            }
+            if rules::split_path(&time_field).is_err() {
+                eprintln!("error: --time-field {time_field:?}: not a dot path");
+                return Ok(EXIT_CONFIG);
+            }
+            let lateness = match lateness.as_deref() {
+                None | Some("0") | Some("0s") => 0,
+                Some(l) => match Duration::parse(l) {
+                    Ok(d) => d.nanos(),
+                    Err(e) => {
+                        eprintln!("error: --lateness: {e}");
+                        return Ok(EXIT_CONFIG);
+                    }
+                },
+            };
+            let set = match rules::load(&rules) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("error: {} problem(s) in rules {}", e.diags.len(), rules.display());
+                    return Ok(EXIT_CONFIG);
+                }
+            };
+            let inputs: Vec<Input> = if inputs.is_empty() {
+                vec![Input::parse("-", source.as_deref())]
+            } else {
+                inputs.iter().map(|a| Input::parse(a, source.as_deref())).collect()
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            let opts = replay::Options {
+                inputs,
+                lateness,
+                time_field,
+                strict,
+                lifecycle,
+                progress: true,
+            };
+            match replay::run(set, opts, &mut out) {
+                Ok(summary) => {
+                    eprintln!("{summary}");
+                    Ok(0)
+                }
+                Err(e) if e.downcast_ref::<replay::StrictError>().is_some() => {
+                    let _ = out.flush();
+                    eprintln!("error: {e}");
+                    Ok(1)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Validate { path } => match rules::load(&path) {
+            Ok(set) => {
+                let steps: usize = set.rules.iter().map(|r| r.steps.len()).sum();
+                println!(
+                    "ok: {} rule(s), {} step(s) in {}",
+                    set.rules.len(),
+                    steps,
+                    path.display()
+                );
+                Ok(0)
+            }
+            Err(e) => {
+                println!("{e}");
+                eprintln!("{} problem(s) found", e.diags.len());
+                Ok(1)
+            }
+        },
+        Command::Test { paths } => {
+            let mut passed = 0;
+            let mut failed = 0;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            for p in &paths {
+                let files = match testing::test_files(p) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(EXIT_CONFIG);
+                    }
+                };
+                for f in files {
+                    match testing::run_file(&f) {
+                        Err(e) => {
+                            writeln!(out, "FAIL {}: cannot run tests:\n{e}", f.display())?;
+                            failed += 1;
+                        }
+                        Ok(results) => {
+                            for r in results {
+                                match r.failure {
+                                    None => {
+                                        passed += 1;
+                                        writeln!(out, "ok   {}: {}", r.file.display(), r.name)?;
+                                    }
+                                    Some(report) => {
+                                        failed += 1;
+                                        writeln!(out, "FAIL {}: {}\n{report}", r.file.display(), r.name)?;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            writeln!(out, "{passed} passed, {failed} failed")?;
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
+    }
+}
