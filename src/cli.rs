@@ -15,7 +15,11 @@ use crate::time::Duration;
 pub const EXIT_CONFIG: i32 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "sagawatch", version, about = "An observer for choreographed sagas: flags the steps that never happen")]
+#[command(
+    name = "sagawatch",
+    version,
+    about = "An observer for choreographed sagas: flags the steps that never happen"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -76,7 +80,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             if let Some(s) = &source {
                 if !rules::valid_name(s) {
-                    eprintln!("error: --source {s:?}: invalid source name: use [a-z0-9][a-z0-9_-]*");
+                    eprintln!(
+                        "error: --source {s:?}: invalid source name: use [a-z0-9][a-z0-9_-]*"
+                    );
                     return Ok(EXIT_CONFIG);
                 }
             }
@@ -85,9 +91,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 return Ok(EXIT_CONFIG);
             }
             let lateness = match lateness.as_deref() {
-                None | Some("0") | Some("0s") => 0,
-                Some(l) => match Duration::parse(l) {
-                    Ok(d) => d.nanos(),
+                None => 0,
+                Some(l) => match Duration::parse_span(l) {
+                    Ok(d) => d,
                     Err(e) => {
                         eprintln!("error: --lateness: {e}");
                         return Ok(EXIT_CONFIG);
@@ -98,14 +104,21 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     eprintln!("{e}");
-                    eprintln!("error: {} problem(s) in rules {}", e.diags.len(), rules.display());
+                    eprintln!(
+                        "error: {} problem(s) in rules {}",
+                        e.diags.len(),
+                        rules.display()
+                    );
                     return Ok(EXIT_CONFIG);
                 }
             };
             let inputs: Vec<Input> = if inputs.is_empty() {
                 vec![Input::parse("-", source.as_deref())]
             } else {
-                inputs.iter().map(|a| Input::parse(a, source.as_deref())).collect()
+                inputs
+                    .iter()
+                    .map(|a| Input::parse(a, source.as_deref()))
+                    .collect()
             };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
@@ -175,7 +188,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                                     }
                                     Some(report) => {
                                         failed += 1;
-                                        writeln!(out, "FAIL {}: {}\n{report}", r.file.display(), r.name)?;
+                                        writeln!(
+                                            out,
+                                            "FAIL {}: {}\n{report}",
+                                            r.file.display(),
+                                            r.name
+                                        )?;
                                     }
                                 }
                             }

@@ -57,7 +57,9 @@ impl Field<'_> {
             Field::Bool(b) => b.to_string(),
             Field::Int(i) => i.to_string(),
             Field::UInt(u) => u.to_string(),
-            Field::Float(f) => serde_json::Number::from_f64(*f).map_or("null".into(), |n| n.to_string()),
+            Field::Float(f) => {
+                serde_json::Number::from_f64(*f).map_or("null".into(), |n| n.to_string())
+            }
             Field::Str(s) => s.to_string(),
             Field::Json(v) => v.to_string(),
         }
@@ -246,7 +248,10 @@ impl Decoder {
             Some(Field::Str(s)) => parse_rfc3339(s)
                 .ok_or_else(|| DecodeError::BadTime(self.time_path.clone(), format!("{s:?}")))?,
             Some(other) => {
-                return Err(DecodeError::BadTime(self.time_path.clone(), other.to_text()));
+                return Err(DecodeError::BadTime(
+                    self.time_path.clone(),
+                    other.to_text(),
+                ));
             }
         };
         Ok(Event {
@@ -537,23 +542,39 @@ rules:
         };
         assert_eq!(ev.field(id(&["type"])), Some(&Field::Str("A".into())));
         assert!(ev.field(id(&["n"])).unwrap().equals(&serde_json::json!(1)));
-        assert!(ev.field(id(&["obj"])).unwrap().equals(&serde_json::json!({"x": [1.0, 2]})));
+        assert!(
+            ev.field(id(&["obj"]))
+                .unwrap()
+                .equals(&serde_json::json!({"x": [1.0, 2]}))
+        );
         assert_eq!(ev.field(id(&["data", "id"])).unwrap().key().unwrap(), "7");
-        assert_eq!(ev.field(id(&["items", "1", "id"])).unwrap().key().unwrap(), "b");
+        assert_eq!(
+            ev.field(id(&["items", "1", "id"])).unwrap().key().unwrap(),
+            "b"
+        );
     }
 
     #[test]
     fn rejects_bad_lines() {
         let d = Decoder::new(&rules(), "time");
-        assert!(matches!(d.decode(b"[1]", None), Err(DecodeError::NotObject)));
-        assert!(matches!(d.decode(b"{\"a\":", None), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            d.decode(b"[1]", None),
+            Err(DecodeError::NotObject)
+        ));
+        assert!(matches!(
+            d.decode(b"{\"a\":", None),
+            Err(DecodeError::Json(_))
+        ));
         assert!(matches!(d.decode(b"{} x", None), Err(DecodeError::Json(_))));
         assert!(matches!(d.decode(b"{}", None), Err(DecodeError::NoTime(_))));
         assert!(matches!(
             d.decode(br#"{"time":"yesterday"}"#, None),
             Err(DecodeError::BadTime(..))
         ));
-        assert!(matches!(d.decode(br#"{"time":5}"#, None), Err(DecodeError::BadTime(..))));
+        assert!(matches!(
+            d.decode(br#"{"time":5}"#, None),
+            Err(DecodeError::BadTime(..))
+        ));
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! correlates that must follow it, by correlation key and within time windows defined by
 //! YAML rules, and reports the ones that go missing.
 
+pub mod cli;
 pub mod engine;
 pub mod event;
-pub mod rules;
-pub mod time;
-pub mod yaml;
-pub mod cli;
 pub mod output;
 pub mod replay;
+pub mod rules;
 pub mod testing;
+pub mod time;
+pub mod yaml;

@@ -109,7 +109,12 @@ impl Reader {
     }
 
     /// Reads lines until one decodes (loading it as the head) or input ends.
-    fn advance(&mut self, decoder: &Decoder, summary: &mut Summary, strict: bool) -> anyhow::Result<()> {
+    fn advance(
+        &mut self,
+        decoder: &Decoder,
+        summary: &mut Summary,
+        strict: bool,
+    ) -> anyhow::Result<()> {
         self.head = None;
         while !self.done {
             self.buf.clear();
@@ -194,7 +199,12 @@ pub fn run(rules: Arc<RuleSet>, opts: Options, out: &mut dyn Write) -> anyhow::R
             if progress && summary.events % 65_536 == 0 && last_draw.elapsed().as_millis() >= 200 {
                 last_draw = WallInstant::now();
                 let read: u64 = readers.iter().map(|r| r.bytes_read).sum();
-                draw_progress(read, total_bytes, summary.events, started.elapsed().as_secs_f64());
+                draw_progress(
+                    read,
+                    total_bytes,
+                    summary.events,
+                    started.elapsed().as_secs_f64(),
+                );
             }
         }
         engine.finish(&mut outcomes);
@@ -225,7 +235,11 @@ fn write_outcomes(
 }
 
 fn draw_progress(read: u64, total: u64, events: u64, secs: f64) {
-    let frac = if total == 0 { 0.0 } else { read as f64 / total as f64 };
+    let frac = if total == 0 {
+        0.0
+    } else {
+        read as f64 / total as f64
+    };
     let width = 30;
     let filled = ((frac * width as f64) as usize).min(width);
     eprint!(
@@ -264,12 +278,24 @@ mod tests {
     fn inputs_parse() {
         assert_eq!(
             Input::parse("orders=a.jsonl", None),
-            Input { source: Some("orders".into()), path: Some("a.jsonl".into()) }
+            Input {
+                source: Some("orders".into()),
+                path: Some("a.jsonl".into())
+            }
         );
-        assert_eq!(Input::parse("-", Some("x")), Input { source: Some("x".into()), path: None });
+        assert_eq!(
+            Input::parse("-", Some("x")),
+            Input {
+                source: Some("x".into()),
+                path: None
+            }
+        );
         assert_eq!(
             Input::parse("./a=b.jsonl", None),
-            Input { source: None, path: Some("./a=b.jsonl".into()) }
+            Input {
+                source: None,
+                path: Some("./a=b.jsonl".into())
+            }
         );
     }
 }

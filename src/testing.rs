@@ -19,8 +19,9 @@ use crate::yaml::{self, YamlPath};
 /// A test file.
 #[derive(Debug, Deserialize)]
 pub struct RawTestFile {
-    /// The rules under test: a file or directory, relative to this test file.
-    pub rules: String,
+    /// The rules under test: a file or directory relative to this test file, or a list
+    /// of rules written inline.
+    pub rules: serde_json::Value,
     /// Default `lateness` for the tests in this file (default 0s).
     #[serde(default)]
     pub lateness: Option<String>,
@@ -100,7 +101,7 @@ pub fn test_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 fn resolve_time(text: &str, start: Instant) -> Result<Instant, String> {
     if let Some(off) = text.strip_prefix('+') {
-        return Duration::parse(off).map(|d| start + d.nanos());
+        return Duration::parse_span(off).map(|d| start + d);
     }
     parse_rfc3339(text).ok_or_else(|| format!("{text:?} is neither +offset nor RFC 3339"))
 }
@@ -114,18 +115,30 @@ fn set_path(v: &mut serde_json::Value, path: &[&str], value: serde_json::Value) 
         *v = serde_json::Value::Object(Default::default());
     }
     let obj = v.as_object_mut().expect("made an object");
-    let slot = obj.entry(head.to_string()).or_insert(serde_json::Value::Null);
+    let slot = obj
+        .entry(head.to_string())
+        .or_insert(serde_json::Value::Null);
     set_path(slot, rest, value);
 }
 
 /// Runs every test of one file. Problems with the file itself are an `Err`.
 pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
     let mut diags = Vec::new();
     let fmt_diags = |diags: &[yaml::Diag]| {
         diags
             .iter()
-            .map(|d| format!("{}:{}:{}: {}: {}", file.display(), d.pos.line, d.pos.col, d.path, d.message))
+            .map(|d| {
+                format!(
+                    "{}:{}:{}: {}: {}",
+                    file.display(),
+                    d.pos.line,
+                    d.pos.col,
+                    d.path,
+                    d.message
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };
@@ -135,8 +148,22 @@ pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
         Some(r) if diags.is_empty() => r,
         _ => return Err(fmt_diags(&diags)),
     };
-    let rules_path = file.parent().unwrap_or(Path::new(".")).join(&raw.rules);
-    let rules = Arc::new(rules::load(&rules_path).map_err(|e| e.to_string())?);
+    let rules = match (&raw.rules, node.get("rules")) {
+        (serde_json::Value::String(p), _) => {
+            let rules_path = file.parent().unwrap_or(Path::new(".")).join(p);
+            rules::load(&rules_path).map_err(|e| e.to_string())?
+        }
+        (serde_json::Value::Array(_), Some(inline)) => {
+            rules::load_node(file, inline).map_err(|e| e.to_string())?
+        }
+        _ => {
+            return Err(format!(
+                "{}: rules: expected a path or a list of rules",
+                file.display()
+            ));
+        }
+    };
+    let rules = Arc::new(rules);
     let time_field = raw.time_field.clone().unwrap_or_else(|| "time".into());
     let mut results = Vec::new();
     for t in &raw.tests {
@@ -150,15 +177,21 @@ pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
     Ok(results)
 }
 
-fn run_one(rules: &Arc<RuleSet>, file: &RawTestFile, t: &RawTest, time_field: &str) -> Result<(), String> {
+fn run_one(
+    rules: &Arc<RuleSet>,
+    file: &RawTestFile,
+    t: &RawTest,
+    time_field: &str,
+) -> Result<(), String> {
     let start = parse_rfc3339(t.start.as_deref().unwrap_or(DEFAULT_START))
         .ok_or_else(|| format!("start {:?} is not RFC 3339", t.start))?;
     let lateness = match t.lateness.as_deref().or(file.lateness.as_deref()) {
-        None | Some("0s") | Some("0") => 0,
-        Some(l) => Duration::parse(l)?.nanos(),
+        None => 0,
+        Some(l) => Duration::parse_span(l)?,
     };
     let decoder = Decoder::new(rules, time_field);
-    let mut engine = Engine::new(Arc::clone(rules), MemoryState::new(), lateness).with_lifecycle(t.lifecycle);
+    let mut engine =
+        Engine::new(Arc::clone(rules), MemoryState::new(), lateness).with_lifecycle(t.lifecycle);
     let mut outcomes = Vec::new();
     let path: Vec<&str> = time_field.split('.').collect();
     for (i, e) in t.events.iter().enumerate() {
@@ -174,7 +207,8 @@ fn run_one(rules: &Arc<RuleSet>, file: &RawTestFile, t: &RawTest, time_field: &s
         engine.process(&decoded, &mut outcomes);
     }
     engine.finish(&mut outcomes);
-    let actual: Vec<serde_json::Value> = outcomes.iter().map(|o| output::to_json(rules, o)).collect();
+    let actual: Vec<serde_json::Value> =
+        outcomes.iter().map(|o| output::to_json(rules, o)).collect();
     let mut expected = Vec::new();
     for (i, exp) in t.expect.iter().enumerate() {
         let mut m = serde_json::Map::new();
@@ -192,7 +226,8 @@ fn run_one(rules: &Arc<RuleSet>, file: &RawTestFile, t: &RawTest, time_field: &s
     }
     let matches = |e: &serde_json::Value, a: &serde_json::Value| {
         e.as_object().is_some_and(|em| {
-            em.iter().all(|(k, v)| a.get(k).is_some_and(|av| json_eq(av, v)))
+            em.iter()
+                .all(|(k, v)| a.get(k).is_some_and(|av| json_eq(av, v)))
         })
     };
     if expected.len() == actual.len() && expected.iter().zip(&actual).all(|(e, a)| matches(e, a)) {

@@ -24,6 +24,19 @@ impl Duration {
     /// Parses `500ms`, `90s`, `15m`, `48h`, `7d` and combinations in descending unit order
     /// such as `1h30m`. The result must be positive.
     pub fn parse(text: &str) -> Result<Duration, String> {
+        let nanos = Duration::parse_span(text)?;
+        if nanos <= 0 {
+            return Err(format!("duration {:?} must be positive", text.trim()));
+        }
+        Ok(Duration {
+            nanos,
+            text: text.trim().to_string(),
+        })
+    }
+
+    /// Parses the same syntax as [`Duration::parse`] but allows zero (`0s`), for offsets
+    /// and settings where zero means "none".
+    pub fn parse_span(text: &str) -> Result<i64, String> {
         let t = text.trim();
         if t.is_empty() {
             return Err("empty duration (expected e.g. 500ms, 90s, 15m, 48h, 7d, 1h30m)".into());
@@ -82,13 +95,7 @@ impl Duration {
                 .and_then(|n| total.checked_add(n))
                 .ok_or_else(|| format!("invalid duration {t:?}: too large"))?;
         }
-        if total <= 0 {
-            return Err(format!("duration {t:?} must be positive"));
-        }
-        Ok(Duration {
-            nanos: total,
-            text: t.to_string(),
-        })
+        Ok(total)
     }
 
     /// A duration from nanoseconds, written in canonical form.
@@ -302,7 +309,10 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-01-02T00:04:05-03:00"), Some(z));
         assert_eq!(parse_rfc3339("2026-01-02t03:04:05z"), Some(z));
         assert_eq!(parse_rfc3339("2026-01-02 03:04:05Z"), Some(z));
-        assert_eq!(parse_rfc3339("2026-01-02T03:04:05.5Z"), Some(z + 500_000_000));
+        assert_eq!(
+            parse_rfc3339("2026-01-02T03:04:05.5Z"),
+            Some(z + 500_000_000)
+        );
         assert_eq!(
             parse_rfc3339("2026-01-02T03:04:05.1234567891Z"),
             Some(z + 123_456_789)
@@ -342,7 +352,9 @@ mod tests {
 
     #[test]
     fn durations_reject() {
-        for s in ["", "0s", "0h0m", "-5m", "5", "5x", "30m1h", "1h1h", "m", "1.5h"] {
+        for s in [
+            "", "0s", "0h0m", "-5m", "5", "5x", "30m1h", "1h1h", "m", "1.5h",
+        ] {
             assert!(Duration::parse(s).is_err(), "{s}");
         }
     }

@@ -446,7 +446,11 @@ impl<'a> NodeDe<'a> {
 
     /// Attaches this node's position to an error raised by a visitor below it.
     fn locate(&self, e: DeError) -> DeError {
-        if e.reported { e } else { self.report(e.message) }
+        if e.reported {
+            e
+        } else {
+            self.report(e.message)
+        }
     }
 
     fn expected(&self, what: &str) -> DeError {
@@ -576,9 +580,10 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
     ) -> Result<V::Value, DeError> {
         let (tag, body) = match &self.node.value {
             Value::Str(s) => (s.as_str(), None),
-            Value::Map(entries) if entries.len() == 1 => {
-                (entries[0].0.as_text().unwrap_or_default(), Some(&entries[0].1))
-            }
+            Value::Map(entries) if entries.len() == 1 => (
+                entries[0].0.as_text().unwrap_or_default(),
+                Some(&entries[0].1),
+            ),
             _ => {
                 return Err(self.report(format!(
                     "expected one of {} (a mapping with one key)",
@@ -630,7 +635,9 @@ impl<'de, 's, 'a: 'de> de::SeqAccess<'de> for SeqDe<'s, 'a> {
     ) -> Result<Option<T::Value>, DeError> {
         match self.items.next() {
             None => Ok(None),
-            Some((i, node)) => seed.deserialize(self.de.child(node, Seg::Index(i))).map(Some),
+            Some((i, node)) => seed
+                .deserialize(self.de.child(node, Seg::Index(i)))
+                .map(Some),
         }
     }
 }
@@ -655,7 +662,10 @@ impl<'de, 's, 'a: 'de> de::MapAccess<'de> for MapDe<'s, 'a> {
         seed.deserialize(key_de).map(Some)
     }
 
-    fn next_value_seed<V: de::DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DeError> {
         let (k, v) = self.entries[self.at];
         self.at += 1;
         let name = k.as_text().unwrap_or_default().to_string();
@@ -690,7 +700,10 @@ impl<'de, 'b: 'de> de::VariantAccess<'de> for VariantDe<'b> {
     fn unit_variant(self) -> Result<(), DeError> {
         Ok(())
     }
-    fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, DeError> {
+    fn newtype_variant_seed<T: de::DeserializeSeed<'de>>(
+        self,
+        seed: T,
+    ) -> Result<T::Value, DeError> {
         match self.body {
             Some(b) => seed.deserialize(b),
             None => Err(de::Error::custom("expected a mapping for this kind")),
@@ -742,11 +755,18 @@ mod tests {
         let out: Option<Outer> = from_node(&node, &YamlPath::default(), &mut diags);
         let out = out.expect("unknown fields alone do not fail");
         assert_eq!(out.items.len(), 2);
-        assert_eq!(out.payload, serde_json::json!({"x": [1, 2.5, true, null, "s"]}));
+        assert_eq!(
+            out.payload,
+            serde_json::json!({"x": [1, 2.5, true, null, "s"]})
+        );
         assert_eq!(diags.len(), 2, "{diags:?}");
         assert_eq!(diags[0].pos, Pos { line: 3, col: 5 });
         assert_eq!(diags[0].path, "items[0].withn");
-        assert!(diags[0].message.contains("did you mean \"within\""), "{}", diags[0].message);
+        assert!(
+            diags[0].message.contains("did you mean \"within\""),
+            "{}",
+            diags[0].message
+        );
         assert_eq!(diags[1].path, "items[1].bogus");
     }
 
@@ -771,7 +791,11 @@ mod tests {
         let out: Option<Outer> = from_node(&node, &YamlPath::default(), &mut diags);
         assert!(out.is_none());
         assert_eq!(diags[0].path, "items[0]");
-        assert!(diags[0].message.contains("missing field \"name\""), "{:?}", diags);
+        assert!(
+            diags[0].message.contains("missing field \"name\""),
+            "{:?}",
+            diags
+        );
     }
 
     #[test]

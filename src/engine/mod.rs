@@ -164,7 +164,10 @@ impl<S: State> Engine<S> {
                 let mut row = self.state.take(d.rule, &d.key);
                 if let Some(inst) = row.as_mut() {
                     let s = inst.steps.get(d.step).copied();
-                    if s == Some(StepState { status: StepStatus::Open, at: d.deadline }) {
+                    if s == Some(StepState {
+                        status: StepStatus::Open,
+                        at: d.deadline,
+                    }) {
                         mark_missing(&cx, inst, d.step, out);
                         close_if_done(&cx, inst, out);
                     }
@@ -176,23 +179,48 @@ impl<S: State> Engine<S> {
         self.state.purge(clock);
     }
 
-    fn apply(&mut self, rule_ix: usize, rule: &Rule, ev: &Event<'_>, clock: Instant, out: &mut Vec<Outcome>) {
+    fn apply(
+        &mut self,
+        rule_ix: usize,
+        rule: &Rule,
+        ev: &Event<'_>,
+        clock: Instant,
+        out: &mut Vec<Outcome>,
+    ) {
         let lifecycle = self.lifecycle;
         for m in &rule.cancels {
             if let Some(key) = match_key(m, ev) {
-                let cx = Cx { rule_ix, rule, key: &key, clock, lifecycle };
+                let cx = Cx {
+                    rule_ix,
+                    rule,
+                    key: &key,
+                    clock,
+                    lifecycle,
+                };
                 self.cancel(&cx, ev.time, out);
                 break;
             }
         }
         for (step, s) in rule.steps.iter().enumerate() {
             if let Some(key) = match_key(&s.matcher, ev) {
-                let cx = Cx { rule_ix, rule, key: &key, clock, lifecycle };
+                let cx = Cx {
+                    rule_ix,
+                    rule,
+                    key: &key,
+                    clock,
+                    lifecycle,
+                };
                 self.correlate(&cx, step, ev.time, out);
             }
         }
         if let Some(key) = match_key(&rule.trigger, ev) {
-            let cx = Cx { rule_ix, rule, key: &key, clock, lifecycle };
+            let cx = Cx {
+                rule_ix,
+                rule,
+                key: &key,
+                clock,
+                lifecycle,
+            };
             self.trigger(&cx, ev, out);
         }
     }
@@ -208,7 +236,14 @@ impl<S: State> Engine<S> {
                 }
                 close(cx, inst);
                 if cx.lifecycle {
-                    out.push(outcome(cx, Kind::Cancelled, inst.opened_at, None, None, Some(time)));
+                    out.push(outcome(
+                        cx,
+                        Kind::Cancelled,
+                        inst.opened_at,
+                        None,
+                        None,
+                        Some(time),
+                    ));
                 }
                 self.state.put(cx.rule_ix, cx.key, row);
             }
@@ -216,7 +251,10 @@ impl<S: State> Engine<S> {
                 self.state.put(cx.rule_ix, cx.key, row);
                 let expires = time.saturating_add(cx.rule.max_within);
                 if expires >= cx.clock {
-                    let prev = self.state.cancel(cx.rule_ix, cx.key).unwrap_or(Instant::MIN);
+                    let prev = self
+                        .state
+                        .cancel(cx.rule_ix, cx.key)
+                        .unwrap_or(Instant::MIN);
                     if expires > prev {
                         self.state.put_cancel(cx.rule_ix, cx.key, expires);
                     }
@@ -275,7 +313,8 @@ impl<S: State> Engine<S> {
                 .early(cx.rule_ix, cx.key, step)
                 .is_some_and(|(_, e)| cx.clock <= e);
             if !known && cx.clock <= expires {
-                self.state.put_early(cx.rule_ix, cx.key, step, time, expires);
+                self.state
+                    .put_early(cx.rule_ix, cx.key, step, time, expires);
             }
         }
     }
@@ -308,16 +347,35 @@ impl<S: State> Engine<S> {
             opened_at: ev.time,
             closed_at: None,
             expires_at: 0,
-            steps: vec![StepState { status: StepStatus::Pending, at: 0 }; cx.rule.steps.len()]
-                .into_boxed_slice(),
+            steps: vec![
+                StepState {
+                    status: StepStatus::Pending,
+                    at: 0
+                };
+                cx.rule.steps.len()
+            ]
+            .into_boxed_slice(),
             captures,
         };
         if cx.lifecycle {
-            out.push(outcome(cx, Kind::Opened, ev.time, None, None, Some(ev.time)));
+            out.push(outcome(
+                cx,
+                Kind::Opened,
+                ev.time,
+                None,
+                None,
+                Some(ev.time),
+            ));
         }
         for (i, s) in cx.rule.steps.iter().enumerate() {
             if s.after.is_none() {
-                self.open_step(cx, &mut inst, i, ev.time.saturating_add(s.within.nanos()), out);
+                self.open_step(
+                    cx,
+                    &mut inst,
+                    i,
+                    ev.time.saturating_add(s.within.nanos()),
+                    out,
+                );
             }
         }
         close_if_done(cx, &mut inst, out);
@@ -325,8 +383,18 @@ impl<S: State> Engine<S> {
     }
 
     /// Opens a step; a remembered early correlate within the new deadline satisfies it.
-    fn open_step(&mut self, cx: &Cx<'_>, inst: &mut Instance, step: usize, deadline: Instant, out: &mut Vec<Outcome>) {
-        inst.steps[step] = StepState { status: StepStatus::Open, at: deadline };
+    fn open_step(
+        &mut self,
+        cx: &Cx<'_>,
+        inst: &mut Instance,
+        step: usize,
+        deadline: Instant,
+        out: &mut Vec<Outcome>,
+    ) {
+        inst.steps[step] = StepState {
+            status: StepStatus::Open,
+            at: deadline,
+        };
         if let Some((time, expires)) = self.state.early(cx.rule_ix, cx.key, step) {
             if cx.clock <= expires && time <= deadline {
                 self.state.remove_early(cx.rule_ix, cx.key, step);
@@ -335,11 +403,28 @@ impl<S: State> Engine<S> {
         }
     }
 
-    fn satisfy(&mut self, cx: &Cx<'_>, inst: &mut Instance, step: usize, time: Instant, out: &mut Vec<Outcome>) {
+    fn satisfy(
+        &mut self,
+        cx: &Cx<'_>,
+        inst: &mut Instance,
+        step: usize,
+        time: Instant,
+        out: &mut Vec<Outcome>,
+    ) {
         let deadline = inst.steps[step].at;
-        inst.steps[step] = StepState { status: StepStatus::Satisfied, at: time };
+        inst.steps[step] = StepState {
+            status: StepStatus::Satisfied,
+            at: time,
+        };
         if cx.lifecycle {
-            out.push(outcome(cx, Kind::Satisfied, inst.opened_at, Some(step), Some(deadline), Some(time)));
+            out.push(outcome(
+                cx,
+                Kind::Satisfied,
+                inst.opened_at,
+                Some(step),
+                Some(deadline),
+                Some(time),
+            ));
         }
         for &d in &cx.rule.steps[step].dependents {
             let within = cx.rule.steps[d].within.nanos();
@@ -348,7 +433,14 @@ impl<S: State> Engine<S> {
     }
 }
 
-fn outcome(cx: &Cx<'_>, kind: Kind, opened_at: Instant, step: Option<usize>, deadline: Option<Instant>, time: Option<Instant>) -> Outcome {
+fn outcome(
+    cx: &Cx<'_>,
+    kind: Kind,
+    opened_at: Instant,
+    step: Option<usize>,
+    deadline: Option<Instant>,
+    time: Option<Instant>,
+) -> Outcome {
     Outcome {
         kind,
         rule: cx.rule_ix,
@@ -401,17 +493,37 @@ fn close_if_done(cx: &Cx<'_>, inst: &mut Instance, out: &mut Vec<Outcome>) {
     }
 }
 
-fn report_late(cx: &Cx<'_>, inst: &mut Instance, step: usize, time: Instant, out: &mut Vec<Outcome>) {
+fn report_late(
+    cx: &Cx<'_>,
+    inst: &mut Instance,
+    step: usize,
+    time: Instant,
+    out: &mut Vec<Outcome>,
+) {
     let deadline = inst.steps[step].at;
     inst.steps[step].status = StepStatus::Late;
-    out.push(outcome(cx, Kind::Late, inst.opened_at, Some(step), Some(deadline), Some(time)));
+    out.push(outcome(
+        cx,
+        Kind::Late,
+        inst.opened_at,
+        Some(step),
+        Some(deadline),
+        Some(time),
+    ));
 }
 
 /// Marks a step missing and runs its actions (its own, else the rule's).
 fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Outcome>) {
     let deadline = inst.steps[step].at;
     inst.steps[step].status = StepStatus::Missing;
-    out.push(outcome(cx, Kind::Missing, inst.opened_at, Some(step), Some(deadline), None));
+    out.push(outcome(
+        cx,
+        Kind::Missing,
+        inst.opened_at,
+        Some(step),
+        Some(deadline),
+        None,
+    ));
     let s = &cx.rule.steps[step];
     let deadline_text = format_rfc3339(deadline);
     let vars = Vars {
@@ -423,7 +535,13 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
         captures: &inst.captures,
     };
     for (i, action) in cx.rule.actions_for(step).iter().enumerate() {
-        let id = action_id(&cx.rule.name, cx.key, inst.opened_at, &s.name, &i.to_string());
+        let id = action_id(
+            &cx.rule.name,
+            cx.key,
+            inst.opened_at,
+            &s.name,
+            &i.to_string(),
+        );
         let kind = match action {
             Action::Alert(a) => {
                 let mut labels: Vec<(String, String)> = cx.rule.labels.clone();
@@ -446,6 +564,13 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
                 payload: c.payload.render(&vars),
             }),
         };
-        out.push(outcome(cx, kind, inst.opened_at, Some(step), Some(deadline), None));
+        out.push(outcome(
+            cx,
+            kind,
+            inst.opened_at,
+            Some(step),
+            Some(deadline),
+            None,
+        ));
     }
 }

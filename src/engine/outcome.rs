@@ -56,7 +56,10 @@ impl Kind {
 
     /// Lifecycle outcomes are bookkeeping; the others are reports.
     pub fn is_lifecycle(&self) -> bool {
-        matches!(self, Kind::Opened | Kind::Satisfied | Kind::Closed | Kind::Cancelled)
+        matches!(
+            self,
+            Kind::Opened | Kind::Satisfied | Kind::Closed | Kind::Cancelled
+        )
     }
 }
 

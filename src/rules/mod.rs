@@ -109,16 +109,16 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
         let p = entry
             .map_err(|e| fail(format!("cannot list rules: {e}")))?
             .path();
-        let is_yaml = p
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml");
+        let is_yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
         if is_yaml && p.is_file() {
             files.push(p);
         }
     }
     files.sort();
     if files.is_empty() {
-        return Err(fail("no *.yaml or *.yml rule files in this directory".into()));
+        return Err(fail(
+            "no *.yaml or *.yml rule files in this directory".into(),
+        ));
     }
     Ok(files)
 }
@@ -151,20 +151,33 @@ pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
     }
 }
 
+/// Validates rules held inline in another YAML document (a test file): `node` is the
+/// `rules:` list, `path` its YAML path there.
+pub fn load_node(file: &Path, node: &Node) -> Result<RuleSet, RulesError> {
+    let mut v = Validator::default();
+    let root = Node {
+        pos: node.pos,
+        value: yaml::Value::Map(vec![(
+            Node {
+                pos: node.pos,
+                value: yaml::Value::Str("rules".into()),
+                text: Some("rules".into()),
+            },
+            node.clone(),
+        )]),
+        text: None,
+    };
+    v.root(file, &root);
+    v.finish()
+}
+
 /// Validates rule files given as (name, text) pairs.
 pub fn load_sources(files: &[(PathBuf, String)]) -> Result<RuleSet, RulesError> {
     let mut v = Validator::default();
     for (file, text) in files {
         v.file(file, text);
     }
-    if v.diags.is_empty() {
-        Ok(RuleSet {
-            rules: v.rules,
-            paths: v.paths,
-        })
-    } else {
-        Err(RulesError { diags: v.diags })
-    }
+    v.finish()
 }
 
 #[derive(Default)]
@@ -208,6 +221,24 @@ impl RuleCx<'_> {
 }
 
 impl Validator {
+    /// The rule set, or every problem sorted by file and position.
+    fn finish(mut self) -> Result<RuleSet, RulesError> {
+        if self.diags.is_empty() {
+            return Ok(RuleSet {
+                rules: self.rules,
+                paths: self.paths,
+            });
+        }
+        self.diags.sort_by(|a, b| {
+            (&a.file, a.diag.pos.line, a.diag.pos.col).cmp(&(
+                &b.file,
+                b.diag.pos.line,
+                b.diag.pos.col,
+            ))
+        });
+        Err(RulesError { diags: self.diags })
+    }
+
     fn intern(&mut self, segs: Vec<String>) -> PathId {
         if let Some(id) = self.path_ids.get(&segs) {
             return *id;
@@ -230,13 +261,21 @@ impl Validator {
                 return;
             }
         };
+        self.diags.extend(ydiags.into_iter().map(|diag| FileDiag {
+            file: file.to_path_buf(),
+            diag,
+        }));
+        self.root(file, &root);
+    }
+
+    /// Validates a parsed rules document: a mapping with a `rules:` list.
+    fn root(&mut self, file: &Path, root: &Node) {
         let push_all = |diags: &mut Vec<FileDiag>, ds: Vec<Diag>| {
             diags.extend(ds.into_iter().map(|diag| FileDiag {
                 file: file.to_path_buf(),
                 diag,
             }));
         };
-        push_all(&mut self.diags, std::mem::take(&mut ydiags));
         let top = YamlPath::default();
         let rules_node = match &root.value {
             yaml::Value::Map(entries) => {
@@ -305,7 +344,7 @@ impl Validator {
             if let Some(raw) = raw {
                 let mut cx = RuleCx {
                     file,
-                    node: &root,
+                    node: root,
                     diags: Vec::new(),
                 };
                 let rule = self.rule(&mut cx, &path, raw);
@@ -398,7 +437,10 @@ impl Validator {
         if raw.expect.len() > MAX_STEPS {
             cx.err(
                 &expect_path,
-                format!("a rule has at most {MAX_STEPS} steps, this one has {}", raw.expect.len()),
+                format!(
+                    "a rule has at most {MAX_STEPS} steps, this one has {}",
+                    raw.expect.len()
+                ),
             );
         }
         let step_names: Vec<&str> = raw.expect.iter().map(|s| s.step.as_str()).collect();
@@ -417,7 +459,10 @@ impl Validator {
             let after = match &s.after {
                 None => None,
                 Some(a) if a == &s.step => {
-                    cx.err(&sp.key("after"), format!("step {a:?} cannot come after itself"));
+                    cx.err(
+                        &sp.key("after"),
+                        format!("step {a:?} cannot come after itself"),
+                    );
                     None
                 }
                 Some(a) => match step_names.iter().position(|n| n == a) {
@@ -444,9 +489,10 @@ impl Validator {
                     key: s.key.clone(),
                 },
             );
-            let on_missing = s.on_missing.as_ref().map(|acts| {
-                self.actions(cx, &sp.key("on_missing"), acts, &mut captures)
-            });
+            let on_missing = s
+                .on_missing
+                .as_ref()
+                .map(|acts| self.actions(cx, &sp.key("on_missing"), acts, &mut captures));
             steps.push(Step {
                 name: s.step.clone(),
                 matcher,
@@ -569,7 +615,10 @@ impl Validator {
                                 format!("invalid label name {k:?}: use [a-zA-Z_][a-zA-Z0-9_]*"),
                             );
                         }
-                        labels.push((k.clone(), self.template(cx, &p.key("labels").key(k), v, captures)));
+                        labels.push((
+                            k.clone(),
+                            self.template(cx, &p.key("labels").key(k), v, captures),
+                        ));
                     }
                     let sinks = al.sinks.clone().unwrap_or_default();
                     for (j, s) in sinks.iter().enumerate() {
@@ -598,8 +647,12 @@ impl Validator {
                     }
                     let mut errors = Vec::new();
                     let mut capture = |q: &str| self.capture(q, captures);
-                    let payload =
-                        PayloadTemplate::parse(&c.payload, &mut capture, &mut errors, &mut Vec::new());
+                    let payload = PayloadTemplate::parse(
+                        &c.payload,
+                        &mut capture,
+                        &mut errors,
+                        &mut Vec::new(),
+                    );
                     for (at, e) in errors {
                         let mut ep = p.key("payload");
                         for seg in at {

@@ -166,7 +166,11 @@ mod tests {
 
     #[test]
     fn renders_placeholders() {
-        let t = Template::parse("order {{key}}: {{ step }} missing after {{within}} ({{trigger.a.b}})", no_capture).unwrap();
+        let t = Template::parse(
+            "order {{key}}: {{ step }} missing after {{within}} ({{trigger.a.b}})",
+            no_capture,
+        )
+        .unwrap();
         let caps = vec!["X".to_string()];
         let v = Vars {
             key: "o1",

@@ -1,0 +1,293 @@
+//! The `sagawatch` binary end to end: exit codes, messages on stderr, outcomes on stdout.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn sagawatch(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sagawatch");
+    {
+        let mut pipe = child.stdin.take().expect("stdin");
+        if let Some(s) = stdin {
+            pipe.write_all(s.as_bytes()).expect("write stdin");
+        }
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const RULE: &str = "rules:\n  - name: r\n    trigger: { where: { type: A }, key: id }\n    expect:\n      - { step: b, where: { type: B }, key: id, within: 1m }\n";
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn validate_accepts_shipped_rules() {
+    let (code, out, _) = sagawatch(&["validate", "rules"], None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: 2 rule(s)"), "{out}");
+}
+
+#[test]
+fn validate_reports_every_problem_with_position_and_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string("rules/orders.yaml")
+        .unwrap()
+        .replace("after: payment", "after: paymnt")
+        .replace("within: 15m", "within: 0s")
+        .replace("dedup: 24h", "dedup: 24x\n    bogus: 1");
+    let f = write(&dir, "orders.yaml", &text);
+    let (code, out, err) = sagawatch(&["validate", &f], None);
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{f}:16:16: rules[0].expect[1].after: unknown step \"paymnt\" (did you mean \"payment\"?)"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{f}:12:17: rules[0].expect[0].within: duration \"0s\" must be positive"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("rules[0].dedup: invalid duration \"24x\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("rules[0].bogus: unknown field \"bogus\""),
+        "{out}"
+    );
+    assert!(err.contains("4 problem(s)"), "{err}");
+}
+
+#[test]
+fn validate_reports_duplicates_cycles_templates_and_names() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "a.yaml", RULE);
+    write(
+        &dir,
+        "b.yml",
+        r#"rules:
+  - name: r
+    trigger: { where: { type: A }, key: id }
+    expect:
+      - { step: b, key: id, within: 1m, after: c }
+      - { step: c, key: id, within: 1m, after: b }
+      - { step: c, key: id, within: 1m }
+  - name: Bad_Name
+    trigger: { key: "a..b" }
+    expect:
+      - { step: x, key: id, within: 1m }
+    on_missing:
+      - alert: { summary: "{{kee}} {{trigger.}}" }
+  - name: paging
+    trigger: { key: id }
+    expect:
+      - { step: x, key: id, within: 1m }
+    on_missing:
+      - page: { to: me }
+"#,
+    );
+    let (code, out, _) = sagawatch(&["validate", &dir.path().display().to_string()], None);
+    assert_eq!(code, 1);
+    for want in [
+        "b.yml:2:11: rules[0].name: duplicate rule name \"r\" (first defined at ",
+        "rules[0].expect[0].after: cyclic `after`: b -> c -> b",
+        "rules[0].expect[2].step: duplicate step name \"c\"",
+        "rules[1].name: invalid rule name \"Bad_Name\"",
+        "rules[1].trigger.key: invalid dot path \"a..b\"",
+        "rules[2].on_missing[0]: unknown kind \"page\", expected one of alert, compensate",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(
+        out.contains("unknown template placeholder \"{{kee}}\" (did you mean \"key\"?)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn validate_reports_yaml_syntax_errors_with_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(&dir, "x.yaml", "rules:\n  - name: [unclosed\n");
+    let (code, out, _) = sagawatch(&["validate", &f], None);
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with(&format!("{f}:")) && out.contains("invalid YAML"),
+        "{out}"
+    );
+}
+
+#[test]
+fn replay_skips_bad_lines_with_line_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(&dir, "r.yaml", RULE);
+    let input = "{\"type\":\"A\",\"id\":\"k\",\"time\":\"2026-01-01T00:00:00Z\"}\nnot json\n[1,2]\n{\"type\":\"B\"}\n\n{\"type\":\"X\",\"time\":\"2026-01-01T00:05:00Z\"}\n";
+    let (code, out, err) = sagawatch(&["replay", "--rules", &rules], Some(input));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("<stdin>:2: invalid JSON"), "{err}");
+    assert!(err.contains("<stdin>:3: not a JSON object"), "{err}");
+    assert!(err.contains("<stdin>:4: no time field \"time\""), "{err}");
+    assert!(err.contains("replayed 2 events (3 skipped)"), "{err}");
+    assert!(err.contains("missing=1"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(v["outcome"], "missing");
+    assert_eq!(v["rule"], "r");
+    assert_eq!(v["step"], "b");
+    assert_eq!(v["key"], "k");
+    assert_eq!(v["deadline"], "2026-01-01T00:01:00Z");
+}
+
+#[test]
+fn replay_strict_fails_on_first_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(&dir, "r.yaml", RULE);
+    let (code, _, err) = sagawatch(
+        &["replay", "--strict", "--rules", &rules],
+        Some("{\"time\":\"x\"}\n"),
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("error: <stdin>:1: time field \"time\" is not an RFC 3339 timestamp"),
+        "{err}"
+    );
+}
+
+#[test]
+fn replay_merges_named_inputs_by_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(
+        &dir,
+        "r.yaml",
+        "rules:\n  - name: r\n    trigger: { source: a, where: { type: A }, key: id }\n    expect:\n      - { step: b, source: b, where: { type: B }, key: id, within: 1m }\n",
+    );
+    let a = write(
+        &dir,
+        "a.jsonl",
+        "{\"type\":\"A\",\"id\":\"1\",\"time\":\"2026-01-01T00:00:00Z\"}\n{\"type\":\"A\",\"id\":\"2\",\"time\":\"2026-01-01T00:02:00Z\"}\n",
+    );
+    let b = write(
+        &dir,
+        "b.jsonl",
+        "{\"type\":\"B\",\"id\":\"1\",\"time\":\"2026-01-01T00:00:30Z\"}\n{\"type\":\"B\",\"id\":\"2\",\"time\":\"2026-01-01T00:09:00Z\"}\n",
+    );
+    let (code, out, err) = sagawatch(
+        &[
+            "replay",
+            "--rules",
+            &rules,
+            &format!("a={a}"),
+            &format!("b={b}"),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let outs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outs.len(), 2, "{out}");
+    assert_eq!(outs[0]["outcome"], "missing");
+    assert_eq!(outs[0]["key"], "2");
+    assert_eq!(outs[1]["outcome"], "late");
+}
+
+#[test]
+fn replay_with_broken_rules_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(&dir, "r.yaml", "rules:\n  - name: r\n");
+    let (code, _, err) = sagawatch(&["replay", "--rules", &rules], Some(""));
+    assert_eq!(code, 2);
+    assert!(err.contains("missing field \"trigger\""), "{err}");
+}
+
+#[test]
+fn replay_of_a_missing_file_is_a_one_line_error() {
+    let (code, _, err) = sagawatch(
+        &["replay", "--rules", "rules", "/nonexistent/x.jsonl"],
+        None,
+    );
+    assert_eq!(code, 1);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot open /nonexistent/x.jsonl"), "{err}");
+}
+
+#[test]
+fn test_command_prints_a_diff_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "r.yaml", RULE);
+    let t = write(
+        &dir,
+        "t.yaml",
+        "rules: r.yaml\ntests:\n  - name: wrong\n    events:\n      - { at: +0s, event: { type: A, id: k } }\n      - { at: +5m, event: { type: X } }\n    expect:\n      - { outcome: missing, key: other }\n",
+    );
+    let (code, out, _) = sagawatch(&["test", &t], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL"), "{out}");
+    assert!(
+        out.contains("  - {\"key\":\"other\",\"outcome\":\"missing\"}"),
+        "{out}"
+    );
+    assert!(out.contains("  + {"), "{out}");
+    assert!(out.trim_end().ends_with("0 passed, 1 failed"), "{out}");
+}
+
+#[test]
+fn quickstart_example_reports_missing_steps() {
+    let (code, out, err) = sagawatch(
+        &[
+            "replay",
+            "--rules",
+            "rules",
+            "orders=examples/events/orders.jsonl",
+            "payments=examples/events/payments.jsonl",
+            "shipments=examples/events/shipments.jsonl",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let kinds: Vec<(String, String)> = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["outcome"].as_str().unwrap().to_string(),
+                v["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("missing", "1002"),
+        ("compensate", "1002"),
+        ("late", "1005"),
+        ("missing", "1003"),
+        ("missing", "r-77"),
+    ] {
+        assert!(
+            kinds.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} not in {kinds:?}"
+        );
+    }
+    assert!(
+        !kinds
+            .iter()
+            .any(|(_, k)| k == "1001" || k == "1004" || k == "1006"),
+        "{kinds:?}"
+    );
+}
