@@ -125,21 +125,24 @@ impl<S: State> Engine<S> {
         }
     }
 
-    /// Moves the clock forward to `to` (never back) and fires what is due.
+    /// Moves the clock forward to `to` and fires what is due. A tick that does not move the
+    /// clock changes nothing, so timer ticks never change outcomes, only their latency.
     pub fn tick(&mut self, to: Instant, out: &mut Vec<Outcome>) {
         let mut c = self.state.clock();
-        c.now = c.now.max(to);
-        self.state.set_clock(c);
-        if c.now != Instant::MIN {
+        if to > c.now {
+            c.now = to;
+            self.state.set_clock(c);
             self.fire(c.now, out);
         }
     }
 
-    /// End of input: the clock moves to the largest event time seen.
+    /// End of input: the clock moves to the largest event time seen and fires what is due.
     pub fn finish(&mut self, out: &mut Vec<Outcome>) {
-        let max_seen = self.state.clock().max_seen;
-        if max_seen != Instant::MIN {
-            self.tick(max_seen, out);
+        let mut c = self.state.clock();
+        if c.max_seen != Instant::MIN {
+            c.now = c.now.max(c.max_seen);
+            self.state.set_clock(c);
+            self.fire(c.now, out);
         }
     }
 

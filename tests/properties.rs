@@ -1,0 +1,169 @@
+//! Properties that must hold for every input: how events are batched and where clock ticks
+//! fall (at or below the event clock) never changes the outcomes, and no input panics.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use sagawatch::engine::{Engine, MemoryState, Outcome};
+use sagawatch::event::Decoder;
+use sagawatch::rules::{self, RuleSet};
+
+const RULES: &str = r#"
+rules:
+  - name: checkout
+    trigger: { source: orders, where: { type: Placed }, key: id }
+    expect:
+      - { step: pay, where: { type: Paid, ok: true }, key: id, within: 10m }
+      - { step: ship, where: { type: Shipped }, key: id, after: pay, within: 30m }
+      - { step: mail, where: { type: Mailed }, key: id, within: 5m }
+    cancel:
+      - { where: { type: Cancelled }, key: id }
+    dedup: 20m
+    late: 15m
+    on_missing:
+      - alert: { summary: "{{key}} {{step}}" }
+      - compensate: { sink: cmds, payload: { id: "{{key}}" } }
+  - name: refunds
+    trigger: { where: { type: Refund }, key: id }
+    expect:
+      - { step: settle, where: { type: Settled }, key: id, within: 7m }
+    dedup: 1m
+    late: 1m
+"#;
+
+fn rules() -> Arc<RuleSet> {
+    Arc::new(rules::load_sources(&[("p.yaml".into(), RULES.into())]).unwrap())
+}
+
+#[derive(Clone, Debug)]
+struct Ev {
+    line: String,
+    source: Option<&'static str>,
+}
+
+fn event() -> impl Strategy<Value = (u32, usize, usize, bool, usize)> {
+    // (time offset in seconds, type index, key index, ok flag, source index)
+    (0u32..7200, 0usize..8, 0usize..6, any::<bool>(), 0usize..3)
+}
+
+fn build(raw: Vec<(u32, usize, usize, bool, usize)>, jitter: bool) -> Vec<Ev> {
+    let types = [
+        "Placed",
+        "Paid",
+        "Shipped",
+        "Mailed",
+        "Cancelled",
+        "Refund",
+        "Settled",
+        "Noise",
+    ];
+    let sources = [Some("orders"), Some("payments"), None];
+    let mut t = 0i64;
+    raw.into_iter()
+        .map(|(off, ty, key, ok, src)| {
+            // Mostly increasing time, with some events out of order.
+            let secs = if jitter {
+                i64::from(off)
+            } else {
+                t + i64::from(off % 300)
+            };
+            t = secs;
+            let line = format!(
+                r#"{{"type":"{}","id":"k{}","ok":{},"time":"2026-01-01T{:02}:{:02}:{:02}Z"}}"#,
+                types[ty],
+                key,
+                ok,
+                (secs / 3600) % 24,
+                (secs / 60) % 60,
+                secs % 60
+            );
+            Ev {
+                line,
+                source: sources[src],
+            }
+        })
+        .collect()
+}
+
+fn straight(rules: &Arc<RuleSet>, evs: &[Ev], lateness: i64) -> Vec<Outcome> {
+    let d = Decoder::new(rules, "time");
+    let mut e = Engine::new(Arc::clone(rules), MemoryState::new(), lateness).with_lifecycle(true);
+    let mut out = Vec::new();
+    for ev in evs {
+        e.process(&d.decode(ev.line.as_bytes(), ev.source).unwrap(), &mut out);
+    }
+    e.finish(&mut out);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn batches_and_ticks_do_not_change_outcomes(
+        raw in proptest::collection::vec(event(), 1..120),
+        jitter in any::<bool>(),
+        lateness_s in 0i64..600,
+        cuts in proptest::collection::vec((0usize..120, 0i64..1200), 0..20),
+    ) {
+        let rules = rules();
+        let evs = build(raw, jitter);
+        let lateness = lateness_s * 1_000_000_000;
+        let expected = straight(&rules, &evs, lateness);
+
+        let d = Decoder::new(&rules, "time");
+        let mut e = Engine::new(Arc::clone(&rules), MemoryState::new(), lateness).with_lifecycle(true);
+        let mut got = Vec::new();
+        for (i, ev) in evs.iter().enumerate() {
+            let decoded = d.decode(ev.line.as_bytes(), ev.source).unwrap();
+            for (at, back_s) in &cuts {
+                if *at == i && e.clock() != i64::MIN {
+                    // A tick at or below the clock the events already set: a no-op.
+                    e.tick(e.clock() - back_s * 1_000_000_000, &mut got);
+                }
+                if *at == i && back_s % 2 == 0 {
+                    // A timer that fires exactly at the clock the next event sets.
+                    e.tick(decoded.time - lateness, &mut got);
+                }
+            }
+            e.process(&decoded, &mut got);
+        }
+        e.finish(&mut got);
+        prop_assert_eq!(expected, got);
+    }
+
+    #[test]
+    fn arbitrary_lines_never_panic(lines in proptest::collection::vec(".{0,80}", 1..50)) {
+        let rules = rules();
+        let d = Decoder::new(&rules, "time");
+        let mut e = Engine::new(Arc::clone(&rules), MemoryState::new(), 0);
+        let mut out = Vec::new();
+        for l in &lines {
+            if let Ok(ev) = d.decode(l.as_bytes(), None) {
+                e.process(&ev, &mut out);
+            }
+        }
+        e.finish(&mut out);
+    }
+
+    #[test]
+    fn arbitrary_rules_never_panic(text in "[a-z:{}\\[\\], \\-\\n.0-9\"]{0,200}") {
+        let _ = rules::load_sources(&[("f.yaml".into(), text)]);
+    }
+
+    #[test]
+    fn open_instances_are_counted_exactly(raw in proptest::collection::vec(event(), 1..80)) {
+        let rules = rules();
+        let evs = build(raw, false);
+        let d = Decoder::new(&rules, "time");
+        let mut e = Engine::new(Arc::clone(&rules), MemoryState::new(), 0).with_lifecycle(true);
+        let mut out = Vec::new();
+        for ev in &evs {
+            e.process(&d.decode(ev.line.as_bytes(), ev.source).unwrap(), &mut out);
+        }
+        let opened = out.iter().filter(|o| o.kind.name() == "opened").count();
+        let closed = out.iter().filter(|o| matches!(o.kind.name(), "closed" | "cancelled")).count();
+        use sagawatch::engine::State;
+        prop_assert_eq!(e.state().open_instances(), opened - closed);
+    }
+}
