@@ -35,6 +35,9 @@ impl hashbrown::Equivalent<EarlyKey> for EarlyRef<'_> {
     }
 }
 
+/// (expiry, rule, step, key) of a remembered early correlate.
+type EarlyExpiry = (Instant, u32, u32, Box<str>);
+
 /// State held in memory, for `replay`, `test` and the engine's own tests.
 #[derive(Default)]
 pub struct MemoryState {
@@ -49,7 +52,7 @@ pub struct MemoryState {
     taken: Option<Taken>,
     /// Early correlates: (rule, step, key) → (event time, expiry).
     early: HashMap<EarlyKey, (Instant, Instant)>,
-    early_expiry: BinaryHeap<Reverse<(Instant, u32, u32, Box<str>)>>,
+    early_expiry: BinaryHeap<Reverse<EarlyExpiry>>,
     /// Remembered cancels: (rule, 0, key) → expiry.
     cancels: HashMap<EarlyKey, Instant>,
     cancel_expiry: BinaryHeap<Reverse<(Instant, u32, Box<str>)>>,

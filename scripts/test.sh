@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite: what CI runs and what the README's second command runs. Installs
+# what it needs first (skipping what is present), then checks formatting and lints, runs
+# every test, and build-checks the fuzz targets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing ${need_apt[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+for comp in rustfmt clippy; do
+  if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    echo "==> installing rust component $comp"
+    rustup component add "$comp"
+  fi
+done
+
+echo "==> cargo fmt --check"
+cargo fmt --all --check
+echo "==> cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+echo "==> fuzz targets build check"
+cargo check --manifest-path fuzz/Cargo.toml --locked --bins
+echo "==> cargo test"
+cargo test --locked --all-targets
+echo "==> sagawatch test rules/tests"
+cargo run --locked --quiet -- test rules/tests
