@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant as WallInstant;
 
 use crate::engine::{Engine, MemoryState, Outcome};
-use crate::event::Decoder;
+use crate::event::{DecodeError, Decoder};
 use crate::output::Line;
 use crate::rules::{RuleSet, valid_name};
 use crate::time::Instant;
@@ -108,6 +108,37 @@ impl Reader {
         })
     }
 
+    /// Reads the next non-blank line into `buf`; false at end of input.
+    fn next_line(&mut self) -> anyhow::Result<bool> {
+        loop {
+            self.buf.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.buf)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.label))?;
+            if n == 0 {
+                self.done = true;
+                return Ok(false);
+            }
+            self.bytes_read += n as u64;
+            self.line_no += 1;
+            if !self.buf.iter().all(u8::is_ascii_whitespace) {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Reports a bad line (or fails under `--strict`).
+    fn bad_line(&self, e: DecodeError, summary: &mut Summary, strict: bool) -> anyhow::Result<()> {
+        let msg = format!("{}:{}: {e}", self.label, self.line_no);
+        if strict {
+            return Err(StrictError(msg).into());
+        }
+        eprintln!("skipped {msg}");
+        summary.skipped += 1;
+        Ok(())
+    }
+
     /// Reads lines until one decodes (loading it as the head) or input ends.
     fn advance(
         &mut self,
@@ -116,34 +147,13 @@ impl Reader {
         strict: bool,
     ) -> anyhow::Result<()> {
         self.head = None;
-        while !self.done {
-            self.buf.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.buf)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.label))?;
-            if n == 0 {
-                self.done = true;
-                break;
-            }
-            self.bytes_read += n as u64;
-            self.line_no += 1;
-            if self.buf.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
+        while !self.done && self.next_line()? {
             match decoder.decode(&self.buf, None) {
                 Ok(ev) => {
                     self.head = Some(ev.time);
                     return Ok(());
                 }
-                Err(e) => {
-                    let msg = format!("{}:{}: {e}", self.label, self.line_no);
-                    if strict {
-                        return Err(StrictError(msg).into());
-                    }
-                    eprintln!("skipped {msg}");
-                    summary.skipped += 1;
-                }
+                Err(e) => self.bad_line(e, summary, strict)?,
             }
         }
         Ok(())
@@ -170,11 +180,40 @@ pub fn run(rules: Arc<RuleSet>, opts: Options, out: &mut dyn Write) -> anyhow::R
         && io::stderr().is_terminal()
         && opts.inputs.iter().all(|i| i.path.is_some());
     let mut outcomes: Vec<Outcome> = Vec::new();
-    for r in &mut readers {
-        r.advance(&decoder, &mut summary, opts.strict)?;
-    }
     let mut last_draw = WallInstant::now();
+    let mut draw = |summary: &Summary, readers: &[Reader]| {
+        if progress && summary.events % 65_536 == 0 && last_draw.elapsed().as_millis() >= 200 {
+            last_draw = WallInstant::now();
+            let read: u64 = readers.iter().map(|r| r.bytes_read).sum();
+            draw_progress(
+                read,
+                total_bytes,
+                summary.events,
+                started.elapsed().as_secs_f64(),
+            );
+        }
+    };
     let result: anyhow::Result<()> = (|| {
+        if readers.len() == 1 {
+            // One input: decode each line once, in order.
+            let r = &mut readers[0];
+            let source = r.input.source.clone();
+            while r.next_line()? {
+                match decoder.decode(&r.buf, source.as_deref()) {
+                    Ok(ev) => {
+                        engine.process(&ev, &mut outcomes);
+                        summary.events += 1;
+                        write_outcomes(&rules, &mut outcomes, &mut summary, out)?;
+                    }
+                    Err(e) => r.bad_line(e, &mut summary, opts.strict)?,
+                }
+                draw(&summary, std::slice::from_ref(r));
+            }
+        } else {
+            for r in &mut readers {
+                r.advance(&decoder, &mut summary, opts.strict)?;
+            }
+        }
         loop {
             // The reader whose head event is earliest; ties go to the earlier input.
             let mut pick: Option<usize> = None;
@@ -196,16 +235,7 @@ pub fn run(rules: Arc<RuleSet>, opts: Options, out: &mut dyn Write) -> anyhow::R
             summary.events += 1;
             write_outcomes(&rules, &mut outcomes, &mut summary, out)?;
             readers[i].advance(&decoder, &mut summary, opts.strict)?;
-            if progress && summary.events % 65_536 == 0 && last_draw.elapsed().as_millis() >= 200 {
-                last_draw = WallInstant::now();
-                let read: u64 = readers.iter().map(|r| r.bytes_read).sum();
-                draw_progress(
-                    read,
-                    total_bytes,
-                    summary.events,
-                    started.elapsed().as_secs_f64(),
-                );
-            }
+            draw(&summary, &readers);
         }
         engine.finish(&mut outcomes);
         write_outcomes(&rules, &mut outcomes, &mut summary, out)?;

@@ -7,19 +7,57 @@ use std::hash::{BuildHasher, Hash, Hasher};
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
-use super::state::{Clock, Due, Instance, State, StepStatus};
+use super::state::{Clock, Due, Instance, State, StepStatus, Steps};
 use crate::time::Instant;
 
-struct Slot {
-    rule: u32,
-    key: Box<str>,
-    inst: Instance,
+/// A correlation key stored inline when it is short (most keys), on the heap otherwise.
+enum SmallKey {
+    Inline(u8, [u8; 22]),
+    Heap(Box<str>),
 }
 
-/// What a row looked like when it was taken, to update the indexes on `put`.
+impl SmallKey {
+    fn new(key: &str) -> SmallKey {
+        let b = key.as_bytes();
+        if b.len() <= 22 {
+            let mut buf = [0u8; 22];
+            buf[..b.len()].copy_from_slice(b);
+            SmallKey::Inline(b.len() as u8, buf)
+        } else {
+            SmallKey::Heap(Box::from(key))
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SmallKey::Inline(n, buf) => &buf[..usize::from(*n)],
+            SmallKey::Heap(b) => b.as_bytes(),
+        }
+    }
+
+    fn to_string_lossy(&self) -> String {
+        String::from_utf8_lossy(self.bytes()).into_owned()
+    }
+}
+
+/// A row as stored: the fields of [`Instance`] with `closed_at` as a sentinel, so a slot
+/// is about 110 bytes with no allocation for keys up to 22 bytes and rules of up to two
+/// steps.
+struct Slot {
+    rule: u32,
+    key: SmallKey,
+    opened_at: Instant,
+    /// `Instant::MIN` while open.
+    closed_at: Instant,
+    expires_at: Instant,
+    steps: Steps,
+    captures: Box<[String]>,
+}
+
+/// What a row looked like when it was taken, to update the indexes on `put`. The open
+/// steps it had are in `MemoryState::taken_open`.
 struct Taken {
     slot: u32,
-    open: Vec<(u32, Instant)>,
     expiry: Option<Instant>,
 }
 
@@ -50,6 +88,8 @@ pub struct MemoryState {
     /// (expires_at, slot) of every closed row.
     expiries: BTreeSet<(Instant, u32)>,
     taken: Option<Taken>,
+    taken_open: Vec<(u32, Instant)>,
+    new_open: Vec<(u32, Instant)>,
     /// Early correlates: (rule, step, key) → (event time, expiry).
     early: HashMap<EarlyKey, (Instant, Instant)>,
     early_expiry: BinaryHeap<Reverse<EarlyExpiry>>,
@@ -60,13 +100,22 @@ pub struct MemoryState {
     open: usize,
 }
 
-fn open_steps(inst: &Instance) -> Vec<(u32, Instant)> {
-    inst.steps
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.status == StepStatus::Open)
-        .map(|(i, s)| (i as u32, s.at))
-        .collect()
+fn open_steps(steps: &Steps, out: &mut Vec<(u32, Instant)>) {
+    out.clear();
+    out.extend(
+        steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.status == StepStatus::Open)
+            .map(|(i, s)| (i as u32, s.at)),
+    );
+}
+
+fn hash_key(hasher: &DefaultHashBuilder, rule: u32, key: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    rule.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
 }
 
 impl MemoryState {
@@ -74,20 +123,13 @@ impl MemoryState {
         MemoryState::default()
     }
 
-    fn hash(&self, rule: u32, key: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        rule.hash(&mut h);
-        key.hash(&mut h);
-        h.finish()
-    }
-
     fn find(&self, rule: u32, key: &str) -> Option<u32> {
-        let hash = self.hash(rule, key);
+        let hash = hash_key(&self.hasher, rule, key.as_bytes());
         let slots = &self.slots;
         self.table
             .find(hash, |&s| {
                 let slot = &slots[s as usize];
-                slot.rule == rule && &*slot.key == key
+                slot.rule == rule && slot.key.bytes() == key.as_bytes()
             })
             .copied()
     }
@@ -102,20 +144,19 @@ impl State for MemoryState {
     fn take(&mut self, rule: usize, key: &str) -> Option<Instance> {
         debug_assert!(self.taken.is_none(), "take without put");
         let slot = self.find(rule as u32, key)?;
-        let inst = std::mem::replace(
-            &mut self.slots[slot as usize].inst,
-            Instance {
-                opened_at: 0,
-                closed_at: None,
-                expires_at: 0,
-                steps: Box::new([]),
-                captures: Box::new([]),
-            },
-        );
+        let s = &mut self.slots[slot as usize];
+        let closed_at = (s.closed_at != Instant::MIN).then_some(s.closed_at);
+        let inst = Instance {
+            opened_at: s.opened_at,
+            closed_at,
+            expires_at: s.expires_at,
+            steps: std::mem::replace(&mut s.steps, Steps::pending(0)),
+            captures: std::mem::take(&mut s.captures),
+        };
+        open_steps(&inst.steps, &mut self.taken_open);
         self.taken = Some(Taken {
             slot,
-            open: open_steps(&inst),
-            expiry: inst.closed_at.map(|_| inst.expires_at),
+            expiry: closed_at.map(|_| inst.expires_at),
         });
         if inst.is_open() {
             self.open -= 1;
@@ -125,23 +166,28 @@ impl State for MemoryState {
 
     fn put(&mut self, rule: usize, key: &str, row: Option<Instance>) {
         let rule32 = rule as u32;
-        let (slot, old_open, old_expiry) = match self.taken.take() {
-            Some(t) => (Some(t.slot), t.open, t.expiry),
-            None => (None, Vec::new(), None),
+        let (slot, old_expiry) = match self.taken.take() {
+            Some(t) => (Some(t.slot), t.expiry),
+            None => {
+                self.taken_open.clear();
+                (None, None)
+            }
         };
         let Some(inst) = row else {
             if let Some(slot) = slot {
-                for (step, d) in old_open {
+                for &(step, d) in &self.taken_open {
                     self.deadlines.remove(&(d, slot, step));
                 }
                 if let Some(e) = old_expiry {
                     self.expiries.remove(&(e, slot));
                 }
-                let hash = self.hash(rule32, key);
+                let hash = hash_key(&self.hasher, rule32, key.as_bytes());
                 if let Ok(entry) = self.table.find_entry(hash, |&s| s == slot) {
                     entry.remove();
                 }
-                self.slots[slot as usize].key = Box::from("");
+                let s = &mut self.slots[slot as usize];
+                s.key = SmallKey::new("");
+                s.captures = Box::default();
                 self.free.push(slot);
             }
             return;
@@ -149,46 +195,43 @@ impl State for MemoryState {
         let slot = match slot {
             Some(s) => s,
             None => {
+                let fresh = Slot {
+                    rule: rule32,
+                    key: SmallKey::new(key),
+                    opened_at: 0,
+                    closed_at: Instant::MIN,
+                    expires_at: 0,
+                    steps: Steps::pending(0),
+                    captures: Box::default(),
+                };
                 let s = match self.free.pop() {
-                    Some(s) => s,
+                    Some(s) => {
+                        self.slots[s as usize] = fresh;
+                        s
+                    }
                     None => {
-                        self.slots.push(Slot {
-                            rule: rule32,
-                            key: Box::from(""),
-                            inst: Instance {
-                                opened_at: 0,
-                                closed_at: None,
-                                expires_at: 0,
-                                steps: Box::new([]),
-                                captures: Box::new([]),
-                            },
-                        });
+                        self.slots.push(fresh);
                         (self.slots.len() - 1) as u32
                     }
                 };
-                self.slots[s as usize].rule = rule32;
-                self.slots[s as usize].key = Box::from(key);
-                let hash = self.hash(rule32, key);
+                let hash = hash_key(&self.hasher, rule32, key.as_bytes());
                 let slots = &self.slots;
                 let hasher = &self.hasher;
                 self.table.insert_unique(hash, s, |&x| {
                     let sl = &slots[x as usize];
-                    let mut h = hasher.build_hasher();
-                    sl.rule.hash(&mut h);
-                    sl.key.hash(&mut h);
-                    h.finish()
+                    hash_key(hasher, sl.rule, sl.key.bytes())
                 });
                 s
             }
         };
-        let new_open = open_steps(&inst);
-        for &(step, d) in &old_open {
-            if !new_open.contains(&(step, d)) {
+        open_steps(&inst.steps, &mut self.new_open);
+        for &(step, d) in &self.taken_open {
+            if !self.new_open.contains(&(step, d)) {
                 self.deadlines.remove(&(d, slot, step));
             }
         }
-        for &(step, d) in &new_open {
-            if !old_open.contains(&(step, d)) {
+        for &(step, d) in &self.new_open {
+            if !self.taken_open.contains(&(step, d)) {
                 self.deadlines.insert((d, slot, step));
             }
         }
@@ -204,7 +247,12 @@ impl State for MemoryState {
         if inst.is_open() {
             self.open += 1;
         }
-        self.slots[slot as usize].inst = inst;
+        let s = &mut self.slots[slot as usize];
+        s.opened_at = inst.opened_at;
+        s.closed_at = inst.closed_at.unwrap_or(Instant::MIN);
+        s.expires_at = inst.expires_at;
+        s.steps = inst.steps;
+        s.captures = inst.captures;
     }
 
     fn due(&mut self, before: Instant, out: &mut Vec<Due>) {
@@ -213,7 +261,7 @@ impl State for MemoryState {
             out.push(Due {
                 deadline,
                 rule: s.rule as usize,
-                key: s.key.to_string(),
+                key: s.key.to_string_lossy(),
                 step: step as usize,
             });
         }
@@ -255,7 +303,7 @@ impl State for MemoryState {
                 break;
             }
             let s = &self.slots[slot as usize];
-            let (rule, key) = (s.rule as usize, s.key.to_string());
+            let (rule, key) = (s.rule as usize, s.key.to_string_lossy());
             self.take(rule, &key);
             self.put(rule, &key, None);
         }

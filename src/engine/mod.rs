@@ -20,7 +20,7 @@ use crate::rules::{Action, Matcher, Rule, RuleSet};
 use crate::time::{Instant, format_rfc3339};
 pub use memory::MemoryState;
 pub use outcome::{Alert, Compensation, Kind, Outcome};
-pub use state::{Clock, Due, Instance, State, StepState, StepStatus};
+pub use state::{Clock, Due, Instance, State, StepState, StepStatus, Steps};
 
 /// Does `m` select `ev`? Returns the correlation key if so.
 pub fn match_key<'e>(m: &Matcher, ev: &'e Event<'_>) -> Option<std::borrow::Cow<'e, str>> {
@@ -350,14 +350,7 @@ impl<S: State> Engine<S> {
             opened_at: ev.time,
             closed_at: None,
             expires_at: 0,
-            steps: vec![
-                StepState {
-                    status: StepStatus::Pending,
-                    at: 0
-                };
-                cx.rule.steps.len()
-            ]
-            .into_boxed_slice(),
+            steps: Steps::pending(cx.rule.steps.len()),
             captures,
         };
         if cx.lifecycle {

@@ -28,6 +28,48 @@ pub struct StepState {
     pub at: Instant,
 }
 
+/// The step vector of an instance: up to two steps inline (most sagas), more on the heap.
+/// Keeps a million open instances small without an allocation each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Steps {
+    Inline(u8, [StepState; 2]),
+    Heap(Box<[StepState]>),
+}
+
+impl Steps {
+    /// `n` steps, all pending.
+    pub fn pending(n: usize) -> Steps {
+        let p = StepState {
+            status: StepStatus::Pending,
+            at: 0,
+        };
+        if n <= 2 {
+            Steps::Inline(n as u8, [p; 2])
+        } else {
+            Steps::Heap(vec![p; n].into_boxed_slice())
+        }
+    }
+}
+
+impl std::ops::Deref for Steps {
+    type Target = [StepState];
+    fn deref(&self) -> &[StepState] {
+        match self {
+            Steps::Inline(n, items) => &items[..usize::from(*n)],
+            Steps::Heap(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Steps {
+    fn deref_mut(&mut self) -> &mut [StepState] {
+        match self {
+            Steps::Inline(n, items) => &mut items[..usize::from(*n)],
+            Steps::Heap(b) => b,
+        }
+    }
+}
+
 /// One instance of a rule for one correlation key: a row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {
@@ -39,7 +81,7 @@ pub struct Instance {
     /// For a closed row: when neither dedup nor late memory needs it any more.
     pub expires_at: Instant,
     /// One entry per step of the rule, in declaration order.
-    pub steps: Box<[StepState]>,
+    pub steps: Steps,
     /// Trigger fields the rule's templates use, rendered as text when it opened.
     pub captures: Box<[String]>,
 }
