@@ -59,6 +59,7 @@ pub struct Engine<S: State> {
 }
 
 /// The parts of one rule application that every helper needs.
+#[derive(Clone, Copy)]
 struct Cx<'a> {
     rule_ix: usize,
     rule: &'a Rule,
@@ -89,22 +90,8 @@ impl<S: State> Engine<S> {
         &self.rules
     }
 
-    /// Swaps in a new rule set; open instances of rules that keep their name and steps
-    /// continue. Callers check compatibility before.
-    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
-        self.rules = rules;
-    }
-
     pub fn state(&self) -> &S {
         &self.state
-    }
-
-    pub fn state_mut(&mut self) -> &mut S {
-        &mut self.state
-    }
-
-    pub fn into_state(self) -> S {
-        self.state
     }
 
     /// The engine clock (`i64::MIN` before anything happened).
@@ -190,41 +177,26 @@ impl<S: State> Engine<S> {
         clock: Instant,
         out: &mut Vec<Outcome>,
     ) {
-        let lifecycle = self.lifecycle;
+        let base = Cx {
+            rule_ix,
+            rule,
+            key: "",
+            clock,
+            lifecycle: self.lifecycle,
+        };
         for m in &rule.cancels {
             if let Some(key) = match_key(m, ev) {
-                let cx = Cx {
-                    rule_ix,
-                    rule,
-                    key: &key,
-                    clock,
-                    lifecycle,
-                };
-                self.cancel(&cx, ev.time, out);
+                self.cancel(&Cx { key: &key, ..base }, ev.time, out);
                 break;
             }
         }
         for (step, s) in rule.steps.iter().enumerate() {
             if let Some(key) = match_key(&s.matcher, ev) {
-                let cx = Cx {
-                    rule_ix,
-                    rule,
-                    key: &key,
-                    clock,
-                    lifecycle,
-                };
-                self.correlate(&cx, step, ev.time, out);
+                self.correlate(&Cx { key: &key, ..base }, step, ev.time, out);
             }
         }
         if let Some(key) = match_key(&rule.trigger, ev) {
-            let cx = Cx {
-                rule_ix,
-                rule,
-                key: &key,
-                clock,
-                lifecycle,
-            };
-            self.trigger(&cx, ev, out);
+            self.trigger(&Cx { key: &key, ..base }, ev, out);
         }
     }
 

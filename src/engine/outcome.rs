@@ -53,14 +53,6 @@ impl Kind {
             Kind::Compensate(_) => "compensate",
         }
     }
-
-    /// Lifecycle outcomes are bookkeeping; the others are reports.
-    pub fn is_lifecycle(&self) -> bool {
-        matches!(
-            self,
-            Kind::Opened | Kind::Satisfied | Kind::Closed | Kind::Cancelled
-        )
-    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

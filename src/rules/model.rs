@@ -18,12 +18,6 @@ pub struct RuleSet {
     pub paths: Vec<Vec<String>>,
 }
 
-impl RuleSet {
-    pub fn rule_index(&self, name: &str) -> Option<usize> {
-        self.rules.iter().position(|r| r.name == name)
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub name: String,
