@@ -52,11 +52,29 @@ pub enum Command {
         #[arg(value_name = "INPUT")]
         inputs: Vec<String>,
     },
-    /// Check rules; print every problem with file:line:column. Exit 1 if any.
+    /// Check rules, or a daemon config and its rules (--config); print every problem
+    /// with file:line:column. Exit 1 if any.
     Validate {
         /// Rules file or directory.
-        #[arg(value_name = "PATH")]
-        path: PathBuf,
+        #[arg(
+            value_name = "PATH",
+            required_unless_present = "config",
+            conflicts_with = "config"
+        )]
+        path: Option<PathBuf>,
+        /// A daemon config file: checks it, its rules and their source and sink references.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run the daemon: follow the configured sources, keep state in SQLite, deliver alerts
+    /// and compensations through the outbox, serve /metrics and /v1/events.
+    Run {
+        /// The config file (see docs/config.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: crate::daemon::LogFormat,
     },
     /// Run rule unit tests (YAML). Exit 1 if any fails.
     Test {
@@ -143,7 +161,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Err(e) => Err(e),
             }
         }
-        Command::Validate { path } => match rules::load(&path) {
+        Command::Run { config, log_format } => {
+            crate::daemon::init_logging(log_format);
+            Ok(crate::daemon::run(&config))
+        }
+        Command::Validate {
+            config: Some(config),
+            ..
+        } => Ok(crate::daemon::validate(&config)),
+        Command::Validate { path: None, .. } => Ok(EXIT_CONFIG),
+        Command::Validate {
+            path: Some(path), ..
+        } => match rules::load(&path) {
             Ok(set) => {
                 let steps: usize = set.rules.iter().map(|r| r.steps.len()).sum();
                 println!(

@@ -231,6 +231,17 @@ impl Decoder {
         line: &'a [u8],
         source: Option<&'a str>,
     ) -> Result<Event<'a>, DecodeError> {
+        self.decode_at(line, source, None)
+    }
+
+    /// Decodes one line; with `received`, that is the event time and the time field is not
+    /// read (the daemon's wall clock mode).
+    pub fn decode_at<'a>(
+        &self,
+        line: &'a [u8],
+        source: Option<&'a str>,
+        received: Option<Instant>,
+    ) -> Result<Event<'a>, DecodeError> {
         let mut fields: Vec<Option<Field<'a>>> = vec![None; self.slots];
         let mut de = serde_json::Deserializer::from_slice(line);
         let is_object = RootSeed {
@@ -244,6 +255,7 @@ impl Decoder {
             return Err(DecodeError::NotObject);
         }
         let time = match fields[self.time_slot].as_ref() {
+            _ if received.is_some() => received.unwrap_or_default(),
             None => return Err(DecodeError::NoTime(self.time_path.clone())),
             Some(Field::Str(s)) => parse_rfc3339(s)
                 .ok_or_else(|| DecodeError::BadTime(self.time_path.clone(), format!("{s:?}")))?,

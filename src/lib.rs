@@ -3,11 +3,15 @@
 //! YAML rules, and reports the ones that go missing.
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod event;
 pub mod output;
 pub mod replay;
 pub mod rules;
+pub mod sign;
+pub mod store;
 pub mod testing;
 pub mod time;
 pub mod yaml;

@@ -42,6 +42,12 @@ impl YamlPath {
         p.0.push(Seg::Index(i));
         p
     }
+    /// The path one level up (the root's parent is the root).
+    pub fn parent(&self) -> YamlPath {
+        let mut p = self.clone();
+        p.0.pop();
+        p
+    }
 }
 
 impl fmt::Display for YamlPath {

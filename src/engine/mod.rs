@@ -94,6 +94,16 @@ impl<S: State> Engine<S> {
         &self.state
     }
 
+    pub fn state_mut(&mut self) -> &mut S {
+        &mut self.state
+    }
+
+    /// Swaps in a reloaded rule set. The caller keeps the state consistent with it (rows
+    /// are keyed by rule name in durable state).
+    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        self.rules = rules;
+    }
+
     /// The engine clock (`i64::MIN` before anything happened).
     pub fn clock(&self) -> Instant {
         self.state.clock().now

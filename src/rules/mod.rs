@@ -125,6 +125,21 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
 
 /// Loads and validates a rules path (a file or a directory).
 pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
+    load_with(path, Validator::default())
+}
+
+/// Loads a rules path and checks every source and sink it names against `known`.
+pub fn load_known(path: &Path, known: &Known) -> Result<RuleSet, RulesError> {
+    load_with(
+        path,
+        Validator {
+            known: Some(known.clone()),
+            ..Validator::default()
+        },
+    )
+}
+
+fn load_with(path: &Path, mut v: Validator) -> Result<RuleSet, RulesError> {
     let files = rule_files(path)?;
     let mut sources = Vec::new();
     let mut diags = Vec::new();
@@ -141,7 +156,10 @@ pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
             }),
         }
     }
-    match load_sources(&sources) {
+    for (file, text) in &sources {
+        v.file(file, text);
+    }
+    match v.finish() {
         Ok(set) if diags.is_empty() => Ok(set),
         Ok(_) => Err(RulesError { diags }),
         Err(mut e) => {
@@ -180,8 +198,43 @@ pub fn load_sources(files: &[(PathBuf, String)]) -> Result<RuleSet, RulesError> 
     v.finish()
 }
 
+/// What a daemon config defines, so rules that name a source or sink can be checked
+/// against it. Replay and rule tests have no config and check names only.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    pub sources: Vec<String>,
+    /// Sink name and whether it takes compensation payloads.
+    pub sinks: Vec<(String, bool)>,
+}
+
+impl Known {
+    fn source_error(&self, s: &str) -> Option<String> {
+        if self.sources.iter().any(|k| k == s) {
+            return None;
+        }
+        Some(format!(
+            "unknown source {s:?}{}",
+            yaml::did_you_mean(s, self.sources.iter().map(String::as_str))
+        ))
+    }
+
+    fn sink_error(&self, s: &str, payload: bool) -> Option<String> {
+        match self.sinks.iter().find(|(k, _)| k == s) {
+            Some((_, takes)) if payload && !takes => {
+                Some(format!("sink {s:?} does not take compensation payloads"))
+            }
+            Some(_) => None,
+            None => Some(format!(
+                "unknown sink {s:?}{}",
+                yaml::did_you_mean(s, self.sinks.iter().map(|(k, _)| k.as_str()))
+            )),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Validator {
+    known: Option<Known>,
     rules: Vec<Rule>,
     paths: Vec<Vec<String>>,
     path_ids: HashMap<Vec<String>, PathId>,
@@ -364,6 +417,8 @@ impl Validator {
                     &path.key("source"),
                     format!("invalid source name {s:?}: use [a-z0-9][a-z0-9_-]*"),
                 );
+            } else if let Some(e) = self.known.as_ref().and_then(|k| k.source_error(s)) {
+                cx.err(&path.key("source"), e);
             }
         }
         let mut conds = Vec::new();
@@ -627,6 +682,10 @@ impl Validator {
                                 &p.key("sinks").index(j),
                                 format!("invalid sink name {s:?}: use [a-z0-9][a-z0-9_-]*"),
                             );
+                        } else if let Some(e) =
+                            self.known.as_ref().and_then(|k| k.sink_error(s, false))
+                        {
+                            cx.err(&p.key("sinks").index(j), e);
                         }
                     }
                     out.push(Action::Alert(AlertAction {
@@ -644,6 +703,12 @@ impl Validator {
                             &p.key("sink"),
                             format!("invalid sink name {:?}: use [a-z0-9][a-z0-9_-]*", c.sink),
                         );
+                    } else if let Some(e) = self
+                        .known
+                        .as_ref()
+                        .and_then(|k| k.sink_error(&c.sink, true))
+                    {
+                        cx.err(&p.key("sink"), e);
                     }
                     let mut errors = Vec::new();
                     let mut capture = |q: &str| self.capture(q, captures);

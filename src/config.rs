@@ -1,0 +1,870 @@
+//! The daemon's config file: raw serde types mirroring the YAML, `${ENV}` interpolation,
+//! and validation into [`Config`], reporting every problem with file:line:column.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::rules::{self, FileDiag, Known, RuleSet, RulesError};
+use crate::time::Duration;
+use crate::yaml::{self, Diag, Node, Pos, Value, YamlPath};
+
+/// The config file as written. Paths are relative to the config file's directory.
+#[derive(Debug, Deserialize)]
+pub struct RawConfig {
+    /// SQLite state file. Default `sagawatch.db`.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Rules file or directory.
+    pub rules: String,
+    /// HTTP listen address. Default `127.0.0.1:9464`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Bearer token required on mutating endpoints (`/v1/events`, `/-/reload`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// File holding the bearer token (alternative to `token`).
+    #[serde(default)]
+    pub token_file: Option<String>,
+    #[serde(default)]
+    pub time: Option<RawTime>,
+    #[serde(default)]
+    pub batch: Option<RawBatch>,
+    #[serde(default)]
+    pub sources: BTreeMap<String, RawSource>,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, RawSink>,
+    #[serde(default)]
+    pub alerts: Option<RawAlerts>,
+    #[serde(default)]
+    pub outbox: Option<RawOutbox>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawTime {
+    /// Dot path of the event time (RFC 3339). Default `time`.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// How far the clock runs behind the largest event time. Default `0s`.
+    #[serde(default)]
+    pub lateness: Option<String>,
+    /// After this long without events the clock also follows wall time − lateness.
+    /// Default `10s`; `0s` turns the fallback off.
+    #[serde(default)]
+    pub idle: Option<String>,
+    /// `event` (default) or `wall` (event times are the receipt times).
+    #[serde(default)]
+    pub clock: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawBatch {
+    /// Commit after this many events. Default 1000.
+    #[serde(default)]
+    pub events: Option<u64>,
+    /// ... or after this long. Default `50ms`.
+    #[serde(default)]
+    pub interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawSource {
+    /// `file`, `stdin` or `http`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `file`: the JSON-lines file to follow.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `file`: keep following after the end (`true`, default) or stop at the end.
+    #[serde(default)]
+    pub follow: Option<bool>,
+    /// `http`: largest accepted request body in bytes. Default 10485760 (10 MiB).
+    #[serde(default)]
+    pub max_body: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawSink {
+    /// `webhook`, `alertmanager` or `stdout`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `webhook`: the URL to POST to; `alertmanager`: its base URL.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `webhook`: signing secrets (`whsec_…` base64 or raw); the first signs, all are
+    /// sent, so receivers can rotate.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// `webhook`: files each holding one secret.
+    #[serde(default)]
+    pub secret_files: Vec<String>,
+    /// Per-request timeout. Default `10s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// `alertmanager`: how often firing alerts are re-sent. Default `1m`.
+    #[serde(default)]
+    pub resend: Option<String>,
+    /// Extra HTTP headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawAlerts {
+    /// Sinks for alerts whose rule names none. Default: every `stdout` sink.
+    #[serde(default)]
+    pub sinks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawOutbox {
+    /// Deliveries in flight at once. Default 8.
+    #[serde(default)]
+    pub concurrency: Option<u64>,
+    /// First retry delay. Default `1s`.
+    #[serde(default)]
+    pub backoff: Option<String>,
+    /// Longest retry delay. Default `5m`.
+    #[serde(default)]
+    pub max_backoff: Option<String>,
+    /// Give up on a message this long after it was created. Default `24h`.
+    #[serde(default)]
+    pub give_up: Option<String>,
+    /// Keep delivered messages (for the timeline) this long. Default `7d`.
+    #[serde(default)]
+    pub retain: Option<String>,
+}
+
+/// A secret: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockMode {
+    Event,
+    Wall,
+}
+
+#[derive(Clone, Debug)]
+pub struct TimeConfig {
+    pub field: String,
+    pub lateness: i64,
+    /// Nanoseconds; 0 disables the idle fallback.
+    pub idle: i64,
+    pub clock: ClockMode,
+}
+
+#[derive(Clone, Debug)]
+pub enum SourceKind {
+    File { path: PathBuf, follow: bool },
+    Stdin,
+    Http { max_body: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub name: String,
+    pub kind: SourceKind,
+}
+
+#[derive(Clone, Debug)]
+pub enum SinkKind {
+    Stdout,
+    Webhook {
+        url: hyper::Uri,
+        secrets: Vec<Secret>,
+        headers: Vec<(String, String)>,
+    },
+    Alertmanager {
+        url: hyper::Uri,
+        resend: std::time::Duration,
+    },
+}
+
+impl SinkKind {
+    pub fn takes_payloads(&self) -> bool {
+        !matches!(self, SinkKind::Alertmanager { .. })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Sink {
+    pub name: String,
+    pub kind: SinkKind,
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutboxConfig {
+    pub concurrency: usize,
+    pub backoff: std::time::Duration,
+    pub max_backoff: std::time::Duration,
+    pub give_up: std::time::Duration,
+    pub retain: std::time::Duration,
+}
+
+/// A validated config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub state: PathBuf,
+    pub rules_path: PathBuf,
+    pub listen: SocketAddr,
+    pub token: Option<Secret>,
+    pub time: TimeConfig,
+    pub batch_events: usize,
+    pub batch_interval: std::time::Duration,
+    pub sources: Vec<Source>,
+    pub sinks: Vec<Sink>,
+    pub alert_sinks: Vec<String>,
+    pub outbox: OutboxConfig,
+}
+
+impl Config {
+    /// What rules may reference.
+    pub fn known(&self) -> Known {
+        Known {
+            sources: self.sources.iter().map(|s| s.name.clone()).collect(),
+            sinks: self
+                .sinks
+                .iter()
+                .map(|s| (s.name.clone(), s.kind.takes_payloads()))
+                .collect(),
+        }
+    }
+
+    /// Loads the rules this config names, checking their source and sink references.
+    pub fn load_rules(&self) -> Result<RuleSet, RulesError> {
+        rules::load_known(&self.rules_path, &self.known())
+    }
+}
+
+/// Every problem in a config file (and, through `load`, in its rules).
+#[derive(Debug)]
+pub struct ConfigError {
+    pub diags: Vec<FileDiag>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diags.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Replaces `${NAME}` (and `${NAME:-default}`) in every string scalar with the environment
+/// variable; `$$` is a literal `$`. A variable that is unset and has no default is an error
+/// at the scalar's position.
+pub fn interpolate(
+    node: &mut Node,
+    path: &YamlPath,
+    env: &dyn Fn(&str) -> Option<String>,
+    diags: &mut Vec<Diag>,
+) {
+    match &mut node.value {
+        Value::Str(s) if s.contains('$') => match expand(s, env) {
+            Ok(v) => {
+                *s = v.clone();
+                node.text = Some(v);
+            }
+            Err(e) => diags.push(Diag {
+                pos: node.pos,
+                path: path.to_string(),
+                message: e,
+            }),
+        },
+        Value::Seq(items) => {
+            for (i, n) in items.iter_mut().enumerate() {
+                interpolate(n, &path.index(i), env, diags);
+            }
+        }
+        Value::Map(entries) => {
+            for (k, v) in entries.iter_mut() {
+                let key = k.text.clone().unwrap_or_default();
+                interpolate(v, &path.key(&key), env, diags);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn expand(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            let Some(end) = r.find('}') else {
+                return Err("unterminated ${...}".into());
+            };
+            let inner = &r[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("invalid variable name {name:?} in ${{...}}"));
+            }
+            match env(name)
+                .filter(|v| !v.is_empty())
+                .or(default.map(String::from))
+            {
+                Some(v) => out.push_str(&v),
+                None => return Err(format!("environment variable {name} is not set")),
+            }
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Reads and validates a config file against the process environment.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        diags: vec![FileDiag {
+            file: file.to_path_buf(),
+            diag: Diag {
+                pos: Pos::default(),
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            },
+        }],
+    })?;
+    load_text(file, &text, &|k| std::env::var(k).ok())
+}
+
+/// Validates config text; `env` resolves `${NAME}`.
+pub fn load_text(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let mut v = Checker {
+        file: file.to_path_buf(),
+        dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        diags: Vec::new(),
+        root: None,
+    };
+    let cfg = v.check(text, env);
+    if v.diags.is_empty() {
+        if let Some(c) = cfg {
+            return Ok(c);
+        }
+    }
+    let mut diags: Vec<FileDiag> = v
+        .diags
+        .into_iter()
+        .map(|diag| FileDiag {
+            file: file.to_path_buf(),
+            diag,
+        })
+        .collect();
+    diags.sort_by_key(|d| (d.diag.pos.line, d.diag.pos.col));
+    Err(ConfigError { diags })
+}
+
+struct Checker {
+    file: PathBuf,
+    dir: PathBuf,
+    diags: Vec<Diag>,
+    root: Option<Node>,
+}
+
+impl Checker {
+    fn err(&mut self, path: &YamlPath, message: impl Into<String>) {
+        let pos = self
+            .root
+            .as_ref()
+            .map(|r| r.locate(path))
+            .unwrap_or_default();
+        self.diags.push(Diag {
+            pos,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    fn duration(
+        &mut self,
+        path: &YamlPath,
+        text: Option<&str>,
+        default: &str,
+        zero_ok: bool,
+    ) -> i64 {
+        let t = text.unwrap_or(default);
+        let r = if zero_ok {
+            Duration::parse_span(t)
+        } else {
+            Duration::parse(t).map(|d| d.nanos())
+        };
+        match r {
+            Ok(n) => n,
+            Err(e) => {
+                self.err(path, e);
+                1
+            }
+        }
+    }
+
+    fn std_duration(
+        &mut self,
+        path: &YamlPath,
+        text: Option<&str>,
+        default: &str,
+    ) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.duration(path, text, default, false).max(0) as u64)
+    }
+
+    fn url(&mut self, path: &YamlPath, url: Option<&str>) -> hyper::Uri {
+        let Some(u) = url else {
+            self.err(&path.parent(), "missing field `url`");
+            return hyper::Uri::default();
+        };
+        match u.parse::<hyper::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => uri,
+            Ok(uri) if uri.scheme_str() == Some("https") => {
+                self.err(
+                    path,
+                    "https is not supported yet: put a TLS-terminating proxy on loopback in front of the receiver",
+                );
+                uri
+            }
+            Ok(_) => {
+                self.err(path, format!("{u:?} is not an http:// URL with a host"));
+                hyper::Uri::default()
+            }
+            Err(e) => {
+                self.err(path, format!("invalid URL {u:?}: {e}"));
+                hyper::Uri::default()
+            }
+        }
+    }
+
+    fn check(&mut self, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Option<Config> {
+        let mut root = match yaml::parse(text, &mut self.diags) {
+            Ok(n) => n,
+            Err(d) => {
+                self.diags.push(d);
+                return None;
+            }
+        };
+        interpolate(&mut root, &YamlPath::default(), env, &mut self.diags);
+        let raw: Option<RawConfig> = yaml::from_node(&root, &YamlPath::default(), &mut self.diags);
+        self.root = Some(root);
+        let raw = raw?;
+        let top = YamlPath::default();
+
+        let state = self.resolve(raw.state.as_deref().unwrap_or("sagawatch.db"));
+        let rules_path = self.resolve(&raw.rules);
+        if !rules_path.exists() {
+            self.err(
+                &top.key("rules"),
+                format!("{} does not exist", rules_path.display()),
+            );
+        }
+        let listen_text = raw.listen.as_deref().unwrap_or("127.0.0.1:9464");
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(
+                    &top.key("listen"),
+                    format!("{listen_text:?} is not an IP:port address"),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 9464))
+            }
+        };
+        let token = match (&raw.token, &raw.token_file) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    &top.key("token_file"),
+                    "give `token` or `token_file`, not both",
+                );
+                None
+            }
+            (Some(t), None) if t.is_empty() => {
+                self.err(&top.key("token"), "empty token");
+                None
+            }
+            (Some(t), None) => Some(Secret(t.as_bytes().to_vec())),
+            (None, Some(f)) => self.read_secret(&top.key("token_file"), f),
+            (None, None) => None,
+        };
+
+        let t = raw.time.as_ref();
+        let tp = top.key("time");
+        let field = t
+            .and_then(|t| t.field.clone())
+            .unwrap_or_else(|| "time".into());
+        if rules::split_path(&field).is_err() {
+            self.err(&tp.key("field"), format!("{field:?} is not a dot path"));
+        }
+        let time = TimeConfig {
+            lateness: self.duration(
+                &tp.key("lateness"),
+                t.and_then(|t| t.lateness.as_deref()),
+                "0s",
+                true,
+            ),
+            idle: self.duration(
+                &tp.key("idle"),
+                t.and_then(|t| t.idle.as_deref()),
+                "10s",
+                true,
+            ),
+            clock: match t.and_then(|t| t.clock.as_deref()).unwrap_or("event") {
+                "event" => ClockMode::Event,
+                "wall" => ClockMode::Wall,
+                other => {
+                    self.err(
+                        &tp.key("clock"),
+                        format!("unknown clock {other:?}: use event or wall"),
+                    );
+                    ClockMode::Event
+                }
+            },
+            field,
+        };
+
+        let b = raw.batch.as_ref();
+        let bp = top.key("batch");
+        let batch_events = b.and_then(|b| b.events).unwrap_or(1000);
+        if batch_events == 0 {
+            self.err(&bp.key("events"), "must be at least 1");
+        }
+        let batch_interval = self.std_duration(
+            &bp.key("interval"),
+            b.and_then(|b| b.interval.as_deref()),
+            "50ms",
+        );
+
+        let mut sources = Vec::new();
+        let mut http_sources = 0;
+        for (name, s) in &raw.sources {
+            let p = top.key("sources").key(name);
+            if !rules::valid_name(name) {
+                self.err(
+                    &p,
+                    format!("invalid source name {name:?}: use [a-z0-9][a-z0-9_-]*"),
+                );
+            }
+            let allowed: &[&str] = match s.kind.as_str() {
+                "file" => &["path", "follow"],
+                "http" => &["max_body"],
+                _ => &[],
+            };
+            for (field, set) in [
+                ("path", s.path.is_some()),
+                ("follow", s.follow.is_some()),
+                ("max_body", s.max_body.is_some()),
+            ] {
+                if set && !allowed.contains(&field) {
+                    self.err(
+                        &p.key(field),
+                        format!("not a setting of a {} source", s.kind),
+                    );
+                }
+            }
+            let kind = match s.kind.as_str() {
+                "file" => match &s.path {
+                    Some(path) => SourceKind::File {
+                        path: self.resolve(path),
+                        follow: s.follow.unwrap_or(true),
+                    },
+                    None => {
+                        self.err(&p, "missing field `path`");
+                        continue;
+                    }
+                },
+                "stdin" => SourceKind::Stdin,
+                "http" => {
+                    http_sources += 1;
+                    if http_sources > 1 {
+                        self.err(&p, "only one http source: it is served at POST /v1/events");
+                    }
+                    let max = s.max_body.unwrap_or(10 << 20);
+                    if max == 0 {
+                        self.err(&p.key("max_body"), "must be at least 1");
+                    }
+                    SourceKind::Http {
+                        max_body: max as usize,
+                    }
+                }
+                other => {
+                    self.err(
+                        &p.key("type"),
+                        format!(
+                            "unknown source type {other:?}{}",
+                            yaml::did_you_mean(other, ["file", "stdin", "http"])
+                        ),
+                    );
+                    continue;
+                }
+            };
+            sources.push(Source {
+                name: name.clone(),
+                kind,
+            });
+        }
+        if sources.is_empty() && raw.sources.is_empty() {
+            self.err(&top, "no sources: add at least one under `sources`");
+        }
+
+        let mut sinks = Vec::new();
+        for (name, s) in &raw.sinks {
+            let p = top.key("sinks").key(name);
+            if !rules::valid_name(name) {
+                self.err(
+                    &p,
+                    format!("invalid sink name {name:?}: use [a-z0-9][a-z0-9_-]*"),
+                );
+            }
+            let allowed: &[&str] = match s.kind.as_str() {
+                "webhook" => &["url", "secrets", "secret_files", "timeout", "headers"],
+                "alertmanager" => &["url", "timeout", "resend", "headers"],
+                _ => &[],
+            };
+            for (field, set) in [
+                ("url", s.url.is_some()),
+                ("secrets", !s.secrets.is_empty()),
+                ("secret_files", !s.secret_files.is_empty()),
+                ("timeout", s.timeout.is_some()),
+                ("resend", s.resend.is_some()),
+                ("headers", !s.headers.is_empty()),
+            ] {
+                if set && !allowed.contains(&field) {
+                    self.err(&p.key(field), format!("not a setting of a {} sink", s.kind));
+                }
+            }
+            let timeout = self.std_duration(&p.key("timeout"), s.timeout.as_deref(), "10s");
+            let headers: Vec<(String, String)> = s
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (k, v) in &headers {
+                if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                    || hyper::header::HeaderValue::from_str(v).is_err()
+                {
+                    self.err(&p.key("headers").key(k), "not a valid HTTP header");
+                }
+            }
+            let kind = match s.kind.as_str() {
+                "stdout" => SinkKind::Stdout,
+                "webhook" => {
+                    let url = self.url(&p.key("url"), s.url.as_deref());
+                    let mut secrets = Vec::new();
+                    for (i, sec) in s.secrets.iter().enumerate() {
+                        match crate::sign::parse_secret(sec) {
+                            Ok(k) => secrets.push(k),
+                            Err(e) => self.err(&p.key("secrets").index(i), e),
+                        }
+                    }
+                    for (i, f) in s.secret_files.iter().enumerate() {
+                        let fp = p.key("secret_files").index(i);
+                        if let Some(sec) = self.read_secret(&fp, f) {
+                            match crate::sign::parse_secret(&String::from_utf8_lossy(&sec.0)) {
+                                Ok(k) => secrets.push(k),
+                                Err(e) => self.err(&fp, e),
+                            }
+                        }
+                    }
+                    if secrets.is_empty() {
+                        self.err(
+                            &p,
+                            "a webhook sink needs `secrets` or `secret_files` to sign with",
+                        );
+                    }
+                    SinkKind::Webhook {
+                        url,
+                        secrets,
+                        headers,
+                    }
+                }
+                "alertmanager" => SinkKind::Alertmanager {
+                    url: self.url(&p.key("url"), s.url.as_deref()),
+                    resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
+                },
+                other => {
+                    self.err(
+                        &p.key("type"),
+                        format!(
+                            "unknown sink type {other:?}{}",
+                            yaml::did_you_mean(other, ["webhook", "alertmanager", "stdout"])
+                        ),
+                    );
+                    continue;
+                }
+            };
+            sinks.push(Sink {
+                name: name.clone(),
+                kind,
+                timeout,
+            });
+        }
+
+        let alert_sinks = match &raw.alerts {
+            Some(a) => {
+                for (i, s) in a.sinks.iter().enumerate() {
+                    if !raw.sinks.contains_key(s) {
+                        self.err(
+                            &top.key("alerts").key("sinks").index(i),
+                            format!(
+                                "unknown sink {s:?}{}",
+                                yaml::did_you_mean(s, raw.sinks.keys().map(String::as_str))
+                            ),
+                        );
+                    }
+                }
+                a.sinks.clone()
+            }
+            None => sinks
+                .iter()
+                .filter(|s| matches!(s.kind, SinkKind::Stdout))
+                .map(|s| s.name.clone())
+                .collect(),
+        };
+
+        let o = raw.outbox.as_ref();
+        let op = top.key("outbox");
+        let concurrency = o.and_then(|o| o.concurrency).unwrap_or(8);
+        if concurrency == 0 {
+            self.err(&op.key("concurrency"), "must be at least 1");
+        }
+        let outbox = OutboxConfig {
+            concurrency: concurrency as usize,
+            backoff: self.std_duration(
+                &op.key("backoff"),
+                o.and_then(|o| o.backoff.as_deref()),
+                "1s",
+            ),
+            max_backoff: self.std_duration(
+                &op.key("max_backoff"),
+                o.and_then(|o| o.max_backoff.as_deref()),
+                "5m",
+            ),
+            give_up: self.std_duration(
+                &op.key("give_up"),
+                o.and_then(|o| o.give_up.as_deref()),
+                "24h",
+            ),
+            retain: self.std_duration(&op.key("retain"), o.and_then(|o| o.retain.as_deref()), "7d"),
+        };
+
+        Some(Config {
+            file: self.file.clone(),
+            state,
+            rules_path,
+            listen,
+            token,
+            time,
+            batch_events: batch_events as usize,
+            batch_interval,
+            sources,
+            sinks,
+            alert_sinks,
+            outbox,
+        })
+    }
+
+    fn read_secret(&mut self, path: &YamlPath, file: &str) -> Option<Secret> {
+        let f = self.resolve(file);
+        match std::fs::read_to_string(&f) {
+            Ok(s) if s.trim().is_empty() => {
+                self.err(path, format!("{} is empty", f.display()));
+                None
+            }
+            Ok(s) => Some(Secret(s.trim().as_bytes().to_vec())),
+            Err(e) => {
+                self.err(path, format!("cannot read {}: {e}", f.display()));
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "SECRET" => Some("whsec_c2VjcmV0".into()),
+            "HOST" => Some("127.0.0.1".into()),
+            _ => None,
+        }
+    }
+
+    fn check(text: &str) -> Result<Config, String> {
+        let dir = std::env::current_dir().unwrap();
+        load_text(&dir.join("sagawatch.yaml"), text, &env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn interpolates_and_defaults() {
+        let c = check(
+            "rules: rules\nsources: { orders: { type: stdin } }\nsinks:\n  hook: { type: webhook, url: 'http://${HOST}:9/x', secrets: ['${SECRET}'] }\n  out: { type: stdout }\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.alert_sinks, vec!["out".to_string()]);
+        assert_eq!(c.time.idle, 10_000_000_000);
+        match &c.sinks[0].kind {
+            SinkKind::Webhook { url, secrets, .. } => {
+                assert_eq!(url.host(), Some("127.0.0.1"));
+                assert_eq!(secrets[0].0, b"secret");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reports_every_problem_with_position() {
+        let e = check(
+            "rules: rules\nlisten: nowhere\nsourcs: {}\nsources:\n  a: { type: fiel }\n  b: { type: stdin, path: x }\nsinks:\n  h: { type: webhook, url: 'http://x/', secrets: ['${MISSING}'] }\nalerts: { sinks: [pager] }\n",
+        )
+        .unwrap_err();
+        for want in [
+            "sagawatch.yaml:2:9: listen: \"nowhere\" is not an IP:port address",
+            "sagawatch.yaml:3:1: sourcs: unknown field",
+            "sagawatch.yaml:5:14: sources.a.type: unknown source type \"fiel\" (did you mean \"file\"?)",
+            "sagawatch.yaml:6:27: sources.b.path: not a setting of a stdin source",
+            "sagawatch.yaml:8:51: sinks.h.secrets[0]: environment variable MISSING is not set",
+            "sagawatch.yaml:9:19: alerts.sinks[0]: unknown sink \"pager\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The core thread: the only writer of the state file. It applies batches of lines from
+//! every source to the engine, writes the outbox rows and source positions the batch
+//! caused in the same transaction, commits every N events or M milliseconds, and only
+//! then acknowledges upstream. It also moves the clock when streams go quiet.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::time::{Duration as StdDuration, Instant as StdInstant};
+
+use anyhow::Result;
+use tokio::sync::oneshot;
+
+use crate::config::{ClockMode, Config};
+use crate::daemon::metrics::Metrics;
+use crate::engine::Engine;
+use crate::engine::outcome::{Kind, Outcome};
+use crate::event::Decoder;
+use crate::output;
+use crate::rules::RuleSet;
+use crate::store::{self, AlertRow, NewMessage, Outbox, Position, SqliteState};
+use crate::time::{Instant, format_rfc3339};
+
+/// Why a request's lines were refused.
+#[derive(Debug)]
+pub struct Rejected {
+    /// 1-based index of the first bad line or element.
+    pub line: usize,
+    pub message: String,
+}
+
+/// What sources and the server send to the core.
+pub enum Msg {
+    /// Lines from a source. With `atomic`, a bad line rejects them all (HTTP); otherwise
+    /// bad lines are counted and skipped. `position` is stored with the batch's effects.
+    Lines {
+        source: Arc<str>,
+        lines: Vec<String>,
+        position: Option<Position>,
+        atomic: bool,
+        done: Option<oneshot::Sender<Result<usize, Rejected>>>,
+    },
+    /// Swap in a reloaded rule set.
+    Reload {
+        rules: Arc<RuleSet>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Commit and stop.
+    Shutdown,
+}
+
+pub fn wall_nanos() -> Instant {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+pub fn wall_ms() -> i64 {
+    wall_nanos() / 1_000_000
+}
+
+/// How often the core wakes when nothing arrives, to move the clock and commit.
+const TICK: StdDuration = StdDuration::from_millis(100);
+
+pub struct Core {
+    cfg: Arc<Config>,
+    engine: Engine<SqliteState>,
+    decoder: Decoder,
+    metrics: Arc<Metrics>,
+    wake_dispatcher: SyncSender<()>,
+    outcomes: Vec<Outcome>,
+    pending_acks: Vec<(oneshot::Sender<Result<usize, Rejected>>, usize)>,
+    batch_events: usize,
+    batch_started: Option<StdInstant>,
+    last_event: StdInstant,
+    wrote_outbox: bool,
+}
+
+impl Core {
+    pub fn new(
+        cfg: Arc<Config>,
+        rules: Arc<RuleSet>,
+        state: SqliteState,
+        metrics: Arc<Metrics>,
+        wake_dispatcher: SyncSender<()>,
+    ) -> Core {
+        let decoder = Decoder::new(&rules, &cfg.time.field);
+        let engine = Engine::new(rules, state, cfg.time.lateness).with_lifecycle(true);
+        let core = Core {
+            cfg,
+            engine,
+            decoder,
+            metrics,
+            wake_dispatcher,
+            outcomes: Vec::new(),
+            pending_acks: Vec::new(),
+            batch_events: 0,
+            batch_started: None,
+            last_event: StdInstant::now(),
+            wrote_outbox: false,
+        };
+        core.publish_gauges();
+        core
+    }
+
+    /// Runs until `Shutdown` or every sender is gone; commits before returning.
+    pub fn run(mut self, rx: Receiver<Msg>) -> Result<()> {
+        loop {
+            let timeout = match self.batch_started {
+                Some(t) => self
+                    .cfg
+                    .batch_interval
+                    .saturating_sub(t.elapsed())
+                    .min(TICK),
+                None => TICK,
+            };
+            match rx.recv_timeout(timeout) {
+                Ok(Msg::Lines {
+                    source,
+                    lines,
+                    position,
+                    atomic,
+                    done,
+                }) => self.lines(&source, &lines, position, atomic, done)?,
+                Ok(Msg::Reload { rules, done }) => {
+                    let r = self.reload(rules);
+                    let _ = done.send(r.map_err(|e| format!("{e:#}")));
+                }
+                Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                    self.commit()?;
+                    return Ok(());
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.idle_tick()?;
+            let full = self.batch_events >= self.cfg.batch_events;
+            let old = self
+                .batch_started
+                .is_some_and(|t| t.elapsed() >= self.cfg.batch_interval);
+            if full || old {
+                self.commit()?;
+            }
+        }
+    }
+
+    fn lines(
+        &mut self,
+        source: &Arc<str>,
+        lines: &[String],
+        position: Option<Position>,
+        atomic: bool,
+        done: Option<oneshot::Sender<Result<usize, Rejected>>>,
+    ) -> Result<()> {
+        let received = match self.cfg.time.clock {
+            ClockMode::Wall => Some(wall_nanos()),
+            ClockMode::Event => None,
+        };
+        self.metrics
+            .events_received
+            .with_label_values(&[source])
+            .inc_by(lines.len() as u64);
+        if atomic {
+            for (i, line) in lines.iter().enumerate() {
+                if let Err(e) = self
+                    .decoder
+                    .decode_at(line.as_bytes(), Some(source), received)
+                {
+                    self.reject(source, &e);
+                    if let Some(d) = done {
+                        let _ = d.send(Err(Rejected {
+                            line: i + 1,
+                            message: e.to_string(),
+                        }));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.begin()?;
+        let mut applied = 0;
+        for line in lines {
+            match self
+                .decoder
+                .decode_at(line.as_bytes(), Some(source), received)
+            {
+                Ok(ev) => {
+                    self.engine.process(&ev, &mut self.outcomes);
+                    applied += 1;
+                }
+                Err(e) => {
+                    self.reject(source, &e);
+                    tracing::warn!(source = &**source, error = %e, "skipped a bad line");
+                }
+            }
+            self.drain_outcomes()?;
+        }
+        if !lines.is_empty() {
+            self.last_event = StdInstant::now();
+        }
+        if let Some(p) = position {
+            store::save_position(self.engine.state().conn(), source, &p)?;
+        }
+        self.batch_events += lines.len().max(1);
+        if let Some(d) = done {
+            self.pending_acks.push((d, applied));
+        }
+        Ok(())
+    }
+
+    fn reject(&self, source: &str, e: &crate::event::DecodeError) {
+        use crate::event::DecodeError::*;
+        let reason = match e {
+            Json(_) => "invalid_json",
+            NotObject => "not_object",
+            NoTime(_) => "no_time",
+            BadTime(..) => "bad_time",
+        };
+        self.metrics
+            .events_rejected
+            .with_label_values(&[source, reason])
+            .inc();
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        if self.batch_started.is_none() {
+            self.engine.state_mut().begin()?;
+            self.batch_started = Some(StdInstant::now());
+        }
+        Ok(())
+    }
+
+    /// Moves the clock with wall time: always in `wall` mode, after `idle` without events
+    /// in `event` mode.
+    fn idle_tick(&mut self) -> Result<()> {
+        let t = &self.cfg.time;
+        let go = match t.clock {
+            ClockMode::Wall => true,
+            ClockMode::Event => {
+                t.idle > 0 && self.last_event.elapsed() >= StdDuration::from_nanos(t.idle as u64)
+            }
+        };
+        if !go {
+            return Ok(());
+        }
+        let to = wall_nanos().saturating_sub(t.lateness);
+        if to > self.engine.clock() {
+            self.begin()?;
+            self.engine.tick(to, &mut self.outcomes);
+            self.drain_outcomes()?;
+        }
+        Ok(())
+    }
+
+    /// Turns the engine's outcomes into metrics and outbox rows.
+    fn drain_outcomes(&mut self) -> Result<()> {
+        if self.outcomes.is_empty() {
+            return Ok(());
+        }
+        let outcomes = std::mem::take(&mut self.outcomes);
+        let rules = Arc::clone(self.engine.rules());
+        let now_ms = wall_ms();
+        for o in &outcomes {
+            let Some(rule) = rules.rules.get(o.rule) else {
+                continue;
+            };
+            self.metrics
+                .outcomes
+                .with_label_values(&[&rule.name, o.kind.name()])
+                .inc();
+            let step = o
+                .step
+                .and_then(|s| rule.steps.get(s))
+                .map(|s| s.name.as_str())
+                .unwrap_or("");
+            match &o.kind {
+                Kind::Satisfied => {
+                    if let Some(t) = o.time {
+                        let secs = (t - o.opened_at).max(0) as f64 / 1e9;
+                        self.metrics
+                            .step_latency
+                            .with_label_values(&[&rule.name, step])
+                            .observe(secs);
+                    }
+                }
+                Kind::Alert(a) => {
+                    let data = output::to_json(&rules, o);
+                    let body = envelope("sagawatch.alert.firing", o.at, &data);
+                    let sinks = if a.sinks.is_empty() {
+                        &self.cfg.alert_sinks
+                    } else {
+                        &a.sinks
+                    };
+                    let until = now_ms + rule.late.nanos() / 1_000_000;
+                    let conn = self.engine.state().conn();
+                    for sink in sinks {
+                        Outbox::insert(
+                            conn,
+                            &NewMessage {
+                                id: &a.id,
+                                sink,
+                                kind: "alert",
+                                rule: &rule.name,
+                                key: &o.key,
+                                step,
+                                body: &body,
+                            },
+                            now_ms,
+                        )?;
+                        Outbox::record_alert(
+                            conn,
+                            &AlertRow {
+                                id: a.id.clone(),
+                                sink: sink.clone(),
+                                rule: rule.name.clone(),
+                                key: o.key.clone(),
+                                step: step.to_string(),
+                                body: body.clone(),
+                                active_until_ms: until,
+                            },
+                        )?;
+                    }
+                    self.wrote_outbox = true;
+                }
+                Kind::Late => {
+                    let conn = self.engine.state().conn();
+                    for a in Outbox::take_alerts(conn, &rule.name, &o.key, step)? {
+                        let body = resolved(&a.body, o);
+                        let id = format!("{}-resolved", a.id);
+                        Outbox::insert(
+                            conn,
+                            &NewMessage {
+                                id: &id,
+                                sink: &a.sink,
+                                kind: "resolve",
+                                rule: &a.rule,
+                                key: &a.key,
+                                step: &a.step,
+                                body: &body,
+                            },
+                            now_ms,
+                        )?;
+                        self.wrote_outbox = true;
+                    }
+                }
+                Kind::Compensate(c) => {
+                    let data = output::to_json(&rules, o);
+                    let body = envelope("sagawatch.compensate", o.at, &data);
+                    Outbox::insert(
+                        self.engine.state().conn(),
+                        &NewMessage {
+                            id: &c.id,
+                            sink: &c.sink,
+                            kind: "compensate",
+                            rule: &rule.name,
+                            key: &o.key,
+                            step,
+                            body: &body,
+                        },
+                        now_ms,
+                    )?;
+                    self.wrote_outbox = true;
+                }
+                _ => {}
+            }
+        }
+        self.outcomes = outcomes;
+        self.outcomes.clear();
+        Ok(())
+    }
+
+    /// Commits the open batch, then acknowledges what it contained.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.batch_started.is_none() {
+            return Ok(());
+        }
+        let timer = self.metrics.commit_seconds.start_timer();
+        let r = self.engine.state_mut().commit();
+        timer.observe_duration();
+        self.batch_started = None;
+        self.batch_events = 0;
+        match r {
+            Ok(()) => {
+                for (d, n) in self.pending_acks.drain(..) {
+                    let _ = d.send(Ok(n));
+                }
+                if std::mem::take(&mut self.wrote_outbox) {
+                    let _ = self.wake_dispatcher.try_send(());
+                }
+                self.publish_gauges();
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing of the batch is acknowledged: HTTP callers get an error and
+                // file sources resume from the last committed position after a restart.
+                self.pending_acks.clear();
+                Err(e)
+            }
+        }
+    }
+
+    fn reload(&mut self, rules: Arc<RuleSet>) -> Result<()> {
+        self.commit()?;
+        let dropped = self.engine.state_mut().set_rules(&rules)?;
+        for (rule, n) in dropped {
+            tracing::warn!(
+                rule,
+                dropped = n,
+                "rule steps changed; its open instances were dropped"
+            );
+        }
+        self.decoder = Decoder::new(&rules, &self.cfg.time.field);
+        self.engine.set_rules(rules);
+        self.publish_gauges();
+        Ok(())
+    }
+
+    fn publish_gauges(&self) {
+        let st = self.engine.state();
+        for (name, n) in st.rule_names().iter().zip(st.open_by_rule()) {
+            self.metrics
+                .open_instances
+                .with_label_values(&[name])
+                .set(*n);
+        }
+        let clock = self.engine.clock();
+        if clock != Instant::MIN {
+            self.metrics.engine_clock.set(clock as f64 / 1e9);
+            self.metrics
+                .clock_lag
+                .set((wall_nanos() - clock) as f64 / 1e9);
+        }
+    }
+}
+
+/// The Standard Webhooks payload shape: type, timestamp, data.
+fn envelope(kind: &str, at: Instant, data: &serde_json::Value) -> String {
+    serde_json::json!({
+        "type": kind,
+        "timestamp": format_rfc3339(at),
+        "data": data,
+    })
+    .to_string()
+}
+
+/// The resolve message for a firing alert's body, resolved by a late correlate.
+fn resolved(alert_body: &str, late: &Outcome) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(alert_body).unwrap_or_default();
+    v["type"] = "sagawatch.alert.resolved".into();
+    v["timestamp"] = format_rfc3339(late.at).into();
+    if let Some(d) = v.get_mut("data").and_then(|d| d.as_object_mut()) {
+        d.insert("outcome".into(), "resolved".into());
+        if let Some(t) = late.time {
+            d.insert("resolved_by".into(), format_rfc3339(t).into());
+        }
+    }
+    v.to_string()
+}

@@ -1,0 +1,374 @@
+//! The outbox dispatcher: delivers pending messages to their sinks with bounded
+//! concurrency, per-sink timeouts and exponential backoff with jitter, records every
+//! attempt in the state file, gives up (logged and counted) after the configured age,
+//! and re-sends firing alerts to Alertmanager.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant as StdInstant};
+
+use anyhow::Result;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rusqlite::Connection;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, OutboxConfig, Sink, SinkKind};
+use crate::daemon::core::wall_ms;
+use crate::daemon::metrics::Metrics;
+use crate::sign;
+use crate::store::{self, Delivery, Outbox, Pending};
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub struct Dispatcher {
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub rt: tokio::runtime::Handle,
+    pub wake: Receiver<()>,
+    pub stop: Arc<AtomicBool>,
+    /// How long to keep delivering after `stop`.
+    pub grace: Duration,
+}
+
+fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(http)
+}
+
+/// A pseudo-random factor in [0.5, 1.0) for backoff jitter (no crate needed for that).
+fn jitter(seed: i64) -> f64 {
+    let mut x = (seed as u64) ^ 0x9E37_79B9_7F4A_7C15 ^ (wall_ms() as u64).rotate_left(17);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    0.5 + (x % 1000) as f64 / 2000.0
+}
+
+pub fn backoff(cfg: &OutboxConfig, attempts: i64, seed: i64) -> Duration {
+    let base = cfg.backoff.as_secs_f64() * 2f64.powi(attempts.clamp(0, 30) as i32);
+    let d = base.min(cfg.max_backoff.as_secs_f64());
+    Duration::from_secs_f64(d * jitter(seed))
+}
+
+impl Dispatcher {
+    pub fn run(self, state_path: &Path) -> Result<()> {
+        let conn = store::open(state_path)?;
+        let client = client();
+        let sinks: HashMap<String, Sink> = self
+            .cfg
+            .sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        let mut stop_at: Option<StdInstant> = None;
+        let mut last_resend: HashMap<String, StdInstant> = HashMap::new();
+        let mut last_purge = StdInstant::now();
+        loop {
+            if self.stop.load(Ordering::Relaxed) && stop_at.is_none() {
+                stop_at = Some(StdInstant::now() + self.grace);
+            }
+            let now = wall_ms();
+            let batch = Outbox::due(&conn, now, self.cfg.outbox.concurrency * 4)?;
+            if let Some(t) = stop_at {
+                if batch.is_empty() || StdInstant::now() >= t {
+                    if !batch.is_empty() {
+                        tracing::warn!(
+                            pending = batch.len(),
+                            "shutting down with undelivered messages; they are kept and sent after restart"
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+            if !batch.is_empty() {
+                let results = self.rt.block_on(deliver_all(
+                    &client,
+                    &sinks,
+                    batch,
+                    self.cfg.outbox.concurrency,
+                ));
+                let tx = conn.unchecked_transaction()?;
+                for (p, r) in results {
+                    let d = self.classify(&p, r);
+                    Outbox::record(&tx, p.seq, &d, wall_ms())?;
+                }
+                tx.commit()?;
+            }
+            self.resend_alerts(&conn, &client, &sinks, &mut last_resend)?;
+            if last_purge.elapsed() >= Duration::from_secs(60) {
+                let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
+                Outbox::purge_done(&conn, before)?;
+                last_purge = StdInstant::now();
+            }
+            self.publish(&conn)?;
+            // Sleep until the next message is due, new messages are committed, or 1 s.
+            let next = Outbox::next_due_ms(&conn)?;
+            let wait = match next {
+                Some(t) => Duration::from_millis((t - wall_ms()).clamp(0, 1000) as u64),
+                None => Duration::from_secs(1),
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            match self.wake.recv_timeout(wait) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    if stop_at.is_none() {
+                        stop_at = Some(StdInstant::now() + self.grace);
+                    }
+                    std::thread::sleep(wait.min(Duration::from_millis(100)));
+                }
+            }
+        }
+    }
+
+    fn classify(&self, p: &Pending, r: Result<(), String>) -> Delivery {
+        let m = &self.metrics;
+        match r {
+            Ok(()) => {
+                m.deliveries
+                    .with_label_values(&[&p.sink, "delivered"])
+                    .inc();
+                Delivery::Delivered
+            }
+            Err(error) => {
+                let age = Duration::from_millis((wall_ms() - p.created_ms).max(0) as u64);
+                if age >= self.cfg.outbox.give_up {
+                    m.deliveries.with_label_values(&[&p.sink, "given_up"]).inc();
+                    tracing::error!(sink = p.sink, id = p.id, kind = p.kind, attempts = p.attempts + 1, %error, "giving up on a message");
+                    Delivery::GiveUp { error }
+                } else {
+                    m.deliveries.with_label_values(&[&p.sink, "retry"]).inc();
+                    let d = backoff(&self.cfg.outbox, p.attempts, p.seq);
+                    tracing::warn!(sink = p.sink, id = p.id, attempts = p.attempts + 1, retry_in = ?d, %error, "delivery failed; will retry");
+                    Delivery::Retry {
+                        next_ms: wall_ms() + d.as_millis() as i64,
+                        error,
+                    }
+                }
+            }
+        }
+    }
+
+    fn resend_alerts(
+        &self,
+        conn: &Connection,
+        client: &HttpClient,
+        sinks: &HashMap<String, Sink>,
+        last: &mut HashMap<String, StdInstant>,
+    ) -> Result<()> {
+        for s in sinks.values() {
+            let SinkKind::Alertmanager { resend, .. } = &s.kind else {
+                continue;
+            };
+            let due = last.get(&s.name).is_none_or(|t| t.elapsed() >= *resend);
+            if !due {
+                continue;
+            }
+            last.insert(s.name.clone(), StdInstant::now());
+            let active = Outbox::active_alerts(conn, &s.name, wall_ms())?;
+            if active.is_empty() {
+                continue;
+            }
+            let alerts: Vec<serde_json::Value> = active
+                .iter()
+                .filter_map(|a| alertmanager_alert(&a.body, "alert", *resend))
+                .collect();
+            let body = serde_json::Value::Array(alerts).to_string();
+            if let Err(e) = self.rt.block_on(post_alertmanager(client, s, body)) {
+                tracing::warn!(sink = s.name, error = %e, "re-sending firing alerts failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&self, conn: &Connection) -> Result<()> {
+        let stats = Outbox::stats(conn)?;
+        for s in &self.cfg.sinks {
+            let n = stats
+                .pending
+                .iter()
+                .find(|(k, _)| *k == s.name)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            self.metrics
+                .outbox_backlog
+                .with_label_values(&[&s.name])
+                .set(n);
+        }
+        Ok(())
+    }
+}
+
+async fn deliver_all(
+    client: &HttpClient,
+    sinks: &HashMap<String, Sink>,
+    batch: Vec<Pending>,
+    concurrency: usize,
+) -> Vec<(Pending, Result<(), String>)> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut set = JoinSet::new();
+    let mut queue = batch.into_iter();
+    loop {
+        while set.len() < concurrency {
+            let Some(p) = queue.next() else { break };
+            let client = client.clone();
+            let sink = sinks.get(&p.sink).cloned();
+            set.spawn(async move {
+                let r = match sink {
+                    Some(s) => deliver(&client, &s, &p).await,
+                    None => Err(format!("sink {:?} is no longer configured", p.sink)),
+                };
+                (p, r)
+            });
+        }
+        match set.join_next().await {
+            Some(Ok(r)) => out.push(r),
+            Some(Err(e)) => tracing::error!(error = %e, "delivery task failed"),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Delivers one message to one sink.
+async fn deliver(client: &HttpClient, sink: &Sink, p: &Pending) -> Result<(), String> {
+    match &sink.kind {
+        SinkKind::Stdout => {
+            let v: serde_json::Value = serde_json::from_str(&p.body).map_err(|e| e.to_string())?;
+            let line = v.get("data").unwrap_or(&v).to_string();
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("stdout: {e}"))
+        }
+        SinkKind::Webhook {
+            url,
+            secrets,
+            headers,
+        } => {
+            let ts = wall_ms() / 1000;
+            let sig = sign::signature(secrets, &p.id, ts, p.body.as_bytes());
+            let mut req = hyper::Request::post(url.clone())
+                .header("content-type", "application/json")
+                .header(
+                    "user-agent",
+                    concat!("sagawatch/", env!("CARGO_PKG_VERSION")),
+                )
+                .header("webhook-id", &p.id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", sig);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            let req = req
+                .body(Full::new(Bytes::from(p.body.clone())))
+                .map_err(|e| e.to_string())?;
+            send(client, req, sink.timeout).await
+        }
+        SinkKind::Alertmanager { resend, .. } => {
+            let a = alertmanager_alert(&p.body, &p.kind, *resend)
+                .ok_or_else(|| "message is not an alert".to_string())?;
+            let body = serde_json::Value::Array(vec![a]).to_string();
+            post_alertmanager(client, sink, body).await
+        }
+    }
+}
+
+async fn post_alertmanager(client: &HttpClient, sink: &Sink, body: String) -> Result<(), String> {
+    let SinkKind::Alertmanager { url, .. } = &sink.kind else {
+        return Err("not an alertmanager sink".into());
+    };
+    let base = url.to_string();
+    let target = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
+    let req = hyper::Request::post(target)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    send(client, req, sink.timeout).await
+}
+
+async fn send(
+    client: &HttpClient,
+    req: hyper::Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let fut = async {
+        let resp = client.request(req).await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            msg
+        })?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if status.is_success() {
+            Ok(())
+        } else {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            Err(format!("HTTP {status}: {text}"))
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
+/// Builds an Alertmanager v2 alert from an outbox alert body. `kind` is `alert` (firing:
+/// ends after four resend intervals unless re-sent) or `resolve` (ends now).
+pub fn alertmanager_alert(body: &str, kind: &str, resend: Duration) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let d = v.get("data")?;
+    let s = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let mut labels = serde_json::Map::new();
+    labels.insert("alertname".into(), "SagaStepMissing".into());
+    labels.insert("rule".into(), s("rule").into());
+    labels.insert("step".into(), s("step").into());
+    labels.insert("severity".into(), s("severity").into());
+    if let Some(extra) = d.get("labels").and_then(|l| l.as_object()) {
+        for (k, val) in extra {
+            labels.insert(k.clone(), val.clone());
+        }
+    }
+    let mut ann = serde_json::Map::new();
+    ann.insert("summary".into(), s("summary").into());
+    ann.insert("key".into(), s("key").into());
+    ann.insert("deadline".into(), s("deadline").into());
+    if let Some(desc) = d.get("description").and_then(|x| x.as_str()) {
+        ann.insert("description".into(), desc.into());
+    }
+    let now = crate::daemon::core::wall_nanos();
+    let ends = if kind == "resolve" {
+        now
+    } else {
+        now + (resend.as_nanos() as i64).saturating_mul(4)
+    };
+    Some(serde_json::json!({
+        "labels": labels,
+        "annotations": ann,
+        "startsAt": v.get("timestamp").cloned().unwrap_or_default(),
+        "endsAt": crate::time::format_rfc3339(ends),
+    }))
+}

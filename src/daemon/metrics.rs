@@ -1,0 +1,170 @@
+//! The daemon's Prometheus metrics: one registry, names `sagawatch_*`, bounded labels
+//! (rule, step, source, sink, outcome, reason; never a correlation key).
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_received: IntCounterVec,
+    pub events_rejected: IntCounterVec,
+    pub outcomes: IntCounterVec,
+    pub open_instances: IntGaugeVec,
+    pub outbox_backlog: IntGaugeVec,
+    pub deliveries: IntCounterVec,
+    pub commit_seconds: Histogram,
+    pub clock_lag: Gauge,
+    pub engine_clock: Gauge,
+    pub rules_reloads: IntCounterVec,
+    pub rules_loaded_at: Gauge,
+    pub step_latency: HistogramVec,
+    pub ready: IntGauge,
+}
+
+fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let reg = &registry;
+        let events_received = counter(
+            reg,
+            "sagawatch_events_received_total",
+            "Events read from a source, before decoding.",
+            &["source"],
+        );
+        let events_rejected = counter(
+            reg,
+            "sagawatch_events_rejected_total",
+            "Events that could not be decoded (bad JSON, not an object, no time).",
+            &["source", "reason"],
+        );
+        let outcomes = counter(
+            reg,
+            "sagawatch_outcomes_total",
+            "Engine outcomes by rule and kind (opened, satisfied, closed, cancelled, missing, late, alert, compensate).",
+            &["rule", "outcome"],
+        );
+        let open_instances = IntGaugeVec::new(
+            Opts::new("sagawatch_open_instances", "Open instances by rule."),
+            &["rule"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(open_instances.clone()))
+            .expect("unique metric");
+        let outbox_backlog = IntGaugeVec::new(
+            Opts::new(
+                "sagawatch_outbox_backlog",
+                "Messages waiting in the outbox by sink.",
+            ),
+            &["sink"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(outbox_backlog.clone()))
+            .expect("unique metric");
+        let deliveries = counter(
+            reg,
+            "sagawatch_outbox_deliveries_total",
+            "Delivery attempts by sink and result (delivered, retry, given_up).",
+            &["sink", "result"],
+        );
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "sagawatch_state_commit_duration_seconds",
+                "Time to commit one batch to the SQLite state file.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+        )
+        .expect("valid metric");
+        reg.register(Box::new(commit_seconds.clone()))
+            .expect("unique metric");
+        let step_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "sagawatch_step_latency_seconds",
+                "Time from an instance's trigger to the correlate that satisfied a step.",
+            )
+            .buckets(prometheus::exponential_buckets(0.01, 4.0, 12).expect("buckets")),
+            &["rule", "step"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(step_latency.clone()))
+            .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = Gauge::new(name, help).expect("valid metric");
+            reg.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let clock_lag = gauge(
+            "sagawatch_clock_lag_seconds",
+            "Wall time minus the engine clock.",
+        );
+        let engine_clock = gauge(
+            "sagawatch_engine_clock_seconds",
+            "The engine clock as a Unix time.",
+        );
+        let rules_loaded_at = gauge(
+            "sagawatch_rules_last_reload_timestamp_seconds",
+            "When the running rule set was loaded.",
+        );
+        let rules_reloads = counter(
+            reg,
+            "sagawatch_rules_reloads_total",
+            "Rule reloads by result (success, failure).",
+            &["result"],
+        );
+        let ready = IntGauge::new("sagawatch_ready", "1 when the daemon is consuming.")
+            .expect("valid metric");
+        reg.register(Box::new(ready.clone()))
+            .expect("unique metric");
+        let build = IntGaugeVec::new(
+            Opts::new("sagawatch_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(build.clone()))
+            .expect("unique metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = reg.register(Box::new(pc));
+        }
+        Metrics {
+            registry,
+            events_received,
+            events_rejected,
+            outcomes,
+            open_instances,
+            outbox_backlog,
+            deliveries,
+            commit_seconds,
+            clock_lag,
+            engine_clock,
+            rules_reloads,
+            rules_loaded_at,
+            step_latency,
+            ready,
+        }
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,347 @@
+//! `sagawatch run`: wires the config, the state file, the core thread, the sources, the
+//! outbox dispatcher and the HTTP server together, and runs the lifecycle (SIGHUP and
+//! `/-/reload` reload rules; SIGTERM/SIGINT stop intake, commit, drain, exit 0).
+
+pub mod core;
+pub mod dispatch;
+pub mod metrics;
+pub mod server;
+pub mod sources;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+
+use crate::config::{self, Config, SourceKind};
+use crate::store::{self, SqliteState};
+
+/// Exit code for bad config or an unusable state path.
+pub const EXIT_CONFIG: i32 = 2;
+
+/// How long in-flight deliveries get after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("SAGAWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+/// Validates a config file and its rules; prints every problem. Returns the exit code.
+pub fn validate(path: &Path) -> i32 {
+    match config::load(path) {
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+        Ok(cfg) => match cfg.load_rules() {
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+            Ok(set) => {
+                println!(
+                    "{}: ok ({} sources, {} sinks, {} rules)",
+                    path.display(),
+                    cfg.sources.len(),
+                    cfg.sinks.len(),
+                    set.rules.len()
+                );
+                0
+            }
+        },
+    }
+}
+
+/// Runs the daemon; returns the process exit code.
+pub fn run(path: &Path) -> i32 {
+    let cfg = match config::load(path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("error: invalid config {}", path.display());
+            return EXIT_CONFIG;
+        }
+    };
+    let rules = match cfg.load_rules() {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("error: invalid rules in {}", cfg.rules_path.display());
+            return EXIT_CONFIG;
+        }
+    };
+    let opened = (|| -> Result<_> {
+        let mut conn = store::open(&cfg.state)?;
+        store::migrate(&mut conn, &cfg.state)?;
+        let mut positions = Vec::new();
+        for s in &cfg.sources {
+            positions.push(store::load_position(&conn, &s.name)?);
+        }
+        let state = SqliteState::open(conn, &rules, &cfg.state)?;
+        Ok((state, positions))
+    })();
+    let (state, positions) = match opened {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return EXIT_CONFIG;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let listener = match rt.block_on(server::bind(cfg.listen)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return EXIT_CONFIG;
+        }
+    };
+    match run_with(cfg, rules, state, positions, listener, &rt) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stopped");
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn run_with(
+    cfg: Arc<Config>,
+    rules: Arc<crate::rules::RuleSet>,
+    state: SqliteState,
+    positions: Vec<Option<store::Position>>,
+    listener: tokio::net::TcpListener,
+    rt: &tokio::runtime::Runtime,
+) -> Result<i32> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics.rules_loaded_at.set(core::wall_nanos() as f64 / 1e9);
+    let (core_tx, core_rx) = sync_channel::<core::Msg>(64);
+    let (wake_tx, wake_rx) = sync_channel::<()>(1);
+    let stop_sources = Arc::new(AtomicBool::new(false));
+    let stop_dispatch = Arc::new(AtomicBool::new(false));
+    let core_done = Arc::new(Notify::new());
+
+    let shared = Arc::new(server::Shared {
+        cfg: Arc::clone(&cfg),
+        metrics: Arc::clone(&metrics),
+        core: core_tx.clone(),
+        ready: AtomicBool::new(false),
+        core_down: AtomicBool::new(false),
+        reload: Arc::new(Notify::new()),
+        reload_result: tokio::sync::Mutex::new(None),
+    });
+
+    let core_thread = {
+        let c = core::Core::new(
+            Arc::clone(&cfg),
+            rules,
+            state,
+            Arc::clone(&metrics),
+            wake_tx,
+        );
+        let shared = Arc::clone(&shared);
+        let done = Arc::clone(&core_done);
+        std::thread::Builder::new()
+            .name("sagawatch-core".into())
+            .spawn(move || {
+                let r = c.run(core_rx);
+                shared.core_down.store(true, Ordering::Relaxed);
+                done.notify_one();
+                r
+            })
+            .context("spawning the core thread")?
+    };
+
+    let dispatcher = {
+        let d = dispatch::Dispatcher {
+            cfg: Arc::clone(&cfg),
+            metrics: Arc::clone(&metrics),
+            rt: rt.handle().clone(),
+            wake: wake_rx,
+            stop: Arc::clone(&stop_dispatch),
+            grace: SHUTDOWN_GRACE,
+        };
+        let path = cfg.state.clone();
+        std::thread::Builder::new()
+            .name("sagawatch-outbox".into())
+            .spawn(move || {
+                if let Err(e) = d.run(&path) {
+                    tracing::error!(error = format!("{e:#}"), "outbox dispatcher stopped");
+                }
+            })
+            .context("spawning the outbox dispatcher")?
+    };
+
+    let mut source_threads = Vec::new();
+    for (s, pos) in cfg.sources.iter().zip(positions) {
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        let tx = core_tx.clone();
+        let stop = Arc::clone(&stop_sources);
+        match &s.kind {
+            SourceKind::File { path, follow } => {
+                let src = sources::FileSource {
+                    name,
+                    path: path.clone(),
+                    follow: *follow,
+                    start: pos,
+                    tx,
+                    stop,
+                };
+                source_threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("source-{}", s.name))
+                        .spawn(move || src.run())?,
+                );
+            }
+            SourceKind::Stdin => {
+                // Not joined on shutdown: a read from stdin cannot be interrupted.
+                std::thread::Builder::new()
+                    .name(format!("source-{}", s.name))
+                    .spawn(move || sources::run_stdin(name, tx, stop))?;
+            }
+            SourceKind::Http { .. } => {}
+        }
+    }
+    drop(core_tx);
+
+    let stop_server = Arc::new(Notify::new());
+    let server = rt.spawn(server::serve(
+        listener,
+        Arc::clone(&shared),
+        Arc::clone(&stop_server),
+    ));
+    shared.ready.store(true, Ordering::Relaxed);
+    metrics.ready.set(1);
+    tracing::info!(
+        listen = %cfg.listen,
+        state = %cfg.state.display(),
+        rules = %cfg.rules_path.display(),
+        sources = cfg.sources.len(),
+        sinks = cfg.sinks.len(),
+        "sagawatch running"
+    );
+
+    let core_failed = rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok::<bool, anyhow::Error>(false) }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(false) }
+                _ = core_done.notified() => { return Ok(true) }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading rules");
+                    let _ = reload(&cfg, &shared).await;
+                }
+                _ = shared.reload.notified() => {
+                    let r = reload(&cfg, &shared).await;
+                    if let Some(tx) = shared.reload_result.lock().await.take() {
+                        let _ = tx.send(r);
+                    }
+                }
+            }
+        }
+    })?;
+
+    // Stop intake, commit, drain the outbox for a bounded time.
+    shared.ready.store(false, Ordering::Relaxed);
+    metrics.ready.set(0);
+    stop_sources.store(true, Ordering::Relaxed);
+    stop_server.notify_one();
+    let _ = rt.block_on(server);
+    for t in source_threads {
+        let _ = t.join();
+    }
+    let _ = shared.core.send(core::Msg::Shutdown);
+    let core_result = core_thread
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the core thread panicked")));
+    stop_dispatch.store(true, Ordering::Relaxed);
+    let _ = dispatcher.join();
+    match core_result {
+        Err(e) => Err(e),
+        Ok(()) if core_failed => Err(anyhow::anyhow!("the core thread stopped")),
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            Ok(0)
+        }
+    }
+}
+
+async fn reload(cfg: &Arc<Config>, shared: &Arc<server::Shared>) -> Result<(), String> {
+    let result = match cfg.load_rules() {
+        Err(e) => Err(e.to_string()),
+        Ok(set) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let core = shared.core.clone();
+            let msg = core::Msg::Reload {
+                rules: Arc::new(set),
+                done: tx,
+            };
+            let sent = tokio::task::spawn_blocking(move || core.send(msg).is_ok())
+                .await
+                .unwrap_or(false);
+            if !sent {
+                Err("the core is not running".to_string())
+            } else {
+                rx.await
+                    .unwrap_or_else(|_| Err("the core stopped during reload".into()))
+            }
+        }
+    };
+    match &result {
+        Ok(()) => {
+            shared
+                .metrics
+                .rules_reloads
+                .with_label_values(&["success"])
+                .inc();
+            shared
+                .metrics
+                .rules_loaded_at
+                .set(core::wall_nanos() as f64 / 1e9);
+            tracing::info!("rules reloaded");
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .rules_reloads
+                .with_label_values(&["failure"])
+                .inc();
+            tracing::error!(error = %e, "rules reload rejected; the previous rules keep running");
+        }
+    }
+    result
+}

@@ -1,0 +1,324 @@
+//! The HTTP listener (hyper): `/metrics`, `/healthz`, `/readyz`, `POST /v1/events` (the
+//! http source) and `POST /-/reload`. Mutating endpoints need the bearer token when one
+//! is configured.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+
+use crate::config::{Config, Secret, SourceKind};
+use crate::daemon::core::Msg;
+use crate::daemon::metrics::Metrics;
+
+/// What the handlers share.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub core: SyncSender<Msg>,
+    pub ready: AtomicBool,
+    /// Set when the core thread has stopped (fatal error or shutdown).
+    pub core_down: AtomicBool,
+    /// Signalled by `POST /-/reload`.
+    pub reload: Arc<Notify>,
+    pub reload_result: tokio::sync::Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<String>) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        "text/plain; charset=utf-8".parse().expect("header"),
+    );
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("header"));
+    r
+}
+
+/// Constant-time comparison of the presented token.
+fn authorized(token: &Option<Secret>, req: &Request<Incoming>) -> bool {
+    let Some(want) = token else { return true };
+    let Some(got) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (got.as_bytes(), want.0.as_slice());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized() -> Resp {
+    let mut r = json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"error": "missing or wrong bearer token"}),
+    );
+    r.headers_mut()
+        .insert("www-authenticate", "Bearer".parse().expect("header"));
+    r
+}
+
+/// Binds the listener (so a taken port is a startup error, not a later surprise).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen {addr}: {e}"))
+}
+
+/// Serves until `stop` is notified; then stops accepting and lets open requests finish.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.notified() => break,
+            acc = listener.accept() => {
+                let (stream, _) = match acc {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let shared = Arc::clone(&shared);
+                conns.spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let shared = Arc::clone(&shared);
+                        async move { Ok::<_, Infallible>(route(shared, req).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, shared.metrics.render());
+            r.headers_mut().insert(
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8"
+                    .parse()
+                    .expect("header"),
+            );
+            r
+        }
+        (&Method::GET, "/healthz") => {
+            if shared.core_down.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "core stopped\n")
+            } else {
+                text(StatusCode::OK, "ok\n")
+            }
+        }
+        (&Method::GET, "/readyz") => {
+            if shared.ready.load(Ordering::Relaxed) && !shared.core_down.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::POST, "/v1/events") => events(shared, req).await,
+        (&Method::POST, "/-/reload") => {
+            if !authorized(&shared.cfg.token, &req) {
+                return unauthorized();
+            }
+            let (tx, rx) = oneshot::channel();
+            *shared.reload_result.lock().await = Some(tx);
+            shared.reload.notify_one();
+            match rx.await {
+                Ok(Ok(())) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
+                Ok(Err(e)) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    serde_json::json!({"error": e}),
+                ),
+                Err(_) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"error": "shutting down"}),
+                ),
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/events" | "/-/reload") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Splits a request body into event lines: one JSON object, a JSON array of objects, or
+/// NDJSON. Returns the lines, or the 1-based number of the first bad one and why.
+pub fn split_body(body: &[u8]) -> Result<Vec<String>, (usize, String)> {
+    let text = std::str::from_utf8(body).map_err(|e| (1, format!("not UTF-8: {e}")))?;
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        return Err((1, "empty body".into()));
+    }
+    if trimmed.starts_with('[') {
+        let v: Vec<serde_json::Value> = serde_json::from_str(text)
+            .map_err(|e| (e.line(), format!("invalid JSON array: {e}")))?;
+        return v
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if e.is_object() {
+                    Ok(e.to_string())
+                } else {
+                    Err((i + 1, format!("element {} is not a JSON object", i + 1)))
+                }
+            })
+            .collect();
+    }
+    // One object, possibly spanning lines.
+    if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(text) {
+        return Ok(vec![serde_json::Value::Object(m).to_string()]);
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(v) if v.is_object() => out.push(l.to_string()),
+            Ok(_) => return Err((i + 1, "not a JSON object".into())),
+            Err(e) => return Err((i + 1, format!("invalid JSON: {e}"))),
+        }
+    }
+    if out.is_empty() {
+        return Err((1, "no events in the body".into()));
+    }
+    Ok(out)
+}
+
+async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
+    let Some((name, max_body)) = shared.cfg.sources.iter().find_map(|s| match s.kind {
+        SourceKind::Http { max_body } => Some((s.name.clone(), max_body)),
+        _ => None,
+    }) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no http source is configured"}),
+        );
+    };
+    if !authorized(&shared.cfg.token, &req) {
+        return unauthorized();
+    }
+    let too_large = || {
+        json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            serde_json::json!({"error": format!("body larger than {max_body} bytes")}),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > max_body {
+            return too_large();
+        }
+    }
+    let body = match Limited::new(req.into_body(), max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return too_large();
+        }
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("reading body: {e}")}),
+            );
+        }
+    };
+    let lines = match split_body(&body) {
+        Ok(l) => l,
+        Err((line, msg)) => {
+            shared
+                .metrics
+                .events_rejected
+                .with_label_values(&[&name, "invalid_json"])
+                .inc();
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("line {line}: {msg}"), "line": line}),
+            );
+        }
+    };
+    let (tx, rx) = oneshot::channel();
+    let msg = Msg::Lines {
+        source: Arc::from(name.as_str()),
+        lines,
+        position: None,
+        atomic: true,
+        done: Some(tx),
+    };
+    let core = shared.core.clone();
+    let sent = tokio::task::spawn_blocking(move || core.send(msg).is_ok())
+        .await
+        .unwrap_or(false);
+    if !sent {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "not accepting events (shutting down)"}),
+        );
+    }
+    match rx.await {
+        Ok(Ok(n)) => json(StatusCode::ACCEPTED, serde_json::json!({"accepted": n})),
+        Ok(Err(r)) => json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": format!("line {}: {}", r.line, r.message), "line": r.line}),
+        ),
+        Err(_) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "events not committed (state write failed or shutting down)"}),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_body;
+
+    #[test]
+    fn splits_object_array_and_ndjson() {
+        assert_eq!(split_body(b"{\n \"a\": 1\n}").unwrap(), vec![r#"{"a":1}"#]);
+        assert_eq!(split_body(b"[{\"a\":1},{\"b\":2}]").unwrap().len(), 2);
+        assert_eq!(split_body(b"{\"a\":1}\n\n{\"b\":2}\n").unwrap().len(), 2);
+        assert_eq!(split_body(b"{\"a\":1}\n{oops\n").unwrap_err().0, 2);
+        assert_eq!(split_body(b"[{\"a\":1}, 3]").unwrap_err().0, 2);
+        assert_eq!(split_body(b"  ").unwrap_err().0, 1);
+    }
+}

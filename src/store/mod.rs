@@ -1,0 +1,172 @@
+//! The SQLite file that holds everything the daemon must not lose: open instances and
+//! their deadlines, early correlates, cancels, the clock, source positions and the outbox.
+//! One writer (the core thread) changes it in batch transactions; readers (the outbox
+//! dispatcher, the HTTP API) use their own connections thanks to WAL.
+
+mod outbox;
+mod sqlite_state;
+
+use std::path::Path;
+use std::time::Duration as StdDuration;
+
+use anyhow::{Context, Result, bail};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+pub use outbox::{AlertRow, Delivery, NewMessage, Outbox, OutboxStats, Pending};
+pub use sqlite_state::SqliteState;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "
+    CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE rule_shapes (rule TEXT PRIMARY KEY, steps TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE instances (
+        rule TEXT NOT NULL,
+        key TEXT NOT NULL,
+        opened_at INTEGER NOT NULL,
+        closed_at INTEGER,
+        expires_at INTEGER NOT NULL,
+        next_deadline INTEGER,
+        steps BLOB NOT NULL,
+        captures TEXT NOT NULL,
+        PRIMARY KEY (rule, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX instances_deadline ON instances (next_deadline)
+        WHERE next_deadline IS NOT NULL;
+    CREATE INDEX instances_expiry ON instances (expires_at) WHERE closed_at IS NOT NULL;
+    CREATE TABLE early (
+        rule TEXT NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,
+        time INTEGER NOT NULL, expires INTEGER NOT NULL,
+        PRIMARY KEY (rule, key, step)
+    ) WITHOUT ROWID;
+    CREATE INDEX early_expiry ON early (expires);
+    CREATE TABLE cancels (
+        rule TEXT NOT NULL, key TEXT NOT NULL, expires INTEGER NOT NULL,
+        PRIMARY KEY (rule, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX cancels_expiry ON cancels (expires);
+    CREATE TABLE positions (
+        source TEXT PRIMARY KEY, file_id TEXT NOT NULL, offset INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL,
+        sink TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        key TEXT NOT NULL,
+        step TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        next_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        state INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        done_ms INTEGER
+    );
+    CREATE INDEX outbox_pending ON outbox (next_ms) WHERE state = 0;
+    CREATE INDEX outbox_instance ON outbox (rule, key);
+    CREATE TABLE alerts (
+        id TEXT NOT NULL,
+        sink TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        key TEXT NOT NULL,
+        step TEXT NOT NULL,
+        body TEXT NOT NULL,
+        active_until_ms INTEGER NOT NULL,
+        PRIMARY KEY (rule, key, step, sink, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX alerts_active ON alerts (active_until_ms);
+    ",
+];
+
+/// Opens (creating if needed) the state file with the settings every connection uses.
+pub fn open(path: &Path) -> Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!(
+                "state file {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("state file {}: cannot open", path.display()))?;
+    conn.busy_timeout(StdDuration::from_secs(10))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .with_context(|| format!("state file {}: not a usable SQLite file", path.display()))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!(
+            "state file {}: cannot switch to WAL mode (got {mode})",
+            path.display()
+        );
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL;
+         PRAGMA foreign_keys = OFF;
+         PRAGMA cache_size = -32768;
+         PRAGMA temp_store = MEMORY;",
+    )?;
+    Ok(conn)
+}
+
+/// Brings the schema up to date; refuses a file written by a newer sagawatch.
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let version: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    if version > MIGRATIONS.len() {
+        bail!(
+            "state file {}: schema version {version} is newer than this sagawatch understands ({})",
+            path.display(),
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("state file {}: migration {}", path.display(), i + 1))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// A source's stored read position: which file (device:inode) and the byte offset of the
+/// first line not yet committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub file_id: String,
+    pub offset: u64,
+}
+
+pub fn load_position(conn: &Connection, source: &str) -> Result<Option<Position>> {
+    Ok(conn
+        .query_row(
+            "SELECT file_id, offset FROM positions WHERE source = ?1",
+            params![source],
+            |r| {
+                Ok(Position {
+                    file_id: r.get(0)?,
+                    offset: r.get::<_, i64>(1)? as u64,
+                })
+            },
+        )
+        .optional()?)
+}
+
+pub fn save_position(conn: &Connection, source: &str, pos: &Position) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO positions (source, file_id, offset) VALUES (?1, ?2, ?3)
+         ON CONFLICT (source) DO UPDATE SET file_id = excluded.file_id, offset = excluded.offset",
+    )?
+    .execute(params![source, pos.file_id, pos.offset as i64])?;
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The outbox table: every alert, resolve and compensation is inserted in the transaction
+//! that decided it and leaves only when a sink acknowledged it (or it is given up, which
+//! is logged and counted). Also the table of firing alerts, for resends and resolves.
+
+use anyhow::Result;
+use rusqlite::{Connection, params};
+
+/// A message to enqueue.
+#[derive(Clone, Debug)]
+pub struct NewMessage<'a> {
+    /// Stable id receivers dedupe on (the action id; `…-resolved` for a resolve).
+    pub id: &'a str,
+    pub sink: &'a str,
+    /// `alert`, `resolve` or `compensate`.
+    pub kind: &'a str,
+    pub rule: &'a str,
+    pub key: &'a str,
+    pub step: &'a str,
+    pub body: &'a str,
+}
+
+/// A message waiting for delivery.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub seq: i64,
+    pub id: String,
+    pub sink: String,
+    pub kind: String,
+    pub body: String,
+    pub attempts: i64,
+    pub created_ms: i64,
+}
+
+/// The result of one delivery attempt.
+#[derive(Clone, Debug)]
+pub enum Delivery {
+    Delivered,
+    Retry { next_ms: i64, error: String },
+    GiveUp { error: String },
+}
+
+/// A firing alert as sent to one sink.
+#[derive(Clone, Debug)]
+pub struct AlertRow {
+    pub id: String,
+    pub sink: String,
+    pub rule: String,
+    pub key: String,
+    pub step: String,
+    pub body: String,
+    pub active_until_ms: i64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct OutboxStats {
+    /// (sink, pending messages).
+    pub pending: Vec<(String, i64)>,
+}
+
+/// Outbox operations on a connection (inside the caller's transaction, if any).
+pub struct Outbox;
+
+impl Outbox {
+    pub fn insert(conn: &Connection, m: &NewMessage<'_>, now_ms: i64) -> Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO outbox (id, sink, kind, rule, key, step, body, created_ms, next_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+        )?
+        .execute(params![
+            m.id, m.sink, m.kind, m.rule, m.key, m.step, m.body, now_ms
+        ])?;
+        Ok(())
+    }
+
+    /// Up to `limit` messages due at `now_ms`, oldest first.
+    pub fn due(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<Pending>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, id, sink, kind, body, attempts, created_ms FROM outbox
+             WHERE state = 0 AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+            Ok(Pending {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                sink: r.get(2)?,
+                kind: r.get(3)?,
+                body: r.get(4)?,
+                attempts: r.get(5)?,
+                created_ms: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When the next pending message becomes due, if any.
+    pub fn next_due_ms(conn: &Connection) -> Result<Option<i64>> {
+        Ok(
+            conn.query_row("SELECT MIN(next_ms) FROM outbox WHERE state = 0", [], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+
+    pub fn record(conn: &Connection, seq: i64, result: &Delivery, now_ms: i64) -> Result<()> {
+        match result {
+            Delivery::Delivered => conn
+                .prepare_cached(
+                    "UPDATE outbox SET state = 1, attempts = attempts + 1, done_ms = ?2,
+                     last_error = NULL WHERE seq = ?1",
+                )?
+                .execute(params![seq, now_ms])?,
+            Delivery::Retry { next_ms, error } => conn
+                .prepare_cached(
+                    "UPDATE outbox SET attempts = attempts + 1, next_ms = ?2, last_error = ?3
+                     WHERE seq = ?1",
+                )?
+                .execute(params![seq, next_ms, error])?,
+            Delivery::GiveUp { error } => conn
+                .prepare_cached(
+                    "UPDATE outbox SET state = 2, attempts = attempts + 1, done_ms = ?2,
+                     last_error = ?3 WHERE seq = ?1",
+                )?
+                .execute(params![seq, now_ms, error])?,
+        };
+        Ok(())
+    }
+
+    pub fn stats(conn: &Connection) -> Result<OutboxStats> {
+        let mut stmt =
+            conn.prepare_cached("SELECT sink, COUNT(*) FROM outbox WHERE state = 0 GROUP BY sink")?;
+        let pending = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(OutboxStats { pending })
+    }
+
+    /// Forgets delivered and given-up messages finished before `before_ms`.
+    pub fn purge_done(conn: &Connection, before_ms: i64) -> Result<usize> {
+        Ok(conn
+            .prepare_cached("DELETE FROM outbox WHERE state != 0 AND done_ms < ?1")?
+            .execute(params![before_ms])?)
+    }
+
+    pub fn record_alert(conn: &Connection, a: &AlertRow) -> Result<()> {
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO alerts (id, sink, rule, key, step, body, active_until_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            a.id,
+            a.sink,
+            a.rule,
+            a.key,
+            a.step,
+            a.body,
+            a.active_until_ms
+        ])?;
+        Ok(())
+    }
+
+    /// Removes and returns the firing alerts of (rule, key, step).
+    pub fn take_alerts(
+        conn: &Connection,
+        rule: &str,
+        key: &str,
+        step: &str,
+    ) -> Result<Vec<AlertRow>> {
+        let rows = {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, sink, body, active_until_ms FROM alerts
+                 WHERE rule = ?1 AND key = ?2 AND step = ?3",
+            )?;
+            stmt.query_map(params![rule, key, step], |r| {
+                Ok(AlertRow {
+                    id: r.get(0)?,
+                    sink: r.get(1)?,
+                    rule: rule.to_string(),
+                    key: key.to_string(),
+                    step: step.to_string(),
+                    body: r.get(2)?,
+                    active_until_ms: r.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        if !rows.is_empty() {
+            conn.prepare_cached("DELETE FROM alerts WHERE rule = ?1 AND key = ?2 AND step = ?3")?
+                .execute(params![rule, key, step])?;
+        }
+        Ok(rows)
+    }
+
+    /// Firing alerts of `sink` (for periodic resends); expired ones are forgotten first.
+    pub fn active_alerts(conn: &Connection, sink: &str, now_ms: i64) -> Result<Vec<AlertRow>> {
+        conn.prepare_cached("DELETE FROM alerts WHERE active_until_ms < ?1")?
+            .execute(params![now_ms])?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, rule, key, step, body, active_until_ms FROM alerts WHERE sink = ?1",
+        )?;
+        let rows = stmt
+            .query_map(params![sink], |r| {
+                Ok(AlertRow {
+                    id: r.get(0)?,
+                    sink: sink.to_string(),
+                    rule: r.get(1)?,
+                    key: r.get(2)?,
+                    step: r.get(3)?,
+                    body: r.get(4)?,
+                    active_until_ms: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+}

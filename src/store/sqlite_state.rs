@@ -1,0 +1,579 @@
+//! The engine's state trait over SQLite: one row per (rule, key) with the earliest open
+//! deadline indexed, so deadlines fire from the index and memory does not grow with open
+//! instances. The caller brackets engine calls in `begin`/`commit`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::engine::state::{Clock, Due, Instance, State, StepState, StepStatus, Steps};
+use crate::rules::RuleSet;
+use crate::time::Instant;
+
+/// SQLite-backed [`State`]. Errors from SQLite cannot cross the trait, so the first one is
+/// kept and the caller checks [`SqliteState::take_error`] before committing; a batch with
+/// an error is rolled back whole.
+pub struct SqliteState {
+    conn: Connection,
+    names: Vec<String>,
+    index: HashMap<String, usize>,
+    clock: Clock,
+    clock_dirty: bool,
+    /// No open deadline is earlier than this (`i64::MAX`: none known).
+    next_due: Instant,
+    /// No expiry (closed rows, early correlates, cancels) is earlier than this.
+    next_purge: Instant,
+    /// Open instances by rule index.
+    open: Vec<i64>,
+    open_dirty: bool,
+    /// Whether the row taken last existed and was open.
+    taken_open: bool,
+    error: Option<rusqlite::Error>,
+    in_tx: bool,
+}
+
+fn status_code(s: StepStatus) -> u8 {
+    match s {
+        StepStatus::Pending => 0,
+        StepStatus::Open => 1,
+        StepStatus::Satisfied => 2,
+        StepStatus::Missing => 3,
+        StepStatus::Late => 4,
+        StepStatus::Cancelled => 5,
+    }
+}
+
+fn status_from(c: u8) -> StepStatus {
+    match c {
+        1 => StepStatus::Open,
+        2 => StepStatus::Satisfied,
+        3 => StepStatus::Missing,
+        4 => StepStatus::Late,
+        5 => StepStatus::Cancelled,
+        _ => StepStatus::Pending,
+    }
+}
+
+/// Steps as 9 bytes each: status, then the instant little-endian.
+pub fn encode_steps(steps: &[StepState]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(steps.len() * 9);
+    for s in steps {
+        b.push(status_code(s.status));
+        b.extend_from_slice(&s.at.to_le_bytes());
+    }
+    b
+}
+
+pub fn decode_steps(b: &[u8]) -> Steps {
+    let n = b.len() / 9;
+    let mut steps = Steps::pending(n);
+    for (i, c) in b.chunks_exact(9).enumerate() {
+        let mut at = [0u8; 8];
+        at.copy_from_slice(&c[1..]);
+        steps[i] = StepState {
+            status: status_from(c[0]),
+            at: i64::from_le_bytes(at),
+        };
+    }
+    steps
+}
+
+fn next_deadline(steps: &[StepState]) -> Option<Instant> {
+    steps
+        .iter()
+        .filter(|s| s.status == StepStatus::Open)
+        .map(|s| s.at)
+        .min()
+}
+
+fn shape(rule: &crate::rules::model::Rule) -> String {
+    rule.steps
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl SqliteState {
+    /// Opens the state over a migrated connection for `rules`. Rows of a rule whose steps
+    /// changed since they were written are dropped (their step vectors no longer fit);
+    /// rows of rules that no longer exist are kept but ignored.
+    pub fn open(mut conn: Connection, rules: &RuleSet, path: &Path) -> Result<SqliteState> {
+        let dropped = apply_shapes(&mut conn, rules)
+            .with_context(|| format!("state file {}: reading rule shapes", path.display()))?;
+        for (rule, n) in dropped {
+            tracing::warn!(
+                rule,
+                dropped = n,
+                "rule steps changed; its stored instances were dropped"
+            );
+        }
+        let mut st = SqliteState {
+            conn,
+            names: Vec::new(),
+            index: HashMap::new(),
+            clock: Clock::default(),
+            clock_dirty: false,
+            next_due: Instant::MIN,
+            next_purge: Instant::MIN,
+            open: Vec::new(),
+            open_dirty: false,
+            taken_open: false,
+            error: None,
+            in_tx: false,
+        };
+        st.load(rules)
+            .with_context(|| format!("state file {}: reading state", path.display()))?;
+        Ok(st)
+    }
+
+    fn load(&mut self, rules: &RuleSet) -> rusqlite::Result<()> {
+        self.names = rules.rules.iter().map(|r| r.name.clone()).collect();
+        self.index = self
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        let meta = |k: &str| -> rusqlite::Result<Option<i64>> {
+            self.conn
+                .query_row("SELECT v FROM meta WHERE k = ?1", params![k], |r| r.get(0))
+                .optional()
+        };
+        self.clock = Clock {
+            max_seen: meta("clock.max_seen")?.unwrap_or(Instant::MIN),
+            now: meta("clock.now")?.unwrap_or(Instant::MIN),
+        };
+        let mut open = Vec::with_capacity(self.names.len());
+        for n in &self.names {
+            open.push(meta(&format!("open:{n}"))?.unwrap_or(0));
+        }
+        self.open = open;
+        self.next_due = Instant::MIN;
+        self.next_purge = Instant::MIN;
+        Ok(())
+    }
+
+    /// Switches to a new rule set (reload): drops rows of rules whose steps changed.
+    pub fn set_rules(&mut self, rules: &RuleSet) -> Result<Vec<(String, usize)>> {
+        self.flush_meta()?;
+        let dropped = apply_shapes(&mut self.conn, rules)?;
+        self.load(rules)?;
+        Ok(dropped)
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn begin(&mut self) -> Result<()> {
+        if !self.in_tx {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    pub fn in_tx(&self) -> bool {
+        self.in_tx
+    }
+
+    fn flush_meta(&mut self) -> rusqlite::Result<()> {
+        let mut put = self
+            .conn
+            .prepare_cached("INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)")?;
+        if self.clock_dirty {
+            put.execute(params!["clock.max_seen", self.clock.max_seen])?;
+            put.execute(params!["clock.now", self.clock.now])?;
+            self.clock_dirty = false;
+        }
+        if self.open_dirty {
+            for (n, c) in self.names.iter().zip(&self.open) {
+                put.execute(params![format!("open:{n}"), c])?;
+            }
+            self.open_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Commits the batch: everything the engine changed plus what the caller wrote on
+    /// [`conn`](Self::conn) in between.
+    pub fn commit(&mut self) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            self.rollback();
+            return Err(e).context("state write failed; batch rolled back");
+        }
+        if !self.in_tx {
+            return Ok(());
+        }
+        self.flush_meta()?;
+        self.conn.execute_batch("COMMIT")?;
+        self.in_tx = false;
+        Ok(())
+    }
+
+    /// Abandons the batch; the in-memory caches are reloaded from the file.
+    pub fn rollback(&mut self) {
+        if self.in_tx {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.in_tx = false;
+        }
+        let names = std::mem::take(&mut self.names);
+        self.clock_dirty = false;
+        self.open_dirty = false;
+        let mut clock = Clock::default();
+        let mut open = vec![0; names.len()];
+        let meta = |k: &str| -> Option<i64> {
+            self.conn
+                .query_row("SELECT v FROM meta WHERE k = ?1", params![k], |r| r.get(0))
+                .ok()
+        };
+        if let Some(v) = meta("clock.max_seen") {
+            clock.max_seen = v;
+        }
+        if let Some(v) = meta("clock.now") {
+            clock.now = v;
+        }
+        for (i, n) in names.iter().enumerate() {
+            open[i] = meta(&format!("open:{n}")).unwrap_or(0);
+        }
+        self.clock = clock;
+        self.open = open;
+        self.names = names;
+        self.next_due = Instant::MIN;
+        self.next_purge = Instant::MIN;
+    }
+
+    /// The first SQLite error since the last commit, if any.
+    pub fn take_error(&mut self) -> Option<rusqlite::Error> {
+        self.error.take()
+    }
+
+    pub fn has_error(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Open instances per rule, in rule order.
+    pub fn open_by_rule(&self) -> &[i64] {
+        &self.open
+    }
+
+    pub fn rule_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The earliest open deadline, if any.
+    pub fn oldest_deadline(&self) -> Result<Option<Instant>> {
+        Ok(self.conn.query_row(
+            "SELECT MIN(next_deadline) FROM instances WHERE next_deadline IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn fail<T: Default>(&mut self, r: rusqlite::Result<T>) -> T {
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                if self.error.is_none() {
+                    tracing::error!(error = %e, "state write failed");
+                    self.error = Some(e);
+                }
+                T::default()
+            }
+        }
+    }
+
+    fn try_take(&mut self, rule: &str, key: &str) -> rusqlite::Result<Option<Instance>> {
+        self.conn
+            .prepare_cached(
+                "SELECT opened_at, closed_at, expires_at, steps, captures
+                 FROM instances WHERE rule = ?1 AND key = ?2",
+            )?
+            .query_row(params![rule, key], |r| {
+                let steps: Vec<u8> = r.get(3)?;
+                let captures: String = r.get(4)?;
+                Ok(Instance {
+                    opened_at: r.get(0)?,
+                    closed_at: r.get(1)?,
+                    expires_at: r.get(2)?,
+                    steps: decode_steps(&steps),
+                    captures: serde_json::from_str::<Vec<String>>(&captures)
+                        .unwrap_or_default()
+                        .into_boxed_slice(),
+                })
+            })
+            .optional()
+    }
+
+    fn try_put(&mut self, rule: &str, key: &str, row: &Option<Instance>) -> rusqlite::Result<()> {
+        match row {
+            None => {
+                self.conn
+                    .prepare_cached("DELETE FROM instances WHERE rule = ?1 AND key = ?2")?
+                    .execute(params![rule, key])?;
+            }
+            Some(inst) => {
+                let next = next_deadline(&inst.steps);
+                if let Some(d) = next {
+                    self.next_due = self.next_due.min(d);
+                }
+                if inst.closed_at.is_some() {
+                    self.next_purge = self.next_purge.min(inst.expires_at);
+                }
+                let captures = serde_json::to_string(&inst.captures).unwrap_or_default();
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO instances
+                         (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?
+                    .execute(params![
+                        rule,
+                        key,
+                        inst.opened_at,
+                        inst.closed_at,
+                        inst.expires_at,
+                        next,
+                        encode_steps(&inst.steps),
+                        captures
+                    ])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn try_due(&mut self, before: Instant, out: &mut Vec<Due>) -> rusqlite::Result<()> {
+        if self.next_due == Instant::MIN {
+            self.next_due = self.min_deadline(Instant::MIN)?;
+        }
+        if before <= self.next_due {
+            return Ok(());
+        }
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT rule, key, steps FROM instances
+                 WHERE next_deadline IS NOT NULL AND next_deadline < ?1",
+            )?;
+            let mut rows = stmt.query(params![before])?;
+            while let Some(r) = rows.next()? {
+                let rule: String = r.get(0)?;
+                let Some(&ix) = self.index.get(&rule) else {
+                    continue;
+                };
+                let key: String = r.get(1)?;
+                let steps: Vec<u8> = r.get(2)?;
+                for (step, s) in decode_steps(&steps).iter().enumerate() {
+                    if s.status == StepStatus::Open && s.at < before {
+                        out.push(Due {
+                            deadline: s.at,
+                            rule: ix,
+                            key: key.clone(),
+                            step,
+                        });
+                    }
+                }
+            }
+        }
+        self.next_due = self.min_deadline(before)?;
+        Ok(())
+    }
+
+    fn min_deadline(&self, from: Instant) -> rusqlite::Result<Instant> {
+        let v: Option<i64> = self.conn.query_row(
+            "SELECT MIN(next_deadline) FROM instances
+             WHERE next_deadline IS NOT NULL AND next_deadline >= ?1",
+            params![from],
+            |r| r.get(0),
+        )?;
+        Ok(v.unwrap_or(Instant::MAX))
+    }
+
+    fn min_expiry(&self) -> rusqlite::Result<Instant> {
+        let q = |sql: &str| -> rusqlite::Result<Option<i64>> {
+            self.conn.query_row(sql, [], |r| r.get(0))
+        };
+        let a = q("SELECT MIN(expires_at) FROM instances WHERE closed_at IS NOT NULL")?;
+        let b = q("SELECT MIN(expires) FROM early")?;
+        let c = q("SELECT MIN(expires) FROM cancels")?;
+        Ok([a, b, c]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Instant::MAX))
+    }
+
+    fn try_purge(&mut self, clock: Instant) -> rusqlite::Result<()> {
+        if self.next_purge == Instant::MIN {
+            self.next_purge = self.min_expiry()?;
+        }
+        if clock <= self.next_purge {
+            return Ok(());
+        }
+        let mut removed = 0;
+        removed += self
+            .conn
+            .prepare_cached(
+                "DELETE FROM instances WHERE closed_at IS NOT NULL AND expires_at < ?1",
+            )?
+            .execute(params![clock])?;
+        removed += self
+            .conn
+            .prepare_cached("DELETE FROM early WHERE expires < ?1")?
+            .execute(params![clock])?;
+        removed += self
+            .conn
+            .prepare_cached("DELETE FROM cancels WHERE expires < ?1")?
+            .execute(params![clock])?;
+        tracing::trace!(removed, "purged expired memory");
+        self.next_purge = self.min_expiry()?;
+        Ok(())
+    }
+}
+
+/// Records each rule's step list; deletes rows of rules whose list changed. Returns the
+/// rules whose rows were dropped and how many instances each lost.
+fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<(String, usize)>> {
+    let tx = conn.transaction()?;
+    let mut dropped = Vec::new();
+    for r in &rules.rules {
+        let want = shape(r);
+        let have: Option<String> = tx
+            .query_row(
+                "SELECT steps FROM rule_shapes WHERE rule = ?1",
+                params![r.name],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if have.as_deref() == Some(want.as_str()) {
+            continue;
+        }
+        if have.is_some() {
+            let n = tx.execute("DELETE FROM instances WHERE rule = ?1", params![r.name])?;
+            tx.execute("DELETE FROM early WHERE rule = ?1", params![r.name])?;
+            tx.execute("DELETE FROM cancels WHERE rule = ?1", params![r.name])?;
+            tx.execute(
+                "DELETE FROM meta WHERE k = ?1",
+                params![format!("open:{}", r.name)],
+            )?;
+            dropped.push((r.name.clone(), n));
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO rule_shapes (rule, steps) VALUES (?1, ?2)",
+            params![r.name, want],
+        )?;
+    }
+    tx.commit()?;
+    Ok(dropped)
+}
+
+impl State for SqliteState {
+    fn take(&mut self, rule: usize, key: &str) -> Option<Instance> {
+        let name = self.names[rule].clone();
+        let r = self.try_take(&name, key);
+        let row = self.fail(r);
+        self.taken_open = row.as_ref().is_some_and(|i| i.is_open());
+        row
+    }
+
+    fn put(&mut self, rule: usize, key: &str, row: Option<Instance>) {
+        let now_open = row.as_ref().is_some_and(|i| i.is_open());
+        if now_open != self.taken_open {
+            self.open[rule] += if now_open { 1 } else { -1 };
+            self.open_dirty = true;
+        }
+        self.taken_open = false;
+        let name = self.names[rule].clone();
+        let r = self.try_put(&name, key, &row);
+        self.fail(r);
+    }
+
+    fn due(&mut self, before: Instant, out: &mut Vec<Due>) {
+        let r = self.try_due(before, out);
+        self.fail(r);
+    }
+
+    fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)> {
+        let r = self
+            .conn
+            .prepare_cached(
+                "SELECT time, expires FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![self.names[rule], key, step as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+            });
+        r.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "state read failed");
+            None
+        })
+    }
+
+    fn put_early(&mut self, rule: usize, key: &str, step: usize, time: Instant, expires: Instant) {
+        self.next_purge = self.next_purge.min(expires);
+        let r = self
+            .conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO early (rule, key, step, time, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| s.execute(params![self.names[rule], key, step as i64, time, expires]));
+        self.fail(r.map(|_| ()));
+    }
+
+    fn remove_early(&mut self, rule: usize, key: &str, step: usize) {
+        let r = self
+            .conn
+            .prepare_cached("DELETE FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3")
+            .and_then(|mut s| s.execute(params![self.names[rule], key, step as i64]));
+        self.fail(r.map(|_| ()));
+    }
+
+    fn cancel(&self, rule: usize, key: &str) -> Option<Instant> {
+        let r = self
+            .conn
+            .prepare_cached("SELECT expires FROM cancels WHERE rule = ?1 AND key = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![self.names[rule], key], |r| r.get(0))
+                    .optional()
+            });
+        r.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "state read failed");
+            None
+        })
+    }
+
+    fn put_cancel(&mut self, rule: usize, key: &str, expires: Instant) {
+        self.next_purge = self.next_purge.min(expires);
+        let r = self
+            .conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO cancels (rule, key, expires) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![self.names[rule], key, expires]));
+        self.fail(r.map(|_| ()));
+    }
+
+    fn purge(&mut self, clock: Instant) {
+        let r = self.try_purge(clock);
+        self.fail(r);
+    }
+
+    fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    fn set_clock(&mut self, clock: Clock) {
+        if clock != self.clock {
+            self.clock = clock;
+            self.clock_dirty = true;
+        }
+    }
+
+    fn open_instances(&self) -> usize {
+        self.open.iter().sum::<i64>().max(0) as usize
+    }
+}
