@@ -1,0 +1,507 @@
+//! Shared parts of the daemon tests: a generated checkout workload, the real binary on a
+//! real SQLite file, a webhook receiver that verifies Standard Webhooks signatures, a tiny
+//! HTTP client, and waiting on conditions with deadlines (never fixed sleeps).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sagawatch::config::Secret;
+use sagawatch::sign;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sagawatch");
+pub const SECRET: &str = "whsec_dGVzdC1zZWNyZXQtZm9yLXNhZ2F3YXRjaA==";
+
+pub const RULES: &str = r#"
+rules:
+  - name: checkout
+    trigger: { where: { type: OrderPlaced }, key: order_id }
+    expect:
+      - step: payment
+        where: { type: PaymentCompleted }
+        key: order_id
+        within: 15m
+      - step: shipment
+        where: { type: OrderShipped }
+        key: order_id
+        after: payment
+        within: 2h
+    cancel:
+      - where: { type: OrderCancelled }
+        key: order_id
+    on_missing:
+      - alert: { severity: critical, summary: "order {{key}}: {{step}} missing" }
+      - compensate: { sink: hook, payload: { type: CancelOrder, order_id: "{{key}}", step: "{{step}}" } }
+    late: 1h
+"#;
+
+/// Waits until `f` returns `Some`, polling every 20 ms, or panics with `what` after `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= end {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A deterministic pseudo-random sequence (tests must be reproducible).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn ts(secs: i64) -> String {
+    sagawatch::time::format_rfc3339(1_780_000_000_000_000_000 + secs * 1_000_000_000)
+}
+
+/// A checkout workload of about `events` events, sorted by time: most orders are paid and
+/// shipped in time; some payments are missing or late, some shipments missing, some
+/// orders cancelled.
+pub fn checkout_events(events: usize, seed: u64) -> Vec<String> {
+    let mut rng = Lcg(seed);
+    let mut out: Vec<(i64, usize, String)> = Vec::new();
+    let mut i = 0;
+    while out.len() < events {
+        let id = format!("o{i}");
+        let t = i as i64 * 2;
+        let mut push = |t: i64, ty: &str| {
+            let n = out.len();
+            out.push((
+                t,
+                n,
+                format!(r#"{{"time":"{}","type":"{ty}","order_id":"{id}"}}"#, ts(t)),
+            ));
+        };
+        push(t, "OrderPlaced");
+        match rng.below(100) {
+            0..=2 => push(t + 60, "OrderCancelled"),
+            3..=8 => {}
+            9..=11 => push(t + 20 * 60, "PaymentCompleted"),
+            _ => {
+                let paid = t + 60 + rng.below(600) as i64;
+                push(paid, "PaymentCompleted");
+                if rng.below(100) >= 6 {
+                    push(paid + 600 + rng.below(3000) as i64, "OrderShipped");
+                }
+            }
+        }
+        i += 1;
+    }
+    out.sort();
+    out.into_iter().map(|(_, _, l)| l).collect()
+}
+
+pub fn write_lines(path: &Path, lines: &[String]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+}
+
+/// `sagawatch replay` of a file: the alert and compensate lines by id, and the number
+/// of late lines.
+pub fn replay(rules: &Path, events: &Path) -> (BTreeMap<String, serde_json::Value>, usize) {
+    let out = Command::new(BIN)
+        .args(["replay", "--rules"])
+        .arg(rules)
+        .arg(events)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut actions = BTreeMap::new();
+    let mut late = 0;
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["outcome"].as_str().unwrap() {
+            "alert" | "compensate" => {
+                actions.insert(v["id"].as_str().unwrap().to_string(), v);
+            }
+            "late" => late += 1,
+            _ => {}
+        }
+    }
+    (actions, late)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A request the receiver got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub id: String,
+    pub body: String,
+    pub signed: bool,
+}
+
+/// A webhook receiver on loopback that verifies signatures; can be stopped and started
+/// on the same port to simulate an outage.
+pub struct Receiver {
+    pub port: u16,
+    pub got: Arc<Mutex<Vec<Received>>>,
+    running: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    pub fn new(port: u16) -> Receiver {
+        Receiver {
+            port,
+            got: Arc::default(),
+            running: None,
+            requests: Arc::default(),
+        }
+    }
+
+    pub fn start(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, got, requests) = (
+            Arc::clone(&stop),
+            Arc::clone(&self.got),
+            Arc::clone(&self.requests),
+        );
+        let h = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let got = Arc::clone(&got);
+                let requests = Arc::clone(&requests);
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || serve_conn(conn, &got, &requests, &s));
+            }
+        });
+        self.running = Some((stop, h));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some((stop, h)) = self.running.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = TcpStream::connect(("127.0.0.1", self.port));
+            h.join().unwrap();
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve_conn(
+    conn: TcpStream,
+    got: &Mutex<Vec<Received>>,
+    requests: &AtomicUsize,
+    stop: &AtomicBool,
+) {
+    let secret: Secret = sign::parse_secret(SECRET).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        requests.fetch_add(1, Ordering::Relaxed);
+        let id = headers.get("webhook-id").cloned().unwrap_or_default();
+        let ts: i64 = headers
+            .get("webhook-timestamp")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let sig = headers
+            .get("webhook-signature")
+            .cloned()
+            .unwrap_or_default();
+        let signed = sign::verify(&secret, &id, ts, &body, &sig);
+        got.lock().unwrap().push(Received {
+            id,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            signed,
+        });
+        let resp = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request; returns (status, body).
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    // A server may answer (413) before reading a large body; ignore write errors then.
+    let _ = s.write_all(body);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of a metric series from a /metrics scrape (summed over matching lines).
+pub fn metric(port: u16, series_prefix: &str) -> Option<f64> {
+    let (status, body) = http(port, "GET", "/metrics", &[], b"").ok()?;
+    if status != 200 {
+        return None;
+    }
+    let mut found = None;
+    for l in body.lines() {
+        if l.starts_with(series_prefix) {
+            let v: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+/// A daemon under test: a temp dir with rules, a config and the state file.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `RULES` and a config (the `extra` YAML is appended) into a fresh temp dir.
+    pub fn new(extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/checkout.yaml"), RULES).unwrap();
+        let port = free_port();
+        let cfg = format!("state: state.db\nrules: rules\nlisten: 127.0.0.1:{port}\n{extra}");
+        std::fs::write(dir.path().join("sagawatch.yaml"), cfg).unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        Daemon {
+            dir,
+            port,
+            child: None,
+            stderr_path,
+        }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(self.path("sagawatch.yaml"))
+            .env("WEBHOOK_SECRET", SECRET)
+            .env("SAGAWATCH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(Duration::from_secs(30), "the daemon to be ready", || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("daemon exited early with {st}: {}", self.stderr());
+                }
+            }
+            match http(port, "GET", "/readyz", &[], b"") {
+                Ok((200, _)) => Some(()),
+                _ => None,
+            }
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let mut c = self.child.take().expect("running");
+        signal(&c, "TERM");
+        let st = wait_for(Duration::from_secs(30), "the daemon to exit", || {
+            c.try_wait().unwrap()
+        });
+        st.code().unwrap_or(-1)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(c: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(c.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} failed");
+}
+
+/// The webhook messages by id: every body delivered under each id (deduplicated).
+pub fn by_id(got: &[Received]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut m: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in got {
+        m.entry(r.id.clone()).or_default().insert(r.body.clone());
+    }
+    m
+}
+
+/// Checks the webhook deliveries against replay: exactly the same alerts and
+/// compensations (by id, with the same data), one resolve per late correlate, all signed,
+/// and no id under two different payloads.
+pub fn assert_matches_replay(
+    got: &[Received],
+    want: &BTreeMap<String, serde_json::Value>,
+    late: usize,
+) {
+    assert!(
+        got.iter().all(|r| r.signed),
+        "unsigned or badly signed delivery"
+    );
+    let ids = by_id(got);
+    for (id, bodies) in &ids {
+        assert_eq!(
+            bodies.len(),
+            1,
+            "id {id} delivered with {} different payloads",
+            bodies.len()
+        );
+    }
+    let mut fired = BTreeMap::new();
+    let mut resolved = 0;
+    for (id, bodies) in &ids {
+        let v: serde_json::Value = serde_json::from_str(bodies.iter().next().unwrap()).unwrap();
+        match v["type"].as_str().unwrap() {
+            "sagawatch.alert.resolved" => resolved += 1,
+            _ => {
+                fired.insert(id.clone(), v["data"].clone());
+            }
+        }
+    }
+    let missing: Vec<_> = want
+        .keys()
+        .filter(|k| !fired.contains_key(*k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = fired
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
+    for (id, data) in &fired {
+        assert_eq!(data, &want[id], "payload of {id}");
+    }
+    assert_eq!(resolved, late, "one resolve per late correlate");
+}
+
+/// Distinct ids received so far.
+pub fn distinct(r: &Receiver) -> usize {
+    by_id(&r.received()).len()
+}

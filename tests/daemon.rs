@@ -1,0 +1,376 @@
+//! The daemon end to end: the real binary on a real SQLite file, fed through its file and
+//! HTTP sources, delivering to a webhook receiver that verifies signatures; checked
+//! against `replay` of the same events. Also crashes, receiver outages and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn hook_config(extra: &str) -> String {
+    format!(
+        "time: {{ idle: 0s }}\nbatch: {{ events: 500, interval: 20ms }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:${{HOOK_PORT}}/hook', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 2s }}\n\
+         alerts: {{ sinks: [hook] }}\n\
+         outbox: {{ backoff: 50ms, max_backoff: 300ms }}\n{extra}"
+    )
+}
+
+/// Replaces the receiver port placeholder (the daemon reads `${HOOK_PORT}` from its
+/// config; tests write it literally to keep the environment simple).
+fn with_port(cfg: &str, port: u16) -> String {
+    cfg.replace("${HOOK_PORT}", &port.to_string())
+}
+
+fn wait_delivered(d: &Daemon, rx: &Receiver, want: usize, limit: Duration) {
+    wait_for(limit, "every message to be delivered", || {
+        let backlog = metric(d.port, "sagawatch_outbox_backlog")?;
+        (distinct(rx) >= want && backlog == 0.0).then_some(())
+    });
+}
+
+#[test]
+fn file_source_delivers_what_replay_reports() {
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    rx.start();
+    let cfg = with_port(
+        &hook_config("sources:\n  events: { type: file, path: events.jsonl }\n"),
+        hook,
+    );
+    let mut d = Daemon::new(&cfg);
+    let lines = checkout_events(3000, 7);
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    assert!(
+        want.len() > 100 && late > 10,
+        "workload has misses and lates"
+    );
+    d.start();
+    wait_delivered(&d, &rx, want.len() + late, Duration::from_secs(60));
+    assert_matches_replay(&rx.received(), &want, late);
+    assert_eq!(
+        metric(d.port, "sagawatch_events_received_total"),
+        Some(lines.len() as f64)
+    );
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
+#[test]
+fn file_source_follows_appends_and_rotation() {
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    rx.start();
+    let cfg = with_port(
+        &hook_config("sources:\n  events: { type: file, path: events.jsonl }\n"),
+        hook,
+    );
+    let mut d = Daemon::new(&cfg);
+    let lines = checkout_events(2000, 11);
+    let (a, rest) = lines.split_at(700);
+    let (b, c) = rest.split_at(600);
+    write_lines(&d.path("all.jsonl"), &lines);
+    let (want, late) = replay(&d.path("rules"), &d.path("all.jsonl"));
+    // First part, then an append, then rotation (rename and recreate) with the rest.
+    write_lines(&d.path("events.jsonl"), a);
+    d.start();
+    wait_for(Duration::from_secs(30), "the first part to be read", || {
+        (metric(d.port, "sagawatch_events_received_total")? == a.len() as f64).then_some(())
+    });
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.path("events.jsonl"))
+            .unwrap();
+        for l in b {
+            writeln!(f, "{l}").unwrap();
+        }
+    }
+    wait_for(Duration::from_secs(30), "the append to be read", || {
+        (metric(d.port, "sagawatch_events_received_total")? == (a.len() + b.len()) as f64)
+            .then_some(())
+    });
+    std::fs::rename(d.path("events.jsonl"), d.path("events.jsonl.1")).unwrap();
+    write_lines(&d.path("events.jsonl"), c);
+    wait_delivered(&d, &rx, want.len() + late, Duration::from_secs(60));
+    assert_matches_replay(&rx.received(), &want, late);
+    assert_eq!(
+        metric(d.port, "sagawatch_events_received_total"),
+        Some(lines.len() as f64)
+    );
+    // A restart resumes from the stored offset: nothing is read twice.
+    assert_eq!(d.terminate(), 0);
+    d.start();
+    assert_eq!(metric(d.port, "sagawatch_events_received_total"), None);
+    assert_eq!(d.terminate(), 0);
+}
+
+#[test]
+fn http_source_delivers_what_replay_reports() {
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    rx.start();
+    let cfg = with_port(
+        &hook_config("token: s3cret\nsources:\n  api: { type: http }\n"),
+        hook,
+    );
+    let mut d = Daemon::new(&cfg);
+    let lines = checkout_events(2500, 3);
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    // The same stream in NDJSON chunks, JSON arrays and single objects.
+    let mut sent = 0;
+    for (n, chunk) in lines.chunks(97).enumerate() {
+        let body = match n % 3 {
+            0 => chunk.join("\n"),
+            1 => format!("[{}]", chunk.join(",")),
+            _ => {
+                for l in chunk {
+                    let (st, b) = http(d.port, "POST", "/v1/events", &auth, l.as_bytes()).unwrap();
+                    assert_eq!(st, 202, "{b}");
+                }
+                sent += chunk.len();
+                continue;
+            }
+        };
+        let (st, b) = http(d.port, "POST", "/v1/events", &auth, body.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+        assert_eq!(b, format!(r#"{{"accepted":{}}}"#, chunk.len()));
+        sent += chunk.len();
+    }
+    assert_eq!(sent, lines.len());
+    wait_delivered(&d, &rx, want.len() + late, Duration::from_secs(60));
+    assert_matches_replay(&rx.received(), &want, late);
+    assert_eq!(d.terminate(), 0);
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing_and_invents_nothing() {
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    rx.start();
+    let cfg = with_port(
+        &hook_config("sources:\n  events: { type: file, path: events.jsonl }\n"),
+        hook,
+    );
+    let mut d = Daemon::new(&cfg);
+    let lines = checkout_events(200_000, 42);
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    let mut rng = Lcg(2024);
+    let mut kills = 0;
+    d.start();
+    while kills < 12 {
+        // A random moment: after a random number of received deliveries or a random
+        // amount of progress, whichever the daemon reaches first.
+        let target = distinct(&rx) + 1 + rng.below(300) as usize;
+        let progress = rng.below(15_000) as f64;
+        let start = metric(d.port, "sagawatch_events_received_total").unwrap_or(0.0);
+        let _ = wait_for(Duration::from_secs(60), "progress before a kill", || {
+            let now = metric(d.port, "sagawatch_events_received_total").unwrap_or(0.0);
+            (distinct(&rx) >= target || now - start >= progress || distinct(&rx) >= want.len())
+                .then_some(())
+        });
+        d.kill();
+        kills += 1;
+        d.start();
+    }
+    wait_delivered(&d, &rx, want.len() + late, Duration::from_secs(300));
+    assert_matches_replay(&rx.received(), &want, late);
+    assert_eq!(d.terminate(), 0);
+    assert!(kills >= 10);
+}
+
+#[test]
+fn receiver_outage_loses_nothing() {
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    let cfg = with_port(
+        &hook_config("sources:\n  events: { type: file, path: events.jsonl }\n"),
+        hook,
+    );
+    let mut d = Daemon::new(&cfg);
+    let lines = checkout_events(1500, 5);
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    // The receiver is down: deliveries fail and are retried.
+    d.start();
+    wait_for(
+        Duration::from_secs(30),
+        "failed deliveries while down",
+        || {
+            (metric(d.port, "sagawatch_outbox_deliveries_total{result=\"retry\"")? >= 20.0)
+                .then_some(())
+        },
+    );
+    assert!(metric(d.port, "sagawatch_outbox_backlog").unwrap() > 0.0);
+    // Restart the daemon while the receiver is still down: the outbox is durable.
+    assert_eq!(d.terminate(), 0);
+    d.start();
+    rx.start();
+    wait_delivered(&d, &rx, want.len() + late, Duration::from_secs(60));
+    assert_matches_replay(&rx.received(), &want, late);
+    assert_eq!(d.terminate(), 0);
+}
+
+#[test]
+fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
+    let mut d = Daemon::new(
+        "token: s3cret\nsources:\n  api: { type: http, max_body: 4096 }\nsinks:\n  out: { type: stdout }\n  hook: { type: stdout }\n",
+    );
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    let post =
+        |h: &[(&str, &str)], body: &[u8]| http(d.port, "POST", "/v1/events", h, body).unwrap();
+    let good = r#"{"time":"2026-01-01T00:00:00Z","type":"OrderPlaced","order_id":"a"}"#;
+
+    let (st, b) = post(&[], good.as_bytes());
+    assert_eq!(st, 401, "{b}");
+    let (st, _) = post(&[("authorization", "Bearer wrong")], good.as_bytes());
+    assert_eq!(st, 401);
+
+    let (st, b) = post(&auth, format!("{good}\n{{not json\n").as_bytes());
+    assert_eq!(st, 400);
+    assert!(b.contains("line 2"), "{b}");
+    let (st, b) = post(&auth, format!("{good}\n[1]\n").as_bytes());
+    assert_eq!(st, 400);
+    assert!(
+        b.contains("line 2") && b.contains("not a JSON object"),
+        "{b}"
+    );
+    let (st, b) = post(&auth, format!("{good}\n{{\"type\":\"x\"}}\n").as_bytes());
+    assert_eq!(st, 400);
+    assert!(b.contains("line 2") && b.contains("time"), "{b}");
+    let (st, b) = post(&auth, &vec![b' '; 10_000]);
+    assert_eq!(st, 413, "{b}");
+    let (st, _) = http(d.port, "GET", "/v1/events", &auth, b"").unwrap();
+    assert_eq!(st, 405);
+
+    // A rejected request applies nothing, not even its good lines.
+    assert_eq!(metric(d.port, "sagawatch_outcomes_total"), None);
+    let (st, b) = post(&auth, good.as_bytes());
+    assert_eq!((st, b.as_str()), (202, r#"{"accepted":1}"#));
+    assert_eq!(
+        metric(d.port, "sagawatch_outcomes_total{outcome=\"opened\""),
+        Some(1.0)
+    );
+    assert_eq!(http(d.port, "GET", "/healthz", &[], b"").unwrap().0, 200);
+    assert_eq!(d.terminate(), 0);
+}
+
+#[test]
+fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
+    let run = |dir: &std::path::Path, cfg: &str| {
+        std::fs::write(dir.join("c.yaml"), cfg).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(dir.join("c.yaml"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let d = Daemon::new("sources: { a: { type: stdin } }\n");
+    let dir = d.dir.path();
+    let (code, err) = run(
+        dir,
+        "rules: rules\nsources: { a: { type: stdni } }\nlisten: x\n",
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains(
+            "c.yaml:2:23: sources.a.type: unknown source type \"stdni\" (did you mean \"stdin\"?)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("c.yaml:3:9: listen:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let (code, err) = run(
+        dir,
+        "rules: rules\nstate: no/such/dir/state.db\nsources: { a: { type: stdin } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("state file") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    std::fs::write(dir.join("garbage.db"), vec![b'x'; 8192]).unwrap();
+    let (code, err) = run(
+        dir,
+        "rules: rules\nstate: garbage.db\nsources: { a: { type: stdin } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("garbage.db"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A rule naming an unknown source or a sink that takes no payloads.
+    let (code, err) = run(
+        dir,
+        "rules: rules\nsources: { orders: { type: stdin } }\nsinks: { am: { type: alertmanager, url: 'http://127.0.0.1:1' } }\n",
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains(
+            "checkout.yaml:20:29: rules[0].on_missing[1].compensate.sink: unknown sink \"hook\""
+        ),
+        "{err}"
+    );
+
+    let port = free_port();
+    let _busy = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (code, err) = run(
+        dir,
+        &format!(
+            "rules: rules\nlisten: 127.0.0.1:{port}\nsources: {{ a: {{ type: stdin }} }}\nsinks: {{ hook: {{ type: stdout }} }}\n"
+        ),
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains(&format!("listen 127.0.0.1:{port}")), "{err}");
+}
+
+#[test]
+fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
+    let mut d = Daemon::new(
+        "token: s3cret\nsources:\n  api: { type: http }\nsinks:\n  hook: { type: stdout }\n",
+    );
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    let (st, _) = http(d.port, "POST", "/-/reload", &[], b"").unwrap();
+    assert_eq!(st, 401);
+    let (st, b) = http(d.port, "POST", "/-/reload", &auth, b"").unwrap();
+    assert_eq!(st, 200, "{b}");
+    std::fs::write(
+        d.path("rules/checkout.yaml"),
+        RULES.replace("after: payment", "after: paymnt"),
+    )
+    .unwrap();
+    let (st, b) = http(d.port, "POST", "/-/reload", &auth, b"").unwrap();
+    assert_eq!(st, 422);
+    assert!(b.contains("unknown step \\\"paymnt\\\""), "{b}");
+    // SIGHUP with the broken file: logged and counted, the old rules keep running.
+    signal(d.child.as_ref().unwrap(), "HUP");
+    wait_for(Duration::from_secs(10), "the failed SIGHUP reload", || {
+        (metric(d.port, "sagawatch_rules_reloads_total{result=\"failure\"")? == 2.0).then_some(())
+    });
+    let ev = r#"{"time":"2026-01-01T00:00:00Z","type":"OrderPlaced","order_id":"a"}"#;
+    let (st, _) = http(d.port, "POST", "/v1/events", &auth, ev.as_bytes()).unwrap();
+    assert_eq!(st, 202);
+    assert_eq!(
+        metric(d.port, "sagawatch_open_instances{rule=\"checkout\"}"),
+        Some(1.0)
+    );
+    assert_eq!(d.terminate(), 0);
+    assert!(
+        d.stderr().contains("rules reload rejected"),
+        "{}",
+        d.stderr()
+    );
+}
