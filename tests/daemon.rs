@@ -170,7 +170,7 @@ fn sigkill_at_random_moments_loses_nothing_and_invents_nothing() {
         let target = distinct(&rx) + 1 + rng.below(300) as usize;
         let progress = rng.below(15_000) as f64;
         let start = metric(d.port, "sagawatch_events_received_total").unwrap_or(0.0);
-        let _ = wait_for(Duration::from_secs(60), "progress before a kill", || {
+        wait_for(Duration::from_secs(60), "progress before a kill", || {
             let now = metric(d.port, "sagawatch_events_received_total").unwrap_or(0.0);
             (distinct(&rx) >= target || now - start >= progress || distinct(&rx) >= want.len())
                 .then_some(())
