@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# The daemon tests signal the real binary with kill(1) (SIGTERM, SIGHUP).
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

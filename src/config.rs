@@ -62,10 +62,10 @@ pub struct RawTime {
 
 #[derive(Debug, Deserialize)]
 pub struct RawBatch {
-    /// Commit after this many events. Default 1000.
+    /// Commit after this many events. Default 20000.
     #[serde(default)]
     pub events: Option<u64>,
-    /// ... or after this long. Default `50ms`.
+    /// ... or after this long. Default `100ms`.
     #[serde(default)]
     pub interval: Option<String>,
 }
@@ -560,14 +560,14 @@ impl Checker {
 
         let b = raw.batch.as_ref();
         let bp = top.key("batch");
-        let batch_events = b.and_then(|b| b.events).unwrap_or(1000);
+        let batch_events = b.and_then(|b| b.events).unwrap_or(20_000);
         if batch_events == 0 {
             self.err(&bp.key("events"), "must be at least 1");
         }
         let batch_interval = self.std_duration(
             &bp.key("interval"),
             b.and_then(|b| b.interval.as_deref()),
-            "50ms",
+            "100ms",
         );
 
         let mut sources = Vec::new();

@@ -94,6 +94,7 @@ pub fn run(path: &Path) -> i32 {
     let opened = (|| -> Result<_> {
         let mut conn = store::open(&cfg.state)?;
         store::migrate(&mut conn, &cfg.state)?;
+        store::writer_settings(&conn)?;
         let mut positions = Vec::new();
         for s in &cfg.sources {
             positions.push(store::load_position(&conn, &s.name)?);
@@ -203,6 +204,20 @@ fn run_with(
             .context("spawning the outbox dispatcher")?
     };
 
+    let stop_checkpoint = Arc::new(AtomicBool::new(false));
+    let checkpointer = {
+        let path = cfg.state.clone();
+        let stop = Arc::clone(&stop_checkpoint);
+        std::thread::Builder::new()
+            .name("sagawatch-checkpoint".into())
+            .spawn(move || {
+                if let Err(e) = store::checkpoint_loop(&path, Duration::from_millis(200), &stop) {
+                    tracing::error!(error = format!("{e:#}"), "WAL checkpointer stopped");
+                }
+            })
+            .context("spawning the WAL checkpointer")?
+    };
+
     let mut source_threads = Vec::new();
     for (s, pos) in cfg.sources.iter().zip(positions) {
         let name: Arc<str> = Arc::from(s.name.as_str());
@@ -290,6 +305,8 @@ fn run_with(
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the core thread panicked")));
     stop_dispatch.store(true, Ordering::Relaxed);
     let _ = dispatcher.join();
+    stop_checkpoint.store(true, Ordering::Relaxed);
+    let _ = checkpointer.join();
     match core_result {
         Err(e) => Err(e),
         Ok(()) if core_failed => Err(anyhow::anyhow!("the core thread stopped")),

@@ -112,10 +112,34 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.execute_batch(
         "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = OFF;
-         PRAGMA cache_size = -32768;
+         PRAGMA cache_size = -16384;
          PRAGMA temp_store = MEMORY;",
     )?;
     Ok(conn)
+}
+
+/// For the single writer: checkpoints are left to [`checkpoint_loop`] on another thread,
+/// so commits only append to the WAL.
+pub fn writer_settings(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // The writer's page cache: the hot part of the instance and deadline indexes.
+    conn.pragma_update(None, "cache_size", -131072)?;
+    Ok(())
+}
+
+/// Copies committed WAL frames into the database file every `every` until `stop`, on its
+/// own connection, so the writer never pays for checkpoints.
+pub fn checkpoint_loop(path: &Path, every: StdDuration, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    let conn = open(path)?;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(every);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .ok();
+    Ok(())
 }
 
 /// Brings the schema up to date; refuses a file written by a newer sagawatch.

@@ -32,6 +32,19 @@ pub struct SqliteState {
     taken_open: bool,
     error: Option<rusqlite::Error>,
     in_tx: bool,
+    /// How many early-correlate and cancel rows each (rule, key) hash may have: a
+    /// negative cache that spares most triggers two lookups. It only ever overcounts
+    /// (then a lookup is made), so it never hides a row. Its size follows remembered
+    /// early correlates and cancels, not open instances.
+    remembered: HashMap<u64, u32>,
+}
+
+fn memo_hash(rule: &str, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    rule.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
 }
 
 fn status_code(s: StepStatus) -> u8 {
@@ -123,6 +136,7 @@ impl SqliteState {
             taken_open: false,
             error: None,
             in_tx: false,
+            remembered: HashMap::new(),
         };
         st.load(rules)
             .with_context(|| format!("state file {}: reading state", path.display()))?;
@@ -137,6 +151,11 @@ impl SqliteState {
             .enumerate()
             .map(|(i, n)| (n.clone(), i))
             .collect();
+        self.reload_cached()
+    }
+
+    /// Re-reads what is cached from the file: the clock, open counts, remembered hashes.
+    fn reload_cached(&mut self) -> rusqlite::Result<()> {
         let meta = |k: &str| -> rusqlite::Result<Option<i64>> {
             self.conn
                 .query_row("SELECT v FROM meta WHERE k = ?1", params![k], |r| r.get(0))
@@ -153,7 +172,39 @@ impl SqliteState {
         self.open = open;
         self.next_due = Instant::MIN;
         self.next_purge = Instant::MIN;
+        let mut remembered = HashMap::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT rule, key FROM early UNION ALL SELECT rule, key FROM cancels")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let (rule, key): (String, String) = (r.get(0)?, r.get(1)?);
+                *remembered.entry(memo_hash(&rule, &key)).or_insert(0) += 1;
+            }
+        }
+        self.remembered = remembered;
         Ok(())
+    }
+
+    fn may_remember(&self, rule: usize, key: &str) -> bool {
+        self.remembered
+            .get(&memo_hash(&self.names[rule], key))
+            .is_some_and(|&n| n > 0)
+    }
+
+    fn remember(&mut self, rule: &str, key: &str) {
+        *self.remembered.entry(memo_hash(rule, key)).or_insert(0) += 1;
+    }
+
+    fn forget(&mut self, rule: &str, key: &str) {
+        let h = memo_hash(rule, key);
+        if let Some(n) = self.remembered.get_mut(&h) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.remembered.remove(&h);
+            }
+        }
     }
 
     /// Switches to a new rule set (reload): drops rows of rules whose steps changed.
@@ -220,30 +271,11 @@ impl SqliteState {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.in_tx = false;
         }
-        let names = std::mem::take(&mut self.names);
         self.clock_dirty = false;
         self.open_dirty = false;
-        let mut clock = Clock::default();
-        let mut open = vec![0; names.len()];
-        let meta = |k: &str| -> Option<i64> {
-            self.conn
-                .query_row("SELECT v FROM meta WHERE k = ?1", params![k], |r| r.get(0))
-                .ok()
-        };
-        if let Some(v) = meta("clock.max_seen") {
-            clock.max_seen = v;
+        if let Err(e) = self.reload_cached() {
+            tracing::error!(error = %e, "re-reading state after a rollback failed");
         }
-        if let Some(v) = meta("clock.now") {
-            clock.now = v;
-        }
-        for (i, n) in names.iter().enumerate() {
-            open[i] = meta(&format!("open:{n}")).unwrap_or(0);
-        }
-        self.clock = clock;
-        self.open = open;
-        self.names = names;
-        self.next_due = Instant::MIN;
-        self.next_purge = Instant::MIN;
     }
 
     /// The first SQLite error since the last commit, if any.
@@ -419,14 +451,20 @@ impl SqliteState {
                 "DELETE FROM instances WHERE closed_at IS NOT NULL AND expires_at < ?1",
             )?
             .execute(params![clock])?;
-        removed += self
-            .conn
-            .prepare_cached("DELETE FROM early WHERE expires < ?1")?
-            .execute(params![clock])?;
-        removed += self
-            .conn
-            .prepare_cached("DELETE FROM cancels WHERE expires < ?1")?
-            .execute(params![clock])?;
+        for sql in [
+            "DELETE FROM early WHERE expires < ?1 RETURNING rule, key",
+            "DELETE FROM cancels WHERE expires < ?1 RETURNING rule, key",
+        ] {
+            let gone: Vec<(String, String)> = self
+                .conn
+                .prepare_cached(sql)?
+                .query_map(params![clock], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            removed += gone.len();
+            for (rule, key) in gone {
+                self.forget(&rule, &key);
+            }
+        }
         tracing::trace!(removed, "purged expired memory");
         self.next_purge = self.min_expiry()?;
         Ok(())
@@ -496,6 +534,9 @@ impl State for SqliteState {
     }
 
     fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)> {
+        if !self.may_remember(rule, key) {
+            return None;
+        }
         let r = self
             .conn
             .prepare_cached(
@@ -514,6 +555,8 @@ impl State for SqliteState {
     }
 
     fn put_early(&mut self, rule: usize, key: &str, step: usize, time: Instant, expires: Instant) {
+        let name = self.names[rule].clone();
+        self.remember(&name, key);
         self.next_purge = self.next_purge.min(expires);
         let r = self
             .conn
@@ -529,10 +572,17 @@ impl State for SqliteState {
             .conn
             .prepare_cached("DELETE FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3")
             .and_then(|mut s| s.execute(params![self.names[rule], key, step as i64]));
+        if r.as_ref().is_ok_and(|&n| n > 0) {
+            let name = self.names[rule].clone();
+            self.forget(&name, key);
+        }
         self.fail(r.map(|_| ()));
     }
 
     fn cancel(&self, rule: usize, key: &str) -> Option<Instant> {
+        if !self.may_remember(rule, key) {
+            return None;
+        }
         let r = self
             .conn
             .prepare_cached("SELECT expires FROM cancels WHERE rule = ?1 AND key = ?2")
@@ -547,6 +597,8 @@ impl State for SqliteState {
     }
 
     fn put_cancel(&mut self, rule: usize, key: &str, expires: Instant) {
+        let name = self.names[rule].clone();
+        self.remember(&name, key);
         self.next_purge = self.next_purge.min(expires);
         let r = self
             .conn
