@@ -163,6 +163,7 @@ fn run_with(
         reload_result: tokio::sync::Mutex::new(None),
     });
 
+    let wal_restart = state.wal_restart_flag();
     let core_thread = {
         let c = core::Core::new(
             Arc::clone(&cfg),
@@ -211,7 +212,9 @@ fn run_with(
         std::thread::Builder::new()
             .name("sagawatch-checkpoint".into())
             .spawn(move || {
-                if let Err(e) = store::checkpoint_loop(&path, Duration::from_millis(200), &stop) {
+                if let Err(e) =
+                    store::checkpoint_loop(&path, Duration::from_millis(100), &stop, &wal_restart)
+                {
                     tracing::error!(error = format!("{e:#}"), "WAL checkpointer stopped");
                 }
             })

@@ -113,7 +113,8 @@ pub fn open(path: &Path) -> Result<Connection> {
         "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = OFF;
          PRAGMA cache_size = -16384;
-         PRAGMA temp_store = MEMORY;",
+         PRAGMA temp_store = MEMORY;
+         PRAGMA journal_size_limit = 67108864;",
     )?;
     Ok(conn)
 }
@@ -127,18 +128,38 @@ pub fn writer_settings(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// WAL size (in 4 KiB frames) above which the checkpointer makes the writer start the WAL
+/// over; below it, checkpoints never block the writer.
+const WAL_RESTART_FRAMES: i64 = 8192;
+
 /// Copies committed WAL frames into the database file every `every` until `stop`, on its
-/// own connection, so the writer never pays for checkpoints.
-pub fn checkpoint_loop(path: &Path, every: StdDuration, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+/// own connection, so the writer never pays for checkpoints. Passive checkpoints cannot
+/// make a busy writer start the WAL over, so when it has grown past a limit this sets
+/// `restart`, and the writer runs a RESTART checkpoint between two batches (cheap: most
+/// frames are already copied by then).
+pub fn checkpoint_loop(
+    path: &Path,
+    every: StdDuration,
+    stop: &std::sync::atomic::AtomicBool,
+    restart: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     let conn = open(path)?;
+    let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+    };
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(every);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
+        match checkpoint("PASSIVE") {
+            Ok((_, log, _)) if log > WAL_RESTART_FRAMES => {
+                restart.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
     }
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .ok();
+    let _ = checkpoint("TRUNCATE");
     Ok(())
 }
 

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -30,6 +32,8 @@ pub struct SqliteState {
     open_dirty: bool,
     /// Whether the row taken last existed and was open.
     taken_open: bool,
+    /// Whether the row taken last existed (then `put` updates it in place).
+    taken_existed: bool,
     error: Option<rusqlite::Error>,
     in_tx: bool,
     /// How many early-correlate and cancel rows each (rule, key) hash may have: a
@@ -37,6 +41,8 @@ pub struct SqliteState {
     /// (then a lookup is made), so it never hides a row. Its size follows remembered
     /// early correlates and cancels, not open instances.
     remembered: HashMap<u64, u32>,
+    /// Set by the checkpointer when the WAL should be started over after this commit.
+    wal_restart: Arc<AtomicBool>,
 }
 
 fn memo_hash(rule: &str, key: &str) -> u64 {
@@ -134,9 +140,11 @@ impl SqliteState {
             open: Vec::new(),
             open_dirty: false,
             taken_open: false,
+            taken_existed: false,
             error: None,
             in_tx: false,
             remembered: HashMap::new(),
+            wal_restart: Arc::default(),
         };
         st.load(rules)
             .with_context(|| format!("state file {}: reading state", path.display()))?;
@@ -262,7 +270,16 @@ impl SqliteState {
         self.flush_meta()?;
         self.conn.execute_batch("COMMIT")?;
         self.in_tx = false;
+        if self.wal_restart.swap(false, Ordering::Relaxed) {
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
+        }
         Ok(())
+    }
+
+    /// The flag the WAL checkpointer sets when the writer should start the WAL over.
+    pub fn wal_restart_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.wal_restart)
     }
 
     /// Abandons the batch; the in-memory caches are reloaded from the file.
@@ -356,22 +373,24 @@ impl SqliteState {
                     self.next_purge = self.next_purge.min(inst.expires_at);
                 }
                 let captures = serde_json::to_string(&inst.captures).unwrap_or_default();
-                self.conn
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO instances
+                let sql = if self.taken_existed {
+                    "UPDATE instances SET opened_at = ?3, closed_at = ?4, expires_at = ?5,
+                     next_deadline = ?6, steps = ?7, captures = ?8 WHERE rule = ?1 AND key = ?2"
+                } else {
+                    "INSERT OR REPLACE INTO instances
                          (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    )?
-                    .execute(params![
-                        rule,
-                        key,
-                        inst.opened_at,
-                        inst.closed_at,
-                        inst.expires_at,
-                        next,
-                        encode_steps(&inst.steps),
-                        captures
-                    ])?;
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                };
+                self.conn.prepare_cached(sql)?.execute(params![
+                    rule,
+                    key,
+                    inst.opened_at,
+                    inst.closed_at,
+                    inst.expires_at,
+                    next,
+                    encode_steps(&inst.steps),
+                    captures
+                ])?;
             }
         }
         Ok(())
@@ -513,6 +532,7 @@ impl State for SqliteState {
         let r = self.try_take(&name, key);
         let row = self.fail(r);
         self.taken_open = row.as_ref().is_some_and(|i| i.is_open());
+        self.taken_existed = row.is_some();
         row
     }
 
@@ -525,6 +545,7 @@ impl State for SqliteState {
         self.taken_open = false;
         let name = self.names[rule].clone();
         let r = self.try_put(&name, key, &row);
+        self.taken_existed = false;
         self.fail(r);
     }
 
