@@ -1,8 +1,10 @@
 //! In-memory state: a slab of rows found through a hash table of slot numbers (so each key
-//! is stored once), a B-tree of open deadlines and one of closed rows' expiries.
+//! is stored once), a min-heap of open deadlines with lazy deletion (a satisfied step's
+//! entry stays until it surfaces and is found stale: no mid-structure removals), and a
+//! heap of closed rows' expiries, lazily deleted the same way.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
@@ -84,9 +86,11 @@ pub struct MemoryState {
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// (deadline, slot, step) of every open step.
-    deadlines: BTreeSet<(Instant, u32, u32)>,
+    /// (deadline, slot, step) of every open step, plus stale entries of steps that were
+    /// satisfied, cancelled or freed since; `due` checks each against its slot.
+    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     /// (expires_at, slot) of every closed row.
-    expiries: BTreeSet<(Instant, u32)>,
+    expiries: BinaryHeap<Reverse<(Instant, u32)>>,
     taken: Option<Taken>,
     taken_open: Vec<(u32, Instant)>,
     new_open: Vec<(u32, Instant)>,
@@ -175,12 +179,6 @@ impl State for MemoryState {
         };
         let Some(inst) = row else {
             if let Some(slot) = slot {
-                for &(step, d) in &self.taken_open {
-                    self.deadlines.remove(&(d, slot, step));
-                }
-                if let Some(e) = old_expiry {
-                    self.expiries.remove(&(e, slot));
-                }
                 let hash = hash_key(&self.hasher, rule32, key.as_bytes());
                 if let Ok(entry) = self.table.find_entry(hash, |&s| s == slot) {
                     entry.remove();
@@ -225,23 +223,15 @@ impl State for MemoryState {
             }
         };
         open_steps(&inst.steps, &mut self.new_open);
-        for &(step, d) in &self.taken_open {
-            if !self.new_open.contains(&(step, d)) {
-                self.deadlines.remove(&(d, slot, step));
-            }
-        }
         for &(step, d) in &self.new_open {
             if !self.taken_open.contains(&(step, d)) {
-                self.deadlines.insert((d, slot, step));
+                self.deadlines.push(Reverse((d, slot, step)));
             }
         }
         let new_expiry = inst.closed_at.map(|_| inst.expires_at);
         if old_expiry != new_expiry {
-            if let Some(e) = old_expiry {
-                self.expiries.remove(&(e, slot));
-            }
             if let Some(e) = new_expiry {
-                self.expiries.insert((e, slot));
+                self.expiries.push(Reverse((e, slot)));
             }
         }
         if inst.is_open() {
@@ -256,14 +246,30 @@ impl State for MemoryState {
     }
 
     fn due(&mut self, before: Instant, out: &mut Vec<Due>) {
-        for &(deadline, slot, step) in self.deadlines.range(..(before, 0, 0)) {
+        let mut last = None;
+        while let Some(&Reverse(entry)) = self.deadlines.peek() {
+            let (deadline, slot, step) = entry;
+            if deadline >= before {
+                break;
+            }
+            self.deadlines.pop();
+            if last == Some(entry) {
+                continue;
+            }
+            last = Some(entry);
             let s = &self.slots[slot as usize];
-            out.push(Due {
-                deadline,
-                rule: s.rule as usize,
-                key: s.key.to_string_lossy(),
-                step: step as usize,
-            });
+            let live = s.closed_at == Instant::MIN
+                && s.steps
+                    .get(step as usize)
+                    .is_some_and(|st| st.status == StepStatus::Open && st.at == deadline);
+            if live {
+                out.push(Due {
+                    deadline,
+                    rule: s.rule as usize,
+                    key: s.key.to_string_lossy(),
+                    step: step as usize,
+                });
+            }
         }
     }
 
@@ -298,11 +304,16 @@ impl State for MemoryState {
     }
 
     fn purge(&mut self, clock: Instant) {
-        while let Some(&(e, slot)) = self.expiries.first() {
+        while let Some(&Reverse((e, slot))) = self.expiries.peek() {
             if e >= clock {
                 break;
             }
+            self.expiries.pop();
             let s = &self.slots[slot as usize];
+            // Stale entries (the row was freed, reopened or got a later expiry) are skipped.
+            if s.key.bytes().is_empty() || s.closed_at == Instant::MIN || s.expires_at != e {
+                continue;
+            }
             let (rule, key) = (s.rule as usize, s.key.to_string_lossy());
             self.take(rule, &key);
             self.put(rule, &key, None);
