@@ -9,11 +9,13 @@ need_apt=()
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # The daemon tests signal the real binary with kill(1) (SIGTERM, SIGHUP).
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
+# The alertmanager sink is tested against the real Alertmanager.
+command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 for comp in rustfmt clippy; do
   if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then

@@ -374,3 +374,52 @@ fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
         d.stderr()
     );
 }
+
+#[test]
+fn stdin_source_and_stdout_sink_print_what_replay_reports() {
+    use std::io::{BufRead, Write};
+    let d = Daemon::new(
+        "time: { idle: 0s }\nsources: { events: { type: stdin } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    let lines = checkout_events(800, 9);
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, _) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for l in &lines {
+            writeln!(stdin, "{l}").unwrap();
+        }
+    }
+    // The stdout sink prints exactly replay's alert and compensate lines (in any order;
+    // deliveries run concurrently).
+    let mut got = std::collections::BTreeMap::new();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    while got.len() < want.len() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("an output line within 60 s");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["outcome"] != "resolved" {
+            got.insert(v["id"].as_str().unwrap().to_string(), v);
+        }
+    }
+    assert_eq!(got, want);
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success());
+}
