@@ -11,6 +11,8 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 # The alertmanager sink is tested against the real Alertmanager.
 command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+# Dashboards are evaluated against the real Prometheus; promtool checks metrics and rules.
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -197,6 +197,10 @@ impl Core {
         if !lines.is_empty() {
             self.last_event = StdInstant::now();
         }
+        self.metrics
+            .events_decoded
+            .with_label_values(&[source])
+            .inc_by(applied as u64);
         if let Some(p) = position {
             store::save_position(self.engine.state().conn(), source, &p)?;
         }
@@ -273,7 +277,35 @@ impl Core {
                 .map(|s| s.name.as_str())
                 .unwrap_or("");
             match &o.kind {
+                Kind::Opened => self
+                    .metrics
+                    .instances_opened
+                    .with_label_values(&[&rule.name])
+                    .inc(),
+                Kind::Closed | Kind::Cancelled => {
+                    let how = if o.kind == Kind::Closed {
+                        "finished"
+                    } else {
+                        "cancelled"
+                    };
+                    self.metrics
+                        .instances_closed
+                        .with_label_values(&[&rule.name, how])
+                        .inc();
+                }
+                Kind::Missing => self
+                    .metrics
+                    .steps
+                    .with_label_values(&[&rule.name, step, "missing"])
+                    .inc(),
+                _ => {}
+            }
+            match &o.kind {
                 Kind::Satisfied => {
+                    self.metrics
+                        .steps
+                        .with_label_values(&[&rule.name, step, "satisfied"])
+                        .inc();
                     if let Some(t) = o.time {
                         let secs = (t - o.opened_at).max(0) as f64 / 1e9;
                         self.metrics
@@ -322,6 +354,10 @@ impl Core {
                     self.wrote_outbox = true;
                 }
                 Kind::Late => {
+                    self.metrics
+                        .steps
+                        .with_label_values(&[&rule.name, step, "late"])
+                        .inc();
                     let conn = self.engine.state().conn();
                     for a in Outbox::take_alerts(conn, &rule.name, &o.key, step)? {
                         let body = resolved(&a.body, o);
@@ -423,6 +459,13 @@ impl Core {
                 .set(*n);
         }
         let clock = self.engine.clock();
+        match st.oldest_deadline() {
+            Ok(Some(d)) if clock != Instant::MIN => self
+                .metrics
+                .oldest_deadline_age
+                .set((clock - d) as f64 / 1e9),
+            _ => self.metrics.oldest_deadline_age.set(0.0),
+        }
         if clock != Instant::MIN {
             self.metrics.engine_clock.set(clock as f64 / 1e9);
             self.metrics

@@ -10,6 +10,12 @@ pub struct Metrics {
     pub registry: Registry,
     pub events_received: IntCounterVec,
     pub events_rejected: IntCounterVec,
+    pub events_decoded: IntCounterVec,
+    pub instances_opened: IntCounterVec,
+    pub instances_closed: IntCounterVec,
+    pub steps: IntCounterVec,
+    pub oldest_deadline_age: Gauge,
+    pub source_lag_bytes: IntGaugeVec,
     pub outcomes: IntCounterVec,
     pub open_instances: IntGaugeVec,
     pub outbox_backlog: IntGaugeVec,
@@ -45,6 +51,40 @@ impl Metrics {
             "Events that could not be decoded (bad JSON, not an object, no time).",
             &["source", "reason"],
         );
+        let events_decoded = counter(
+            reg,
+            "sagawatch_events_decoded_total",
+            "Events decoded and applied to the rules.",
+            &["source"],
+        );
+        let instances_opened = counter(
+            reg,
+            "sagawatch_instances_opened_total",
+            "Instances opened by a trigger.",
+            &["rule"],
+        );
+        let instances_closed = counter(
+            reg,
+            "sagawatch_instances_closed_total",
+            "Instances closed: finished (no step open or able to open) or cancelled.",
+            &["rule", "outcome"],
+        );
+        let steps = counter(
+            reg,
+            "sagawatch_steps_total",
+            "Step outcomes: satisfied, missing, late.",
+            &["rule", "step", "outcome"],
+        );
+        let source_lag_bytes = IntGaugeVec::new(
+            Opts::new(
+                "sagawatch_source_lag_bytes",
+                "Bytes of a file source not yet committed (file size minus stored offset).",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(source_lag_bytes.clone()))
+            .expect("unique metric");
         let outcomes = counter(
             reg,
             "sagawatch_outcomes_total",
@@ -110,6 +150,10 @@ impl Metrics {
             "sagawatch_engine_clock_seconds",
             "The engine clock as a Unix time.",
         );
+        let oldest_deadline_age = gauge(
+            "sagawatch_oldest_open_deadline_age_seconds",
+            "Engine clock minus the earliest open step deadline (negative: time left until it is due).",
+        );
         let rules_loaded_at = gauge(
             "sagawatch_rules_last_reload_timestamp_seconds",
             "When the running rule set was loaded.",
@@ -141,6 +185,12 @@ impl Metrics {
             registry,
             events_received,
             events_rejected,
+            events_decoded,
+            instances_opened,
+            instances_closed,
+            steps,
+            oldest_deadline_age,
+            source_lag_bytes,
             outcomes,
             open_instances,
             outbox_backlog,

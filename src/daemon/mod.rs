@@ -235,6 +235,7 @@ fn run_with(
                     start: pos,
                     tx,
                     stop,
+                    lag: metrics.source_lag_bytes.with_label_values(&[&s.name]),
                 };
                 source_threads.push(
                     std::thread::Builder::new()

@@ -42,6 +42,8 @@ pub struct FileSource {
     pub start: Option<Position>,
     pub tx: SyncSender<Msg>,
     pub stop: Arc<AtomicBool>,
+    /// Bytes of the file not yet read.
+    pub lag: prometheus::IntGauge,
 }
 
 struct Open {
@@ -122,6 +124,9 @@ impl FileSource {
                 }
             }
             let Some(o) = cur.as_mut() else { continue };
+            if let Ok(m) = o.reader.get_ref().metadata() {
+                self.lag.set(m.len().saturating_sub(consumed) as i64);
+            }
             if consumed != o.offset || !lines.is_empty() {
                 o.offset = consumed;
                 let msg = Msg::Lines {
