@@ -66,6 +66,18 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Show one instance's timeline from a daemon's state file: each step's status,
+    /// deadline or satisfaction time, and every alert and compensation with its delivery
+    /// state. Exit 1 if the instance is not there.
+    Inspect {
+        /// The daemon's config file (names the state file).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Rule name.
+        rule: String,
+        /// Correlation key.
+        key: String,
+    },
     /// Run the daemon: follow the configured sources, keep state in SQLite, deliver alerts
     /// and compensations through the outbox, serve /metrics and /v1/events.
     Run {
@@ -159,6 +171,33 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     Ok(1)
                 }
                 Err(e) => Err(e),
+            }
+        }
+        Command::Inspect { config, rule, key } => {
+            let cfg = match crate::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(EXIT_CONFIG);
+                }
+            };
+            if !cfg.state.exists() {
+                eprintln!("error: state file {} does not exist", cfg.state.display());
+                return Ok(EXIT_CONFIG);
+            }
+            let conn = crate::store::open(&cfg.state)?;
+            match crate::store::timeline(&conn, &rule, &key)? {
+                Some(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(0)
+                }
+                None => {
+                    eprintln!(
+                        "no instance of rule {rule:?} for key {key:?} in {}",
+                        cfg.state.display()
+                    );
+                    Ok(1)
+                }
             }
         }
         Command::Run { config, log_format } => {

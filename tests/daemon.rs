@@ -423,3 +423,61 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
     signal(&child, "TERM");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn instance_timeline_over_http_and_inspect() {
+    let mut d = Daemon::new(
+        "time: { idle: 0s }\nbatch: { interval: 20ms }\nsources: { api: { type: http } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    d.start();
+    for ev in [
+        r#"{"time":"2026-03-02T09:00:00Z","type":"OrderPlaced","order_id":"o/1"}"#,
+        r#"{"time":"2026-03-02T09:16:00Z","type":"Heartbeat"}"#,
+    ] {
+        assert_eq!(
+            http(d.port, "POST", "/v1/events", &[], ev.as_bytes())
+                .unwrap()
+                .0,
+            202
+        );
+    }
+    let v = wait_for(
+        Duration::from_secs(30),
+        "delivered actions in the timeline",
+        || {
+            let (st, body) = http(d.port, "GET", "/v1/instances/checkout/o%2F1", &[], b"").ok()?;
+            assert_eq!(st, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let acts = v["actions"].as_array()?;
+            (acts.len() == 2 && acts.iter().all(|a| a["delivery"] == "delivered")).then_some(v)
+        },
+    );
+    assert_eq!(v["status"], "closed");
+    assert_eq!(v["opened_at"], "2026-03-02T09:00:00Z");
+    assert_eq!(v["steps"][0]["step"], "payment");
+    assert_eq!(v["steps"][0]["status"], "missing");
+    assert_eq!(v["steps"][0]["deadline"], "2026-03-02T09:15:00Z");
+    assert_eq!(v["steps"][1]["status"], "not yet open");
+    assert_eq!(v["actions"][0]["kind"], "alert");
+    assert_eq!(v["actions"][0]["summary"], "order o/1: payment missing");
+    assert_eq!(v["actions"][1]["kind"], "compensate");
+    assert_eq!(v["actions"][1]["payload"]["type"], "CancelOrder");
+    assert_eq!(v["actions"][1]["attempts"], 1);
+    let (st, _) = http(d.port, "GET", "/v1/instances/checkout/nope", &[], b"").unwrap();
+    assert_eq!(st, 404);
+
+    let out = std::process::Command::new(BIN)
+        .args(["inspect", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .args(["checkout", "o/1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli, v);
+    assert_eq!(d.terminate(), 0);
+}

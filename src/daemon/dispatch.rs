@@ -76,59 +76,78 @@ impl Dispatcher {
         let mut last_resend: HashMap<String, StdInstant> = HashMap::new();
         let mut last_purge = StdInstant::now();
         loop {
-            if self.stop.load(Ordering::Relaxed) && stop_at.is_none() {
-                stop_at = Some(StdInstant::now() + self.grace);
-            }
-            let now = wall_ms();
-            let batch = Outbox::due(&conn, now, self.cfg.outbox.concurrency * 4)?;
-            if let Some(t) = stop_at {
-                if batch.is_empty() || StdInstant::now() >= t {
-                    if !batch.is_empty() {
-                        tracing::warn!(
-                            pending = batch.len(),
-                            "shutting down with undelivered messages; they are kept and sent after restart"
-                        );
-                    }
-                    return Ok(());
+            let r = (|| -> Result<bool> {
+                if self.stop.load(Ordering::Relaxed) && stop_at.is_none() {
+                    stop_at = Some(StdInstant::now() + self.grace);
                 }
-            }
-            if !batch.is_empty() {
-                let results = self.rt.block_on(deliver_all(
-                    &client,
-                    &sinks,
-                    batch,
-                    self.cfg.outbox.concurrency,
-                ));
-                let tx = conn.unchecked_transaction()?;
-                for (p, r) in results {
-                    let d = self.classify(&p, r);
-                    Outbox::record(&tx, p.seq, &d, wall_ms())?;
-                }
-                tx.commit()?;
-            }
-            self.resend_alerts(&conn, &client, &sinks, &mut last_resend)?;
-            if last_purge.elapsed() >= Duration::from_secs(60) {
-                let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
-                Outbox::purge_done(&conn, before)?;
-                last_purge = StdInstant::now();
-            }
-            self.publish(&conn)?;
-            // Sleep until the next message is due, new messages are committed, or 1 s.
-            let next = Outbox::next_due_ms(&conn)?;
-            let wait = match next {
-                Some(t) => Duration::from_millis((t - wall_ms()).clamp(0, 1000) as u64),
-                None => Duration::from_secs(1),
-            };
-            if wait.is_zero() {
-                continue;
-            }
-            match self.wake.recv_timeout(wait) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    if stop_at.is_none() {
-                        stop_at = Some(StdInstant::now() + self.grace);
+                let now = wall_ms();
+                let batch = Outbox::due(&conn, now, self.cfg.outbox.concurrency * 4)?;
+                if let Some(t) = stop_at {
+                    if batch.is_empty() || StdInstant::now() >= t {
+                        if !batch.is_empty() {
+                            tracing::warn!(
+                                pending = batch.len(),
+                                "shutting down with undelivered messages; they are kept and sent after restart"
+                            );
+                        }
+                        return Ok(true);
                     }
-                    std::thread::sleep(wait.min(Duration::from_millis(100)));
+                }
+                if !batch.is_empty() {
+                    let results = self.rt.block_on(deliver_all(
+                        &client,
+                        &sinks,
+                        batch,
+                        self.cfg.outbox.concurrency,
+                    ));
+                    let tx = conn.unchecked_transaction()?;
+                    for (p, r) in results {
+                        let d = self.classify(&p, r);
+                        Outbox::record(&tx, p.seq, &d, wall_ms())?;
+                    }
+                    tx.commit()?;
+                }
+                self.resend_alerts(&conn, &client, &sinks, &mut last_resend)?;
+                if last_purge.elapsed() >= Duration::from_secs(60) {
+                    let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
+                    Outbox::purge_done(&conn, before)?;
+                    last_purge = StdInstant::now();
+                }
+                self.publish(&conn)?;
+                // Sleep until the next message is due, new messages are committed, or 1 s.
+                let next = Outbox::next_due_ms(&conn)?;
+                let wait = match next {
+                    Some(t) => Duration::from_millis((t - wall_ms()).clamp(0, 1000) as u64),
+                    None => Duration::from_secs(1),
+                };
+                if wait.is_zero() {
+                    return Ok(false);
+                }
+                match self.wake.recv_timeout(wait) {
+                    Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        if stop_at.is_none() {
+                            stop_at = Some(StdInstant::now() + self.grace);
+                        }
+                        std::thread::sleep(wait.min(Duration::from_millis(100)));
+                    }
+                }
+                Ok(false)
+            })();
+            match r {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    // A busy or failing state file must not stop deliveries for good:
+                    // what was sent but not recorded is sent again (at-least-once).
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "outbox dispatcher: state file error; retrying"
+                    );
+                    if stop_at.is_some_and(|t| StdInstant::now() >= t) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
                 }
             }
         }

@@ -148,6 +148,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             }
         }
         (&Method::POST, "/v1/events") => events(shared, req).await,
+        (&Method::GET, p) if p.starts_with("/v1/instances/") => instance(shared, p).await,
         (&Method::POST, "/-/reload") => {
             if !authorized(&shared.cfg.token, &req) {
                 return unauthorized();
@@ -171,6 +172,60 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Decodes %XX escapes in a path segment.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `GET /v1/instances/{rule}/{key}`: the instance's timeline from the state file.
+async fn instance(shared: Arc<Shared>, path: &str) -> Resp {
+    let rest = &path["/v1/instances/".len()..];
+    let Some((rule, key)) = rest
+        .split_once('/')
+        .and_then(|(r, k)| Some((percent_decode(r)?, percent_decode(k)?)))
+        .filter(|(r, k)| !r.is_empty() && !k.is_empty())
+    else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "use /v1/instances/{rule}/{key} (key URL-encoded)"}),
+        );
+    };
+    let state = shared.cfg.state.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let conn = crate::store::open(&state)?;
+        crate::store::timeline(&conn, &rule, &key)
+    })
+    .await;
+    match r {
+        Ok(Ok(Some(v))) => json(StatusCode::OK, v),
+        Ok(Ok(None)) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no such instance (never opened, or forgotten after dedup and late windows)"}),
+        ),
+        Ok(Err(e)) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": format!("{e:#}")}),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": e.to_string()}),
+        ),
     }
 }
 

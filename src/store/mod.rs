@@ -215,3 +215,110 @@ pub fn save_position(conn: &Connection, source: &str, pos: &Position) -> Result<
     .execute(params![source, pos.file_id, pos.offset as i64])?;
     Ok(())
 }
+
+fn step_status(s: crate::engine::state::StepStatus) -> &'static str {
+    use crate::engine::state::StepStatus::*;
+    match s {
+        Pending => "not yet open",
+        Open => "open",
+        Satisfied => "satisfied",
+        Missing => "missing",
+        Late => "late",
+        Cancelled => "cancelled",
+    }
+}
+
+fn rfc(t: i64) -> serde_json::Value {
+    crate::time::format_rfc3339(t).into()
+}
+
+fn ms(t: Option<i64>) -> serde_json::Value {
+    t.map(|t| rfc(t.saturating_mul(1_000_000)))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The timeline of one instance: its steps with status, deadline or satisfaction time,
+/// and every alert, resolve and compensation with its delivery state. `None` if the
+/// state holds no row for (rule, key).
+pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde_json::Value>> {
+    use serde_json::json;
+    let row = conn
+        .query_row(
+            "SELECT opened_at, closed_at, steps, captures FROM instances WHERE rule = ?1 AND key = ?2",
+            params![rule, key],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((opened_at, closed_at, steps, _captures)) = row else {
+        return Ok(None);
+    };
+    let names: Vec<String> = conn
+        .query_row(
+            "SELECT steps FROM rule_shapes WHERE rule = ?1",
+            params![rule],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .map(|s| s.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let steps: Vec<serde_json::Value> = sqlite_state::decode_steps(&steps)
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            use crate::engine::state::StepStatus::*;
+            let mut v = json!({
+                "step": names.get(i).cloned().unwrap_or_else(|| i.to_string()),
+                "status": step_status(s.status),
+            });
+            match s.status {
+                Satisfied => v["satisfied_at"] = rfc(s.at),
+                Open | Missing | Late | Cancelled => v["deadline"] = rfc(s.at),
+                Pending => {}
+            }
+            v
+        })
+        .collect();
+    let mut stmt = conn.prepare(
+        "SELECT id, kind, sink, step, state, attempts, last_error, created_ms, done_ms, body
+         FROM outbox WHERE rule = ?1 AND key = ?2 ORDER BY seq",
+    )?;
+    let actions = stmt
+        .query_map(params![rule, key], |r| {
+            let state: i64 = r.get(4)?;
+            let body: String = r.get(9)?;
+            let data = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("data").cloned())
+                .unwrap_or_default();
+            Ok(json!({
+                "id": r.get::<_, String>(0)?,
+                "kind": r.get::<_, String>(1)?,
+                "sink": r.get::<_, String>(2)?,
+                "step": r.get::<_, String>(3)?,
+                "delivery": match state { 0 => "pending", 1 => "delivered", _ => "given_up" },
+                "attempts": r.get::<_, i64>(5)?,
+                "last_error": r.get::<_, Option<String>>(6)?,
+                "created": ms(Some(r.get(7)?)),
+                "done": ms(r.get(8)?),
+                "summary": data.get("summary").cloned(),
+                "payload": data.get("payload").cloned(),
+            }))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(json!({
+        "rule": rule,
+        "key": key,
+        "status": if closed_at.is_some() { "closed" } else { "open" },
+        "opened_at": rfc(opened_at),
+        "closed_at": closed_at.map(rfc),
+        "steps": steps,
+        "actions": actions,
+    })))
+}
