@@ -481,3 +481,71 @@ fn instance_timeline_over_http_and_inspect() {
     assert_eq!(cli, v);
     assert_eq!(d.terminate(), 0);
 }
+
+#[test]
+fn instance_listing_pages_through_the_status_indexes() {
+    let mut d = Daemon::new(
+        "time: { idle: 0s }\nbatch: { interval: 20ms }\nsources: { api: { type: http } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    d.start();
+    let mut body = String::new();
+    for i in 0..5 {
+        body.push_str(&format!(
+            "{{\"time\":\"2026-03-02T09:0{i}:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o{i}\"}}\n"
+        ));
+    }
+    // o0 and o1 are paid; then the clock passes o0..o2's payment deadlines.
+    body.push_str(r#"{"time":"2026-03-02T09:05:00Z","type":"PaymentCompleted","order_id":"o0"}"#);
+    body.push('\n');
+    body.push_str(r#"{"time":"2026-03-02T09:05:00Z","type":"PaymentCompleted","order_id":"o1"}"#);
+    body.push('\n');
+    body.push_str(r#"{"time":"2026-03-02T09:17:30Z","type":"Heartbeat"}"#);
+    assert_eq!(
+        http(d.port, "POST", "/v1/events", &[], body.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    let get = |q: &str| -> serde_json::Value {
+        let (st, b) = http(d.port, "GET", &format!("/v1/instances?{q}"), &[], b"").unwrap();
+        assert_eq!(st, 200, "{q}: {b}");
+        serde_json::from_str(&b).unwrap()
+    };
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Open, oldest first, two per page: o0, o1 (shipment pending), o3, o4.
+    let p1 = get("status=open&limit=2");
+    assert_eq!(keys(&p1), ["o0", "o1"]);
+    let cursor = p1["next_cursor"].as_str().unwrap();
+    let p2 = get(&format!("status=open&limit=2&cursor={cursor}"));
+    assert_eq!(keys(&p2), ["o3", "o4"]);
+    let p3 = get(&format!(
+        "status=open&limit=2&cursor={}",
+        p2["next_cursor"].as_str().unwrap()
+    ));
+    assert_eq!(keys(&p3), Vec::<String>::new());
+    // Missing, most recent deadline first: only o2 (o3's deadline 09:18 not passed).
+    let m = get("status=missing&rule=checkout");
+    assert_eq!(keys(&m), ["o2"]);
+    assert_eq!(m["items"][0]["missing_deadline"], "2026-03-02T09:17:00Z");
+    // Opened more than 16 minutes before the clock (09:17:30): o0 and o1.
+    assert_eq!(keys(&get("status=open&older_than=16m")), ["o0", "o1"]);
+    assert_eq!(keys(&get("status=open&rule=other")), Vec::<String>::new());
+    for bad in [
+        "status=stuck",
+        "limit=0",
+        "older_than=soon",
+        "cursor=zz",
+        "colour=red",
+    ] {
+        let (st, b) = http(d.port, "GET", &format!("/v1/instances?{bad}"), &[], b"").unwrap();
+        assert_eq!(st, 400, "{bad}: {b}");
+    }
+    assert_eq!(d.terminate(), 0);
+}

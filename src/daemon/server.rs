@@ -149,6 +149,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         }
         (&Method::POST, "/v1/events") => events(shared, req).await,
         (&Method::GET, p) if p.starts_with("/v1/instances/") => instance(shared, p).await,
+        (&Method::GET, "/v1/instances") => {
+            let q = req.uri().query().unwrap_or("").to_string();
+            list(shared, &q).await
+        }
         (&Method::POST, "/-/reload") => {
             if !authorized(&shared.cfg.token, &req) {
                 return unauthorized();
@@ -191,6 +195,59 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// `GET /v1/instances?status=open|missing|late&rule=&older_than=&limit=&cursor=`: a page
+/// of instances from the state file's status indexes.
+async fn list(shared: Arc<Shared>, query: &str) -> Resp {
+    let mut status = crate::store::ListStatus::Open;
+    let (mut rule, mut older, mut limit, mut cursor) = (None, None, 100usize, None);
+    let bad = |m: String| json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": m }));
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(v) = percent_decode(&v.replace('+', " ")) else {
+            return bad(format!("{k}: bad URL encoding"));
+        };
+        match k {
+            "status" => match crate::store::ListStatus::parse(&v) {
+                Some(s) => status = s,
+                None => return bad(format!("status {v:?}: use open, missing or late")),
+            },
+            "rule" if !v.is_empty() => rule = Some(v),
+            "rule" => {}
+            "older_than" => match crate::time::Duration::parse_span(&v) {
+                Ok(d) => older = Some(d),
+                Err(e) => return bad(format!("older_than: {e}")),
+            },
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => limit = n,
+                _ => return bad(format!("limit {v:?}: use 1 to 1000")),
+            },
+            "cursor" => cursor = Some(v),
+            other => return bad(format!("unknown parameter {other:?}")),
+        }
+    }
+    let state = shared.cfg.state.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let conn = crate::store::open(&state)?;
+        crate::store::list_instances(
+            &conn,
+            status,
+            rule.as_deref(),
+            older,
+            limit,
+            cursor.as_deref(),
+        )
+    })
+    .await;
+    match r {
+        Ok(Ok(v)) => json(StatusCode::OK, v),
+        Ok(Err(e)) => bad(format!("{e:#}")),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": e.to_string()}),
+        ),
+    }
 }
 
 /// `GET /v1/instances/{rule}/{key}`: the instance's timeline from the state file.

@@ -79,6 +79,14 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX alerts_active ON alerts (active_until_ms);
     ",
+    // 2: listing instances by status from indexes (the timeline API).
+    "
+    ALTER TABLE instances ADD COLUMN missing_at INTEGER;
+    ALTER TABLE instances ADD COLUMN late_at INTEGER;
+    CREATE INDEX instances_open ON instances (opened_at, rule, key) WHERE closed_at IS NULL;
+    CREATE INDEX instances_missing ON instances (missing_at, rule, key) WHERE missing_at IS NOT NULL;
+    CREATE INDEX instances_late ON instances (late_at, rule, key) WHERE late_at IS NOT NULL;
+    ",
 ];
 
 /// Opens (creating if needed) the state file with the settings every connection uses.
@@ -321,4 +329,120 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
         "steps": steps,
         "actions": actions,
     })))
+}
+
+/// Which instances to list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListStatus {
+    /// Open, oldest first.
+    Open,
+    /// With a missing step, most recent deadline first.
+    Missing,
+    /// With a late step, most recent deadline first.
+    Late,
+}
+
+impl ListStatus {
+    pub fn parse(s: &str) -> Option<ListStatus> {
+        match s {
+            "open" => Some(ListStatus::Open),
+            "missing" => Some(ListStatus::Missing),
+            "late" => Some(ListStatus::Late),
+            _ => None,
+        }
+    }
+}
+
+/// A page of instances from the status indexes, and the cursor of the next page.
+/// `older_than` (ns) keeps those whose sort time is more than that before the engine
+/// clock. The cursor is opaque to callers (hex of the last row's sort key).
+pub fn list_instances(
+    conn: &Connection,
+    status: ListStatus,
+    rule: Option<&str>,
+    older_than: Option<i64>,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<serde_json::Value> {
+    use serde_json::json;
+    let clock: Option<i64> = conn
+        .query_row("SELECT v FROM meta WHERE k = 'clock.now'", [], |r| r.get(0))
+        .optional()?;
+    let bound = match (older_than, clock) {
+        (Some(d), Some(c)) => c.saturating_sub(d),
+        (Some(_), None) => i64::MIN,
+        (None, _) => i64::MAX,
+    };
+    let after: Option<(i64, String, String)> = match cursor {
+        None | Some("") => None,
+        Some(c) => {
+            let bytes = (0..c.len())
+                .step_by(2)
+                .map(|i| c.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .collect::<Option<Vec<u8>>>();
+            Some(
+                bytes
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .ok_or_else(|| anyhow::anyhow!("invalid cursor"))?,
+            )
+        }
+    };
+    let (col, filter, order, cmp) = match status {
+        ListStatus::Open => ("opened_at", "closed_at IS NULL", "ASC", ">"),
+        ListStatus::Missing => ("missing_at", "missing_at IS NOT NULL", "DESC", "<"),
+        ListStatus::Late => ("late_at", "late_at IS NOT NULL", "DESC", "<"),
+    };
+    let sql = format!(
+        "SELECT rule, key, opened_at, closed_at, {col}, steps FROM instances
+         WHERE {filter} AND {col} < ?1 AND (?2 IS NULL OR rule = ?2)
+           AND (?3 IS NULL OR ({col}, rule, key) {cmp} (?3, ?4, ?5))
+         ORDER BY {col} {order}, rule {order}, key {order} LIMIT ?6"
+    );
+    let (ct, cr, ck) = match &after {
+        Some((t, r, k)) => (Some(*t), Some(r.as_str()), Some(k.as_str())),
+        None => (None, None, None),
+    };
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt
+        .query_map(
+            params![bound, rule, ct, cr, ck, (limit.clamp(1, 1000)) as i64],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let next = (rows.len() == limit.clamp(1, 1000))
+        .then(|| rows.last())
+        .flatten()
+        .map(|(r, k, _, _, t, ..)| {
+            serde_json::to_vec(&(t, r, k))
+                .unwrap_or_default()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        });
+    let items: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|(r, k, opened, closed, t, ..)| {
+            let mut v = json!({
+                "rule": r,
+                "key": k,
+                "status": if closed.is_some() { "closed" } else { "open" },
+                "opened_at": rfc(opened),
+            });
+            match status {
+                ListStatus::Open => {}
+                ListStatus::Missing => v["missing_deadline"] = rfc(t),
+                ListStatus::Late => v["late_deadline"] = rfc(t),
+            }
+            v
+        })
+        .collect();
+    Ok(json!({ "items": items, "next_cursor": next }))
 }

@@ -373,13 +373,23 @@ impl SqliteState {
                     self.next_purge = self.next_purge.min(inst.expires_at);
                 }
                 let captures = serde_json::to_string(&inst.captures).unwrap_or_default();
+                let latest = |want: StepStatus| {
+                    inst.steps
+                        .iter()
+                        .filter(|s| s.status == want)
+                        .map(|s| s.at)
+                        .max()
+                };
+                let (missing_at, late_at) = (latest(StepStatus::Missing), latest(StepStatus::Late));
                 let sql = if self.taken_existed {
                     "UPDATE instances SET opened_at = ?3, closed_at = ?4, expires_at = ?5,
-                     next_deadline = ?6, steps = ?7, captures = ?8 WHERE rule = ?1 AND key = ?2"
+                     next_deadline = ?6, steps = ?7, captures = ?8, missing_at = ?9, late_at = ?10
+                     WHERE rule = ?1 AND key = ?2"
                 } else {
                     "INSERT OR REPLACE INTO instances
-                         (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                         (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures,
+                          missing_at, late_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
                 };
                 self.conn.prepare_cached(sql)?.execute(params![
                     rule,
@@ -389,7 +399,9 @@ impl SqliteState {
                     inst.expires_at,
                     next,
                     encode_steps(&inst.steps),
-                    captures
+                    captures,
+                    missing_at,
+                    late_at
                 ])?;
             }
         }
