@@ -454,6 +454,8 @@ fn instance_timeline_over_http_and_inspect() {
     );
     assert_eq!(v["status"], "closed");
     assert_eq!(v["opened_at"], "2026-03-02T09:00:00Z");
+    assert_eq!(v["trigger"]["order_id"], "o/1");
+    assert_eq!(v["trigger"]["type"], "OrderPlaced");
     assert_eq!(v["steps"][0]["step"], "payment");
     assert_eq!(v["steps"][0]["status"], "missing");
     assert_eq!(v["steps"][0]["deadline"], "2026-03-02T09:15:00Z");
@@ -465,6 +467,41 @@ fn instance_timeline_over_http_and_inspect() {
     assert_eq!(v["actions"][1]["attempts"], 1);
     let (st, _) = http(d.port, "GET", "/v1/instances/checkout/nope", &[], b"").unwrap();
     assert_eq!(st, 404);
+
+    // The correlate behind each satisfied step: directly, and remembered as early.
+    for ev in [
+        r#"{"time":"2026-03-02T09:17:00Z","type":"OrderPlaced","order_id":"direct"}"#,
+        r#"{"time":"2026-03-02T09:18:00Z","type":"PaymentCompleted","order_id":"direct","n":1}"#,
+        r#"{"time":"2026-03-02T09:19:00Z","type":"PaymentCompleted","order_id":"early","n":2}"#,
+        r#"{"time":"2026-03-02T09:20:00Z","type":"OrderPlaced","order_id":"early"}"#,
+    ] {
+        assert_eq!(
+            http(d.port, "POST", "/v1/events", &[], ev.as_bytes())
+                .unwrap()
+                .0,
+            202
+        );
+    }
+    for (key, n, at) in [
+        ("direct", 1, "2026-03-02T09:18:00Z"),
+        ("early", 2, "2026-03-02T09:19:00Z"),
+    ] {
+        let (st, body) = http(
+            d.port,
+            "GET",
+            &format!("/v1/instances/checkout/{key}"),
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(st, 200, "{body}");
+        let t: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(t["steps"][0]["status"], "satisfied", "{key}");
+        assert_eq!(t["steps"][0]["satisfied_at"], at, "{key}");
+        assert_eq!(t["steps"][0]["event"]["n"], n, "{key}");
+        assert_eq!(t["steps"][1]["status"], "open", "{key}");
+        assert_eq!(t["trigger"]["type"], "OrderPlaced", "{key}");
+    }
 
     let out = std::process::Command::new(BIN)
         .args(["inspect", "--config"])

@@ -184,6 +184,7 @@ impl Core {
                 .decode_at(line.as_bytes(), Some(source), received)
             {
                 Ok(ev) => {
+                    self.engine.state_mut().set_event(Some((line, ev.time)));
                     self.engine.process(&ev, &mut self.outcomes);
                     applied += 1;
                 }
@@ -249,6 +250,7 @@ impl Core {
         let to = wall_nanos().saturating_sub(t.lateness);
         if to > self.engine.clock() {
             self.begin()?;
+            self.engine.state_mut().set_event(None);
             self.engine.tick(to, &mut self.outcomes);
             self.drain_outcomes()?;
         }

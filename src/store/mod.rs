@@ -87,6 +87,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX instances_missing ON instances (missing_at, rule, key) WHERE missing_at IS NOT NULL;
     CREATE INDEX instances_late ON instances (late_at, rule, key) WHERE late_at IS NOT NULL;
     ",
+    // 3: the events behind a timeline: the trigger and each step's correlate.
+    "
+    ALTER TABLE instances ADD COLUMN trigger TEXT;
+    ALTER TABLE instances ADD COLUMN correlates TEXT;
+    ALTER TABLE early ADD COLUMN event TEXT;
+    ",
 ];
 
 /// Opens (creating if needed) the state file with the settings every connection uses.
@@ -252,21 +258,28 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
     use serde_json::json;
     let row = conn
         .query_row(
-            "SELECT opened_at, closed_at, steps, captures FROM instances WHERE rule = ?1 AND key = ?2",
+            "SELECT opened_at, closed_at, steps, trigger, correlates FROM instances
+             WHERE rule = ?1 AND key = ?2",
             params![rule, key],
             |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, Option<i64>>(1)?,
                     r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
                 ))
             },
         )
         .optional()?;
-    let Some((opened_at, closed_at, steps, _captures)) = row else {
+    let Some((opened_at, closed_at, steps, trigger, correlates)) = row else {
         return Ok(None);
     };
+    let as_json =
+        |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap_or_else(|_| t.into());
+    let correlates: Vec<Option<String>> = correlates
+        .and_then(|c| serde_json::from_str(&c).ok())
+        .unwrap_or_default();
     let names: Vec<String> = conn
         .query_row(
             "SELECT steps FROM rule_shapes WHERE rule = ?1",
@@ -286,7 +299,12 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
                 "status": step_status(s.status),
             });
             match s.status {
-                Satisfied => v["satisfied_at"] = rfc(s.at),
+                Satisfied => {
+                    v["satisfied_at"] = rfc(s.at);
+                    if let Some(Some(e)) = correlates.get(i) {
+                        v["event"] = as_json(e);
+                    }
+                }
                 Open | Missing | Late | Cancelled => v["deadline"] = rfc(s.at),
                 Pending => {}
             }
@@ -326,6 +344,7 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
         "status": if closed_at.is_some() { "closed" } else { "open" },
         "opened_at": rfc(opened_at),
         "closed_at": closed_at.map(rfc),
+        "trigger": trigger.as_deref().map(as_json),
         "steps": steps,
         "actions": actions,
     })))

@@ -2,6 +2,7 @@
 //! deadline indexed, so deadlines fire from the index and memory does not grow with open
 //! instances. The caller brackets engine calls in `begin`/`commit`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -43,7 +44,18 @@ pub struct SqliteState {
     remembered: HashMap<u64, u32>,
     /// Set by the checkpointer when the WAL should be started over after this commit.
     wal_restart: Arc<AtomicBool>,
+    /// The event being applied (its text and time), kept as the trigger of rows it opens
+    /// and the correlate of steps it satisfies, for the timeline.
+    event: Option<(Box<str>, Instant)>,
+    /// Step statuses and stored correlates of the row taken last.
+    taken_steps: Vec<StepStatus>,
+    taken_correlates: Option<String>,
+    /// Early correlates looked up while applying this event: (step, time, text).
+    early_seen: RefCell<Vec<(usize, Instant, String)>>,
 }
+
+/// Longest event text kept for the timeline.
+const MAX_EVENT_TEXT: usize = 4096;
 
 fn memo_hash(rule: &str, key: &str) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -145,6 +157,10 @@ impl SqliteState {
             in_tx: false,
             remembered: HashMap::new(),
             wal_restart: Arc::default(),
+            event: None,
+            taken_steps: Vec::new(),
+            taken_correlates: None,
+            early_seen: RefCell::default(),
         };
         st.load(rules)
             .with_context(|| format!("state file {}: reading state", path.display()))?;
@@ -277,6 +293,58 @@ impl SqliteState {
         Ok(())
     }
 
+    /// Sets the event about to be applied (`None` for clock ticks).
+    pub fn set_event(&mut self, event: Option<(&str, Instant)>) {
+        self.event = event.map(|(t, at)| {
+            let t = if t.len() > MAX_EVENT_TEXT {
+                let mut end = MAX_EVENT_TEXT;
+                while !t.is_char_boundary(end) {
+                    end -= 1;
+                }
+                &t[..end]
+            } else {
+                t
+            };
+            (Box::from(t), at)
+        });
+        self.early_seen.borrow_mut().clear();
+    }
+
+    /// The correlates column for a row being put: the taken one plus the text of every
+    /// step this put newly satisfied.
+    fn correlates_for(&self, inst: &Instance) -> Option<String> {
+        let newly: Vec<usize> = inst
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                s.status == StepStatus::Satisfied
+                    && self.taken_steps.get(*i) != Some(&StepStatus::Satisfied)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if newly.is_empty() {
+            return self.taken_correlates.clone();
+        }
+        let mut all: Vec<Option<String>> = self
+            .taken_correlates
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or_default();
+        all.resize(inst.steps.len(), None);
+        for i in newly {
+            let at = inst.steps[i].at;
+            let early = self
+                .early_seen
+                .borrow()
+                .iter()
+                .find(|(s, t, _)| *s == i && *t == at)
+                .map(|(_, _, e)| e.clone());
+            all[i] = early.or_else(|| self.event.as_ref().map(|(t, _)| t.to_string()));
+        }
+        serde_json::to_string(&all).ok()
+    }
+
     /// The flag the WAL checkpointer sets when the writer should start the WAL over.
     pub fn wal_restart_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.wal_restart)
@@ -338,23 +406,34 @@ impl SqliteState {
     fn try_take(&mut self, rule: &str, key: &str) -> rusqlite::Result<Option<Instance>> {
         self.conn
             .prepare_cached(
-                "SELECT opened_at, closed_at, expires_at, steps, captures
+                "SELECT opened_at, closed_at, expires_at, steps, captures, correlates
                  FROM instances WHERE rule = ?1 AND key = ?2",
             )?
             .query_row(params![rule, key], |r| {
                 let steps: Vec<u8> = r.get(3)?;
                 let captures: String = r.get(4)?;
-                Ok(Instance {
-                    opened_at: r.get(0)?,
-                    closed_at: r.get(1)?,
-                    expires_at: r.get(2)?,
-                    steps: decode_steps(&steps),
-                    captures: serde_json::from_str::<Vec<String>>(&captures)
-                        .unwrap_or_default()
-                        .into_boxed_slice(),
-                })
+                let correlates: Option<String> = r.get(5)?;
+                Ok((
+                    correlates,
+                    Instance {
+                        opened_at: r.get(0)?,
+                        closed_at: r.get(1)?,
+                        expires_at: r.get(2)?,
+                        steps: decode_steps(&steps),
+                        captures: serde_json::from_str::<Vec<String>>(&captures)
+                            .unwrap_or_default()
+                            .into_boxed_slice(),
+                    },
+                ))
             })
             .optional()
+            .map(|r| {
+                r.map(|(correlates, inst)| {
+                    self.taken_steps = inst.steps.iter().map(|s| s.status).collect();
+                    self.taken_correlates = correlates;
+                    inst
+                })
+            })
     }
 
     fn try_put(&mut self, rule: &str, key: &str, row: &Option<Instance>) -> rusqlite::Result<()> {
@@ -381,15 +460,21 @@ impl SqliteState {
                         .max()
                 };
                 let (missing_at, late_at) = (latest(StepStatus::Missing), latest(StepStatus::Late));
+                let correlates = self.correlates_for(inst);
+                let trigger = match &self.event {
+                    Some((t, _)) if !self.taken_existed => Some(t.as_ref()),
+                    _ => None,
+                };
                 let sql = if self.taken_existed {
                     "UPDATE instances SET opened_at = ?3, closed_at = ?4, expires_at = ?5,
-                     next_deadline = ?6, steps = ?7, captures = ?8, missing_at = ?9, late_at = ?10
+                     next_deadline = ?6, steps = ?7, captures = ?8, missing_at = ?9, late_at = ?10,
+                     correlates = ?11, trigger = COALESCE(?12, trigger)
                      WHERE rule = ?1 AND key = ?2"
                 } else {
                     "INSERT OR REPLACE INTO instances
                          (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures,
-                          missing_at, late_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                          missing_at, late_at, correlates, trigger)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
                 };
                 self.conn.prepare_cached(sql)?.execute(params![
                     rule,
@@ -401,7 +486,9 @@ impl SqliteState {
                     encode_steps(&inst.steps),
                     captures,
                     missing_at,
-                    late_at
+                    late_at,
+                    correlates,
+                    trigger
                 ])?;
             }
         }
@@ -558,6 +645,8 @@ impl State for SqliteState {
         let name = self.names[rule].clone();
         let r = self.try_put(&name, key, &row);
         self.taken_existed = false;
+        self.taken_steps.clear();
+        self.taken_correlates = None;
         self.fail(r);
     }
 
@@ -573,13 +662,21 @@ impl State for SqliteState {
         let r = self
             .conn
             .prepare_cached(
-                "SELECT time, expires FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3",
+                "SELECT time, expires, event FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3",
             )
             .and_then(|mut s| {
                 s.query_row(params![self.names[rule], key, step as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?))
                 })
                 .optional()
+            })
+            .map(|found| {
+                found.map(|(time, expires, event)| {
+                    if let Some(e) = event {
+                        self.early_seen.borrow_mut().push((step, time, e));
+                    }
+                    (time, expires)
+                })
             });
         r.unwrap_or_else(|e| {
             tracing::error!(error = %e, "state read failed");
@@ -594,9 +691,19 @@ impl State for SqliteState {
         let r = self
             .conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO early (rule, key, step, time, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO early (rule, key, step, time, expires, event)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
-            .and_then(|mut s| s.execute(params![self.names[rule], key, step as i64, time, expires]));
+            .and_then(|mut s| {
+                s.execute(params![
+                    self.names[rule],
+                    key,
+                    step as i64,
+                    time,
+                    expires,
+                    self.event.as_ref().map(|(t, _)| t.as_ref())
+                ])
+            });
         self.fail(r.map(|_| ()));
     }
 
