@@ -36,6 +36,9 @@ pub struct Shared {
 
 type Resp = Response<Full<Bytes>>;
 
+/// The web page at `/ui`: one self-contained file, embedded in the binary.
+const UI: &str = include_str!("ui/index.html");
+
 fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.into())));
     *r.status_mut() = status;
@@ -149,6 +152,39 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         }
         (&Method::POST, "/v1/events") => events(shared, req).await,
         (&Method::GET, p) if p.starts_with("/v1/instances/") => instance(shared, p).await,
+        (&Method::GET, "/ui" | "/ui/") => {
+            let mut r = Response::new(Full::new(Bytes::from_static(UI.as_bytes())));
+            r.headers_mut().insert(
+                "content-type",
+                "text/html; charset=utf-8".parse().expect("header"),
+            );
+            r.headers_mut().insert(
+                "content-security-policy",
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
+                    .parse()
+                    .expect("header"),
+            );
+            r
+        }
+        (&Method::GET, "/v1/rules") => {
+            let state = shared.cfg.state.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let conn = crate::store::open(&state)?;
+                crate::store::rule_summary(&conn)
+            })
+            .await;
+            match r {
+                Ok(Ok(v)) => json(StatusCode::OK, v),
+                Ok(Err(e)) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"error": format!("{e:#}")}),
+                ),
+                Err(e) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"error": e.to_string()}),
+                ),
+            }
+        }
         (&Method::GET, "/v1/instances") => {
             let q = req.uri().query().unwrap_or("").to_string();
             list(shared, &q).await

@@ -465,3 +465,36 @@ pub fn list_instances(
         .collect();
     Ok(json!({ "items": items, "next_cursor": next }))
 }
+
+/// Per rule: open instances, and instances with a missing or a late step (from the
+/// status indexes).
+pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
+    use std::collections::BTreeMap;
+    let mut rules: BTreeMap<String, [i64; 3]> = BTreeMap::new();
+    let mut stmt = conn.prepare("SELECT rule FROM rule_shapes")?;
+    for r in stmt.query_map([], |r| r.get::<_, String>(0))? {
+        rules.entry(r?).or_default();
+    }
+    let mut stmt = conn.prepare("SELECT substr(k, 6), v FROM meta WHERE k LIKE 'open:%'")?;
+    for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (rule, n) = r?;
+        rules.entry(rule).or_default()[0] = n;
+    }
+    for (i, col) in [(1, "missing_at"), (2, "late_at")] {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT rule, COUNT(*) FROM instances WHERE {col} IS NOT NULL GROUP BY rule"
+        ))?;
+        for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (rule, n) = r?;
+            rules.entry(rule).or_default()[i] = n;
+        }
+    }
+    Ok(serde_json::json!({
+        "rules": rules
+            .into_iter()
+            .map(|(rule, [open, missing, late])| serde_json::json!({
+                "rule": rule, "open": open, "missing": missing, "late": late
+            }))
+            .collect::<Vec<_>>()
+    }))
+}

@@ -310,19 +310,39 @@ pub fn http(
     s.write_all(req.as_bytes())?;
     // A server may answer (413) before reading a large body; ignore write errors then.
     let _ = s.write_all(body);
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let status = text
+    // Read the head, then Content-Length bytes (some servers keep the connection open
+    // despite `connection: close`), else to the end.
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 || l == "\r\n" {
+            break;
+        }
+        head.push_str(&l);
+    }
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status in {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    let len = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    let mut body = Vec::new();
+    match len {
+        Some(n) => {
+            body.resize(n, 0);
+            r.read_exact(&mut body)?;
+        }
+        None => {
+            let _ = r.read_to_end(&mut body);
+        }
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The value of a metric series from a /metrics scrape (summed over matching lines).
