@@ -418,13 +418,14 @@ impl Core {
         self.batch_events = 0;
         match r {
             Ok(()) => {
+                // Gauges first: whoever is acknowledged sees metrics that include its events.
+                self.publish_gauges();
                 for (d, n) in self.pending_acks.drain(..) {
                     let _ = d.send(Ok(n));
                 }
                 if std::mem::take(&mut self.wrote_outbox) {
                     let _ = self.wake_dispatcher.try_send(());
                 }
-                self.publish_gauges();
                 Ok(())
             }
             Err(e) => {
