@@ -71,7 +71,7 @@ pub enum Command {
     /// state. Exit 1 if the instance is not there.
     Inspect {
         /// The daemon's config file (names the state file).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", default_value = "sagawatch.yaml")]
         config: PathBuf,
         /// Rule name.
         rule: String,
