@@ -480,9 +480,15 @@ pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
         let (rule, n) = r?;
         rules.entry(rule).or_default()[0] = n;
     }
-    for (i, col) in [(1, "missing_at"), (2, "late_at")] {
+    for (i, col, index) in [
+        (1, "missing_at", "instances_missing"),
+        (2, "late_at", "instances_late"),
+    ] {
+        // The partial index holds only these rows; without the hint SQLite may prefer
+        // the primary key (it is ordered by rule) and scan every instance.
         let mut stmt = conn.prepare(&format!(
-            "SELECT rule, COUNT(*) FROM instances WHERE {col} IS NOT NULL GROUP BY rule"
+            "SELECT rule, COUNT(*) FROM instances INDEXED BY {index}
+             WHERE {col} IS NOT NULL GROUP BY rule"
         ))?;
         for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
             let (rule, n) = r?;
