@@ -248,25 +248,9 @@ impl Config {
     }
 }
 
-/// Every problem in a config file (and, through `load`, in its rules).
-#[derive(Debug)]
-pub struct ConfigError {
-    pub diags: Vec<FileDiag>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.diags.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
+/// Every problem in a config file, in the same `file:line:col: path: message` form as
+/// rules problems.
+pub type ConfigError = RulesError;
 
 /// Replaces `${NAME}` (and `${NAME:-default}`) in every string scalar with the environment
 /// variable; `$$` is a literal `$`. A variable that is unset and has no default is an error

@@ -23,6 +23,37 @@ fn with_port(cfg: &str, port: u16) -> String {
     cfg.replace("${HOOK_PORT}", &port.to_string())
 }
 
+/// A daemon delivering to a webhook receiver, with `events` generated checkout events in
+/// `events.jsonl` and what `replay` reports for them.
+struct Hooked {
+    rx: Receiver,
+    d: Daemon,
+    lines: Vec<String>,
+    want: std::collections::BTreeMap<String, serde_json::Value>,
+    late: usize,
+}
+
+fn hooked(extra: &str, events: usize, seed: u64, receiver_up: bool) -> Hooked {
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    if receiver_up {
+        rx.start();
+    }
+    let d = Daemon::new(&with_port(&hook_config(extra), hook));
+    let lines = checkout_events(events, seed);
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    Hooked {
+        rx,
+        d,
+        lines,
+        want,
+        late,
+    }
+}
+
+const FILE_SOURCE: &str = "sources:\n  events: { type: file, path: events.jsonl }\n";
+
 fn wait_delivered(d: &Daemon, rx: &Receiver, want: usize, limit: Duration) {
     wait_for(limit, "every message to be delivered", || {
         let backlog = metric(d.port, "sagawatch_outbox_backlog")?;
@@ -32,17 +63,13 @@ fn wait_delivered(d: &Daemon, rx: &Receiver, want: usize, limit: Duration) {
 
 #[test]
 fn file_source_delivers_what_replay_reports() {
-    let hook = free_port();
-    let mut rx = Receiver::new(hook);
-    rx.start();
-    let cfg = with_port(
-        &hook_config("sources:\n  events: { type: file, path: events.jsonl }\n"),
-        hook,
-    );
-    let mut d = Daemon::new(&cfg);
-    let lines = checkout_events(3000, 7);
-    write_lines(&d.path("events.jsonl"), &lines);
-    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    let Hooked {
+        rx,
+        mut d,
+        lines,
+        want,
+        late,
+    } = hooked(FILE_SOURCE, 3000, 7, true);
     assert!(
         want.len() > 100 && late > 10,
         "workload has misses and lates"
@@ -109,17 +136,18 @@ fn file_source_follows_appends_and_rotation() {
 
 #[test]
 fn http_source_delivers_what_replay_reports() {
-    let hook = free_port();
-    let mut rx = Receiver::new(hook);
-    rx.start();
-    let cfg = with_port(
-        &hook_config("token: s3cret\nsources:\n  api: { type: http }\n"),
-        hook,
+    let Hooked {
+        rx,
+        mut d,
+        lines,
+        want,
+        late,
+    } = hooked(
+        "token: s3cret\nsources:\n  api: { type: http }\n",
+        2500,
+        3,
+        true,
     );
-    let mut d = Daemon::new(&cfg);
-    let lines = checkout_events(2500, 3);
-    write_lines(&d.path("events.jsonl"), &lines);
-    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
     d.start();
     let auth = [("authorization", "Bearer s3cret")];
     // The same stream in NDJSON chunks, JSON arrays and single objects.
@@ -150,17 +178,13 @@ fn http_source_delivers_what_replay_reports() {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_invents_nothing() {
-    let hook = free_port();
-    let mut rx = Receiver::new(hook);
-    rx.start();
-    let cfg = with_port(
-        &hook_config("sources:\n  events: { type: file, path: events.jsonl }\n"),
-        hook,
-    );
-    let mut d = Daemon::new(&cfg);
-    let lines = checkout_events(200_000, 42);
-    write_lines(&d.path("events.jsonl"), &lines);
-    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    let Hooked {
+        rx,
+        mut d,
+        lines: _,
+        want,
+        late,
+    } = hooked(FILE_SOURCE, 200_000, 42, true);
     let mut rng = Lcg(2024);
     let mut kills = 0;
     d.start();
@@ -187,16 +211,13 @@ fn sigkill_at_random_moments_loses_nothing_and_invents_nothing() {
 
 #[test]
 fn receiver_outage_loses_nothing() {
-    let hook = free_port();
-    let mut rx = Receiver::new(hook);
-    let cfg = with_port(
-        &hook_config("sources:\n  events: { type: file, path: events.jsonl }\n"),
-        hook,
-    );
-    let mut d = Daemon::new(&cfg);
-    let lines = checkout_events(1500, 5);
-    write_lines(&d.path("events.jsonl"), &lines);
-    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    let Hooked {
+        mut rx,
+        mut d,
+        lines: _,
+        want,
+        late,
+    } = hooked(FILE_SOURCE, 1500, 5, false);
     // The receiver is down: deliveries fail and are retried.
     d.start();
     wait_for(

@@ -167,22 +167,15 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             r
         }
         (&Method::GET, "/v1/rules") => {
-            let state = shared.cfg.state.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                let conn = crate::store::open(&state)?;
-                crate::store::rule_summary(&conn)
-            })
-            .await;
-            match r {
-                Ok(Ok(v)) => json(StatusCode::OK, v),
-                Ok(Err(e)) => json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    serde_json::json!({"error": format!("{e:#}")}),
-                ),
-                Err(e) => json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    serde_json::json!({"error": e.to_string()}),
-                ),
+            match from_state(
+                &shared,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                crate::store::rule_summary,
+            )
+            .await
+            {
+                Ok(v) => json(StatusCode::OK, v),
+                Err(r) => r,
             }
         }
         (&Method::GET, "/v1/instances") => {
@@ -212,6 +205,31 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Runs a state-file read on the blocking pool; its JSON, or the error as a response with
+/// `err_status`.
+async fn from_state<F>(
+    shared: &Shared,
+    err_status: StatusCode,
+    f: F,
+) -> Result<serde_json::Value, Resp>
+where
+    F: FnOnce(&rusqlite::Connection) -> anyhow::Result<serde_json::Value> + Send + 'static,
+{
+    let state = shared.cfg.state.clone();
+    let r = tokio::task::spawn_blocking(move || f(&crate::store::open(&state)?)).await;
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(json(
+            err_status,
+            serde_json::json!({"error": format!("{e:#}")}),
+        )),
+        Err(e) => Err(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": e.to_string()}),
+        )),
     }
 }
 
@@ -263,11 +281,10 @@ async fn list(shared: Arc<Shared>, query: &str) -> Resp {
             other => return bad(format!("unknown parameter {other:?}")),
         }
     }
-    let state = shared.cfg.state.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let conn = crate::store::open(&state)?;
+    // The only expected error is a malformed cursor: the caller's fault.
+    let r = from_state(&shared, StatusCode::BAD_REQUEST, move |conn| {
         crate::store::list_instances(
-            &conn,
+            conn,
             status,
             rule.as_deref(),
             older,
@@ -277,12 +294,8 @@ async fn list(shared: Arc<Shared>, query: &str) -> Resp {
     })
     .await;
     match r {
-        Ok(Ok(v)) => json(StatusCode::OK, v),
-        Ok(Err(e)) => bad(format!("{e:#}")),
-        Err(e) => json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": e.to_string()}),
-        ),
+        Ok(v) => json(StatusCode::OK, v),
+        Err(r) => r,
     }
 }
 
@@ -299,26 +312,17 @@ async fn instance(shared: Arc<Shared>, path: &str) -> Resp {
             serde_json::json!({"error": "use /v1/instances/{rule}/{key} (key URL-encoded)"}),
         );
     };
-    let state = shared.cfg.state.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let conn = crate::store::open(&state)?;
-        crate::store::timeline(&conn, &rule, &key)
+    let r = from_state(&shared, StatusCode::INTERNAL_SERVER_ERROR, move |conn| {
+        Ok(crate::store::timeline(conn, &rule, &key)?.unwrap_or(serde_json::Value::Null))
     })
     .await;
     match r {
-        Ok(Ok(Some(v))) => json(StatusCode::OK, v),
-        Ok(Ok(None)) => json(
+        Ok(serde_json::Value::Null) => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "no such instance (never opened, or forgotten after dedup and late windows)"}),
         ),
-        Ok(Err(e)) => json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": format!("{e:#}")}),
-        ),
-        Err(e) => json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": e.to_string()}),
-        ),
+        Ok(v) => json(StatusCode::OK, v),
+        Err(r) => r,
     }
 }
 
