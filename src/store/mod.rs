@@ -87,10 +87,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX instances_missing ON instances (missing_at, rule, key) WHERE missing_at IS NOT NULL;
     CREATE INDEX instances_late ON instances (late_at, rule, key) WHERE late_at IS NOT NULL;
     ",
-    // 3: the events behind a timeline: the trigger and each step's correlate.
+    // 3: the events behind a timeline: the trigger and each step's correlate, appended
+    // to their own table (cheap inserts at the end of a B-tree) and referenced by seq.
     "
-    ALTER TABLE instances ADD COLUMN trigger TEXT;
-    ALTER TABLE instances ADD COLUMN correlates TEXT;
+    CREATE TABLE events (seq INTEGER PRIMARY KEY, time INTEGER NOT NULL, text TEXT NOT NULL);
+    ALTER TABLE instances ADD COLUMN refs BLOB;
     ALTER TABLE early ADD COLUMN event TEXT;
     ",
 ];
@@ -258,28 +259,40 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
     use serde_json::json;
     let row = conn
         .query_row(
-            "SELECT opened_at, closed_at, steps, trigger, correlates FROM instances
-             WHERE rule = ?1 AND key = ?2",
+            "SELECT opened_at, closed_at, steps, refs FROM instances WHERE rule = ?1 AND key = ?2",
             params![rule, key],
             |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, Option<i64>>(1)?,
                     r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<Vec<u8>>>(3)?,
                 ))
             },
         )
         .optional()?;
-    let Some((opened_at, closed_at, steps, trigger, correlates)) = row else {
+    let Some((opened_at, closed_at, steps, refs)) = row else {
         return Ok(None);
     };
-    let as_json =
-        |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap_or_else(|_| t.into());
-    let correlates: Vec<Option<String>> = correlates
-        .and_then(|c| serde_json::from_str(&c).ok())
-        .unwrap_or_default();
+    let refs = sqlite_state::decode_refs(refs.as_deref().unwrap_or_default());
+    let event = |i: usize| -> Result<Option<serde_json::Value>> {
+        let Some(&seq) = refs.get(i).filter(|&&s| s != 0) else {
+            return Ok(None);
+        };
+        let text: Option<String> = conn
+            .query_row(
+                "SELECT text FROM events WHERE seq = ?1",
+                params![seq],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(text.map(|t| serde_json::from_str(&t).unwrap_or_else(|_| t.into())))
+    };
+    let trigger = event(0)?;
+    let mut step_events = Vec::new();
+    for i in 0..steps.len() / 9 {
+        step_events.push(event(i + 1)?);
+    }
     let names: Vec<String> = conn
         .query_row(
             "SELECT steps FROM rule_shapes WHERE rule = ?1",
@@ -301,8 +314,8 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
             match s.status {
                 Satisfied => {
                     v["satisfied_at"] = rfc(s.at);
-                    if let Some(Some(e)) = correlates.get(i) {
-                        v["event"] = as_json(e);
+                    if let Some(Some(e)) = step_events.get(i) {
+                        v["event"] = e.clone();
                     }
                 }
                 Open | Missing | Late | Cancelled => v["deadline"] = rfc(s.at),
@@ -344,7 +357,7 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
         "status": if closed_at.is_some() { "closed" } else { "open" },
         "opened_at": rfc(opened_at),
         "closed_at": closed_at.map(rfc),
-        "trigger": trigger.as_deref().map(as_json),
+        "trigger": trigger,
         "steps": steps,
         "actions": actions,
     })))

@@ -47,9 +47,17 @@ pub struct SqliteState {
     /// The event being applied (its text and time), kept as the trigger of rows it opens
     /// and the correlate of steps it satisfies, for the timeline.
     event: Option<(Box<str>, Instant)>,
-    /// Step statuses and stored correlates of the row taken last.
+    /// The seq of the current event in the events table, once a row references it.
+    event_seq: Option<i64>,
+    /// Step statuses and event references of the row taken last.
     taken_steps: Vec<StepStatus>,
-    taken_correlates: Option<String>,
+    taken_refs: Vec<i64>,
+    /// (clock, largest event seq) checkpoints: events up to that seq are forgotten once
+    /// the clock is `retention` past the checkpoint.
+    event_marks: std::collections::VecDeque<(Instant, i64)>,
+    /// How long any instance can need its events: the longest chain of `within`s plus
+    /// dedup or late memory, over all rules, plus an hour.
+    retention: i64,
     /// Early correlates looked up while applying this event: (step, time, text).
     early_seen: RefCell<Vec<(usize, Instant, String)>>,
 }
@@ -85,6 +93,22 @@ fn status_from(c: u8) -> StepStatus {
         5 => StepStatus::Cancelled,
         _ => StepStatus::Pending,
     }
+}
+
+/// Event references (seqs; 0 for none) as little-endian i64s: the trigger, then one
+/// per step.
+pub fn encode_refs(refs: &[i64]) -> Vec<u8> {
+    refs.iter().flat_map(|r| r.to_le_bytes()).collect()
+}
+
+pub fn decode_refs(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8)
+        .map(|c| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(c);
+            i64::from_le_bytes(x)
+        })
+        .collect()
 }
 
 /// Steps as 9 bytes each: status, then the instant little-endian.
@@ -158,8 +182,11 @@ impl SqliteState {
             remembered: HashMap::new(),
             wal_restart: Arc::default(),
             event: None,
+            event_seq: None,
             taken_steps: Vec::new(),
-            taken_correlates: None,
+            taken_refs: Vec::new(),
+            event_marks: Default::default(),
+            retention: 0,
             early_seen: RefCell::default(),
         };
         st.load(rules)
@@ -169,6 +196,16 @@ impl SqliteState {
 
     fn load(&mut self, rules: &RuleSet) -> rusqlite::Result<()> {
         self.names = rules.rules.iter().map(|r| r.name.clone()).collect();
+        self.retention = rules
+            .rules
+            .iter()
+            .map(|r| {
+                let chain: i64 = r.steps.iter().map(|s| s.within.nanos()).sum();
+                chain.saturating_add(r.dedup.nanos().max(r.late.nanos()))
+            })
+            .max()
+            .unwrap_or(0)
+            .saturating_add(3_600_000_000_000);
         self.index = self
             .names
             .iter()
@@ -284,6 +321,7 @@ impl SqliteState {
             return Ok(());
         }
         self.flush_meta()?;
+        self.purge_events()?;
         self.conn.execute_batch("COMMIT")?;
         self.in_tx = false;
         if self.wal_restart.swap(false, Ordering::Relaxed) {
@@ -308,41 +346,86 @@ impl SqliteState {
             (Box::from(t), at)
         });
         self.early_seen.borrow_mut().clear();
+        self.event_seq = None;
     }
 
-    /// The correlates column for a row being put: the taken one plus the text of every
-    /// step this put newly satisfied.
-    fn correlates_for(&self, inst: &Instance) -> Option<String> {
-        let newly: Vec<usize> = inst
-            .steps
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| {
-                s.status == StepStatus::Satisfied
-                    && self.taken_steps.get(*i) != Some(&StepStatus::Satisfied)
-            })
-            .map(|(i, _)| i)
-            .collect();
-        if newly.is_empty() {
-            return self.taken_correlates.clone();
+    /// Appends an event text to the events table; its seq.
+    fn append_event(&mut self, time: Instant, text: &str) -> rusqlite::Result<i64> {
+        self.conn
+            .prepare_cached("INSERT INTO events (time, text) VALUES (?1, ?2)")?
+            .execute(params![time, text])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The seq of the current event, appending it on first use.
+    fn current_event_seq(&mut self) -> rusqlite::Result<i64> {
+        if let Some(s) = self.event_seq {
+            return Ok(s);
         }
-        let mut all: Vec<Option<String>> = self
-            .taken_correlates
-            .as_deref()
-            .and_then(|c| serde_json::from_str(c).ok())
-            .unwrap_or_default();
-        all.resize(inst.steps.len(), None);
-        for i in newly {
-            let at = inst.steps[i].at;
+        let Some((text, at)) = self.event.clone() else {
+            return Ok(0);
+        };
+        let seq = self.append_event(at, &text)?;
+        self.event_seq = Some(seq);
+        Ok(seq)
+    }
+
+    /// The refs column for a row being put: the taken refs plus the trigger of a new row
+    /// and the correlate of every step this put newly satisfied.
+    fn refs_for(&mut self, inst: &Instance) -> rusqlite::Result<Vec<u8>> {
+        let mut refs = std::mem::take(&mut self.taken_refs);
+        refs.resize(inst.steps.len() + 1, 0);
+        if !self.taken_existed && refs[0] == 0 {
+            refs[0] = self.current_event_seq()?;
+        }
+        for i in 0..inst.steps.len() {
+            let s = inst.steps[i];
+            if s.status != StepStatus::Satisfied
+                || self.taken_steps.get(i) == Some(&StepStatus::Satisfied)
+            {
+                continue;
+            }
             let early = self
                 .early_seen
                 .borrow()
                 .iter()
-                .find(|(s, t, _)| *s == i && *t == at)
-                .map(|(_, _, e)| e.clone());
-            all[i] = early.or_else(|| self.event.as_ref().map(|(t, _)| t.to_string()));
+                .find(|(step, t, _)| *step == i && *t == s.at)
+                .map(|(_, t, e)| (*t, e.clone()));
+            refs[i + 1] = match early {
+                Some((t, text)) => self.append_event(t, &text)?,
+                None => self.current_event_seq()?,
+            };
         }
-        serde_json::to_string(&all).ok()
+        Ok(encode_refs(&refs))
+    }
+
+    /// Forgets events no live instance can reference any more.
+    fn purge_events(&mut self) -> rusqlite::Result<()> {
+        let now = self.clock.now;
+        if now == Instant::MIN {
+            return Ok(());
+        }
+        let last = self.event_marks.back().map(|m| m.1);
+        let seq: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+        if last != Some(seq) {
+            self.event_marks.push_back((now, seq));
+        }
+        let mut upto = None;
+        while let Some(&(at, s)) = self.event_marks.front() {
+            if now.saturating_sub(at) <= self.retention {
+                break;
+            }
+            upto = Some(s);
+            self.event_marks.pop_front();
+        }
+        if let Some(s) = upto {
+            self.conn
+                .prepare_cached("DELETE FROM events WHERE seq <= ?1")?
+                .execute(params![s])?;
+        }
+        Ok(())
     }
 
     /// The flag the WAL checkpointer sets when the writer should start the WAL over.
@@ -406,15 +489,15 @@ impl SqliteState {
     fn try_take(&mut self, rule: &str, key: &str) -> rusqlite::Result<Option<Instance>> {
         self.conn
             .prepare_cached(
-                "SELECT opened_at, closed_at, expires_at, steps, captures, correlates
+                "SELECT opened_at, closed_at, expires_at, steps, captures, refs
                  FROM instances WHERE rule = ?1 AND key = ?2",
             )?
             .query_row(params![rule, key], |r| {
                 let steps: Vec<u8> = r.get(3)?;
                 let captures: String = r.get(4)?;
-                let correlates: Option<String> = r.get(5)?;
+                let refs: Option<Vec<u8>> = r.get(5)?;
                 Ok((
-                    correlates,
+                    refs,
                     Instance {
                         opened_at: r.get(0)?,
                         closed_at: r.get(1)?,
@@ -428,9 +511,9 @@ impl SqliteState {
             })
             .optional()
             .map(|r| {
-                r.map(|(correlates, inst)| {
+                r.map(|(refs, inst)| {
                     self.taken_steps = inst.steps.iter().map(|s| s.status).collect();
-                    self.taken_correlates = correlates;
+                    self.taken_refs = decode_refs(refs.as_deref().unwrap_or_default());
                     inst
                 })
             })
@@ -460,21 +543,17 @@ impl SqliteState {
                         .max()
                 };
                 let (missing_at, late_at) = (latest(StepStatus::Missing), latest(StepStatus::Late));
-                let correlates = self.correlates_for(inst);
-                let trigger = match &self.event {
-                    Some((t, _)) if !self.taken_existed => Some(t.as_ref()),
-                    _ => None,
-                };
+                let refs = self.refs_for(inst)?;
                 let sql = if self.taken_existed {
                     "UPDATE instances SET opened_at = ?3, closed_at = ?4, expires_at = ?5,
                      next_deadline = ?6, steps = ?7, captures = ?8, missing_at = ?9, late_at = ?10,
-                     correlates = ?11, trigger = COALESCE(?12, trigger)
+                     refs = ?11
                      WHERE rule = ?1 AND key = ?2"
                 } else {
                     "INSERT OR REPLACE INTO instances
                          (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures,
-                          missing_at, late_at, correlates, trigger)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                          missing_at, late_at, refs)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
                 };
                 self.conn.prepare_cached(sql)?.execute(params![
                     rule,
@@ -487,8 +566,7 @@ impl SqliteState {
                     captures,
                     missing_at,
                     late_at,
-                    correlates,
-                    trigger
+                    refs
                 ])?;
             }
         }
@@ -646,7 +724,7 @@ impl State for SqliteState {
         let r = self.try_put(&name, key, &row);
         self.taken_existed = false;
         self.taken_steps.clear();
-        self.taken_correlates = None;
+        self.taken_refs.clear();
         self.fail(r);
     }
 
