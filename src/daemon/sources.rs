@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -271,9 +271,4 @@ fn read_line_limited(
     buf: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     r.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', buf)
-}
-
-/// Whether a path can be read now (for `readyz` detail and startup messages).
-pub fn readable(path: &Path) -> bool {
-    File::open(path).is_ok()
 }

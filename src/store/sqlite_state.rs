@@ -16,12 +16,13 @@ use crate::rules::RuleSet;
 use crate::time::Instant;
 
 /// SQLite-backed [`State`]. Errors from SQLite cannot cross the trait, so the first one is
-/// kept and the caller checks [`SqliteState::take_error`] before committing; a batch with
-/// an error is rolled back whole.
+/// kept and [`SqliteState::commit`] rolls the whole batch back and fails instead of
+/// committing it.
 pub struct SqliteState {
     conn: Connection,
-    names: Vec<String>,
-    index: HashMap<String, usize>,
+    /// Rule names by index; `Arc` so the hot path borrows them without copying.
+    names: Vec<Arc<str>>,
+    index: HashMap<Arc<str>, usize>,
     clock: Clock,
     clock_dirty: bool,
     /// No open deadline is earlier than this (`i64::MAX`: none known).
@@ -36,6 +37,8 @@ pub struct SqliteState {
     /// Whether the row taken last existed (then `put` updates it in place).
     taken_existed: bool,
     error: Option<rusqlite::Error>,
+    /// The same for reads made through `&self` (early correlates, cancels).
+    read_error: RefCell<Option<rusqlite::Error>>,
     in_tx: bool,
     /// How many early-correlate and cancel rows each (rule, key) hash may have: a
     /// negative cache that spares most triggers two lookups. It only ever overcounts
@@ -178,6 +181,7 @@ impl SqliteState {
             taken_open: false,
             taken_existed: false,
             error: None,
+            read_error: RefCell::default(),
             in_tx: false,
             remembered: HashMap::new(),
             wal_restart: Arc::default(),
@@ -195,7 +199,11 @@ impl SqliteState {
     }
 
     fn load(&mut self, rules: &RuleSet) -> rusqlite::Result<()> {
-        self.names = rules.rules.iter().map(|r| r.name.clone()).collect();
+        self.names = rules
+            .rules
+            .iter()
+            .map(|r| Arc::from(r.name.as_str()))
+            .collect();
         self.retention = rules
             .rules
             .iter()
@@ -313,7 +321,7 @@ impl SqliteState {
     /// Commits the batch: everything the engine changed plus what the caller wrote on
     /// [`conn`](Self::conn) in between.
     pub fn commit(&mut self) -> Result<()> {
-        if let Some(e) = self.error.take() {
+        if let Some(e) = self.error.take().or_else(|| self.read_error.take()) {
             self.rollback();
             return Err(e).context("state write failed; batch rolled back");
         }
@@ -446,21 +454,12 @@ impl SqliteState {
         }
     }
 
-    /// The first SQLite error since the last commit, if any.
-    pub fn take_error(&mut self) -> Option<rusqlite::Error> {
-        self.error.take()
-    }
-
-    pub fn has_error(&self) -> bool {
-        self.error.is_some()
-    }
-
     /// Open instances per rule, in rule order.
     pub fn open_by_rule(&self) -> &[i64] {
         &self.open
     }
 
-    pub fn rule_names(&self) -> &[String] {
+    pub fn rule_names(&self) -> &[Arc<str>] {
         &self.names
     }
 
@@ -484,6 +483,15 @@ impl SqliteState {
                 T::default()
             }
         }
+    }
+
+    /// A read through `&self`: a failure fails the batch like a failed write.
+    fn read<T>(&self, r: rusqlite::Result<Option<T>>) -> Option<T> {
+        r.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "state read failed");
+            self.read_error.borrow_mut().get_or_insert(e);
+            None
+        })
     }
 
     fn try_take(&mut self, rule: &str, key: &str) -> rusqlite::Result<Option<Instance>> {
@@ -588,7 +596,7 @@ impl SqliteState {
             let mut rows = stmt.query(params![before])?;
             while let Some(r) = rows.next()? {
                 let rule: String = r.get(0)?;
-                let Some(&ix) = self.index.get(&rule) else {
+                let Some(&ix) = self.index.get(rule.as_str()) else {
                     continue;
                 };
                 let key: String = r.get(1)?;
@@ -743,7 +751,7 @@ impl State for SqliteState {
                 "SELECT time, expires, event FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3",
             )
             .and_then(|mut s| {
-                s.query_row(params![self.names[rule], key, step as i64], |r| {
+                s.query_row(params![&*self.names[rule], key, step as i64], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?))
                 })
                 .optional()
@@ -756,10 +764,7 @@ impl State for SqliteState {
                     (time, expires)
                 })
             });
-        r.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "state read failed");
-            None
-        })
+        self.read(r)
     }
 
     fn put_early(&mut self, rule: usize, key: &str, step: usize, time: Instant, expires: Instant) {
@@ -774,7 +779,7 @@ impl State for SqliteState {
             )
             .and_then(|mut s| {
                 s.execute(params![
-                    self.names[rule],
+                    &*self.names[rule],
                     key,
                     step as i64,
                     time,
@@ -789,7 +794,7 @@ impl State for SqliteState {
         let r = self
             .conn
             .prepare_cached("DELETE FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3")
-            .and_then(|mut s| s.execute(params![self.names[rule], key, step as i64]));
+            .and_then(|mut s| s.execute(params![&*self.names[rule], key, step as i64]));
         if r.as_ref().is_ok_and(|&n| n > 0) {
             let name = self.names[rule].clone();
             self.forget(&name, key);
@@ -805,13 +810,10 @@ impl State for SqliteState {
             .conn
             .prepare_cached("SELECT expires FROM cancels WHERE rule = ?1 AND key = ?2")
             .and_then(|mut s| {
-                s.query_row(params![self.names[rule], key], |r| r.get(0))
+                s.query_row(params![&*self.names[rule], key], |r| r.get(0))
                     .optional()
             });
-        r.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "state read failed");
-            None
-        })
+        self.read(r)
     }
 
     fn put_cancel(&mut self, rule: usize, key: &str, expires: Instant) {
@@ -823,7 +825,7 @@ impl State for SqliteState {
             .prepare_cached(
                 "INSERT OR REPLACE INTO cancels (rule, key, expires) VALUES (?1, ?2, ?3)",
             )
-            .and_then(|mut s| s.execute(params![self.names[rule], key, expires]));
+            .and_then(|mut s| s.execute(params![&*self.names[rule], key, expires]));
         self.fail(r.map(|_| ()));
     }
 
