@@ -41,6 +41,31 @@ pub struct RawConfig {
     pub alerts: Option<RawAlerts>,
     #[serde(default)]
     pub outbox: Option<RawOutbox>,
+    /// The Kafka cluster that `kafka` sources and sinks use.
+    #[serde(default)]
+    pub kafka: Option<RawKafka>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawKafka {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Consumer group id. Default `sagawatch`.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// librdkafka properties for the consumer and the producer (`security.protocol`,
+    /// `sasl.*`, `ssl.*`, …). Values may use `${ENV}`; they are never logged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    /// How long startup waits for the brokers' topic metadata. Default `30s`.
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +109,9 @@ pub struct RawSource {
     /// `http`: largest accepted request body in bytes. Default 10485760 (10 MiB).
     #[serde(default)]
     pub max_body: Option<u64>,
+    /// `kafka`: the topic. Default: the source's name.
+    #[serde(default)]
+    pub topic: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +138,9 @@ pub struct RawSink {
     /// Extra HTTP headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// `kafka`: the topic compensation commands are produced to.
+    #[serde(default)]
+    pub topic: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +199,7 @@ pub enum SourceKind {
     File { path: PathBuf, follow: bool },
     Stdin,
     Http { max_body: usize },
+    Kafka { topic: String },
 }
 
 #[derive(Clone, Debug)]
@@ -187,6 +219,9 @@ pub enum SinkKind {
     Alertmanager {
         url: hyper::Uri,
         resend: std::time::Duration,
+    },
+    Kafka {
+        topic: String,
     },
 }
 
@@ -212,6 +247,55 @@ pub struct OutboxConfig {
     pub retain: std::time::Duration,
 }
 
+/// Settings librdkafka owns for sagawatch: set through other keys, or fixed because
+/// correctness depends on them.
+pub const KAFKA_RESERVED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set `kafka.brokers`"),
+    ("metadata.broker.list", "set `kafka.brokers`"),
+    ("group.id", "set `kafka.group`"),
+    (
+        "enable.auto.commit",
+        "offsets are stored in the state file with the state they caused",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored in the state file with the state they caused",
+    ),
+    (
+        "partition.assignment.strategy",
+        "co-partitioned topics need the range assignor",
+    ),
+    (
+        "group.protocol",
+        "co-partitioned topics need the range assignor",
+    ),
+    ("enable.idempotence", "the producer is always idempotent"),
+];
+
+/// The Kafka cluster. Property values may hold secrets: `Debug` prints keys only.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group: String,
+    /// `properties` then `consumer`, in order (later wins).
+    pub consumer: Vec<(String, String)>,
+    /// `properties` then `producer`.
+    pub producer: Vec<(String, String)>,
+    pub connect_timeout: std::time::Duration,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = |v: &[(String, String)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group", &self.group)
+            .field("consumer", &keys(&self.consumer))
+            .field("producer", &keys(&self.producer))
+            .finish()
+    }
+}
+
 /// A validated config.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -227,6 +311,7 @@ pub struct Config {
     pub sinks: Vec<Sink>,
     pub alert_sinks: Vec<String>,
     pub outbox: OutboxConfig,
+    pub kafka: Option<KafkaConfig>,
 }
 
 impl Config {
@@ -567,12 +652,14 @@ impl Checker {
             let allowed: &[&str] = match s.kind.as_str() {
                 "file" => &["path", "follow"],
                 "http" => &["max_body"],
+                "kafka" => &["topic"],
                 _ => &[],
             };
             for (field, set) in [
                 ("path", s.path.is_some()),
                 ("follow", s.follow.is_some()),
                 ("max_body", s.max_body.is_some()),
+                ("topic", s.topic.is_some()),
             ] {
                 if set && !allowed.contains(&field) {
                     self.err(
@@ -606,12 +693,32 @@ impl Checker {
                         max_body: max as usize,
                     }
                 }
+                "kafka" => {
+                    let topic = s.topic.clone().unwrap_or_else(|| name.clone());
+                    self.topic(&p.key("topic"), &topic);
+                    if raw.kafka.is_none() {
+                        self.err(
+                            &p,
+                            "a kafka source needs the top-level `kafka` section (brokers, group)",
+                        );
+                    }
+                    if let Some((other, _)) = sources.iter().find_map(|o: &Source| match &o.kind {
+                        SourceKind::Kafka { topic: t } if *t == topic => Some((o.name.clone(), ())),
+                        _ => None,
+                    }) {
+                        self.err(
+                            &p.key("topic"),
+                            format!("topic {topic:?} is already source {other:?}"),
+                        );
+                    }
+                    SourceKind::Kafka { topic }
+                }
                 other => {
                     self.err(
                         &p.key("type"),
                         format!(
                             "unknown source type {other:?}{}",
-                            yaml::did_you_mean(other, ["file", "stdin", "http"])
+                            yaml::did_you_mean(other, ["file", "stdin", "http", "kafka"])
                         ),
                     );
                     continue;
@@ -638,6 +745,7 @@ impl Checker {
             let allowed: &[&str] = match s.kind.as_str() {
                 "webhook" => &["url", "secrets", "secret_files", "timeout", "headers"],
                 "alertmanager" => &["url", "timeout", "resend", "headers"],
+                "kafka" => &["topic", "timeout"],
                 _ => &[],
             };
             for (field, set) in [
@@ -647,6 +755,7 @@ impl Checker {
                 ("timeout", s.timeout.is_some()),
                 ("resend", s.resend.is_some()),
                 ("headers", !s.headers.is_empty()),
+                ("topic", s.topic.is_some()),
             ] {
                 if set && !allowed.contains(&field) {
                     self.err(&p.key(field), format!("not a setting of a {} sink", s.kind));
@@ -701,12 +810,29 @@ impl Checker {
                     url: self.url(&p.key("url"), s.url.as_deref()),
                     resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
                 },
+                "kafka" => {
+                    let Some(topic) = s.topic.clone() else {
+                        self.err(&p, "missing field `topic`");
+                        continue;
+                    };
+                    self.topic(&p.key("topic"), &topic);
+                    if raw.kafka.is_none() {
+                        self.err(
+                            &p,
+                            "a kafka sink needs the top-level `kafka` section (brokers)",
+                        );
+                    }
+                    SinkKind::Kafka { topic }
+                }
                 other => {
                     self.err(
                         &p.key("type"),
                         format!(
                             "unknown sink type {other:?}{}",
-                            yaml::did_you_mean(other, ["webhook", "alertmanager", "stdout"])
+                            yaml::did_you_mean(
+                                other,
+                                ["webhook", "alertmanager", "stdout", "kafka"]
+                            )
                         ),
                     );
                     continue;
@@ -767,6 +893,8 @@ impl Checker {
             retain: self.std_duration(&op.key("retain"), o.and_then(|o| o.retain.as_deref()), "7d"),
         };
 
+        let kafka = raw.kafka.as_ref().map(|k| self.kafka(&top.key("kafka"), k));
+
         Some(Config {
             file: self.file.clone(),
             state,
@@ -780,7 +908,63 @@ impl Checker {
             sinks,
             alert_sinks,
             outbox,
+            kafka,
         })
+    }
+
+    fn topic(&mut self, path: &YamlPath, topic: &str) {
+        let ok = !topic.is_empty()
+            && topic.len() <= 249
+            && topic != "."
+            && topic != ".."
+            && topic
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            self.err(
+                path,
+                format!("invalid topic name {topic:?}: use 1 to 249 of [a-zA-Z0-9._-]"),
+            );
+        }
+    }
+
+    fn kafka(&mut self, path: &YamlPath, k: &RawKafka) -> KafkaConfig {
+        if k.brokers.trim().is_empty() {
+            self.err(&path.key("brokers"), "empty broker list");
+        }
+        let group = k.group.clone().unwrap_or_else(|| "sagawatch".into());
+        if group.is_empty() {
+            self.err(&path.key("group"), "empty group id");
+        }
+        let check = |this: &mut Self, section: &str, props: &BTreeMap<String, String>| {
+            for key in props.keys() {
+                if let Some((_, why)) = KAFKA_RESERVED.iter().find(|(r, _)| r == key) {
+                    this.err(
+                        &path.key(section).key(key),
+                        format!("sagawatch sets {key}: {why}"),
+                    );
+                }
+            }
+            props
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        let common = check(self, "properties", &k.properties);
+        let consumer = check(self, "consumer", &k.consumer);
+        let producer = check(self, "producer", &k.producer);
+        let connect_timeout = self.std_duration(
+            &path.key("connect_timeout"),
+            k.connect_timeout.as_deref(),
+            "30s",
+        );
+        KafkaConfig {
+            brokers: k.brokers.trim().to_string(),
+            group,
+            consumer: common.iter().cloned().chain(consumer).collect(),
+            producer: common.into_iter().chain(producer).collect(),
+            connect_timeout,
+        }
     }
 
     fn read_secret(&mut self, path: &YamlPath, file: &str) -> Option<Secret> {

@@ -39,6 +39,18 @@ pub enum Msg {
         atomic: bool,
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
     },
+    /// Records from several sources at once (Kafka), each with the partition it came
+    /// from; bad ones are counted and skipped. `positions` (key, position) are stored with
+    /// the batch's effects; `done` gets the number applied once they are committed.
+    Records {
+        records: Vec<Record>,
+        positions: Vec<(String, Position)>,
+        done: Option<oneshot::Sender<Result<usize, Rejected>>>,
+    },
+    /// Commit what was received so far, then answer (before a Kafka partition is let go).
+    Sync {
+        done: oneshot::Sender<Result<(), String>>,
+    },
     /// Swap in a reloaded rule set.
     Reload {
         rules: Arc<RuleSet>,
@@ -46,6 +58,14 @@ pub enum Msg {
     },
     /// Commit and stop.
     Shutdown,
+}
+
+/// One event from a source that interleaves several (Kafka topics and partitions).
+pub struct Record {
+    pub source: Arc<str>,
+    pub text: String,
+    /// The Kafka partition, stored on the state rows the event creates.
+    pub part: Option<i32>,
 }
 
 pub fn wall_nanos() -> Instant {
@@ -74,6 +94,8 @@ pub struct Core {
     batch_started: Option<StdInstant>,
     last_event: StdInstant,
     wrote_outbox: bool,
+    /// With Kafka sources: whether events wait in Kafka (then the stream is not idle).
+    kafka: Option<Arc<crate::daemon::kafka::Health>>,
 }
 
 impl Core {
@@ -98,9 +120,16 @@ impl Core {
             batch_started: None,
             last_event: StdInstant::now(),
             wrote_outbox: false,
+            kafka: None,
         };
         core.publish_gauges();
         core
+    }
+
+    /// Makes the idle fallback wait while Kafka reports events held back.
+    pub fn with_kafka(mut self, health: Option<Arc<crate::daemon::kafka::Health>>) -> Core {
+        self.kafka = health;
+        self
     }
 
     /// Runs until `Shutdown` or every sender is gone; commits before returning.
@@ -122,6 +151,16 @@ impl Core {
                     atomic,
                     done,
                 }) => self.lines(&source, &lines, position, atomic, done)?,
+                Ok(Msg::Records {
+                    records,
+                    positions,
+                    done,
+                }) => self.records(&records, &positions, done)?,
+                Ok(Msg::Sync { done }) => {
+                    let r = self.commit();
+                    let _ = done.send(r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+                    r?;
+                }
                 Ok(Msg::Reload { rules, done }) => {
                     let r = self.reload(rules);
                     let _ = done.send(r.map_err(|e| format!("{e:#}")));
@@ -179,21 +218,7 @@ impl Core {
         self.begin()?;
         let mut applied = 0;
         for line in lines {
-            match self
-                .decoder
-                .decode_at(line.as_bytes(), Some(source), received)
-            {
-                Ok(ev) => {
-                    self.engine.state_mut().set_event(Some((line, ev.time)));
-                    self.engine.process(&ev, &mut self.outcomes);
-                    applied += 1;
-                }
-                Err(e) => {
-                    self.reject(source, &e);
-                    tracing::warn!(source = &**source, error = %e, "skipped a bad line");
-                }
-            }
-            self.drain_outcomes()?;
+            applied += self.apply(source, line, None, received)? as usize;
         }
         if !lines.is_empty() {
             self.last_event = StdInstant::now();
@@ -206,6 +231,83 @@ impl Core {
             store::save_position(self.engine.state().conn(), source, &p)?;
         }
         self.batch_events += lines.len().max(1);
+        if let Some(d) = done {
+            self.pending_acks.push((d, applied));
+        }
+        Ok(())
+    }
+
+    /// Decodes and applies one line; false when it was bad (counted and skipped).
+    fn apply(
+        &mut self,
+        source: &Arc<str>,
+        line: &str,
+        part: Option<i32>,
+        received: Option<Instant>,
+    ) -> Result<bool> {
+        let ok = match self
+            .decoder
+            .decode_at(line.as_bytes(), Some(source), received)
+        {
+            Ok(ev) => {
+                self.engine
+                    .state_mut()
+                    .set_event(Some((line, ev.time)), part);
+                self.engine.process(&ev, &mut self.outcomes);
+                true
+            }
+            Err(e) => {
+                self.reject(source, &e);
+                tracing::warn!(source = &**source, error = %e, "skipped a bad line");
+                false
+            }
+        };
+        self.drain_outcomes()?;
+        Ok(ok)
+    }
+
+    fn records(
+        &mut self,
+        records: &[Record],
+        positions: &[(String, Position)],
+        done: Option<oneshot::Sender<Result<usize, Rejected>>>,
+    ) -> Result<()> {
+        let received = match self.cfg.time.clock {
+            ClockMode::Wall => Some(wall_nanos()),
+            ClockMode::Event => None,
+        };
+        self.begin()?;
+        // Per-source counts, flushed once per message (sources repeat in runs).
+        let mut counts: Vec<(Arc<str>, u64, u64)> = Vec::new();
+        for r in records {
+            let ok = self.apply(&r.source, &r.text, r.part, received)?;
+            match counts.iter_mut().find(|c| Arc::ptr_eq(&c.0, &r.source)) {
+                Some(c) => {
+                    c.1 += 1;
+                    c.2 += ok as u64;
+                }
+                None => counts.push((Arc::clone(&r.source), 1, ok as u64)),
+            }
+        }
+        let mut applied = 0;
+        for (source, n, ok) in counts {
+            self.metrics
+                .events_received
+                .with_label_values(&[&source])
+                .inc_by(n);
+            self.metrics
+                .events_decoded
+                .with_label_values(&[&source])
+                .inc_by(ok);
+            applied += ok as usize;
+        }
+        if !records.is_empty() {
+            self.last_event = StdInstant::now();
+        }
+        for (key, p) in positions {
+            store::save_position(self.engine.state().conn(), key, p)?;
+        }
+        self.batch_events += records.len().max(1);
         if let Some(d) = done {
             self.pending_acks.push((d, applied));
         }
@@ -237,6 +339,10 @@ impl Core {
     /// Moves the clock with wall time: always in `wall` mode, after `idle` without events
     /// in `event` mode.
     fn idle_tick(&mut self) -> Result<()> {
+        if self.kafka.as_ref().is_some_and(|k| k.holds_clock()) {
+            // Not idle: events wait in Kafka (catching up, rebalancing, or unreachable).
+            self.last_event = StdInstant::now();
+        }
         let t = &self.cfg.time;
         let go = match t.clock {
             ClockMode::Wall => true,
@@ -250,7 +356,7 @@ impl Core {
         let to = wall_nanos().saturating_sub(t.lateness);
         if to > self.engine.clock() {
             self.begin()?;
-            self.engine.state_mut().set_event(None);
+            self.engine.state_mut().set_event(None, None);
             self.engine.tick(to, &mut self.outcomes);
             self.drain_outcomes()?;
         }

@@ -28,6 +28,13 @@ use crate::store::{self, Delivery, Outbox, Pending};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// What deliveries go through: the HTTP client and, with `kafka` sinks, the producer.
+#[derive(Clone)]
+struct Clients {
+    http: HttpClient,
+    kafka: Option<crate::daemon::kafka::Producer>,
+}
+
 pub struct Dispatcher {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
@@ -65,7 +72,22 @@ pub fn backoff(cfg: &OutboxConfig, attempts: i64, seed: i64) -> Duration {
 impl Dispatcher {
     pub fn run(self, state_path: &Path) -> Result<()> {
         let conn = store::open(state_path)?;
-        let client = client();
+        let kafka_timeout = self
+            .cfg
+            .sinks
+            .iter()
+            .filter(|s| matches!(s.kind, SinkKind::Kafka { .. }))
+            .map(|s| s.timeout)
+            .max();
+        let kafka = match (&self.cfg.kafka, kafka_timeout) {
+            (Some(k), Some(t)) => Some(crate::daemon::kafka::producer(k, t)?),
+            _ => None,
+        };
+        let clients = Clients {
+            http: client(),
+            kafka,
+        };
+        let client = &clients.http;
         let sinks: HashMap<String, Sink> = self
             .cfg
             .sinks
@@ -95,7 +117,7 @@ impl Dispatcher {
                 }
                 if !batch.is_empty() {
                     let results = self.rt.block_on(deliver_all(
-                        &client,
+                        &clients,
                         &sinks,
                         batch,
                         self.cfg.outbox.concurrency,
@@ -107,7 +129,7 @@ impl Dispatcher {
                     }
                     tx.commit()?;
                 }
-                self.resend_alerts(&conn, &client, &sinks, &mut last_resend)?;
+                self.resend_alerts(&conn, client, &sinks, &mut last_resend)?;
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
                     Outbox::purge_done(&conn, before)?;
@@ -232,7 +254,7 @@ impl Dispatcher {
 }
 
 async fn deliver_all(
-    client: &HttpClient,
+    client: &Clients,
     sinks: &HashMap<String, Sink>,
     batch: Vec<Pending>,
     concurrency: usize,
@@ -263,8 +285,13 @@ async fn deliver_all(
 }
 
 /// Delivers one message to one sink.
-async fn deliver(client: &HttpClient, sink: &Sink, p: &Pending) -> Result<(), String> {
+async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), String> {
+    let client = &clients.http;
     match &sink.kind {
+        SinkKind::Kafka { topic } => match &clients.kafka {
+            Some(producer) => crate::daemon::kafka::send(producer, topic, p, sink.timeout).await,
+            None => Err("no kafka producer".into()),
+        },
         SinkKind::Stdout => {
             let v: serde_json::Value = serde_json::from_str(&p.body).map_err(|e| e.to_string())?;
             let line = v.get("data").unwrap_or(&v).to_string();

@@ -27,6 +27,24 @@ pub struct Metrics {
     pub rules_loaded_at: Gauge,
     pub step_latency: HistogramVec,
     pub ready: IntGauge,
+    pub kafka_lag: IntGaugeVec,
+    pub kafka_committed: IntGaugeVec,
+    pub kafka_errors: IntCounterVec,
+    pub kafka_rebalances: IntCounterVec,
+    pub kafka_assigned: IntGauge,
+    pub kafka_up: IntGauge,
+}
+
+fn gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn int_gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("unique metric");
+    g
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -181,6 +199,40 @@ impl Metrics {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
             let _ = reg.register(Box::new(pc));
         }
+        let kafka_lag = gauge_vec(
+            reg,
+            "sagawatch_kafka_consumer_lag",
+            "Messages between a partition's high watermark and the offset committed in the state file.",
+            &["topic", "partition"],
+        );
+        let kafka_committed = gauge_vec(
+            reg,
+            "sagawatch_kafka_committed_offset",
+            "Next offset to read, as committed in the state file with the state it caused.",
+            &["topic", "partition"],
+        );
+        let kafka_errors = counter(
+            reg,
+            "sagawatch_kafka_errors_total",
+            "Errors reported by the Kafka client, by kind (all_brokers_down, transport, commit, consume, …).",
+            &["kind"],
+        );
+        let kafka_rebalances = counter(
+            reg,
+            "sagawatch_kafka_rebalances_total",
+            "Consumer group rebalances seen, by kind (assign, revoke, error).",
+            &["kind"],
+        );
+        let kafka_assigned = int_gauge(
+            reg,
+            "sagawatch_kafka_assigned_partitions",
+            "Partitions currently assigned to this instance.",
+        );
+        let kafka_up = int_gauge(
+            reg,
+            "sagawatch_kafka_up",
+            "1 while a broker answers the consumer, 0 during an outage (only with kafka sources).",
+        );
         Metrics {
             registry,
             events_received,
@@ -202,6 +254,12 @@ impl Metrics {
             rules_loaded_at,
             step_latency,
             ready,
+            kafka_lag,
+            kafka_committed,
+            kafka_errors,
+            kafka_rebalances,
+            kafka_assigned,
+            kafka_up,
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod core;
 pub mod dispatch;
+pub mod kafka;
 pub mod metrics;
 pub mod server;
 pub mod sources;
@@ -109,6 +110,20 @@ pub fn run(path: &Path) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    match kafka::check_topics(&cfg, &rules) {
+        Ok(()) => {}
+        Err(kafka::CheckError::Unreachable(e)) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+        Err(kafka::CheckError::Config(problems)) => {
+            for p in &problems {
+                eprintln!("{}: {p}", path.display());
+            }
+            eprintln!("error: the kafka topics do not fit the rules");
+            return EXIT_CONFIG;
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -146,6 +161,11 @@ fn run_with(
     rt: &tokio::runtime::Runtime,
 ) -> Result<i32> {
     let metrics = Arc::new(metrics::Metrics::new());
+    let has_kafka_source = cfg
+        .sources
+        .iter()
+        .any(|s| matches!(s.kind, SourceKind::Kafka { .. }));
+    let kafka_health = has_kafka_source.then(|| Arc::new(kafka::Health::default()));
     metrics.rules_loaded_at.set(core::wall_nanos() as f64 / 1e9);
     let (core_tx, core_rx) = sync_channel::<core::Msg>(64);
     let (wake_tx, wake_rx) = sync_channel::<()>(1);
@@ -154,6 +174,7 @@ fn run_with(
     let core_done = Arc::new(Notify::new());
 
     let shared = Arc::new(server::Shared {
+        kafka: kafka_health.clone(),
         cfg: Arc::clone(&cfg),
         metrics: Arc::clone(&metrics),
         core: core_tx.clone(),
@@ -171,7 +192,8 @@ fn run_with(
             state,
             Arc::clone(&metrics),
             wake_tx,
-        );
+        )
+        .with_kafka(kafka_health.clone());
         let shared = Arc::clone(&shared);
         let done = Arc::clone(&core_done);
         std::thread::Builder::new()
@@ -249,8 +271,27 @@ fn run_with(
                     .name(format!("source-{}", s.name))
                     .spawn(move || sources::run_stdin(name, tx, stop))?;
             }
-            SourceKind::Http { .. } => {}
+            SourceKind::Http { .. } | SourceKind::Kafka { .. } => {}
         }
+    }
+    if let Some(health) = kafka_health {
+        metrics.kafka_up.set(1);
+        let src = kafka::Source {
+            cfg: Arc::clone(&cfg),
+            metrics: Arc::clone(&metrics),
+            health,
+            core: core_tx.clone(),
+            stop: Arc::clone(&stop_sources),
+        };
+        source_threads.push(
+            std::thread::Builder::new()
+                .name("source-kafka".into())
+                .spawn(move || {
+                    if let Err(e) = src.run() {
+                        tracing::error!(error = format!("{e:#}"), "kafka source stopped");
+                    }
+                })?,
+        );
     }
     drop(core_tx);
 

@@ -24,6 +24,8 @@ use crate::daemon::metrics::Metrics;
 /// What the handlers share.
 pub struct Shared {
     pub cfg: Arc<Config>,
+    /// The Kafka link, when there are kafka sources.
+    pub kafka: Option<Arc<crate::daemon::kafka::Health>>,
     pub metrics: Arc<Metrics>,
     pub core: SyncSender<Msg>,
     pub ready: AtomicBool,
@@ -137,14 +139,23 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             r
         }
         (&Method::GET, "/healthz") => {
+            // Liveness: a Kafka outage is reported, but a restart would not help.
+            let kafka = shared.kafka.as_ref().and_then(|k| k.problem());
             if shared.core_down.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "core stopped\n")
+            } else if let Some(p) = kafka {
+                text(StatusCode::OK, format!("degraded: {p}\n"))
             } else {
                 text(StatusCode::OK, "ok\n")
             }
         }
         (&Method::GET, "/readyz") => {
-            if shared.ready.load(Ordering::Relaxed) && !shared.core_down.load(Ordering::Relaxed) {
+            let kafka = shared.kafka.as_ref().and_then(|k| k.problem());
+            if let Some(p) = kafka {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {p}\n"))
+            } else if shared.ready.load(Ordering::Relaxed)
+                && !shared.core_down.load(Ordering::Relaxed)
+            {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

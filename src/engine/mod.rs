@@ -361,6 +361,8 @@ impl<S: State> Engine<S> {
     }
 
     /// Opens a step; a remembered early correlate within the new deadline satisfies it.
+    /// One after the deadline has the outcome it would have had in time order: the step
+    /// is missing and the correlate late (within the rule's `late` window).
     fn open_step(
         &mut self,
         cx: &Cx<'_>,
@@ -374,9 +376,16 @@ impl<S: State> Engine<S> {
             at: deadline,
         };
         if let Some((time, expires)) = self.state.early(cx.rule_ix, cx.key, step) {
-            if cx.clock <= expires && time <= deadline {
+            if cx.clock <= expires {
                 self.state.remove_early(cx.rule_ix, cx.key, step);
-                self.satisfy(cx, inst, step, time, out);
+                if time <= deadline {
+                    self.satisfy(cx, inst, step, time, out);
+                } else {
+                    mark_missing(cx, inst, step, out);
+                    if cx.clock <= deadline.saturating_add(cx.rule.late.nanos()) {
+                        report_late(cx, inst, step, time, out);
+                    }
+                }
             }
         }
     }

@@ -94,6 +94,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE instances ADD COLUMN refs BLOB;
     ALTER TABLE early ADD COLUMN event TEXT;
     ",
+    // 4: the Kafka partition a row's events came from, so that each partition's state can
+    // be told apart (and later moved between instances). NULL for other sources.
+    "
+    ALTER TABLE instances ADD COLUMN part INTEGER;
+    ALTER TABLE early ADD COLUMN part INTEGER;
+    ALTER TABLE cancels ADD COLUMN part INTEGER;
+    ",
 ];
 
 /// Opens (creating if needed) the state file with the settings every connection uses.
@@ -220,6 +227,11 @@ pub fn load_position(conn: &Connection, source: &str) -> Result<Option<Position>
             },
         )
         .optional()?)
+}
+
+/// The positions-table key of a Kafka partition (no source name contains `/`).
+pub fn kafka_position_key(topic: &str, partition: i32) -> String {
+    format!("kafka/{topic}/{partition}")
 }
 
 pub fn save_position(conn: &Connection, source: &str, pos: &Position) -> Result<()> {

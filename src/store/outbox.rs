@@ -29,6 +29,10 @@ pub struct Pending {
     pub body: String,
     pub attempts: i64,
     pub created_ms: i64,
+    pub rule: String,
+    /// The correlation key (the Kafka message key of a command).
+    pub key: String,
+    pub step: String,
 }
 
 /// The result of one delivery attempt.
@@ -75,7 +79,7 @@ impl Outbox {
     /// Up to `limit` messages due at `now_ms`, oldest first.
     pub fn due(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<Pending>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, id, sink, kind, body, attempts, created_ms FROM outbox
+            "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step FROM outbox
              WHERE state = 0 AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
@@ -87,6 +91,9 @@ impl Outbox {
                 body: r.get(4)?,
                 attempts: r.get(5)?,
                 created_ms: r.get(6)?,
+                rule: r.get(7)?,
+                key: r.get(8)?,
+                step: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

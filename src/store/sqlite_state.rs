@@ -52,6 +52,8 @@ pub struct SqliteState {
     event: Option<(Box<str>, Instant)>,
     /// The seq of the current event in the events table, once a row references it.
     event_seq: Option<i64>,
+    /// The Kafka partition of the event being applied, stored on the rows it creates.
+    part: Option<i32>,
     /// Step statuses and event references of the row taken last.
     taken_steps: Vec<StepStatus>,
     taken_refs: Vec<i64>,
@@ -187,6 +189,7 @@ impl SqliteState {
             wal_restart: Arc::default(),
             event: None,
             event_seq: None,
+            part: None,
             taken_steps: Vec::new(),
             taken_refs: Vec::new(),
             event_marks: Default::default(),
@@ -339,8 +342,10 @@ impl SqliteState {
         Ok(())
     }
 
-    /// Sets the event about to be applied (`None` for clock ticks).
-    pub fn set_event(&mut self, event: Option<(&str, Instant)>) {
+    /// Sets the event about to be applied (`None` for clock ticks) and the Kafka partition
+    /// it came from.
+    pub fn set_event(&mut self, event: Option<(&str, Instant)>, part: Option<i32>) {
+        self.part = part;
         self.event = event.map(|(t, at)| {
             let t = if t.len() > MAX_EVENT_TEXT {
                 let mut end = MAX_EVENT_TEXT;
@@ -555,14 +560,15 @@ impl SqliteState {
                 let sql = if self.taken_existed {
                     "UPDATE instances SET opened_at = ?3, closed_at = ?4, expires_at = ?5,
                      next_deadline = ?6, steps = ?7, captures = ?8, missing_at = ?9, late_at = ?10,
-                     refs = ?11
+                     refs = ?11, part = COALESCE(part, ?12)
                      WHERE rule = ?1 AND key = ?2"
                 } else {
                     "INSERT OR REPLACE INTO instances
                          (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures,
-                          missing_at, late_at, refs)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                          missing_at, late_at, refs, part)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
                 };
+                let part = self.part;
                 self.conn.prepare_cached(sql)?.execute(params![
                     rule,
                     key,
@@ -574,7 +580,8 @@ impl SqliteState {
                     captures,
                     missing_at,
                     late_at,
-                    refs
+                    refs,
+                    part
                 ])?;
             }
         }
@@ -774,8 +781,8 @@ impl State for SqliteState {
         let r = self
             .conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO early (rule, key, step, time, expires, event)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO early (rule, key, step, time, expires, event, part)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -784,7 +791,8 @@ impl State for SqliteState {
                     step as i64,
                     time,
                     expires,
-                    self.event.as_ref().map(|(t, _)| t.as_ref())
+                    self.event.as_ref().map(|(t, _)| t.as_ref()),
+                    self.part
                 ])
             });
         self.fail(r.map(|_| ()));
@@ -823,9 +831,9 @@ impl State for SqliteState {
         let r = self
             .conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO cancels (rule, key, expires) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO cancels (rule, key, expires, part) VALUES (?1, ?2, ?3, ?4)",
             )
-            .and_then(|mut s| s.execute(params![&*self.names[rule], key, expires]));
+            .and_then(|mut s| s.execute(params![&*self.names[rule], key, expires, self.part]));
         self.fail(r.map(|_| ()));
     }
 

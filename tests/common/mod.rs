@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -72,7 +74,7 @@ impl Lcg {
     }
 }
 
-fn ts(secs: i64) -> String {
+pub fn ts(secs: i64) -> String {
     sagawatch::time::format_rfc3339(1_780_000_000_000_000_000 + secs * 1_000_000_000)
 }
 
@@ -123,10 +125,15 @@ pub fn write_lines(path: &Path, lines: &[String]) {
 /// `sagawatch replay` of a file: the alert and compensate lines by id, and the number
 /// of late lines.
 pub fn replay(rules: &Path, events: &Path) -> (BTreeMap<String, serde_json::Value>, usize) {
+    replay_args(rules, &[events.to_str().unwrap()])
+}
+
+/// `sagawatch replay --rules RULES ARGS…`, read as [`replay`] does.
+pub fn replay_args(rules: &Path, args: &[&str]) -> (BTreeMap<String, serde_json::Value>, usize) {
     let out = Command::new(BIN)
         .args(["replay", "--rules"])
         .arg(rules)
-        .arg(events)
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -372,9 +379,14 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `RULES` and a config (the `extra` YAML is appended) into a fresh temp dir.
     pub fn new(extra: &str) -> Daemon {
+        Daemon::with_rules(RULES, extra)
+    }
+
+    /// As [`Daemon::new`] with other rules.
+    pub fn with_rules(rules: &str, extra: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("rules")).unwrap();
-        std::fs::write(dir.path().join("rules/checkout.yaml"), RULES).unwrap();
+        std::fs::write(dir.path().join("rules/checkout.yaml"), rules).unwrap();
         let port = free_port();
         let cfg = format!("state: state.db\nrules: rules\nlisten: 127.0.0.1:{port}\n{extra}");
         std::fs::write(dir.path().join("sagawatch.yaml"), cfg).unwrap();

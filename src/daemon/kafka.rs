@@ -1,0 +1,756 @@
+//! Kafka: the consumer that feeds the core (offsets stored in the state file in the same
+//! transaction as the state they caused; seek to them on every assignment; commit before
+//! letting partitions go), the co-partitioning check at startup, and the idempotent
+//! producer behind `kafka` sinks. Kafka's own group offsets are only a mirror for lag tools.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant as StdInstant};
+
+use anyhow::{Context as _, Result};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::config::{Config, KafkaConfig, SourceKind};
+use crate::daemon::core::{Msg, Record, Rejected, wall_ms};
+use crate::daemon::metrics::Metrics;
+use crate::rules::{Matcher, RuleSet};
+use crate::store::{self, Pending, Position};
+
+/// Records per message to the core.
+const MAX_BATCH: usize = 2000;
+/// A broker that sent nothing for this long is taken as unreachable (a paused broker keeps
+/// its connections open, so librdkafka itself notices only after its request timeouts).
+const STALE_MICROS: i64 = 10_000_000;
+/// How often the committed offsets are mirrored to the group for lag tooling.
+const MIRROR_EVERY: Duration = Duration::from_secs(1);
+
+/// The Kafka link as /healthz, /readyz and `sagawatch_kafka_up` report it.
+pub struct Health {
+    down: Mutex<Option<(i64, String)>>,
+    /// Set while Kafka holds events back from the core (no assignment yet, brokers
+    /// unreachable, or a known backlog): the stream is not idle then, so the idle
+    /// fallback must not move the clock past events still waiting in Kafka.
+    holding: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            down: Mutex::default(),
+            holding: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Health {
+    /// Whether events are known to wait in Kafka (see `holding`).
+    pub fn holds_clock(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
+    }
+
+    fn set_down(&self, reason: &str) {
+        let mut d = lock(&self.down);
+        if d.is_none() {
+            tracing::warn!(reason, "kafka: brokers unreachable");
+            *d = Some((wall_ms(), reason.to_string()));
+        }
+    }
+
+    fn set_up(&self) {
+        if lock(&self.down).take().is_some() {
+            tracing::info!("kafka: brokers reachable again");
+        }
+    }
+
+    /// `None` while a broker answers; otherwise what is wrong and since when.
+    pub fn problem(&self) -> Option<String> {
+        lock(&self.down).as_ref().map(|(since, why)| {
+            format!(
+                "kafka brokers unreachable since {} ({why})",
+                crate::time::format_rfc3339(since * 1_000_000)
+            )
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, msg: &str) {
+    use RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{msg}"),
+        Warning => tracing::warn!(target: "librdkafka", fac, "{msg}"),
+        Notice | Info => tracing::info!(target: "librdkafka", fac, "{msg}"),
+        Debug => tracing::debug!(target: "librdkafka", fac, "{msg}"),
+    }
+}
+
+fn error_kind(e: &KafkaError) -> &'static str {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::AllBrokersDown) => "all_brokers_down",
+        Some(RDKafkaErrorCode::BrokerTransportFailure) => "transport",
+        Some(RDKafkaErrorCode::Authentication) => "authentication",
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => "unknown_topic",
+        _ => match e {
+            KafkaError::MessageConsumption(_) => "consume",
+            KafkaError::ConsumerCommit(_) => "commit",
+            _ => "other",
+        },
+    }
+}
+
+fn base_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        .set("client.id", "sagawatch")
+        .set_log_level(RDKafkaLogLevel::Info);
+    c
+}
+
+fn consumer_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = base_config(k);
+    c.set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "1000")
+        .set("enable.partition.eof", "false");
+    for (key, v) in &k.consumer {
+        c.set(key, v);
+    }
+    // Set last: correctness depends on them (validation refuses them in properties).
+    c.set("group.id", &k.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("partition.assignment.strategy", "range");
+    c
+}
+
+/// A client context that only routes librdkafka's logs and errors to `tracing`.
+pub struct LogContext;
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        log_to_tracing(level, fac, msg);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka producer error");
+    }
+}
+
+/// The producer behind every `kafka` sink: idempotent, so broker retries neither lose
+/// nor duplicate a command.
+pub type Producer = FutureProducer<LogContext>;
+
+pub fn producer(k: &KafkaConfig, delivery_timeout: Duration) -> Result<Producer> {
+    let mut c = base_config(k);
+    c.set("linger.ms", "5").set(
+        "message.timeout.ms",
+        delivery_timeout.as_millis().max(1).to_string(),
+    );
+    for (key, v) in &k.producer {
+        c.set(key, v);
+    }
+    c.set("enable.idempotence", "true");
+    c.create_with_context(LogContext)
+        .context("kafka: cannot create the producer")
+}
+
+/// Sends one outbox message as a command: key = correlation key, headers = idempotency
+/// id, rule and step. Ok only on a successful delivery report.
+pub async fn send(p: &Producer, topic: &str, m: &Pending, timeout: Duration) -> Result<(), String> {
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "sagawatch-id",
+            value: Some(m.id.as_str()),
+        })
+        .insert(Header {
+            key: "sagawatch-rule",
+            value: Some(m.rule.as_str()),
+        })
+        .insert(Header {
+            key: "sagawatch-step",
+            value: Some(m.step.as_str()),
+        })
+        .insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+    let record = FutureRecord::to(topic)
+        .key(m.key.as_str())
+        .payload(m.body.as_str())
+        .headers(headers);
+    match tokio::time::timeout(timeout, p.send(record, Timeout::After(timeout))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(format!("kafka topic {topic}: {e}")),
+        Err(_) => Err(format!(
+            "kafka topic {topic}: no delivery report after {timeout:?}"
+        )),
+    }
+}
+
+/// The Kafka topics a matcher can see events from: its source's topic, or every Kafka
+/// topic when it names no source.
+fn topics_of<'a>(m: &Matcher, by_source: &'a BTreeMap<String, String>) -> Vec<&'a str> {
+    match &m.source {
+        Some(s) => by_source.get(s).map(String::as_str).into_iter().collect(),
+        None => by_source.values().map(String::as_str).collect(),
+    }
+}
+
+/// Why startup refused the Kafka setup.
+#[derive(Debug)]
+pub enum CheckError {
+    /// No broker answered in time.
+    Unreachable(String),
+    /// Missing topics or topics one rule correlates with different partition counts.
+    Config(Vec<String>),
+}
+
+/// Checks at startup that every Kafka topic exists and that the topics each rule
+/// correlates have equal partition counts (co-partitioning: the same key lands in the
+/// same partition number of each topic, so one instance sees all of a saga).
+pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
+    let Some(k) = &cfg.kafka else { return Ok(()) };
+    let by_source: BTreeMap<String, String> = cfg
+        .sources
+        .iter()
+        .filter_map(|s| match &s.kind {
+            SourceKind::Kafka { topic } => Some((s.name.clone(), topic.clone())),
+            _ => None,
+        })
+        .collect();
+    if by_source.is_empty() {
+        return Ok(());
+    }
+    let client: BaseConsumer = consumer_config(k)
+        .create()
+        .map_err(|e| CheckError::Config(vec![format!("kafka: {e}")]))?;
+    let deadline = StdInstant::now() + k.connect_timeout;
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (source, topic) in &by_source {
+        let md = loop {
+            let left = deadline.saturating_duration_since(StdInstant::now());
+            match client.fetch_metadata(Some(topic), left.max(Duration::from_millis(100))) {
+                Ok(md) => break md,
+                Err(e) if StdInstant::now() >= deadline => {
+                    return Err(CheckError::Unreachable(format!(
+                        "kafka: no broker of {} answered within {:?}: {e}",
+                        k.brokers, k.connect_timeout
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        match md.topics().iter().find(|t| t.name() == topic) {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                counts.insert(topic.as_str(), t.partitions().len());
+            }
+            Some(t) => problems.push(format!(
+                "sources.{source}: kafka topic {topic:?} is not usable: {}",
+                t.error()
+                    .map(|e| RDKafkaErrorCode::from(e).to_string())
+                    .unwrap_or_else(|| "it has no partitions".into())
+            )),
+            None => problems.push(format!(
+                "sources.{source}: kafka topic {topic:?} does not exist (sagawatch does not create topics)"
+            )),
+        }
+    }
+    for rule in &rules.rules {
+        let mut topics: Vec<&str> = topics_of(&rule.trigger, &by_source);
+        for s in &rule.steps {
+            topics.extend(topics_of(&s.matcher, &by_source));
+        }
+        for c in &rule.cancels {
+            topics.extend(topics_of(c, &by_source));
+        }
+        topics.sort_unstable();
+        topics.dedup();
+        let known: Vec<(&str, usize)> = topics
+            .iter()
+            .filter_map(|t| counts.get(t).map(|n| (*t, *n)))
+            .collect();
+        if known.windows(2).any(|w| w[0].1 != w[1].1) {
+            let list: Vec<String> = known.iter().map(|(t, n)| format!("{t} ({n})")).collect();
+            problems.push(format!(
+                "rule {:?} correlates kafka topics with different partition counts: {}; \
+                 topics one rule correlates must be co-partitioned (keyed by the correlation \
+                 key, equal partition counts)",
+                rule.name,
+                list.join(", ")
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckError::Config(problems))
+    }
+}
+
+type Tp = (Arc<str>, i32);
+
+/// A batch sent to the core: its commit acknowledgement and the offsets it moves to.
+type Inflight = (oneshot::Receiver<Result<usize, Rejected>>, Vec<(Tp, i64)>);
+
+#[derive(Default)]
+struct Inner {
+    batch: Vec<Record>,
+    /// Next offset per partition for the records in `batch`.
+    next: HashMap<Tp, i64>,
+    /// Batches sent to the core, waiting for their commit.
+    inflight: VecDeque<Inflight>,
+    /// Next offsets committed in the state file.
+    committed: HashMap<Tp, i64>,
+    /// What was last committed to the group (the mirror).
+    mirrored: HashMap<Tp, i64>,
+    assigned: HashSet<Tp>,
+}
+
+/// The consumer's context: rebalance handling, statistics, errors. Callbacks run on the
+/// consumer thread inside `poll`, so the lock is never contended; it is never held
+/// across a call into the consumer.
+struct Ctx {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    core: SyncSender<Msg>,
+    /// Topic → source name.
+    sources: HashMap<String, Arc<str>>,
+    /// Topic → the one shared copy of its name.
+    topics: HashMap<String, Arc<str>>,
+    /// Reads stored positions on assignment.
+    state: Mutex<Connection>,
+    inner: Mutex<Inner>,
+    /// Set when the core is gone: stop consuming.
+    core_gone: AtomicBool,
+}
+
+impl Ctx {
+    fn topic_arc(&self, topic: &str) -> Option<Arc<str>> {
+        self.topics.get(topic).cloned()
+    }
+
+    fn push(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let Some(source) = self.sources.get(m.topic()) else {
+            return;
+        };
+        let Some(topic) = self.topic_arc(m.topic()) else {
+            return;
+        };
+        let mut inner = lock(&self.inner);
+        inner.next.insert((topic, m.partition()), m.offset() + 1);
+        // A tombstone or empty message is no event: its offset still moves on.
+        if let Some(p) = m.payload().filter(|p| !p.is_empty()) {
+            inner.batch.push(Record {
+                source: Arc::clone(source),
+                text: String::from_utf8_lossy(p).into_owned(),
+                part: Some(m.partition()),
+            });
+        }
+    }
+
+    /// Whether records (or skipped offsets) wait to be sent to the core.
+    fn has_pending(&self) -> bool {
+        !lock(&self.inner).next.is_empty()
+    }
+
+    /// Sends the accumulated records and their positions to the core.
+    fn send_batch(&self) {
+        let (records, positions, tps) = {
+            let mut inner = lock(&self.inner);
+            if inner.next.is_empty() {
+                return;
+            }
+            let records = std::mem::take(&mut inner.batch);
+            let next = std::mem::take(&mut inner.next);
+            let positions = next
+                .iter()
+                .map(|((t, p), o)| {
+                    (
+                        store::kafka_position_key(t, *p),
+                        Position {
+                            file_id: String::new(),
+                            offset: *o as u64,
+                        },
+                    )
+                })
+                .collect();
+            (records, positions, next.into_iter().collect::<Vec<_>>())
+        };
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Records {
+            records,
+            positions,
+            done: Some(tx),
+        };
+        if self.core.send(msg).is_err() {
+            self.core_gone.store(true, Ordering::Relaxed);
+            return;
+        }
+        lock(&self.inner).inflight.push_back((rx, tps));
+    }
+
+    /// Moves acknowledged batches' offsets to `committed`; with `wait`, waits for all.
+    fn collect_acks(&self, wait: bool) {
+        let mut inner = lock(&self.inner);
+        while let Some((rx, _)) = inner.inflight.front_mut() {
+            let r = if wait {
+                // Only after a Sync: every earlier batch is already answered.
+                let (rx, tps) = inner.inflight.pop_front().expect("front exists");
+                match rx.blocking_recv() {
+                    Ok(Ok(_)) => Some(tps),
+                    _ => None,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(Ok(_)) => inner.inflight.pop_front().map(|(_, tps)| tps),
+                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    _ => {
+                        // The batch failed: the core stops; nothing was committed.
+                        inner.inflight.pop_front();
+                        None
+                    }
+                }
+            };
+            for (tp, off) in r.into_iter().flatten() {
+                self.metrics
+                    .kafka_committed
+                    .with_label_values(&[&*tp.0, &tp.1.to_string()])
+                    .set(off);
+                inner.committed.insert(tp, off);
+            }
+        }
+    }
+
+    /// Commits the state file's offsets of assigned partitions to the group.
+    fn mirror(&self, consumer: &BaseConsumer<Ctx>, only: Option<&HashSet<Tp>>, mode: CommitMode) {
+        let mut tpl = TopicPartitionList::new();
+        let mut sent = Vec::new();
+        {
+            let inner = lock(&self.inner);
+            for (tp, off) in &inner.committed {
+                let wanted = match only {
+                    Some(set) => set.contains(tp),
+                    None => inner.assigned.contains(tp),
+                };
+                if wanted && inner.mirrored.get(tp) != Some(off) {
+                    let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(*off));
+                    sent.push((tp.clone(), *off));
+                }
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                let mut inner = lock(&self.inner);
+                for (tp, off) in sent {
+                    inner.mirrored.insert(tp, off);
+                }
+            }
+            Err(e) => {
+                self.metrics
+                    .kafka_errors
+                    .with_label_values(&["commit"])
+                    .inc();
+                tracing::debug!(error = %e, "kafka: mirroring offsets to the group failed");
+            }
+        }
+    }
+
+    /// Commit what was processed, then let the partitions go.
+    fn on_revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        self.metrics
+            .kafka_rebalances
+            .with_label_values(&["revoke"])
+            .inc();
+        self.send_batch();
+        let (tx, rx) = oneshot::channel();
+        if self.core.send(Msg::Sync { done: tx }).is_ok() {
+            if let Ok(Err(e)) = rx.blocking_recv() {
+                tracing::error!(error = %e, "kafka: commit before revocation failed");
+            }
+        } else {
+            self.core_gone.store(true, Ordering::Relaxed);
+        }
+        self.collect_acks(true);
+        let revoked: HashSet<Tp> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| self.topic_arc(e.topic()).map(|t| (t, e.partition())))
+            .collect();
+        self.mirror(consumer, Some(&revoked), CommitMode::Sync);
+        let r = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
+            _ => consumer.unassign(),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "kafka: unassign failed");
+        }
+        let mut inner = lock(&self.inner);
+        for tp in &revoked {
+            inner.assigned.remove(tp);
+            inner.mirrored.remove(tp);
+            let labels = [&*tp.0, &tp.1.to_string()];
+            let _ = self.metrics.kafka_lag.remove_label_values(&labels);
+            let _ = self.metrics.kafka_committed.remove_label_values(&labels);
+        }
+        self.metrics.kafka_assigned.set(inner.assigned.len() as i64);
+        tracing::info!(partitions = %list(tpl), "kafka: partitions revoked");
+    }
+
+    /// Seek every assigned partition to the offset stored with the state.
+    fn on_assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList) {
+        self.metrics
+            .kafka_rebalances
+            .with_label_values(&["assign"])
+            .inc();
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let mut stored = Vec::new();
+        {
+            let conn = lock(&self.state);
+            for (t, p) in &parts {
+                match store::load_position(&conn, &store::kafka_position_key(t, *p)) {
+                    Ok(Some(pos)) => {
+                        let _ = tpl.set_partition_offset(t, *p, Offset::Offset(pos.offset as i64));
+                        stored.push((t.clone(), *p, pos.offset as i64));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        topic = t,
+                        partition = p,
+                        "kafka: cannot read the stored offset; starting from the group's"
+                    ),
+                }
+            }
+        }
+        let r = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+            _ => consumer.assign(tpl),
+        };
+        if let Err(e) = r {
+            tracing::error!(error = %e, "kafka: assign failed");
+        }
+        let mut inner = lock(&self.inner);
+        if !matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        ) {
+            inner.assigned.clear();
+        }
+        for (t, p) in &parts {
+            if let Some(ta) = self.topic_arc(t) {
+                inner.assigned.insert((ta, *p));
+            }
+        }
+        for (t, p, off) in stored {
+            if let Some(ta) = self.topic_arc(&t) {
+                self.metrics
+                    .kafka_committed
+                    .with_label_values(&[&t, &p.to_string()])
+                    .set(off);
+                inner.committed.insert((ta, p), off);
+            }
+        }
+        self.metrics.kafka_assigned.set(inner.assigned.len() as i64);
+        tracing::info!(partitions = %list(tpl), "kafka: partitions assigned");
+    }
+}
+
+fn list(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        log_to_tracing(level, fac, msg);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = error_kind(&error);
+        self.metrics.kafka_errors.with_label_values(&[kind]).inc();
+        if kind == "all_brokers_down" {
+            self.health.set_down(reason);
+            self.metrics.kafka_up.set(0);
+        }
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+
+    fn stats(&self, s: Statistics) {
+        let answering = s
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP" && b.rxidle < STALE_MICROS);
+        if answering {
+            self.health.set_up();
+            self.metrics.kafka_up.set(1);
+        } else {
+            let idle = s
+                .brokers
+                .values()
+                .filter(|b| b.nodeid >= 0 && b.state == "UP")
+                .map(|b| b.rxidle / 1_000_000)
+                .max();
+            let why = match idle {
+                Some(secs) => format!("no response for {secs}s"),
+                None => "no broker connection".to_string(),
+            };
+            self.health.set_down(&why);
+            self.metrics.kafka_up.set(0);
+        }
+        let inner = lock(&self.inner);
+        let mut backlog = inner.assigned.is_empty() || !answering;
+        for (topic, t) in &s.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.hi_offset < 0 {
+                    continue;
+                }
+                let Some(ta) = self.topic_arc(topic) else {
+                    continue;
+                };
+                let tp = (ta, *p);
+                if !inner.assigned.contains(&tp) {
+                    continue;
+                }
+                match inner.committed.get(&tp) {
+                    Some(c) => {
+                        let lag = (part.hi_offset - c).max(0);
+                        backlog |= lag > 0;
+                        self.metrics
+                            .kafka_lag
+                            .with_label_values(&[topic, &p.to_string()])
+                            .set(lag);
+                    }
+                    None => backlog |= part.hi_offset > part.lo_offset.max(0),
+                }
+            }
+        }
+        self.health.holding.store(backlog, Ordering::Relaxed);
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.on_revoke(consumer, tpl),
+            other => {
+                self.metrics
+                    .kafka_rebalances
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(error = %RDKafkaErrorCode::from(other), "kafka: rebalance error; dropping the assignment");
+                self.on_revoke(consumer, tpl);
+            }
+        }
+    }
+}
+
+/// The consumer thread of all `kafka` sources.
+pub struct Source {
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub core: SyncSender<Msg>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Source {
+    pub fn run(self) -> Result<()> {
+        let Some(k) = &self.cfg.kafka else {
+            return Ok(());
+        };
+        let mut sources = HashMap::new();
+        for s in &self.cfg.sources {
+            if let SourceKind::Kafka { topic } = &s.kind {
+                sources.insert(topic.clone(), Arc::<str>::from(s.name.as_str()));
+            }
+        }
+        if sources.is_empty() {
+            return Ok(());
+        }
+        let ctx = Ctx {
+            metrics: Arc::clone(&self.metrics),
+            health: Arc::clone(&self.health),
+            core: self.core.clone(),
+            topics: sources
+                .keys()
+                .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
+                .collect(),
+            sources,
+            state: Mutex::new(store::open(&self.cfg.state)?),
+            inner: Mutex::default(),
+            core_gone: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<Ctx> = consumer_config(k)
+            .create_with_context(ctx)
+            .context("kafka: cannot create the consumer")?;
+        let topics: Vec<String> = consumer.context().sources.keys().cloned().collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&refs)
+            .context("kafka: cannot subscribe")?;
+        tracing::info!(topics = ?topics, group = k.group, "kafka: consuming");
+        let ctx = consumer.context();
+        let mut last_mirror = StdInstant::now();
+        while !self.stop.load(Ordering::Relaxed) && !ctx.core_gone.load(Ordering::Relaxed) {
+            let wait = if ctx.has_pending() {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(100)
+            };
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    ctx.push(&m);
+                    if lock(&ctx.inner).batch.len() >= MAX_BATCH {
+                        ctx.send_batch();
+                    }
+                }
+                Some(Err(e)) => {
+                    self.metrics
+                        .kafka_errors
+                        .with_label_values(&[error_kind(&e)])
+                        .inc();
+                    tracing::warn!(error = %e, "kafka: consume error");
+                }
+                None => ctx.send_batch(),
+            }
+            ctx.collect_acks(false);
+            if last_mirror.elapsed() >= MIRROR_EVERY {
+                ctx.mirror(&consumer, None, CommitMode::Async);
+                last_mirror = StdInstant::now();
+            }
+        }
+        // Dropping the consumer leaves the group: the revoke handler commits first.
+        ctx.send_batch();
+        drop(consumer);
+        Ok(())
+    }
+}

@@ -1,0 +1,450 @@
+//! Kafka end to end against a real Kafka-protocol broker (tansu): an order saga across
+//! three co-partitioned topics whose missing steps become commands on a commands topic,
+//! checked against `replay` of the same events; SIGKILLs during a 200k-event stream; a
+//! paused and a restarted broker; two instances in one consumer group; the startup check
+//! of partition counts.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::kafka::{Broker, Consumed};
+use common::*;
+
+const KAFKA_RULES: &str = r#"
+rules:
+  - name: checkout
+    trigger: { source: orders, where: { type: OrderPlaced }, key: order_id }
+    expect:
+      - step: payment
+        source: payments
+        where: { type: PaymentCompleted }
+        key: order_id
+        within: 15m
+      - step: shipment
+        source: shipments
+        where: { type: OrderShipped }
+        key: order_id
+        after: payment
+        within: 2h
+    cancel:
+      - { source: orders, where: { type: OrderCancelled }, key: order_id }
+    on_missing:
+      - alert: { severity: critical, summary: "order {{key}}: {{step}} missing" }
+      - compensate: { sink: commands, payload: { type: CancelOrder, order_id: "{{key}}", step: "{{step}}" } }
+    late: 1h
+"#;
+
+const TOPICS: [&str; 3] = ["orders", "payments", "shipments"];
+/// Event-time skew between topics while catching up stays far below this.
+const LATENESS: &str = "3h";
+
+fn topic_of(line: &str) -> &'static str {
+    if line.contains("PaymentCompleted") {
+        "payments"
+    } else if line.contains("OrderShipped") {
+        "shipments"
+    } else {
+        "orders"
+    }
+}
+
+fn key_of(line: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["order_id"].as_str().unwrap().to_string()
+}
+
+/// A checkout workload split over the three topics, what replay reports for it (with a
+/// final clock tick on every orders partition, sent once everything else is consumed).
+struct Saga {
+    broker: Broker,
+    rx: Receiver,
+    lines: Vec<String>,
+    ticks: Vec<String>,
+    want: BTreeMap<String, serde_json::Value>,
+    late: usize,
+    commands: usize,
+}
+
+fn saga(events: usize, seed: u64, sqlite: bool) -> Saga {
+    let broker = Broker::start(sqlite);
+    let topics: Vec<(&str, i32)> = TOPICS
+        .iter()
+        .map(|t| (*t, 3))
+        .chain([("commands", 3)])
+        .collect();
+    broker.create_topics(&topics);
+    let lines = checkout_events(events, seed);
+    let end: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let end = sagawatch::time::parse_rfc3339(end["time"].as_str().unwrap()).unwrap();
+    let tick_time = sagawatch::time::format_rfc3339(end + 10 * 86_400 * 1_000_000_000);
+    let ticks: Vec<String> = (0..3)
+        .map(|p| format!(r#"{{"time":"{tick_time}","type":"Tick","order_id":"tick-{p}"}}"#))
+        .collect();
+    // Replay input: one file per topic (the ticks last), merged by event time.
+    let dir = broker.dir.path();
+    std::fs::create_dir(dir.join("rules")).unwrap();
+    std::fs::write(dir.join("rules/checkout.yaml"), KAFKA_RULES).unwrap();
+    let mut args = vec!["--lateness".to_string(), LATENESS.to_string()];
+    for t in TOPICS {
+        let mut of: Vec<String> = lines.iter().filter(|l| topic_of(l) == t).cloned().collect();
+        if t == "orders" {
+            of.extend(ticks.iter().cloned());
+        }
+        let path = dir.join(format!("{t}.jsonl"));
+        write_lines(&path, &of);
+        args.push(format!("{t}={}", path.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (want, late) = replay_args(&dir.join("rules"), &args);
+    let commands = want
+        .values()
+        .filter(|v| v["outcome"] == "compensate")
+        .count();
+    let mut rx = Receiver::new(free_port());
+    rx.start();
+    Saga {
+        broker,
+        rx,
+        lines,
+        ticks,
+        want,
+        late,
+        commands,
+    }
+}
+
+impl Saga {
+    fn config(&self, group: &str) -> String {
+        format!(
+            "time: {{ lateness: {LATENESS}, idle: 0s }}\n\
+             batch: {{ events: 2000, interval: 50ms }}\n\
+             kafka:\n  brokers: {}\n  group: {group}\n  consumer:\n    max.partition.fetch.bytes: 16384\n    session.timeout.ms: 6000\n    heartbeat.interval.ms: 1000\n\
+             sources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\n\
+             sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{}/hook', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 2s }}\n  commands: {{ type: kafka, topic: commands, timeout: 10s }}\n\
+             alerts: {{ sinks: [hook] }}\n\
+             outbox: {{ backoff: 50ms, max_backoff: 300ms }}\n",
+            self.broker.brokers(),
+            self.rx.port
+        )
+    }
+
+    fn daemon(&self, group: &str) -> Daemon {
+        Daemon::with_rules(KAFKA_RULES, &self.config(group))
+    }
+
+    fn produce(&self, lines: &[String]) {
+        let keys: Vec<String> = lines.iter().map(|l| key_of(l)).collect();
+        let msgs: Vec<(&str, &str, &str, Option<i32>)> = lines
+            .iter()
+            .zip(&keys)
+            .map(|(l, k)| (topic_of(l), k.as_str(), l.as_str(), None))
+            .collect();
+        self.broker.produce(&msgs);
+    }
+
+    fn produce_ticks(&self) {
+        let msgs: Vec<(&str, &str, &str, Option<i32>)> = self
+            .ticks
+            .iter()
+            .enumerate()
+            .map(|(p, t)| ("orders", "tick", t.as_str(), Some(p as i32)))
+            .collect();
+        self.broker.produce(&msgs);
+    }
+
+    /// Commands on the commands topic, as deliveries (the id from the header).
+    fn commands(&self, limit: Duration) -> Vec<Consumed> {
+        self.broker.read("commands", self.commands, limit)
+    }
+
+    /// Everything delivered: webhook alerts and resolves plus Kafka commands. Without
+    /// `at`, the clock reading when a miss was noticed: it depends on how the topics'
+    /// events interleaved on arrival, which replay (merged by event time) cannot know.
+    fn delivered(&self, commands: &[Consumed]) -> Vec<Received> {
+        let mut all = self.rx.received();
+        all.extend(commands.iter().map(|c| Received {
+            id: c.header("sagawatch-id").unwrap_or_default().to_string(),
+            body: c.payload.clone(),
+            signed: true,
+        }));
+        for r in &mut all {
+            let mut v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            strip_at(&mut v["data"]);
+            v["timestamp"] = serde_json::Value::Null;
+            r.body = v.to_string();
+        }
+        all
+    }
+
+    /// What replay reports, without `at` (see `delivered`).
+    fn want(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut want = self.want.clone();
+        want.values_mut().for_each(strip_at);
+        want
+    }
+
+    /// Waits until the daemons have committed `n` offsets in all.
+    fn wait_consumed(&self, ds: &[&Daemon], n: usize, limit: Duration) {
+        wait_for(limit, "every event to be consumed", || {
+            let sum: f64 = ds
+                .iter()
+                .map(|d| metric(d.port, "sagawatch_kafka_committed_offset").unwrap_or(0.0))
+                .sum();
+            (sum as usize >= n).then_some(())
+        });
+    }
+
+    /// Waits until the alerts reached the receiver and the outboxes are empty, then reads
+    /// the commands topic and checks everything against replay.
+    fn check(&self, ds: &[&Daemon], limit: Duration) -> Vec<Consumed> {
+        let alerts = self.want.len() - self.commands + self.late;
+        wait_for(limit, "alerts delivered and outboxes empty", || {
+            let backlog: f64 = ds
+                .iter()
+                .map(|d| metric(d.port, "sagawatch_outbox_backlog").unwrap_or(1.0))
+                .sum();
+            (distinct(&self.rx) >= alerts && backlog == 0.0).then_some(())
+        });
+        let commands = self.commands(Duration::from_secs(60));
+        assert_matches_replay(&self.delivered(&commands), &self.want(), self.late);
+        commands
+    }
+}
+
+fn strip_at(v: &mut serde_json::Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("at");
+    }
+}
+
+fn assigned(d: &Daemon) -> usize {
+    metric(d.port, "sagawatch_kafka_assigned_partitions").unwrap_or(0.0) as usize
+}
+
+fn alive(d: &mut Daemon) -> bool {
+    matches!(d.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+}
+
+#[test]
+fn saga_across_three_topics_sends_exactly_the_expected_commands() {
+    let s = saga(3000, 7, false);
+    assert!(
+        s.commands > 50 && s.late > 10,
+        "workload has misses and lates"
+    );
+    let mut d = s.daemon("saga");
+    d.start();
+    wait_for(Duration::from_secs(60), "all 9 partitions assigned", || {
+        (assigned(&d) == 9).then_some(())
+    });
+    s.produce(&s.lines);
+    s.wait_consumed(&[&d], s.lines.len(), Duration::from_secs(120));
+    s.produce_ticks();
+    let commands = s.check(&[&d], Duration::from_secs(120));
+    // Exactly the expected commands: no more arrive, each once, keyed by the order id,
+    // with the rule and step in headers.
+    let again = s
+        .broker
+        .read("commands", s.commands + 1, Duration::from_secs(3));
+    assert_eq!(again.len(), s.commands, "no extra commands");
+    assert_eq!(commands.len(), s.commands);
+    for c in &commands {
+        let v: serde_json::Value = serde_json::from_str(&c.payload).unwrap();
+        assert_eq!(v["type"], "sagawatch.compensate");
+        assert_eq!(v["data"]["payload"]["type"], "CancelOrder");
+        assert_eq!(
+            c.key,
+            v["data"]["key"].as_str().unwrap(),
+            "message key = correlation key"
+        );
+        assert_eq!(c.header("sagawatch-rule"), Some("checkout"));
+        assert_eq!(c.header("sagawatch-step"), v["data"]["step"].as_str());
+    }
+    // Consumer health in metrics.
+    assert_eq!(metric(d.port, "sagawatch_kafka_up"), Some(1.0));
+    assert!(metric(d.port, "sagawatch_kafka_rebalances_total{kind=\"assign\"}").unwrap() >= 1.0);
+    let total = (s.lines.len() + s.ticks.len()) as f64;
+    assert_eq!(
+        metric(d.port, "sagawatch_kafka_committed_offset"),
+        Some(total)
+    );
+    wait_for(Duration::from_secs(10), "lag to reach 0", || {
+        (metric(d.port, "sagawatch_kafka_consumer_lag") == Some(0.0)).then_some(())
+    });
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
+#[test]
+fn sigkill_during_a_200k_event_stream_loses_nothing_and_invents_nothing() {
+    let s = saga(200_000, 42, false);
+    s.produce(&s.lines);
+    let mut d = s.daemon("crash");
+    let mut rng = Lcg(2026);
+    let mut kills = 0;
+    d.start();
+    while kills < 12 {
+        // A random moment while consuming: after a random amount of progress.
+        let progress = 2_000.0 + rng.below(14_000) as f64;
+        let start = metric(d.port, "sagawatch_kafka_committed_offset").unwrap_or(0.0);
+        let done = wait_for(Duration::from_secs(120), "progress before a kill", || {
+            let now = metric(d.port, "sagawatch_kafka_committed_offset").unwrap_or(0.0);
+            if now as usize >= s.lines.len() {
+                return Some(true);
+            }
+            (now - start >= progress).then_some(false)
+        });
+        if done {
+            break;
+        }
+        d.kill();
+        kills += 1;
+        d.start();
+    }
+    assert!(
+        kills >= 10,
+        "only {kills} kills before the stream was consumed"
+    );
+    s.wait_consumed(&[&d], s.lines.len(), Duration::from_secs(300));
+    s.produce_ticks();
+    let commands = s.check(&[&d], Duration::from_secs(300));
+    // At-least-once delivery may repeat a command; never under a different payload.
+    let mut by_id: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    for c in &commands {
+        by_id
+            .entry(c.header("sagawatch-id").unwrap())
+            .or_default()
+            .insert(&c.payload);
+    }
+    assert!(by_id.values().all(|p| p.len() == 1));
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
+#[test]
+fn broker_pause_and_restart_are_survived_without_loss() {
+    let mut s = saga(6000, 11, true);
+    let mut d = s.daemon("outage");
+    d.start();
+    wait_for(Duration::from_secs(60), "all 9 partitions assigned", || {
+        (assigned(&d) == 9).then_some(())
+    });
+    let (a, rest) = s.lines.split_at(2000);
+    let (b, c) = rest.split_at(2000);
+    s.produce(a);
+    s.wait_consumed(&[&d], a.len(), Duration::from_secs(60));
+
+    // Pause the broker for more than 30 s: health and metrics report it, the daemon stays.
+    let paused = std::time::Instant::now();
+    s.broker.pause();
+    wait_for(
+        Duration::from_secs(30),
+        "the outage in /readyz and metrics",
+        || {
+            let (code, body) = http(d.port, "GET", "/readyz", &[], b"").ok()?;
+            (code == 503
+                && body.contains("kafka")
+                && metric(d.port, "sagawatch_kafka_up") == Some(0.0))
+            .then_some(())
+        },
+    );
+    let (code, body) = http(d.port, "GET", "/healthz", &[], b"").unwrap();
+    assert_eq!(code, 200, "liveness holds during an outage");
+    assert!(body.contains("degraded"), "{body}");
+    wait_for(Duration::from_secs(40), "30 s of outage", || {
+        (paused.elapsed() >= Duration::from_secs(31)).then_some(())
+    });
+    assert!(
+        alive(&mut d),
+        "daemon exited during the pause: {}",
+        d.stderr()
+    );
+    s.broker.resume();
+    wait_for(Duration::from_secs(60), "recovery after the pause", || {
+        let (code, _) = http(d.port, "GET", "/readyz", &[], b"").ok()?;
+        (code == 200 && metric(d.port, "sagawatch_kafka_up") == Some(1.0)).then_some(())
+    });
+    s.produce(b);
+    s.wait_consumed(&[&d], a.len() + b.len(), Duration::from_secs(120));
+
+    // Restart the broker (SQLite storage: topics and messages survive).
+    s.broker.stop();
+    wait_for(
+        Duration::from_secs(30),
+        "the outage after the broker stopped",
+        || (metric(d.port, "sagawatch_kafka_up") == Some(0.0)).then_some(()),
+    );
+    assert!(
+        alive(&mut d),
+        "daemon exited while the broker was down: {}",
+        d.stderr()
+    );
+    s.broker.restart();
+    wait_for(
+        Duration::from_secs(90),
+        "recovery after the restart",
+        || (metric(d.port, "sagawatch_kafka_up") == Some(1.0) && assigned(&d) == 9).then_some(()),
+    );
+    s.produce(c);
+    s.wait_consumed(&[&d], s.lines.len(), Duration::from_secs(120));
+    s.produce_ticks();
+    s.check(&[&d], Duration::from_secs(120));
+    assert!(metric(d.port, "sagawatch_kafka_errors_total").unwrap_or(0.0) >= 1.0);
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
+#[test]
+fn two_instances_in_one_group_split_the_partitions_and_deliver_each_outcome_once() {
+    let s = saga(6000, 5, false);
+    let mut d1 = s.daemon("pair");
+    let mut d2 = s.daemon("pair");
+    d1.start();
+    d2.start();
+    wait_for(
+        Duration::from_secs(90),
+        "the partitions split between both",
+        || {
+            let (a, b) = (assigned(&d1), assigned(&d2));
+            (a > 0 && b > 0 && a + b == 9).then_some(())
+        },
+    );
+    s.produce(&s.lines);
+    s.wait_consumed(&[&d1, &d2], s.lines.len(), Duration::from_secs(120));
+    s.produce_ticks();
+    let commands = s.check(&[&d1, &d2], Duration::from_secs(120));
+    // Once across both: no id delivered twice, by webhook or on the commands topic.
+    let mut seen = BTreeMap::new();
+    for r in s.delivered(&commands) {
+        *seen.entry(r.id).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(d1.terminate(), 0, "{}", d1.stderr());
+    assert_eq!(d2.terminate(), 0, "{}", d2.stderr());
+}
+
+#[test]
+fn topics_with_different_partition_counts_are_refused_at_startup() {
+    let broker = Broker::start(false);
+    broker.create_topics(&[("orders", 3), ("payments", 4), ("shipments", 3)]);
+    let d = Daemon::with_rules(
+        KAFKA_RULES,
+        &format!(
+            "kafka: {{ brokers: '{}' }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\n  missing: {{ type: kafka, topic: nope }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n",
+            broker.brokers()
+        ),
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rule \"checkout\" correlates kafka topics with different partition counts: orders (3), payments (4), shipments (3)"),
+        "{err}"
+    );
+    assert!(err.contains("kafka topic \"nope\" does not exist"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
