@@ -116,11 +116,13 @@ fn saga(events: usize, seed: u64, sqlite: bool) -> Saga {
 }
 
 impl Saga {
-    fn config(&self, group: &str) -> String {
+    /// The config of one instance: `member` is its static group membership id (each
+    /// instance its own; a restarted one takes its partitions back without a rebalance).
+    fn config(&self, group: &str, member: &str) -> String {
         format!(
             "time: {{ lateness: {LATENESS}, idle: 0s }}\n\
              batch: {{ events: 2000, interval: 50ms }}\n\
-             kafka:\n  brokers: {}\n  group: {group}\n  consumer:\n    max.partition.fetch.bytes: 16384\n    session.timeout.ms: 6000\n    heartbeat.interval.ms: 1000\n\
+             kafka:\n  brokers: {}\n  group: {group}\n  consumer:\n    max.partition.fetch.bytes: 16384\n    group.instance.id: {member}\n\
              sources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\n\
              sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{}/hook', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 2s }}\n  commands: {{ type: kafka, topic: commands, timeout: 10s }}\n\
              alerts: {{ sinks: [hook] }}\n\
@@ -130,8 +132,8 @@ impl Saga {
         )
     }
 
-    fn daemon(&self, group: &str) -> Daemon {
-        Daemon::with_rules(KAFKA_RULES, &self.config(group))
+    fn daemon(&self, group: &str, member: &str) -> Daemon {
+        Daemon::with_rules(KAFKA_RULES, &self.config(group, member))
     }
 
     fn produce(&self, lines: &[String]) {
@@ -187,13 +189,25 @@ impl Saga {
 
     /// Waits until the daemons have committed `n` offsets in all.
     fn wait_consumed(&self, ds: &[&Daemon], n: usize, limit: Duration) {
-        wait_for(limit, "every event to be consumed", || {
+        let end = std::time::Instant::now() + limit;
+        loop {
             let sum: f64 = ds
                 .iter()
                 .map(|d| metric(d.port, "sagawatch_kafka_committed_offset").unwrap_or(0.0))
                 .sum();
-            (sum as usize >= n).then_some(())
-        });
+            if sum as usize >= n {
+                return;
+            }
+            if std::time::Instant::now() >= end {
+                let logs: Vec<String> = ds.iter().map(|d| d.stderr()).collect();
+                panic!(
+                    "timed out after {limit:?}: {sum} of {n} events consumed\n{}\nbroker:\n{}",
+                    logs.join("\n---\n"),
+                    self.broker.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until the alerts reached the receiver and the outboxes are empty, then reads
@@ -234,7 +248,7 @@ fn saga_across_three_topics_sends_exactly_the_expected_commands() {
         s.commands > 50 && s.late > 10,
         "workload has misses and lates"
     );
-    let mut d = s.daemon("saga");
+    let mut d = s.daemon("saga", "a");
     d.start();
     wait_for(Duration::from_secs(60), "all 9 partitions assigned", || {
         (assigned(&d) == 9).then_some(())
@@ -280,7 +294,7 @@ fn saga_across_three_topics_sends_exactly_the_expected_commands() {
 fn sigkill_during_a_200k_event_stream_loses_nothing_and_invents_nothing() {
     let s = saga(200_000, 42, false);
     s.produce(&s.lines);
-    let mut d = s.daemon("crash");
+    let mut d = s.daemon("crash", "a");
     let mut rng = Lcg(2026);
     let mut kills = 0;
     d.start();
@@ -324,7 +338,7 @@ fn sigkill_during_a_200k_event_stream_loses_nothing_and_invents_nothing() {
 #[test]
 fn broker_pause_and_restart_are_survived_without_loss() {
     let mut s = saga(6000, 11, true);
-    let mut d = s.daemon("outage");
+    let mut d = s.daemon("outage", "a");
     d.start();
     wait_for(Duration::from_secs(60), "all 9 partitions assigned", || {
         (assigned(&d) == 9).then_some(())
@@ -396,8 +410,8 @@ fn broker_pause_and_restart_are_survived_without_loss() {
 #[test]
 fn two_instances_in_one_group_split_the_partitions_and_deliver_each_outcome_once() {
     let s = saga(6000, 5, false);
-    let mut d1 = s.daemon("pair");
-    let mut d2 = s.daemon("pair");
+    let mut d1 = s.daemon("pair", "a");
+    let mut d2 = s.daemon("pair", "b");
     d1.start();
     d2.start();
     wait_for(

@@ -112,16 +112,22 @@ fn error_kind(e: &KafkaError) -> &'static str {
     }
 }
 
-fn base_config(k: &KafkaConfig) -> ClientConfig {
+fn base_config(k: &KafkaConfig, props: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
+    // librdkafka's `debug` contexts log at debug level: let them through when asked for.
+    let debug = props.iter().any(|(key, _)| key == "debug");
     c.set("bootstrap.servers", &k.brokers)
         .set("client.id", "sagawatch")
-        .set_log_level(RDKafkaLogLevel::Info);
+        .set_log_level(if debug {
+            RDKafkaLogLevel::Debug
+        } else {
+            RDKafkaLogLevel::Info
+        });
     c
 }
 
 fn consumer_config(k: &KafkaConfig) -> ClientConfig {
-    let mut c = base_config(k);
+    let mut c = base_config(k, &k.consumer);
     c.set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "1000")
         .set("enable.partition.eof", "false");
@@ -153,7 +159,7 @@ impl ClientContext for LogContext {
 pub type Producer = FutureProducer<LogContext>;
 
 pub fn producer(k: &KafkaConfig, delivery_timeout: Duration) -> Result<Producer> {
-    let mut c = base_config(k);
+    let mut c = base_config(k, &k.producer);
     c.set("linger.ms", "5").set(
         "message.timeout.ms",
         delivery_timeout.as_millis().max(1).to_string(),
@@ -253,9 +259,18 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
             }
         };
+        let missing = format!(
+            "sources.{source}: kafka topic {topic:?} does not exist (sagawatch does not create topics)"
+        );
         match md.topics().iter().find(|t| t.name() == topic) {
             Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
                 counts.insert(topic.as_str(), t.partitions().len());
+            }
+            Some(t)
+                if t.error().map(RDKafkaErrorCode::from)
+                    == Some(RDKafkaErrorCode::UnknownTopicOrPartition) =>
+            {
+                problems.push(missing)
             }
             Some(t) => problems.push(format!(
                 "sources.{source}: kafka topic {topic:?} is not usable: {}",
@@ -263,9 +278,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
                     .map(|e| RDKafkaErrorCode::from(e).to_string())
                     .unwrap_or_else(|| "it has no partitions".into())
             )),
-            None => problems.push(format!(
-                "sources.{source}: kafka topic {topic:?} does not exist (sagawatch does not create topics)"
-            )),
+            None => problems.push(missing),
         }
     }
     for rule in &rules.rules {
@@ -492,7 +505,9 @@ impl Ctx {
             .iter()
             .filter_map(|e| self.topic_arc(e.topic()).map(|t| (t, e.partition())))
             .collect();
-        self.mirror(consumer, Some(&revoked), CommitMode::Sync);
+        // The state file holds the truth and is committed; the group's copy is a mirror,
+        // sent without waiting (a paused broker must not block the rebalance).
+        self.mirror(consumer, Some(&revoked), CommitMode::Async);
         let r = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
             _ => consumer.unassign(),

@@ -70,7 +70,8 @@ impl Broker {
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let storage = if self.sqlite {
-            format!("sqlite://{}", self.dir.path().join("tansu.db").display())
+            // Relative to the broker's working directory (its own directory).
+            "sqlite://tansu.db".to_string()
         } else {
             "memory://tansu/".to_string()
         };

@@ -413,7 +413,10 @@ impl Daemon {
             .args(["run", "--config"])
             .arg(self.path("sagawatch.yaml"))
             .env("WEBHOOK_SECRET", SECRET)
-            .env("SAGAWATCH_LOG", "warn")
+            .env(
+                "SAGAWATCH_LOG",
+                std::env::var("TEST_SAGAWATCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
