@@ -66,6 +66,11 @@ pub struct RawKafka {
     /// How long startup waits for the brokers' topic metadata. Default `30s`.
     #[serde(default)]
     pub connect_timeout: Option<String>,
+    /// Messages are applied in timestamp order across partitions; this is how long a
+    /// partition's messages wait for another partition known to hold older ones.
+    /// Default `1s`; `0s` merges only what has arrived.
+    #[serde(default)]
+    pub align_wait: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,6 +287,7 @@ pub struct KafkaConfig {
     /// `properties` then `producer`.
     pub producer: Vec<(String, String)>,
     pub connect_timeout: std::time::Duration,
+    pub align_wait: std::time::Duration,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -958,7 +964,12 @@ impl Checker {
             k.connect_timeout.as_deref(),
             "30s",
         );
+        let align_wait = std::time::Duration::from_nanos(
+            self.duration(&path.key("align_wait"), k.align_wait.as_deref(), "1s", true)
+                .max(0) as u64,
+        );
         KafkaConfig {
+            align_wait,
             brokers: k.brokers.trim().to_string(),
             group,
             consumer: common.iter().cloned().chain(consumer).collect(),

@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use common::kafka::{Broker, Consumed};
@@ -222,6 +223,20 @@ impl Saga {
             (distinct(&self.rx) >= alerts && backlog == 0.0).then_some(())
         });
         let commands = self.commands(Duration::from_secs(60));
+        if let Ok(dir) = std::env::var("DUMP") {
+            for d in ds {
+                std::fs::write(format!("{dir}/daemon.log"), d.stderr()).unwrap();
+            }
+            let d: Vec<String> = self
+                .delivered(&commands)
+                .iter()
+                .map(|r| r.body.clone())
+                .collect();
+            std::fs::write(format!("{dir}/delivered.jsonl"), d.join("\n")).unwrap();
+            let w: Vec<String> = self.want().values().map(|v| v.to_string()).collect();
+            std::fs::write(format!("{dir}/want.jsonl"), w.join("\n")).unwrap();
+            write_lines(Path::new(&format!("{dir}/events.jsonl")), &self.lines);
+        }
         assert_matches_replay(&self.delivered(&commands), &self.want(), self.late);
         commands
     }
@@ -298,7 +313,11 @@ fn sigkill_during_a_200k_event_stream_loses_nothing_and_invents_nothing() {
     let mut rng = Lcg(2026);
     let mut kills = 0;
     d.start();
-    while kills < 12 {
+    while kills
+        < std::env::var("KILLS")
+            .map(|k| k.parse().unwrap())
+            .unwrap_or(12)
+    {
         // A random moment while consuming: after a random amount of progress.
         let progress = 2_000.0 + rng.below(14_000) as f64;
         let start = metric(d.port, "sagawatch_kafka_committed_offset").unwrap_or(0.0);
@@ -317,7 +336,10 @@ fn sigkill_during_a_200k_event_stream_loses_nothing_and_invents_nothing() {
         d.start();
     }
     assert!(
-        kills >= 10,
+        kills
+            >= std::env::var("KILLS")
+                .map(|k| k.parse().unwrap())
+                .unwrap_or(10),
         "only {kills} kills before the stream was consumed"
     );
     s.wait_consumed(&[&d], s.lines.len(), Duration::from_secs(300));

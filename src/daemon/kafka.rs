@@ -29,6 +29,9 @@ use crate::store::{self, Pending, Position};
 
 /// Records per message to the core.
 const MAX_BATCH: usize = 2000;
+/// Messages held for ordering, in all, beyond which they are released without waiting
+/// (brokers that honour `max.partition.fetch.bytes` keep this far lower).
+const MAX_HELD: usize = 500_000;
 /// A broker that sent nothing for this long is taken as unreachable (a paused broker keeps
 /// its connections open, so librdkafka itself notices only after its request timeouts).
 const STALE_MICROS: i64 = 10_000_000;
@@ -318,8 +321,28 @@ type Tp = (Arc<str>, i32);
 /// A batch sent to the core: its commit acknowledgement and the offsets it moves to.
 type Inflight = (oneshot::Receiver<Result<usize, Rejected>>, Vec<(Tp, i64)>);
 
+/// A message held back until it is its turn in timestamp order.
+struct Held {
+    ts: i64,
+    offset: i64,
+    /// `None` for a tombstone or empty message: no event, but its offset moves on.
+    record: Option<Record>,
+}
+
 #[derive(Default)]
 struct Inner {
+    /// Messages per partition, not yet released to `batch`.
+    held: HashMap<Tp, VecDeque<Held>>,
+    held_count: usize,
+    /// Next offset after the last message received per partition.
+    seen: HashMap<Tp, i64>,
+    /// Where each partition starts after its assignment (from the state file).
+    start: HashMap<Tp, i64>,
+    /// High watermarks and low/committed offsets from the last statistics.
+    hi: HashMap<Tp, (i64, i64)>,
+    /// Since when a partition known to have older events held the others back.
+    blocked_since: Option<StdInstant>,
+    gave_up_waiting: bool,
     batch: Vec<Record>,
     /// Next offset per partition for the records in `batch`.
     next: HashMap<Tp, i64>,
@@ -355,6 +378,7 @@ impl Ctx {
         self.topics.get(topic).cloned()
     }
 
+    /// Holds a message until its turn (see [`Ctx::release`]).
     fn push(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
         let Some(source) = self.sources.get(m.topic()) else {
             return;
@@ -362,16 +386,113 @@ impl Ctx {
         let Some(topic) = self.topic_arc(m.topic()) else {
             return;
         };
+        let tp = (topic, m.partition());
+        let record = m.payload().filter(|p| !p.is_empty()).map(|p| Record {
+            source: Arc::clone(source),
+            text: String::from_utf8_lossy(p).into_owned(),
+            part: Some(m.partition()),
+        });
         let mut inner = lock(&self.inner);
-        inner.next.insert((topic, m.partition()), m.offset() + 1);
-        // A tombstone or empty message is no event: its offset still moves on.
-        if let Some(p) = m.payload().filter(|p| !p.is_empty()) {
-            inner.batch.push(Record {
-                source: Arc::clone(source),
-                text: String::from_utf8_lossy(p).into_owned(),
-                part: Some(m.partition()),
-            });
+        if inner.seen.get(&tp).is_some_and(|&seen| m.offset() < seen) {
+            return; // delivered again (after a seek): already held or released
         }
+        let q = inner.held.entry(tp.clone()).or_default();
+        // Without a timestamp, a message keeps its predecessor's place.
+        let ts = m
+            .timestamp()
+            .to_millis()
+            .or_else(|| q.back().map(|h| h.ts))
+            .unwrap_or(i64::MIN);
+        q.push_back(Held {
+            ts,
+            offset: m.offset(),
+            record,
+        });
+        inner.held_count += 1;
+        inner.seen.insert(tp, m.offset() + 1);
+    }
+
+    /// Whether a partition is known to have messages not yet received.
+    fn may_have_more(inner: &Inner, tp: &Tp) -> bool {
+        let Some(&(hi, base)) = inner.hi.get(tp) else {
+            return true; // no statistics yet
+        };
+        let at = inner
+            .seen
+            .get(tp)
+            .or_else(|| inner.start.get(tp))
+            .copied()
+            .unwrap_or(base);
+        hi > at
+    }
+
+    /// Moves held messages to the batch in timestamp order across partitions (the order
+    /// their services published them), as Kafka Streams does: a message waits while a
+    /// partition known to hold older ones has nothing received yet, for at most `wait`.
+    /// Catching up after downtime then interleaves topics by time instead of replaying
+    /// one topic's backlog before the next, which `lateness` could not absorb.
+    fn release(&self, wait: Duration) {
+        let mut inner = lock(&self.inner);
+        let now = StdInstant::now();
+        loop {
+            let head = inner
+                .held
+                .iter()
+                .filter_map(|(tp, q)| q.front().map(|h| (h.ts, tp.clone())))
+                .min();
+            let Some((_, tp)) = head else {
+                inner.blocked_since = None;
+                break;
+            };
+            // Past the bound, memory wins over order. (Pausing the fullest partitions
+            // instead lost messages: librdkafka drops what it prefetched for a paused
+            // partition and resumed past it, even after a seek.)
+            let blocked = inner.held_count <= MAX_HELD
+                && inner.assigned.iter().any(|a| {
+                    inner.held.get(a).is_none_or(|q| q.is_empty()) && Self::may_have_more(&inner, a)
+                });
+            if blocked {
+                let since = *inner.blocked_since.get_or_insert(now);
+                if now.duration_since(since) < wait {
+                    break;
+                }
+                if !inner.gave_up_waiting {
+                    inner.gave_up_waiting = true;
+                    let waiting: Vec<String> = inner
+                        .assigned
+                        .iter()
+                        .filter(|a| {
+                            inner.held.get(*a).is_none_or(|q| q.is_empty())
+                                && Self::may_have_more(&inner, a)
+                        })
+                        .map(|(t, p)| format!("{t}/{p}"))
+                        .collect();
+                    tracing::info!(partitions = %waiting.join(","), ?wait, "kafka: stopped waiting for partitions with older messages; events may arrive out of order");
+                }
+            } else {
+                inner.gave_up_waiting = false;
+                inner.blocked_since = None;
+            }
+            let Some(h) = inner.held.get_mut(&tp).and_then(|q| q.pop_front()) else {
+                break;
+            };
+            inner.held_count -= 1;
+            inner.next.insert(tp, h.offset + 1);
+            if let Some(r) = h.record {
+                inner.batch.push(r);
+                if inner.batch.len() >= MAX_BATCH {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn held(&self) -> usize {
+        lock(&self.inner).held_count
+    }
+
+    fn batch_full(&self) -> bool {
+        lock(&self.inner).batch.len() >= MAX_BATCH
     }
 
     /// Whether records (or skipped offsets) wait to be sent to the core.
@@ -517,6 +638,13 @@ impl Ctx {
         }
         let mut inner = lock(&self.inner);
         for tp in &revoked {
+            // Held messages were not applied: the next owner reads them from the
+            // committed offset.
+            if let Some(q) = inner.held.remove(tp) {
+                inner.held_count -= q.len();
+            }
+            inner.seen.remove(tp);
+            inner.start.remove(tp);
             inner.assigned.remove(tp);
             inner.mirrored.remove(tp);
             let labels = [&*tp.0, &tp.1.to_string()];
@@ -564,12 +692,28 @@ impl Ctx {
         if let Err(e) = r {
             tracing::error!(error = %e, "kafka: assign failed");
         }
+        // High watermarks now, so ordering knows at once which partitions have a backlog
+        // (statistics would tell only a second later).
+        let mut marks = Vec::new();
+        for (t, p) in &parts {
+            match consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
+                Ok((lo, hi)) => marks.push((t.clone(), *p, lo, hi)),
+                Err(e) => {
+                    tracing::debug!(error = %e, topic = t, partition = p, "kafka: no watermarks")
+                }
+            }
+        }
         let mut inner = lock(&self.inner);
         if !matches!(
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         ) {
             inner.assigned.clear();
+        }
+        for (t, p, lo, hi) in marks {
+            if let Some(ta) = self.topic_arc(&t) {
+                inner.hi.insert((ta, p), (hi, lo.max(0)));
+            }
         }
         for (t, p) in &parts {
             if let Some(ta) = self.topic_arc(t) {
@@ -578,6 +722,7 @@ impl Ctx {
         }
         for (t, p, off) in stored {
             if let Some(ta) = self.topic_arc(&t) {
+                inner.start.insert((Arc::clone(&ta), p), off);
                 self.metrics
                     .kafka_committed
                     .with_label_values(&[&t, &p.to_string()])
@@ -635,7 +780,7 @@ impl ClientContext for Ctx {
             self.health.set_down(&why);
             self.metrics.kafka_up.set(0);
         }
-        let inner = lock(&self.inner);
+        let mut inner = lock(&self.inner);
         let mut backlog = inner.assigned.is_empty() || !answering;
         for (topic, t) in &s.topics {
             for (p, part) in &t.partitions {
@@ -649,6 +794,12 @@ impl ClientContext for Ctx {
                 if !inner.assigned.contains(&tp) {
                     continue;
                 }
+                let base = if part.committed_offset >= 0 {
+                    part.committed_offset
+                } else {
+                    part.lo_offset.max(0)
+                };
+                inner.hi.insert(tp.clone(), (part.hi_offset, base));
                 match inner.committed.get(&tp) {
                     Some(c) => {
                         let lag = (part.hi_offset - c).max(0);
@@ -736,26 +887,32 @@ impl Source {
         let ctx = consumer.context();
         let mut last_mirror = StdInstant::now();
         while !self.stop.load(Ordering::Relaxed) && !ctx.core_gone.load(Ordering::Relaxed) {
-            let wait = if ctx.has_pending() {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(100)
-            };
-            match consumer.poll(wait) {
-                Some(Ok(m)) => {
-                    ctx.push(&m);
-                    if lock(&ctx.inner).batch.len() >= MAX_BATCH {
-                        ctx.send_batch();
+            // Take what librdkafka has (up to a bound), waiting briefly only when idle.
+            let mut drained = false;
+            for i in 0..MAX_BATCH {
+                let wait = match (i, ctx.held() > 0 || ctx.has_pending()) {
+                    (0, false) => Duration::from_millis(100),
+                    (0, true) => Duration::from_millis(10),
+                    _ => Duration::ZERO,
+                };
+                match consumer.poll(wait) {
+                    Some(Ok(m)) => ctx.push(&m),
+                    Some(Err(e)) => {
+                        self.metrics
+                            .kafka_errors
+                            .with_label_values(&[error_kind(&e)])
+                            .inc();
+                        tracing::warn!(error = %e, "kafka: consume error");
+                    }
+                    None => {
+                        drained = true;
+                        break;
                     }
                 }
-                Some(Err(e)) => {
-                    self.metrics
-                        .kafka_errors
-                        .with_label_values(&[error_kind(&e)])
-                        .inc();
-                    tracing::warn!(error = %e, "kafka: consume error");
-                }
-                None => ctx.send_batch(),
+            }
+            ctx.release(k.align_wait);
+            if drained || ctx.batch_full() {
+                ctx.send_batch();
             }
             ctx.collect_acks(false);
             if last_mirror.elapsed() >= MIRROR_EVERY {

@@ -528,7 +528,9 @@ pub fn assert_matches_replay(
         .collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "missing {missing:?}, extra {extra:?}"
+        "missing {} (first {missing:?}), extra {} (first {extra:?})",
+        want.keys().filter(|k| !fired.contains_key(*k)).count(),
+        fired.keys().filter(|k| !want.contains_key(*k)).count(),
     );
     for (id, data) in &fired {
         assert_eq!(data, &want[id], "payload of {id}");
