@@ -68,7 +68,7 @@ pub struct RawKafka {
     pub connect_timeout: Option<String>,
     /// Messages are applied in timestamp order across partitions; this is how long a
     /// partition's messages wait for another partition known to hold older ones.
-    /// Default `1s`; `0s` merges only what has arrived.
+    /// Default `10s`; `0s` merges only what has arrived.
     #[serde(default)]
     pub align_wait: Option<String>,
 }
@@ -965,8 +965,13 @@ impl Checker {
             "30s",
         );
         let align_wait = std::time::Duration::from_nanos(
-            self.duration(&path.key("align_wait"), k.align_wait.as_deref(), "1s", true)
-                .max(0) as u64,
+            self.duration(
+                &path.key("align_wait"),
+                k.align_wait.as_deref(),
+                "10s",
+                true,
+            )
+            .max(0) as u64,
         );
         KafkaConfig {
             align_wait,

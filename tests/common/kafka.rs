@@ -154,12 +154,14 @@ impl Broker {
     }
 
     /// Produces (topic, key, payload, partition) messages and waits until all are
-    /// acknowledged. Small batches, as services publishing one event at a time make.
+    /// acknowledged. One message per record batch, as services publishing one event at a
+    /// time make them, and because tansu 0.6.0 answers a fetch from an offset inside a
+    /// batch with the batches after it: a consumer resuming mid-batch would skip the rest.
     pub fn produce(&self, msgs: &[(&str, &str, &str, Option<i32>)]) {
         let p: BaseProducer = self
             .config()
-            .set("batch.size", "16384")
-            .set("linger.ms", "2")
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
             .set("acks", "all")
             .create()
             .unwrap();
@@ -192,9 +194,25 @@ impl Broker {
         md.topics()[0].partitions().len() as i32
     }
 
+    /// Every message of a topic: read from the beginning until nothing more arrives for
+    /// two seconds (tansu's high watermarks can trail what a fetch returns).
+    pub fn read_all(&self, topic: &str, limit: Duration) -> Vec<Consumed> {
+        self.read_until(topic, usize::MAX, limit, Some(Duration::from_secs(2)))
+    }
+
     /// Every message of a topic, read from the beginning until `want` arrived or `limit`
     /// passed (a few more may follow; callers compare what they got).
     pub fn read(&self, topic: &str, want: usize, limit: Duration) -> Vec<Consumed> {
+        self.read_until(topic, want, limit, None)
+    }
+
+    fn read_until(
+        &self,
+        topic: &str,
+        want: usize,
+        limit: Duration,
+        quiet: Option<Duration>,
+    ) -> Vec<Consumed> {
         let c: BaseConsumer = self
             .config()
             .set("enable.partition.eof", "false")
@@ -210,7 +228,11 @@ impl Broker {
         c.assign(&tpl).unwrap();
         let mut out = Vec::new();
         let end = std::time::Instant::now() + limit;
+        let mut last = std::time::Instant::now();
         while out.len() < want && std::time::Instant::now() < end {
+            if quiet.is_some_and(|q| last.elapsed() >= q) {
+                break;
+            }
             match c.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     let text =
@@ -223,6 +245,7 @@ impl Broker {
                                 .collect()
                         })
                         .unwrap_or_default();
+                    last = std::time::Instant::now();
                     out.push(Consumed {
                         partition: m.partition(),
                         key: text(m.key()),
