@@ -21,6 +21,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
+# The Kafka tests run against a real Kafka-protocol broker, tansu (a 20-30 minute build
+# on 2 cores the first time; skipped when that version is on PATH).
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+if ! tansu --version 2>/dev/null | grep -qx 'tansu 0.6.0'; then
+  echo "==> installing tansu 0.6.0 (Kafka-protocol broker for the tests)"
+  cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
+fi
 for comp in rustfmt clippy; do
   if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
     echo "==> installing rust component $comp"
