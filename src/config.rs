@@ -1035,6 +1035,46 @@ mod tests {
     }
 
     #[test]
+    fn kafka_sources_and_sinks_need_the_kafka_section_and_leave_owned_settings_alone() {
+        let e = check(
+            "rules: rules\nsources:\n  orders: { type: kafka }\n  pay: { type: kafka, topic: 'bad topic' }\nsinks:\n  cmds: { type: kafka }\n",
+        )
+        .unwrap_err();
+        for want in [
+            "sources.orders: a kafka source needs the top-level `kafka` section",
+            "sources.pay.topic: invalid topic name \"bad topic\"",
+            "sinks.cmds: missing field `topic`",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        let e = check(
+            "rules: rules\nkafka:\n  brokers: b:9092\n  consumer: { group.id: x, enable.auto.commit: 'true' }\nsources:\n  orders: { type: kafka }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("kafka.consumer.group.id: sagawatch sets group.id: set `kafka.group`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("kafka.consumer.enable.auto.commit: sagawatch sets enable.auto.commit"),
+            "{e}"
+        );
+        let c = check(
+            "rules: rules\nkafka:\n  brokers: b:9092\n  properties: { sasl.password: '${SECRET}' }\n  consumer: { group.instance.id: a }\nsources:\n  orders: { type: kafka, topic: orders.v1 }\nsinks:\n  cmds: { type: kafka, topic: commands }\n",
+        )
+        .unwrap();
+        let k = c.kafka.as_ref().unwrap();
+        assert_eq!(k.group, "sagawatch");
+        assert_eq!(k.consumer.len(), 2);
+        assert_eq!(k.producer.len(), 1);
+        assert!(
+            !format!("{c:?}").contains("whsec_"),
+            "secrets never in Debug output"
+        );
+        assert!(matches!(&c.sources[0].kind, SourceKind::Kafka { topic } if topic == "orders.v1"));
+    }
+
+    #[test]
     fn reports_every_problem_with_position() {
         let e = check(
             "rules: rules\nlisten: nowhere\nsourcs: {}\nsources:\n  a: { type: fiel }\n  b: { type: stdin, path: x }\nsinks:\n  h: { type: webhook, url: 'http://x/', secrets: ['${MISSING}'] }\nalerts: { sinks: [pager] }\n",
