@@ -56,7 +56,7 @@ try:
             f"state: state.db\nrules: rules.yaml\nlisten: 127.0.0.1:{port}\n"
             f"time: {{ lateness: 1h, idle: 0s }}\n"
             f"kafka: {{ brokers: '{brokers}', group: bench-{i}-{os.getpid()} }}\n"
-            "sources:\n  events: { type: kafka }\n"
+            "sources:\n  orders: { type: kafka, topic: events }\n"
             "sinks:\n  saga-commands: { type: kafka, topic: saga-commands }\n  out: { type: stdout }\n")
         p = subprocess.Popen([BIN, "run", "--config", os.path.join(d, "c.yaml")],
                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "stderr.log"), "a"))
