@@ -1,19 +1,9 @@
 """Drives the release daemon for the benchmarks of scripts/bench-daemon.sh."""
 import calendar, json, os, shutil, signal, socket, statistics, subprocess, sys, threading, time, urllib.request
+from benchlib import free_port, metric, wait
 
 BIN = os.path.abspath("target/release/sagawatch")
 bench_dir, runs, open_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-def metric(port, prefix):
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return None
-    vals = [float(l.rsplit(" ", 1)[1]) for l in body.splitlines() if l.startswith(prefix)]
-    return sum(vals) if vals else None
 
 def ready(port):
     try:
@@ -26,15 +16,6 @@ def hwm(pid):
         if l.startswith("VmHWM:"):
             return int(l.split()[1]) / 1024
     return 0
-
-def wait(cond, limit, what):
-    end = time.time() + limit
-    while time.time() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    sys.exit(f"timed out waiting for {what}")
 
 def setup(name, rules, config):
     d = os.path.join(bench_dir, name)

@@ -1,29 +1,10 @@
 """Drives tansu, the raw consumer and the release daemon for scripts/bench-kafka.sh."""
 import os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+from benchlib import free_port, metric, wait
 
 BIN = os.path.abspath("target/release/sagawatch")
 HELPER = os.path.abspath("target/release/examples/kafka_bench")
 bench_dir, runs, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-def metric(port, prefix):
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return None
-    vals = [float(l.rsplit(" ", 1)[1]) for l in body.splitlines() if l.startswith(prefix)]
-    return sum(vals) if vals else None
-
-def wait(cond, limit_s, what):
-    end = time.time() + limit_s
-    while time.time() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    sys.exit(f"timed out waiting for {what}")
 
 broker_dir = tempfile.mkdtemp(prefix="tansu-bench-")
 kport = free_port()
