@@ -479,4 +479,24 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
     );
     assert!(err.contains("kafka topic \"nope\" does not exist"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+
+    // An unknown librdkafka property stops startup too, naming the client.
+    let d = Daemon::with_rules(
+        KAFKA_RULES,
+        &format!(
+            "kafka: {{ brokers: '{}', consumer: {{ no.such.property: x }} }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n",
+            broker.brokers()
+        ),
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("kafka.consumer:") && err.contains("no.such.property"),
+        "{err}"
+    );
 }

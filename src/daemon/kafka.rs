@@ -70,6 +70,11 @@ impl Health {
         }
     }
 
+    /// The consumer thread ended with an error: report it until restart.
+    pub fn stopped(&self, why: &str) {
+        *lock(&self.down) = Some((wall_ms(), format!("the kafka consumer stopped: {why}")));
+    }
+
     fn set_up(&self) {
         if lock(&self.down).take().is_some() {
             tracing::info!("kafka: brokers reachable again");
@@ -80,7 +85,7 @@ impl Health {
     pub fn problem(&self) -> Option<String> {
         lock(&self.down).as_ref().map(|(since, why)| {
             format!(
-                "kafka brokers unreachable since {} ({why})",
+                "kafka: {why} (since {})",
                 crate::time::format_rfc3339(since * 1_000_000)
             )
         })
@@ -231,6 +236,20 @@ pub enum CheckError {
 /// same partition number of each topic, so one instance sees all of a saga).
 pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
     let Some(k) = &cfg.kafka else { return Ok(()) };
+    // librdkafka rejects unknown or invalid properties when a client is created: do it
+    // now, so a typo stops startup instead of the outbox dispatcher later.
+    let sink_timeout = cfg
+        .sinks
+        .iter()
+        .filter(|s| matches!(s.kind, crate::config::SinkKind::Kafka { .. }))
+        .map(|s| s.timeout)
+        .max();
+    if let Some(t) = sink_timeout {
+        drop(
+            producer(k, t)
+                .map_err(|e| CheckError::Config(vec![format!("kafka.producer: {e:#}")]))?,
+        );
+    }
     let by_source: BTreeMap<String, String> = cfg
         .sources
         .iter()
@@ -244,7 +263,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
     }
     let client: BaseConsumer = consumer_config(k)
         .create()
-        .map_err(|e| CheckError::Config(vec![format!("kafka: {e}")]))?;
+        .map_err(|e| CheckError::Config(vec![format!("kafka.consumer: {e}")]))?;
     let deadline = StdInstant::now() + k.connect_timeout;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut problems = Vec::new();
@@ -752,7 +771,8 @@ impl ClientContext for Ctx {
         let kind = error_kind(&error);
         self.metrics.kafka_errors.with_label_values(&[kind]).inc();
         if kind == "all_brokers_down" {
-            self.health.set_down(reason);
+            self.health
+                .set_down(&format!("brokers unreachable: {reason}"));
             self.metrics.kafka_up.set(0);
         }
         tracing::warn!(%error, reason, "kafka client error");
@@ -774,8 +794,8 @@ impl ClientContext for Ctx {
                 .map(|b| b.rxidle / 1_000_000)
                 .max();
             let why = match idle {
-                Some(secs) => format!("no response for {secs}s"),
-                None => "no broker connection".to_string(),
+                Some(secs) => format!("brokers unreachable: no response for {secs}s"),
+                None => "brokers unreachable: no connection".to_string(),
             };
             self.health.set_down(&why);
             self.metrics.kafka_up.set(0);

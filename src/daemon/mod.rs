@@ -279,7 +279,7 @@ fn run_with(
         let src = kafka::Source {
             cfg: Arc::clone(&cfg),
             metrics: Arc::clone(&metrics),
-            health,
+            health: Arc::clone(&health),
             core: core_tx.clone(),
             stop: Arc::clone(&stop_sources),
         };
@@ -288,7 +288,9 @@ fn run_with(
                 .name("source-kafka".into())
                 .spawn(move || {
                     if let Err(e) = src.run() {
-                        tracing::error!(error = format!("{e:#}"), "kafka source stopped");
+                        let why = format!("{e:#}");
+                        tracing::error!(error = why, "kafka source stopped");
+                        health.stopped(&why);
                     }
                 })?,
         );
