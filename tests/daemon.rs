@@ -287,15 +287,7 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
 fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     let run = |dir: &std::path::Path, cfg: &str| {
         std::fs::write(dir.join("c.yaml"), cfg).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(dir.join("c.yaml"))
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        run_to_exit(&dir.join("c.yaml"))
     };
     let d = Daemon::new("sources: { a: { type: stdin } }\n");
     let dir = d.dir.path();

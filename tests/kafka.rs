@@ -466,13 +466,8 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
             broker.brokers()
         ),
     );
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(d.path("sagawatch.yaml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = run_to_exit(&d.path("sagawatch.yaml"));
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("rule \"checkout\" correlates kafka topics with different partition counts: orders (3), payments (4), shipments (3)"),
         "{err}"
@@ -488,13 +483,8 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
             broker.brokers()
         ),
     );
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(d.path("sagawatch.yaml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = run_to_exit(&d.path("sagawatch.yaml"));
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("kafka.consumer:") && err.contains("no.such.property"),
         "{err}"

@@ -445,6 +445,14 @@ impl Ctx {
         hi > at
     }
 
+    /// Assigned partitions with nothing held that are known to have more: the ones whose
+    /// older messages the others wait for.
+    fn awaited(inner: &Inner) -> impl Iterator<Item = &Tp> {
+        inner.assigned.iter().filter(|a| {
+            inner.held.get(*a).is_none_or(|q| q.is_empty()) && Self::may_have_more(inner, a)
+        })
+    }
+
     /// Moves held messages to the batch in timestamp order across partitions (the order
     /// their services published them), as Kafka Streams does: a message waits while a
     /// partition known to hold older ones has nothing received yet, for at most `wait`.
@@ -466,10 +474,7 @@ impl Ctx {
             // Past the bound, memory wins over order. (Pausing the fullest partitions
             // instead lost messages: librdkafka drops what it prefetched for a paused
             // partition and resumed past it, even after a seek.)
-            let blocked = inner.held_count <= MAX_HELD
-                && inner.assigned.iter().any(|a| {
-                    inner.held.get(a).is_none_or(|q| q.is_empty()) && Self::may_have_more(&inner, a)
-                });
+            let blocked = inner.held_count <= MAX_HELD && Self::awaited(&inner).next().is_some();
             if blocked {
                 let since = *inner.blocked_since.get_or_insert(now);
                 if now.duration_since(since) < wait {
@@ -477,13 +482,7 @@ impl Ctx {
                 }
                 if !inner.gave_up_waiting {
                     inner.gave_up_waiting = true;
-                    let waiting: Vec<String> = inner
-                        .assigned
-                        .iter()
-                        .filter(|a| {
-                            inner.held.get(*a).is_none_or(|q| q.is_empty())
-                                && Self::may_have_more(&inner, a)
-                        })
+                    let waiting: Vec<String> = Self::awaited(&inner)
                         .map(|(t, p)| format!("{t}/{p}"))
                         .collect();
                     tracing::info!(partitions = %waiting.join(","), ?wait, "kafka: stopped waiting for partitions with older messages; events may arrive out of order");
@@ -829,7 +828,7 @@ impl ClientContext for Ctx {
                             .with_label_values(&[topic, &p.to_string()])
                             .set(lag);
                     }
-                    None => backlog |= part.hi_offset > part.lo_offset.max(0),
+                    None => backlog |= part.hi_offset > base,
                 }
             }
         }

@@ -465,6 +465,20 @@ impl Drop for Daemon {
     }
 }
 
+/// `sagawatch run --config FILE` expected to stop on its own (refused config): its exit
+/// code and stderr.
+pub fn run_to_exit(config: &Path) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn signal(c: &Child, sig: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{sig}"))
