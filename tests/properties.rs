@@ -1,5 +1,7 @@
 //! Properties that must hold for every input: how events are batched and where clock ticks
-//! fall (at or below the event clock) never changes the outcomes, and no input panics.
+//! fall (at or below the event clock) never changes the outcomes, the durable state (with
+//! its row cache, commits and restarts anywhere) behaves exactly like the in-memory one,
+//! and no input panics.
 
 use std::sync::Arc;
 
@@ -7,6 +9,7 @@ use proptest::prelude::*;
 use sagawatch::engine::{Engine, MemoryState, Outcome};
 use sagawatch::event::Decoder;
 use sagawatch::rules::{self, RuleSet};
+use sagawatch::store::{self, SqliteState};
 
 const RULES: &str = r#"
 rules:
@@ -129,6 +132,49 @@ proptest! {
             e.process(&decoded, &mut got);
         }
         e.finish(&mut got);
+        prop_assert_eq!(expected, got);
+    }
+
+    #[test]
+    fn durable_state_matches_memory_across_commits_and_restarts(
+        raw in proptest::collection::vec(event(), 1..150),
+        jitter in any::<bool>(),
+        cache in 1usize..6,
+        cuts in proptest::collection::vec((0usize..150, any::<bool>()), 0..25),
+    ) {
+        let rules = rules();
+        let evs = build(raw, jitter);
+        let expected = straight(&rules, &evs, 0);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let open = || {
+            let mut conn = store::open(&path).unwrap();
+            store::migrate(&mut conn, &path).unwrap();
+            let st = SqliteState::open(conn, &rules, &path).unwrap().with_row_cache(cache);
+            Engine::new(Arc::clone(&rules), st, 0).with_lifecycle(true)
+        };
+        let d = Decoder::new(&rules, "time");
+        let mut e = open();
+        let mut got = Vec::new();
+        e.state_mut().begin().unwrap();
+        for (i, ev) in evs.iter().enumerate() {
+            for (at, restart) in &cuts {
+                if *at == i {
+                    e.state_mut().commit().unwrap();
+                    if *restart {
+                        drop(e);
+                        e = open();
+                    }
+                    e.state_mut().begin().unwrap();
+                }
+            }
+            let decoded = d.decode(ev.line.as_bytes(), ev.source).unwrap();
+            e.state_mut().set_event(Some((&ev.line, decoded.time)), None);
+            e.process(&decoded, &mut got);
+        }
+        e.finish(&mut got);
+        e.state_mut().commit().unwrap();
         prop_assert_eq!(expected, got);
     }
 

@@ -4,6 +4,7 @@
 //! dispatcher, the HTTP API) use their own connections thanks to WAL.
 
 mod outbox;
+mod rows;
 mod sqlite_state;
 
 use std::path::Path;
@@ -122,6 +123,8 @@ pub fn open(path: &Path) -> Result<Connection> {
     )
     .with_context(|| format!("state file {}: cannot open", path.display()))?;
     conn.busy_timeout(StdDuration::from_secs(10))?;
+    // Room for the writer's statements, including one UPDATE per changed-column set.
+    conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .with_context(|| format!("state file {}: not a usable SQLite file", path.display()))?;

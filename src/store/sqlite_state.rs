@@ -1,6 +1,7 @@
 //! The engine's state trait over SQLite: one row per (rule, key) with the earliest open
 //! deadline indexed, so deadlines fire from the index and memory does not grow with open
-//! instances. The caller brackets engine calls in `begin`/`commit`.
+//! instances. Hot rows are held in a bounded write-back cache (`rows.rs`) and written at
+//! commit. The caller brackets engine calls in `begin`/`commit`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -11,9 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::rows::{Rows, next_deadline};
 use crate::engine::state::{Clock, Due, Instance, State, StepState, StepStatus, Steps};
 use crate::rules::RuleSet;
 use crate::time::Instant;
+
+/// Instance rows held in memory by default: the rows of the last few minutes of a busy
+/// stream, about 20 MB.
+pub const ROW_CACHE: usize = 100_000;
 
 /// SQLite-backed [`State`]. Errors from SQLite cannot cross the trait, so the first one is
 /// kept and [`SqliteState::commit`] rolls the whole batch back and fails instead of
@@ -34,8 +40,17 @@ pub struct SqliteState {
     open_dirty: bool,
     /// Whether the row taken last existed and was open.
     taken_open: bool,
-    /// Whether the row taken last existed (then `put` updates it in place).
+    /// Whether the row taken last existed, and when it opened.
     taken_existed: bool,
+    taken_opened: Option<Instant>,
+    /// Hot instance rows, written back at commit; the truth for the rows they hold.
+    rows: Rows,
+    row_cache: usize,
+    /// Every row SQLite has with an open deadline before this is held in `rows`: the
+    /// deadline query need not look below it.
+    sql_floor: Instant,
+    /// The clock of the last `purge`; expired rows are deleted at commit.
+    purge_clock: Instant,
     error: Option<rusqlite::Error>,
     /// The same for reads made through `&self` (early correlates, cancels).
     read_error: RefCell<Option<rusqlite::Error>>,
@@ -140,14 +155,6 @@ pub fn decode_steps(b: &[u8]) -> Steps {
     steps
 }
 
-fn next_deadline(steps: &[StepState]) -> Option<Instant> {
-    steps
-        .iter()
-        .filter(|s| s.status == StepStatus::Open)
-        .map(|s| s.at)
-        .min()
-}
-
 fn shape(rule: &crate::rules::model::Rule) -> String {
     rule.steps
         .iter()
@@ -182,6 +189,11 @@ impl SqliteState {
             open_dirty: false,
             taken_open: false,
             taken_existed: false,
+            taken_opened: None,
+            rows: Rows::new(0, ROW_CACHE),
+            row_cache: ROW_CACHE,
+            sql_floor: Instant::MIN,
+            purge_clock: Instant::MIN,
             error: None,
             read_error: RefCell::default(),
             in_tx: false,
@@ -244,6 +256,8 @@ impl SqliteState {
         self.open = open;
         self.next_due = Instant::MIN;
         self.next_purge = Instant::MIN;
+        self.rows = Rows::new(self.names.len(), self.row_cache);
+        self.sql_floor = Instant::MIN;
         let mut remembered = HashMap::new();
         {
             let mut stmt = self
@@ -331,15 +345,42 @@ impl SqliteState {
         if !self.in_tx {
             return Ok(());
         }
-        self.flush_meta()?;
-        self.purge_events()?;
-        self.conn.execute_batch("COMMIT")?;
+        let written = self.write_batch();
+        if let Err(e) = written {
+            self.rollback();
+            return Err(e).context("state write failed; batch rolled back");
+        }
         self.in_tx = false;
+        if let Some(d) = self.rows.evict() {
+            // Rows SQLite is the truth for again: the deadline query must see them.
+            self.sql_floor = self.sql_floor.min(d);
+        }
         if self.wal_restart.swap(false, Ordering::Relaxed) {
             self.conn
                 .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
         }
         Ok(())
+    }
+
+    /// Writes the held rows, purges what expired and commits.
+    fn write_batch(&mut self) -> rusqlite::Result<()> {
+        self.rows.flush(&self.conn, &self.names)?;
+        self.try_purge(self.purge_clock)?;
+        self.flush_meta()?;
+        self.purge_events()?;
+        self.conn.execute_batch("COMMIT")
+    }
+
+    /// Holds at most `rows` instance rows in memory (tests use tiny caches).
+    pub fn with_row_cache(mut self, rows: usize) -> SqliteState {
+        self.row_cache = rows.max(1);
+        self.rows = Rows::new(self.names.len(), self.row_cache);
+        self
+    }
+
+    /// Instance rows held in memory, and how many of them are not written yet.
+    pub fn held_rows(&self) -> (usize, usize) {
+        (self.rows.len(), self.rows.dirty())
     }
 
     /// Sets the event about to be applied (`None` for clock ticks) and the Kafka partition
@@ -383,12 +424,18 @@ impl SqliteState {
         Ok(seq)
     }
 
-    /// The refs column for a row being put: the taken refs plus the trigger of a new row
-    /// and the correlate of every step this put newly satisfied.
-    fn refs_for(&mut self, inst: &Instance) -> rusqlite::Result<Vec<u8>> {
+    /// The event references of a row being put: the taken refs plus the trigger of a new
+    /// instance and the correlate of every step this put newly satisfied.
+    fn refs_for(&mut self, inst: &Instance) -> rusqlite::Result<Vec<i64>> {
+        let fresh = !self.taken_existed || self.taken_opened != Some(inst.opened_at);
         let mut refs = std::mem::take(&mut self.taken_refs);
+        if fresh {
+            // A new instance (possibly replacing a closed row): nothing carries over.
+            refs.clear();
+            self.taken_steps.clear();
+        }
         refs.resize(inst.steps.len() + 1, 0);
-        if !self.taken_existed && refs[0] == 0 {
+        if fresh {
             refs[0] = self.current_event_seq()?;
         }
         for i in 0..inst.steps.len() {
@@ -409,7 +456,7 @@ impl SqliteState {
                 None => self.current_event_seq()?,
             };
         }
-        Ok(encode_refs(&refs))
+        Ok(refs)
     }
 
     /// Forgets events no live instance can reference any more.
@@ -499,10 +546,16 @@ impl SqliteState {
         })
     }
 
-    fn try_take(&mut self, rule: &str, key: &str) -> rusqlite::Result<Option<Instance>> {
+    /// Reads a row that is not held: the instance, its event references and partition.
+    #[allow(clippy::type_complexity)]
+    fn try_load(
+        &self,
+        rule: &str,
+        key: &str,
+    ) -> rusqlite::Result<Option<(Instance, Vec<i64>, Option<i32>)>> {
         self.conn
             .prepare_cached(
-                "SELECT opened_at, closed_at, expires_at, steps, captures, refs
+                "SELECT opened_at, closed_at, expires_at, steps, captures, refs, part
                  FROM instances WHERE rule = ?1 AND key = ?2",
             )?
             .query_row(params![rule, key], |r| {
@@ -510,7 +563,6 @@ impl SqliteState {
                 let captures: String = r.get(4)?;
                 let refs: Option<Vec<u8>> = r.get(5)?;
                 Ok((
-                    refs,
                     Instance {
                         opened_at: r.get(0)?,
                         closed_at: r.get(1)?,
@@ -520,93 +572,39 @@ impl SqliteState {
                             .unwrap_or_default()
                             .into_boxed_slice(),
                     },
+                    decode_refs(refs.as_deref().unwrap_or_default()),
+                    r.get(6)?,
                 ))
             })
             .optional()
-            .map(|r| {
-                r.map(|(refs, inst)| {
-                    self.taken_steps = inst.steps.iter().map(|s| s.status).collect();
-                    self.taken_refs = decode_refs(refs.as_deref().unwrap_or_default());
-                    inst
-                })
-            })
-    }
-
-    fn try_put(&mut self, rule: &str, key: &str, row: &Option<Instance>) -> rusqlite::Result<()> {
-        match row {
-            None => {
-                self.conn
-                    .prepare_cached("DELETE FROM instances WHERE rule = ?1 AND key = ?2")?
-                    .execute(params![rule, key])?;
-            }
-            Some(inst) => {
-                let next = next_deadline(&inst.steps);
-                if let Some(d) = next {
-                    self.next_due = self.next_due.min(d);
-                }
-                if inst.closed_at.is_some() {
-                    self.next_purge = self.next_purge.min(inst.expires_at);
-                }
-                let captures = serde_json::to_string(&inst.captures).unwrap_or_default();
-                let latest = |want: StepStatus| {
-                    inst.steps
-                        .iter()
-                        .filter(|s| s.status == want)
-                        .map(|s| s.at)
-                        .max()
-                };
-                let (missing_at, late_at) = (latest(StepStatus::Missing), latest(StepStatus::Late));
-                let refs = self.refs_for(inst)?;
-                let sql = if self.taken_existed {
-                    "UPDATE instances SET opened_at = ?3, closed_at = ?4, expires_at = ?5,
-                     next_deadline = ?6, steps = ?7, captures = ?8, missing_at = ?9, late_at = ?10,
-                     refs = ?11, part = COALESCE(part, ?12)
-                     WHERE rule = ?1 AND key = ?2"
-                } else {
-                    "INSERT OR REPLACE INTO instances
-                         (rule, key, opened_at, closed_at, expires_at, next_deadline, steps, captures,
-                          missing_at, late_at, refs, part)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-                };
-                let part = self.part;
-                self.conn.prepare_cached(sql)?.execute(params![
-                    rule,
-                    key,
-                    inst.opened_at,
-                    inst.closed_at,
-                    inst.expires_at,
-                    next,
-                    encode_steps(&inst.steps),
-                    captures,
-                    missing_at,
-                    late_at,
-                    refs,
-                    part
-                ])?;
-            }
-        }
-        Ok(())
     }
 
     fn try_due(&mut self, before: Instant, out: &mut Vec<Due>) -> rusqlite::Result<()> {
         if self.next_due == Instant::MIN {
-            self.next_due = self.min_deadline(Instant::MIN)?;
+            self.next_due = self
+                .min_deadline(Instant::MIN)?
+                .min(self.rows.first_deadline(Instant::MIN));
         }
         if before <= self.next_due {
             return Ok(());
         }
+        self.rows.due(before, out);
         {
+            // Rows held in memory are answered above; SQLite's version of them may be stale.
             let mut stmt = self.conn.prepare_cached(
                 "SELECT rule, key, steps FROM instances
-                 WHERE next_deadline IS NOT NULL AND next_deadline < ?1",
+                 WHERE next_deadline IS NOT NULL AND next_deadline >= ?1 AND next_deadline < ?2",
             )?;
-            let mut rows = stmt.query(params![before])?;
+            let mut rows = stmt.query(params![self.sql_floor, before])?;
             while let Some(r) = rows.next()? {
                 let rule: String = r.get(0)?;
                 let Some(&ix) = self.index.get(rule.as_str()) else {
                     continue;
                 };
                 let key: String = r.get(1)?;
+                if self.rows.contains(ix, &key) {
+                    continue;
+                }
                 let steps: Vec<u8> = r.get(2)?;
                 for (step, s) in decode_steps(&steps).iter().enumerate() {
                     if s.status == StepStatus::Open && s.at < before {
@@ -620,7 +618,10 @@ impl SqliteState {
                 }
             }
         }
-        self.next_due = self.min_deadline(before)?;
+        self.sql_floor = self.sql_floor.max(before);
+        self.next_due = self
+            .min_deadline(before)?
+            .min(self.rows.first_deadline(before));
         Ok(())
     }
 
@@ -655,13 +656,20 @@ impl SqliteState {
         if clock <= self.next_purge {
             return Ok(());
         }
-        let mut removed = 0;
-        removed += self
+        let closed: Vec<(String, String)> = self
             .conn
             .prepare_cached(
-                "DELETE FROM instances WHERE closed_at IS NOT NULL AND expires_at < ?1",
+                "DELETE FROM instances WHERE closed_at IS NOT NULL AND expires_at < ?1
+                 RETURNING rule, key",
             )?
-            .execute(params![clock])?;
+            .query_map(params![clock], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut removed = closed.len();
+        for (rule, key) in closed {
+            if let Some(&ix) = self.index.get(rule.as_str()) {
+                self.rows.forget(ix, &key);
+            }
+        }
         for sql in [
             "DELETE FROM early WHERE expires < ?1 RETURNING rule, key",
             "DELETE FROM cancels WHERE expires < ?1 RETURNING rule, key",
@@ -720,11 +728,33 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
 
 impl State for SqliteState {
     fn take(&mut self, rule: usize, key: &str) -> Option<Instance> {
-        let name = self.names[rule].clone();
-        let r = self.try_take(&name, key);
-        let row = self.fail(r);
+        let held = self
+            .rows
+            .get(rule, key)
+            .map(|e| (e.row.clone(), e.refs.clone()));
+        let (row, refs) = match held {
+            Some(h) => h,
+            None => {
+                let name = self.names[rule].clone();
+                let r = self.try_load(&name, key);
+                match self.fail(r) {
+                    Some((inst, refs, part)) => {
+                        self.rows
+                            .insert_loaded(rule, key, inst.clone(), refs.clone(), part);
+                        (Some(inst), refs)
+                    }
+                    None => (None, Vec::new()),
+                }
+            }
+        };
         self.taken_open = row.as_ref().is_some_and(|i| i.is_open());
         self.taken_existed = row.is_some();
+        self.taken_opened = row.as_ref().map(|i| i.opened_at);
+        self.taken_steps.clear();
+        if let Some(i) = &row {
+            self.taken_steps.extend(i.steps.iter().map(|s| s.status));
+        }
+        self.taken_refs = refs;
         row
     }
 
@@ -735,12 +765,29 @@ impl State for SqliteState {
             self.open_dirty = true;
         }
         self.taken_open = false;
-        let name = self.names[rule].clone();
-        let r = self.try_put(&name, key, &row);
+        let refs = match &row {
+            Some(inst) => {
+                if let Some(d) = next_deadline(&inst.steps) {
+                    self.next_due = self.next_due.min(d);
+                }
+                if inst.closed_at.is_some() {
+                    self.next_purge = self.next_purge.min(inst.expires_at);
+                }
+                let r = self.refs_for(inst);
+                self.fail(r)
+            }
+            None => std::mem::take(&mut self.taken_refs),
+        };
+        self.rows.put(rule, key, row, refs, self.part);
         self.taken_existed = false;
+        self.taken_opened = None;
         self.taken_steps.clear();
         self.taken_refs.clear();
-        self.fail(r);
+        if self.rows.dirty() >= self.row_cache {
+            // A huge batch: write what it changed so far (still uncommitted).
+            let r = self.rows.flush(&self.conn, &self.names);
+            self.fail(r);
+        }
     }
 
     fn due(&mut self, before: Instant, out: &mut Vec<Due>) {
@@ -838,8 +885,8 @@ impl State for SqliteState {
     }
 
     fn purge(&mut self, clock: Instant) {
-        let r = self.try_purge(clock);
-        self.fail(r);
+        // Forgetting never changes outcomes, so it waits for the commit.
+        self.purge_clock = self.purge_clock.max(clock);
     }
 
     fn clock(&self) -> Clock {
