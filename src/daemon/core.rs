@@ -96,6 +96,32 @@ pub struct Core {
     wrote_outbox: bool,
     /// With Kafka sources: whether events wait in Kafka (then the stream is not idle).
     kafka: Option<Arc<crate::daemon::kafka::Health>>,
+    children: Children,
+}
+
+/// Which per-rule counter a metric child is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Slot {
+    Outcome(&'static str),
+    Opened,
+    Finished,
+    Cancelled,
+    Step(&'static str),
+}
+
+/// Metric children by (rule index, slot, step index), resolved once: a label lookup hashes
+/// the label strings and takes a lock, too much for every outcome. Cleared on reload (rule
+/// indices change).
+#[derive(Default)]
+struct Children {
+    counters: std::collections::HashMap<(usize, Slot, usize), prometheus::IntCounter>,
+    latency: std::collections::HashMap<(usize, usize), prometheus::Histogram>,
+}
+
+impl Children {
+    fn count(&mut self, key: (usize, Slot, usize), make: impl FnOnce() -> prometheus::IntCounter) {
+        self.counters.entry(key).or_insert_with(make).inc();
+    }
 }
 
 impl Core {
@@ -121,6 +147,7 @@ impl Core {
             last_event: StdInstant::now(),
             wrote_outbox: false,
             kafka: None,
+            children: Children::default(),
         };
         core.publish_gauges();
         core
@@ -375,53 +402,53 @@ impl Core {
             let Some(rule) = rules.rules.get(o.rule) else {
                 continue;
             };
-            self.metrics
-                .outcomes
-                .with_label_values(&[&rule.name, o.kind.name()])
-                .inc();
             let step = o
                 .step
                 .and_then(|s| rule.steps.get(s))
                 .map(|s| s.name.as_str())
                 .unwrap_or("");
+            let (r, st) = (o.rule, o.step.unwrap_or(0));
+            let m = &self.metrics;
+            let kind = o.kind.name();
+            self.children.count((r, Slot::Outcome(kind), 0), || {
+                m.outcomes.with_label_values(&[&rule.name, kind])
+            });
             match &o.kind {
-                Kind::Opened => self
-                    .metrics
-                    .instances_opened
-                    .with_label_values(&[&rule.name])
-                    .inc(),
-                Kind::Closed | Kind::Cancelled => {
-                    let how = if o.kind == Kind::Closed {
-                        "finished"
-                    } else {
-                        "cancelled"
-                    };
-                    self.metrics
-                        .instances_closed
-                        .with_label_values(&[&rule.name, how])
-                        .inc();
-                }
-                Kind::Missing => self
-                    .metrics
-                    .steps
-                    .with_label_values(&[&rule.name, step, "missing"])
-                    .inc(),
-                _ => {}
-            }
-            match &o.kind {
+                Kind::Opened => self.children.count((r, Slot::Opened, 0), || {
+                    m.instances_opened.with_label_values(&[&rule.name])
+                }),
+                Kind::Closed => self.children.count((r, Slot::Finished, 0), || {
+                    m.instances_closed
+                        .with_label_values(&[&rule.name, "finished"])
+                }),
+                Kind::Cancelled => self.children.count((r, Slot::Cancelled, 0), || {
+                    m.instances_closed
+                        .with_label_values(&[&rule.name, "cancelled"])
+                }),
+                Kind::Missing => self.children.count((r, Slot::Step("missing"), st), || {
+                    m.steps.with_label_values(&[&rule.name, step, "missing"])
+                }),
                 Kind::Satisfied => {
-                    self.metrics
-                        .steps
-                        .with_label_values(&[&rule.name, step, "satisfied"])
-                        .inc();
+                    self.children.count((r, Slot::Step("satisfied"), st), || {
+                        m.steps.with_label_values(&[&rule.name, step, "satisfied"])
+                    });
                     if let Some(t) = o.time {
                         let secs = (t - o.opened_at).max(0) as f64 / 1e9;
-                        self.metrics
-                            .step_latency
-                            .with_label_values(&[&rule.name, step])
+                        self.children
+                            .latency
+                            .entry((r, st))
+                            .or_insert_with(|| {
+                                m.step_latency.with_label_values(&[&rule.name, step])
+                            })
                             .observe(secs);
                     }
                 }
+                Kind::Late => self.children.count((r, Slot::Step("late"), st), || {
+                    m.steps.with_label_values(&[&rule.name, step, "late"])
+                }),
+                _ => {}
+            }
+            match &o.kind {
                 Kind::Alert(a) => {
                     let data = output::to_json(&rules, o);
                     let body = envelope("sagawatch.alert.firing", o.at, &data);
@@ -462,10 +489,6 @@ impl Core {
                     self.wrote_outbox = true;
                 }
                 Kind::Late => {
-                    self.metrics
-                        .steps
-                        .with_label_values(&[&rule.name, step, "late"])
-                        .inc();
                     let conn = self.engine.state().conn();
                     for a in Outbox::take_alerts(conn, &rule.name, &o.key, step)? {
                         let body = resolved(&a.body, o);
@@ -555,6 +578,7 @@ impl Core {
         }
         self.decoder = Decoder::new(&rules, &self.cfg.time.field);
         self.engine.set_rules(rules);
+        self.children = Children::default();
         self.publish_gauges();
         Ok(())
     }

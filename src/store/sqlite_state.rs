@@ -67,6 +67,10 @@ pub struct SqliteState {
     event: Option<(Box<str>, Instant)>,
     /// The seq of the current event in the events table, once a row references it.
     event_seq: Option<i64>,
+    /// The seq the next appended event gets (0: not read from the file yet).
+    next_seq: i64,
+    /// Events appended in this batch, inserted together at commit.
+    new_events: Vec<(i64, Instant, Box<str>)>,
     /// The Kafka partition of the event being applied, stored on the rows it creates.
     part: Option<i32>,
     /// Step statuses and event references of the row taken last.
@@ -201,6 +205,8 @@ impl SqliteState {
             wal_restart: Arc::default(),
             event: None,
             event_seq: None,
+            next_seq: 0,
+            new_events: Vec::new(),
             part: None,
             taken_steps: Vec::new(),
             taken_refs: Vec::new(),
@@ -258,6 +264,8 @@ impl SqliteState {
         self.next_purge = Instant::MIN;
         self.rows = Rows::new(self.names.len(), self.row_cache);
         self.sql_floor = Instant::MIN;
+        self.next_seq = 0;
+        self.new_events.clear();
         let mut remembered = HashMap::new();
         {
             let mut stmt = self
@@ -365,6 +373,7 @@ impl SqliteState {
     /// Writes the held rows, purges what expired and commits.
     fn write_batch(&mut self) -> rusqlite::Result<()> {
         self.rows.flush(&self.conn, &self.names)?;
+        self.write_events()?;
         self.try_purge(self.purge_clock)?;
         self.flush_meta()?;
         self.purge_events()?;
@@ -403,12 +412,49 @@ impl SqliteState {
         self.event_seq = None;
     }
 
-    /// Appends an event text to the events table; its seq.
+    /// Appends an event text to the events table (at commit); its seq.
     fn append_event(&mut self, time: Instant, text: &str) -> rusqlite::Result<i64> {
-        self.conn
-            .prepare_cached("INSERT INTO events (time, text) VALUES (?1, ?2)")?
-            .execute(params![time, text])?;
-        Ok(self.conn.last_insert_rowid())
+        if self.next_seq == 0 {
+            self.next_seq =
+                self.conn
+                    .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| {
+                        r.get(0)
+                    })?;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.new_events.push((seq, time, Box::from(text)));
+        Ok(seq)
+    }
+
+    /// Inserts the events appended in this batch, many rows per statement.
+    fn write_events(&mut self) -> rusqlite::Result<()> {
+        const ROWS: usize = 64;
+        let events = std::mem::take(&mut self.new_events);
+        let mut chunks = events.chunks_exact(ROWS);
+        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let sql = SQL.get_or_init(|| {
+            format!(
+                "INSERT INTO events (seq, time, text) VALUES {}",
+                vec!["(?, ?, ?)"; ROWS].join(", ")
+            )
+        });
+        for chunk in &mut chunks {
+            let mut stmt = self.conn.prepare_cached(sql)?;
+            for (i, (seq, time, text)) in chunk.iter().enumerate() {
+                stmt.raw_bind_parameter(3 * i + 1, seq)?;
+                stmt.raw_bind_parameter(3 * i + 2, time)?;
+                stmt.raw_bind_parameter(3 * i + 3, &**text)?;
+            }
+            stmt.raw_execute()?;
+        }
+        let mut one = self
+            .conn
+            .prepare_cached("INSERT INTO events (seq, time, text) VALUES (?1, ?2, ?3)")?;
+        for (seq, time, text) in chunks.remainder() {
+            one.execute(params![seq, time, &**text])?;
+        }
+        Ok(())
     }
 
     /// The seq of the current event, appending it on first use.
@@ -466,9 +512,12 @@ impl SqliteState {
             return Ok(());
         }
         let last = self.event_marks.back().map(|m| m.1);
-        let seq: i64 =
+        let seq = if self.next_seq == 0 {
             self.conn
-                .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?
+        } else {
+            self.next_seq - 1
+        };
         if last != Some(seq) {
             self.event_marks.push_back((now, seq));
         }
