@@ -1,10 +1,12 @@
 //! The hot part of the instance table, held in memory: rows read or changed recently.
 //! Changes stay here until the batch commits, so a row touched several times in a batch is
 //! written once, and then they are written back sorted by key, each statement setting only
-//! the columns that changed (SQLite then leaves the indexes of the others alone). Beyond a
-//! bound, the rows used least recently are dropped after a commit, so memory does not
-//! follow open instances. While a row is held here it is the truth: its open deadline is
-//! indexed here and the caller ignores what SQLite says about it.
+//! the columns that changed (SQLite then leaves the indexes of the others alone). Rows live
+//! in two generations: when the young one reaches half the bound after a commit, the old
+//! one is dropped and the young one becomes old (a row used again moves back to young), so
+//! memory does not follow open instances and eviction never scans for victims. A changed
+//! row is the truth until it is written: its open deadline is indexed here and the caller
+//! ignores what SQLite says about it; a written row is exactly what SQLite has.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -44,21 +46,34 @@ pub(super) struct Entry {
     in_db: bool,
     /// `COLS` bits changed since SQLite last saw the row; 0 when clean.
     changed: u16,
-    /// The commit generation that last used the row, for eviction.
-    used: u32,
+    /// The deadline under which `deadlines` holds this (changed) row.
+    indexed: Option<Instant>,
 }
 
+/// Rows by key, one map per rule. foldhash (already in the build through hashbrown) is
+/// several times faster than SipHash on short keys and randomly seeded per process.
+type Generation = Vec<HashMap<Box<str>, Entry, foldhash::fast::RandomState>>;
+
 pub(super) struct Rows {
-    by_rule: Vec<HashMap<Box<str>, Entry>>,
-    /// (next open deadline, rule, key) of every held row that has one.
+    /// Rows used since the last rotation, by rule index; every changed row is here.
+    young: Generation,
+    /// Rows of the generation before, dropped at the next rotation unless used again.
+    old: Generation,
+    /// (next open deadline, rule, key) of every changed row that has one.
     deadlines: BTreeSet<(Instant, u32, Box<str>)>,
     /// Rows changed since the last flush.
     dirty: Vec<(u32, Box<str>)>,
-    len: usize,
     cap: usize,
-    generation: u32,
     /// UPDATE statements by changed-column mask.
     updates: HashMap<u16, String>,
+}
+
+fn count(g: &Generation) -> usize {
+    g.iter().map(HashMap::len).sum()
+}
+
+fn empty(rules: usize) -> Generation {
+    (0..rules).map(|_| HashMap::default()).collect()
 }
 
 pub fn next_deadline(steps: &[StepState]) -> Option<Instant> {
@@ -124,19 +139,18 @@ fn values(inst: &Instance, refs: &[i64], part: Option<i32>) -> [Value; 10] {
 impl Rows {
     pub fn new(rules: usize, cap: usize) -> Rows {
         Rows {
-            by_rule: (0..rules).map(|_| HashMap::new()).collect(),
+            young: empty(rules),
+            old: empty(rules),
             deadlines: BTreeSet::new(),
             dirty: Vec::new(),
-            len: 0,
             cap,
-            generation: 0,
             updates: HashMap::new(),
         }
     }
 
     /// Rows held (clean and changed).
     pub fn len(&self) -> usize {
-        self.len
+        count(&self.young) + count(&self.old)
     }
 
     /// Rows changed since the last flush.
@@ -144,16 +158,24 @@ impl Rows {
         self.dirty.len()
     }
 
-    /// The held row for (rule, key), marked as used.
-    pub fn get(&mut self, rule: usize, key: &str) -> Option<&Entry> {
-        let generation = self.generation;
-        let e = self.by_rule.get_mut(rule)?.get_mut(key)?;
-        e.used = generation;
-        Some(e)
+    /// A copy of the held row for (rule, key) and its event references; the row moves to
+    /// the young generation.
+    pub fn get(&mut self, rule: usize, key: &str) -> Option<(Option<Instance>, Vec<i64>)> {
+        if let Some(e) = self.young.get(rule)?.get(key) {
+            return Some((e.row.clone(), e.refs.clone()));
+        }
+        let (k, e) = self.old.get_mut(rule)?.remove_entry(key)?;
+        let copy = (e.row.clone(), e.refs.clone());
+        self.young[rule].insert(k, e);
+        Some(copy)
     }
 
-    pub fn contains(&self, rule: usize, key: &str) -> bool {
-        self.by_rule.get(rule).is_some_and(|m| m.contains_key(key))
+    /// Whether (rule, key) is held with changes SQLite has not seen.
+    pub fn is_changed(&self, rule: usize, key: &str) -> bool {
+        self.young
+            .get(rule)
+            .and_then(|m| m.get(key))
+            .is_some_and(|e| e.changed != 0)
     }
 
     /// Holds a row just read from SQLite.
@@ -165,10 +187,8 @@ impl Rows {
         refs: Vec<i64>,
         part: Option<i32>,
     ) {
-        if let Some(d) = next_deadline(&row.steps) {
-            self.deadlines.insert((d, rule as u32, Box::from(key)));
-        }
-        let old = self.by_rule[rule].insert(
+        self.old[rule].remove(key);
+        self.young[rule].insert(
             Box::from(key),
             Entry {
                 row: Some(row),
@@ -176,16 +196,13 @@ impl Rows {
                 part,
                 in_db: true,
                 changed: 0,
-                used: self.generation,
+                indexed: None,
             },
         );
-        if old.is_none() {
-            self.len += 1;
-        }
     }
 
-    /// Records the engine's new version of a row (`None`: gone). `part` is kept from the
-    /// row's first event.
+    /// Records the engine's new version of a row (`None`: gone), after `get` (or a miss and
+    /// `insert_loaded`) for the same row. `part` is kept from the row's first event.
     pub fn put(
         &mut self,
         rule: usize,
@@ -194,27 +211,18 @@ impl Rows {
         refs: Vec<i64>,
         part: Option<i32>,
     ) {
-        let map = &mut self.by_rule[rule];
-        if !map.contains_key(key) {
-            if row.is_none() {
-                return;
-            }
-            map.insert(
-                Box::from(key),
-                Entry {
-                    row: None,
-                    refs: Vec::new(),
-                    part: None,
-                    in_db: false,
-                    changed: 0,
-                    used: 0,
-                },
-            );
-            self.len += 1;
-        }
-        let Some(e) = map.get_mut(key) else {
+        if row.is_none() && !self.young[rule].contains_key(key) {
             return;
-        };
+        }
+        let map = &mut self.young[rule];
+        let e = map.entry(Box::from(key)).or_insert_with(|| Entry {
+            row: None,
+            refs: Vec::new(),
+            part: None,
+            in_db: false,
+            changed: 0,
+            indexed: None,
+        });
         let mut changed = match (&e.row, &row) {
             (Some(old), Some(new)) => diff(old, new),
             (None, None) => 0,
@@ -231,36 +239,36 @@ impl Rows {
         if part != e.part {
             changed |= PART;
         }
-        let old_due = e.row.as_ref().and_then(|i| next_deadline(&i.steps));
-        let new_due = row.as_ref().and_then(|i| next_deadline(&i.steps));
-        if old_due != new_due {
-            if let Some(d) = old_due {
-                self.deadlines.remove(&(d, rule as u32, Box::from(key)));
-            }
-            if let Some(d) = new_due {
-                self.deadlines.insert((d, rule as u32, Box::from(key)));
-            }
-        }
         e.row = row;
         e.refs = refs;
         e.part = part;
-        e.used = self.generation;
         if changed != 0 {
             if e.changed == 0 {
                 self.dirty.push((rule as u32, Box::from(key)));
             }
             e.changed |= changed;
-        } else if e.row.is_none() && !e.in_db && e.changed == 0 {
+        }
+        if e.changed != 0 {
+            let due = e.row.as_ref().and_then(|i| next_deadline(&i.steps));
+            if due != e.indexed {
+                if let Some(d) = e.indexed {
+                    self.deadlines.remove(&(d, rule as u32, Box::from(key)));
+                }
+                if let Some(d) = due {
+                    self.deadlines.insert((d, rule as u32, Box::from(key)));
+                }
+                e.indexed = due;
+            }
+        } else if e.row.is_none() && !e.in_db {
             map.remove(key);
-            self.len -= 1;
         }
     }
 
-    /// Appends the open steps of held rows whose deadline is before `before`.
+    /// Appends the open steps of changed rows whose deadline is before `before`.
     pub fn due(&self, before: Instant, out: &mut Vec<crate::engine::state::Due>) {
         for (_, rule, key) in self.deadlines.range(..(before, 0, Box::<str>::default())) {
             let rule = *rule as usize;
-            let Some(Some(inst)) = self.by_rule[rule].get(key).map(|e| &e.row) else {
+            let Some(Some(inst)) = self.young[rule].get(key).map(|e| &e.row) else {
                 continue;
             };
             for (step, s) in inst.steps.iter().enumerate() {
@@ -276,7 +284,7 @@ impl Rows {
         }
     }
 
-    /// The earliest open deadline at or after `from` among held rows.
+    /// The earliest open deadline at or after `from` among changed rows.
     pub fn first_deadline(&self, from: Instant) -> Instant {
         self.deadlines
             .range((from, 0, Box::<str>::default())..)
@@ -285,13 +293,20 @@ impl Rows {
     }
 
     /// Writes every changed row to SQLite (inside the caller's transaction), sorted by key.
-    pub fn flush(&mut self, conn: &Connection, names: &[Arc<str>]) -> rusqlite::Result<()> {
+    /// Returns the earliest open deadline among them: SQLite is their truth from now on.
+    pub fn flush(
+        &mut self,
+        conn: &Connection,
+        names: &[Arc<str>],
+    ) -> rusqlite::Result<Option<Instant>> {
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
+        let earliest = self.deadlines.first().map(|d| d.0);
         let r = self.write(conn, names, &dirty);
         dirty.clear();
         self.dirty = dirty;
-        r
+        self.deadlines.clear();
+        r.map(|()| earliest)
     }
 
     fn write(
@@ -302,10 +317,11 @@ impl Rows {
     ) -> rusqlite::Result<()> {
         for (rule, key) in dirty {
             let (rule, key) = (*rule as usize, &**key);
-            let map = &mut self.by_rule[rule];
+            let map = &mut self.young[rule];
             let Some(e) = map.get_mut(key) else {
                 continue;
             };
+            e.indexed = None;
             let name = &*names[rule];
             let Some(inst) = &e.row else {
                 if e.in_db {
@@ -313,7 +329,6 @@ impl Rows {
                         .execute(rusqlite::params![name, key])?;
                 }
                 map.remove(key);
-                self.len -= 1;
                 continue;
             };
             let mask = if e.in_db { e.changed } else { ALL };
@@ -362,47 +377,19 @@ impl Rows {
 
     /// Drops a row SQLite no longer has (purged); it must be clean.
     pub fn forget(&mut self, rule: usize, key: &str) {
-        if let Some(e) = self.by_rule.get_mut(rule).and_then(|m| m.remove(key)) {
-            self.len -= 1;
-            if let Some(d) = e.row.as_ref().and_then(|i| next_deadline(&i.steps)) {
-                self.deadlines.remove(&(d, rule as u32, Box::from(key)));
+        for g in [&mut self.young, &mut self.old] {
+            if let Some(m) = g.get_mut(rule) {
+                m.remove(key);
             }
         }
     }
 
-    /// After a commit (everything flushed): starts a new generation and, above the bound,
-    /// drops the rows used least recently down to three quarters of it. Returns the
-    /// earliest open deadline among the dropped rows (SQLite is their truth again).
-    pub fn evict(&mut self) -> Option<Instant> {
-        self.generation = self.generation.wrapping_add(1);
-        if self.len <= self.cap || !self.dirty.is_empty() {
-            return None;
+    /// After a commit (everything written): once the young generation holds half the
+    /// bound, the old one is dropped and the young one becomes old.
+    pub fn evict(&mut self) {
+        if self.dirty.is_empty() && count(&self.young) >= self.cap / 2 {
+            let rules = self.young.len();
+            self.old = std::mem::replace(&mut self.young, empty(rules));
         }
-        let mut used: Vec<u32> = self
-            .by_rule
-            .iter()
-            .flat_map(|m| m.values().map(|e| e.used))
-            .collect();
-        let drop = self.len - self.cap * 3 / 4;
-        let (_, &mut threshold, _) = used.select_nth_unstable(drop - 1);
-        let mut earliest = None::<Instant>;
-        let mut gone = Vec::new();
-        for (rule, map) in self.by_rule.iter_mut().enumerate() {
-            map.retain(|key, e| {
-                let keep = e.used > threshold || e.changed != 0;
-                if !keep {
-                    if let Some(d) = e.row.as_ref().and_then(|i| next_deadline(&i.steps)) {
-                        gone.push((d, rule as u32, key.clone()));
-                        earliest = Some(earliest.map_or(d, |x| x.min(d)));
-                    }
-                }
-                keep
-            });
-        }
-        for g in &gone {
-            self.deadlines.remove(g);
-        }
-        self.len = self.by_rule.iter().map(HashMap::len).sum();
-        earliest
     }
 }

@@ -46,8 +46,8 @@ pub struct SqliteState {
     /// Hot instance rows, written back at commit; the truth for the rows they hold.
     rows: Rows,
     row_cache: usize,
-    /// Every row SQLite has with an open deadline before this is held in `rows`: the
-    /// deadline query need not look below it.
+    /// Open deadlines in SQLite below this belong to rows changed since (answered from
+    /// `rows`): the deadline query need not look below it. Lowered when rows are written.
     sql_floor: Instant,
     /// The clock of the last `purge`; expired rows are deleted at commit.
     purge_clock: Instant,
@@ -359,10 +359,7 @@ impl SqliteState {
             return Err(e).context("state write failed; batch rolled back");
         }
         self.in_tx = false;
-        if let Some(d) = self.rows.evict() {
-            // Rows SQLite is the truth for again: the deadline query must see them.
-            self.sql_floor = self.sql_floor.min(d);
-        }
+        self.rows.evict();
         if self.wal_restart.swap(false, Ordering::Relaxed) {
             self.conn
                 .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
@@ -372,12 +369,20 @@ impl SqliteState {
 
     /// Writes the held rows, purges what expired and commits.
     fn write_batch(&mut self) -> rusqlite::Result<()> {
-        self.rows.flush(&self.conn, &self.names)?;
+        self.flush_rows()?;
         self.write_events()?;
         self.try_purge(self.purge_clock)?;
         self.flush_meta()?;
         self.purge_events()?;
         self.conn.execute_batch("COMMIT")
+    }
+
+    /// Writes the changed rows; from then on the deadline query must see their deadlines.
+    fn flush_rows(&mut self) -> rusqlite::Result<()> {
+        if let Some(d) = self.rows.flush(&self.conn, &self.names)? {
+            self.sql_floor = self.sql_floor.min(d);
+        }
+        Ok(())
     }
 
     /// Holds at most `rows` instance rows in memory (tests use tiny caches).
@@ -639,7 +644,7 @@ impl SqliteState {
         }
         self.rows.due(before, out);
         {
-            // Rows held in memory are answered above; SQLite's version of them may be stale.
+            // Changed rows are answered above; SQLite's version of them is stale.
             let mut stmt = self.conn.prepare_cached(
                 "SELECT rule, key, steps FROM instances
                  WHERE next_deadline IS NOT NULL AND next_deadline >= ?1 AND next_deadline < ?2",
@@ -651,7 +656,7 @@ impl SqliteState {
                     continue;
                 };
                 let key: String = r.get(1)?;
-                if self.rows.contains(ix, &key) {
+                if self.rows.is_changed(ix, &key) {
                     continue;
                 }
                 let steps: Vec<u8> = r.get(2)?;
@@ -777,11 +782,7 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
 
 impl State for SqliteState {
     fn take(&mut self, rule: usize, key: &str) -> Option<Instance> {
-        let held = self
-            .rows
-            .get(rule, key)
-            .map(|e| (e.row.clone(), e.refs.clone()));
-        let (row, refs) = match held {
+        let (row, refs) = match self.rows.get(rule, key) {
             Some(h) => h,
             None => {
                 let name = self.names[rule].clone();
@@ -834,7 +835,7 @@ impl State for SqliteState {
         self.taken_refs.clear();
         if self.rows.dirty() >= self.row_cache {
             // A huge batch: write what it changed so far (still uncommitted).
-            let r = self.rows.flush(&self.conn, &self.names);
+            let r = self.flush_rows();
             self.fail(r);
         }
     }
