@@ -2,7 +2,7 @@
 # Daemon benchmarks (issue: durable state): sustained file-source throughput with SQLite
 # state, peak RSS and restart-to-ready time with 10M open instances, and how soon a
 # missing step is reported after its deadline with 1M open timers. Medians of RUNS runs.
-# Usage: scripts/bench-daemon.sh [RUNS] [OPEN_INSTANCES]
+# Usage: [BENCH_PARTS=123] scripts/bench-daemon.sh [RUNS] [OPEN_INSTANCES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}

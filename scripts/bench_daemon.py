@@ -35,93 +35,102 @@ def stop(p):
     if p.wait(60) != 0:
         sys.exit("daemon did not exit cleanly")
 
-# 1. Sustained throughput from a file source with durable state.
-events_file = os.path.abspath(os.path.join(bench_dir, "checkout-1000000.jsonl"))
-n_events = sum(1 for _ in open(events_file, "rb"))
-rates, rss = [], []
-for _ in range(runs):
-    d, port = setup("throughput", open("rules/orders.yaml").read(),
-                    f"time: {{ idle: 0s }}\nsources: {{ orders: {{ type: file, path: {events_file} }} }}\n"
-                    "sinks: { saga-commands: { type: stdout }, out: { type: stdout } }\n")
+# BENCH_PARTS (default "123") picks the parts to run.
+parts = os.environ.get("BENCH_PARTS", "123")
+
+if "1" in parts:
+    # 1. Sustained throughput from a file source with durable state: default batches (100ms),
+    #    then 1s batches (a row changed several times in a batch is written once).
+    events_file = os.path.abspath(os.path.join(bench_dir, "checkout-1000000.jsonl"))
+    n_events = sum(1 for _ in open(events_file, "rb"))
+    for label, batch in [("default batches", ""), ("batch.interval 1s", "batch: { interval: 1s, events: 500000 }\n")]:
+        rates, rss = [], []
+        for _ in range(runs):
+            d, port = setup("throughput", open("rules/orders.yaml").read(),
+                            f"time: {{ idle: 0s }}\n{batch}sources: {{ orders: {{ type: file, path: {events_file} }} }}\n"
+                            "sinks: { saga-commands: { type: stdout }, out: { type: stdout } }\n")
+            p = start(d)
+            wait(lambda: ready(port), 30, "ready")
+            t = time.time()
+            wait(lambda: metric(port, "sagawatch_events_received_total") == n_events, 600, "all events")
+            rates.append(n_events / (time.time() - t))
+            rss.append(hwm(p.pid))
+            stop(p)
+        print(f"file source, durable state, {label}: {n_events} events, median {statistics.median(rates):,.0f} events/s, peak RSS median {statistics.median(rss):.0f} MB", flush=True)
+
+if "2" in parts:
+    # 2. Open instances: peak RSS while they accumulate, then restart-to-ready time.
+    rules = """rules:
+      - name: open
+        trigger: { where: { type: Opened }, key: id }
+        expect:
+          - step: done
+            where: { type: Done }
+            key: id
+            within: 7d
+    """
+    d, port = setup("open", rules, "time: { idle: 0s }\nsources: { events: { type: file, path: events.jsonl } }\nsinks: { out: { type: stdout } }\n")
+    with open(os.path.join(d, "events.jsonl"), "w") as f:
+        base = 1767225600
+        for i in range(open_n):
+            s = base + i // 10000
+            f.write('{"time":"%s","type":"Opened","id":"k%09d"}\n' % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s)), i))
     p = start(d)
     wait(lambda: ready(port), 30, "ready")
     t = time.time()
-    wait(lambda: metric(port, "sagawatch_events_received_total") == n_events, 600, "all events")
-    rates.append(n_events / (time.time() - t))
-    rss.append(hwm(p.pid))
+    wait(lambda: metric(port, "sagawatch_open_instances") == open_n, 3600, "all instances open")
+    fill = open_n / (time.time() - t)
+    peak = hwm(p.pid)
     stop(p)
-print(f"file source, durable state: {n_events} events, median {statistics.median(rates):,.0f} events/s, peak RSS median {statistics.median(rss):.0f} MB")
+    restarts = []
+    for _ in range(runs):
+        t = time.time()
+        p = start(d)
+        wait(lambda: ready(port), 60, "ready after restart")
+        restarts.append(time.time() - t)
+        assert metric(port, "sagawatch_open_instances") == open_n
+        stop(p)
+    print(f"{open_n:,} open instances: filled at {fill:,.0f} events/s, peak RSS {peak:.0f} MB, "
+          f"restart to ready median {statistics.median(restarts):.3f} s")
 
-# 2. Open instances: peak RSS while they accumulate, then restart-to-ready time.
-rules = """rules:
-  - name: open
-    trigger: { where: { type: Opened }, key: id }
-    expect:
-      - step: done
-        where: { type: Done }
-        key: id
-        within: 7d
-"""
-d, port = setup("open", rules, "time: { idle: 0s }\nsources: { events: { type: file, path: events.jsonl } }\nsinks: { out: { type: stdout } }\n")
-with open(os.path.join(d, "events.jsonl"), "w") as f:
-    base = 1767225600
-    for i in range(open_n):
-        s = base + i // 10000
-        f.write('{"time":"%s","type":"Opened","id":"k%09d"}\n' % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s)), i))
-p = start(d)
-wait(lambda: ready(port), 30, "ready")
-t = time.time()
-wait(lambda: metric(port, "sagawatch_open_instances") == open_n, 3600, "all instances open")
-fill = open_n / (time.time() - t)
-peak = hwm(p.pid)
-stop(p)
-restarts = []
-for _ in range(runs):
-    t = time.time()
-    p = start(d)
-    wait(lambda: ready(port), 60, "ready after restart")
-    restarts.append(time.time() - t)
-    assert metric(port, "sagawatch_open_instances") == open_n
+if "3" in parts:
+    # 3. Timer latency: 1M open timers (1h), then probes that go missing after 2s (wall clock).
+    rules = """rules:
+      - name: long
+        trigger: { where: { type: Long }, key: id }
+        expect: [ { step: done, where: { type: Done }, key: id, within: 1h } ]
+      - name: probe
+        trigger: { where: { type: Probe }, key: id }
+        expect: [ { step: done, where: { type: Done }, key: id, within: 2s } ]
+        on_missing: [ { alert: { severity: info, summary: "probe {{key}} missing" } } ]
+    """
+    d, port = setup("timers", rules, "time: { clock: wall }\nsources: { events: { type: file, path: events.jsonl } }\nsinks: { out: { type: stdout } }\n")
+    timers = 1_000_000
+    with open(os.path.join(d, "events.jsonl"), "w") as f:
+        for i in range(timers):
+            f.write('{"type":"Long","id":"l%d"}\n' % i)
+    p = start(d, stdout=subprocess.PIPE)
+    arrivals = {}
+    def reader():
+        for line in p.stdout:
+            v = json.loads(line)
+            if v.get("rule") == "probe":
+                arrivals[v["key"]] = (time.time(), v["deadline"])
+    threading.Thread(target=reader, daemon=True).start()
+    wait(lambda: ready(port), 30, "ready")
+    wait(lambda: metric(port, "sagawatch_open_instances") == timers, 600, "timers open")
+    probes = 300
+    with open(os.path.join(d, "events.jsonl"), "a") as f:
+        for i in range(probes):
+            f.write('{"type":"Probe","id":"p%d"}\n' % i)
+            f.flush()
+            time.sleep(0.01)
+    wait(lambda: len(arrivals) == probes, 120, "probe alerts")
+    def parse(ts):
+        main, frac = ts.rstrip("Z").split(".") if "." in ts else (ts.rstrip("Z"), "0")
+        return calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S")) + float("0." + frac)
+    lat = sorted(a - parse(dl) for a, dl in arrivals.values())
     stop(p)
-print(f"{open_n:,} open instances: filled at {fill:,.0f} events/s, peak RSS {peak:.0f} MB, "
-      f"restart to ready median {statistics.median(restarts):.3f} s")
+    p99 = lat[int(len(lat) * 0.99) - 1]
+    print(f"{timers:,} open timers: missing reported after its deadline: median {statistics.median(lat)*1000:.0f} ms, p99 {p99*1000:.0f} ms")
 
-# 3. Timer latency: 1M open timers (1h), then probes that go missing after 2s (wall clock).
-rules = """rules:
-  - name: long
-    trigger: { where: { type: Long }, key: id }
-    expect: [ { step: done, where: { type: Done }, key: id, within: 1h } ]
-  - name: probe
-    trigger: { where: { type: Probe }, key: id }
-    expect: [ { step: done, where: { type: Done }, key: id, within: 2s } ]
-    on_missing: [ { alert: { severity: info, summary: "probe {{key}} missing" } } ]
-"""
-d, port = setup("timers", rules, "time: { clock: wall }\nsources: { events: { type: file, path: events.jsonl } }\nsinks: { out: { type: stdout } }\n")
-timers = 1_000_000
-with open(os.path.join(d, "events.jsonl"), "w") as f:
-    for i in range(timers):
-        f.write('{"type":"Long","id":"l%d"}\n' % i)
-p = start(d, stdout=subprocess.PIPE)
-arrivals = {}
-def reader():
-    for line in p.stdout:
-        v = json.loads(line)
-        if v.get("rule") == "probe":
-            arrivals[v["key"]] = (time.time(), v["deadline"])
-threading.Thread(target=reader, daemon=True).start()
-wait(lambda: ready(port), 30, "ready")
-wait(lambda: metric(port, "sagawatch_open_instances") == timers, 600, "timers open")
-probes = 300
-with open(os.path.join(d, "events.jsonl"), "a") as f:
-    for i in range(probes):
-        f.write('{"type":"Probe","id":"p%d"}\n' % i)
-        f.flush()
-        time.sleep(0.01)
-wait(lambda: len(arrivals) == probes, 120, "probe alerts")
-def parse(ts):
-    main, frac = ts.rstrip("Z").split(".") if "." in ts else (ts.rstrip("Z"), "0")
-    return calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S")) + float("0." + frac)
-lat = sorted(a - parse(dl) for a, dl in arrivals.values())
-stop(p)
-p99 = lat[int(len(lat) * 0.99) - 1]
-print(f"{timers:,} open timers: missing reported after its deadline: median {statistics.median(lat)*1000:.0f} ms, p99 {p99*1000:.0f} ms")

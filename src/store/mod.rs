@@ -148,8 +148,9 @@ pub fn open(path: &Path) -> Result<Connection> {
 /// so commits only append to the WAL.
 pub fn writer_settings(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    // The writer's page cache: the hot part of the instance and deadline indexes.
-    conn.pragma_update(None, "cache_size", -131072)?;
+    // The writer's page cache (96 MiB): the B-tree interior and the pages around the rows
+    // the row cache holds.
+    conn.pragma_update(None, "cache_size", -98304)?;
     Ok(())
 }
 
