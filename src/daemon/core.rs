@@ -203,7 +203,10 @@ impl Core {
             let old = self
                 .batch_started
                 .is_some_and(|t| t.elapsed() >= self.cfg.batch_interval);
-            if full || old {
+            // Alerts that timers fired on a quiet stream: nothing to batch them with, so
+            // they leave now instead of after the batch interval.
+            let timers_only = self.batch_events == 0 && self.wrote_outbox;
+            if full || old || timers_only {
                 self.commit()?;
             }
         }
