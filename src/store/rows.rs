@@ -148,11 +148,6 @@ impl Rows {
         }
     }
 
-    /// Rows held (clean and changed).
-    pub fn len(&self) -> usize {
-        count(&self.young) + count(&self.old)
-    }
-
     /// Rows changed since the last flush.
     pub fn dirty(&self) -> usize {
         self.dirty.len()

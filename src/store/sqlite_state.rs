@@ -392,11 +392,6 @@ impl SqliteState {
         self
     }
 
-    /// Instance rows held in memory, and how many of them are not written yet.
-    pub fn held_rows(&self) -> (usize, usize) {
-        (self.rows.len(), self.rows.dirty())
-    }
-
     /// Sets the event about to be applied (`None` for clock ticks) and the Kafka partition
     /// it came from.
     pub fn set_event(&mut self, event: Option<(&str, Instant)>, part: Option<i32>) {
