@@ -173,7 +173,7 @@ impl Rows {
             .is_some_and(|e| e.changed != 0)
     }
 
-    /// Holds a row just read from SQLite.
+    /// Holds a row just read from SQLite (after `get` missed it in both generations).
     pub fn insert_loaded(
         &mut self,
         rule: usize,
@@ -182,7 +182,6 @@ impl Rows {
         refs: Vec<i64>,
         part: Option<i32>,
     ) {
-        self.old[rule].remove(key);
         self.young[rule].insert(
             Box::from(key),
             Entry {
@@ -342,6 +341,7 @@ impl Rows {
                     )
                 })
             } else {
+                // A changed row's mask is never 0, so 0 keys the INSERT.
                 self.updates.entry(0).or_insert_with(|| {
                     format!(
                         "INSERT OR REPLACE INTO instances (rule, key, {}) VALUES (?1, ?2, {})",
