@@ -235,7 +235,7 @@ fn run_with(
             .name("sagawatch-checkpoint".into())
             .spawn(move || {
                 if let Err(e) =
-                    store::checkpoint_loop(&path, Duration::from_millis(100), &stop, &wal_restart)
+                    store::checkpoint_loop(&path, Duration::from_secs(1), &stop, &wal_restart)
                 {
                     tracing::error!(error = format!("{e:#}"), "WAL checkpointer stopped");
                 }
