@@ -17,6 +17,21 @@ def hwm(pid):
             return int(l.split()[1]) / 1024
     return 0
 
+def written(pid):
+    """Bytes the process has caused to be written to disk (WAL frames and checkpoints)."""
+    for l in open(f"/proc/{pid}/io"):
+        if l.startswith("write_bytes:"):
+            return int(l.split()[1])
+    return 0
+
+def core_cpu(pid):
+    """CPU seconds of the core thread (engine and SQLite writer)."""
+    for t in os.listdir(f"/proc/{pid}/task"):
+        if open(f"/proc/{pid}/task/{t}/comm").read().strip() == "sagawatch-core":
+            f = open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return 0
+
 def setup(name, rules, config):
     d = os.path.join(bench_dir, name)
     shutil.rmtree(d, ignore_errors=True)
@@ -44,7 +59,7 @@ if "1" in parts:
     events_file = os.path.abspath(os.path.join(bench_dir, "checkout-1000000.jsonl"))
     n_events = sum(1 for _ in open(events_file, "rb"))
     for label, batch in [("default batches", ""), ("batch.interval 1s", "batch: { interval: 1s, events: 500000 }\n")]:
-        rates, rss = [], []
+        rates, rss, wbytes, cpu = [], [], [], []
         for _ in range(runs):
             d, port = setup("throughput", open("rules/orders.yaml").read(),
                             f"time: {{ idle: 0s }}\n{batch}sources: {{ orders: {{ type: file, path: {events_file} }} }}\n"
@@ -55,8 +70,13 @@ if "1" in parts:
             wait(lambda: metric(port, "sagawatch_events_received_total") == n_events, 600, "all events")
             rates.append(n_events / (time.time() - t))
             rss.append(hwm(p.pid))
+            # Wall time on a shared machine moves with its disk; these two do not much.
+            wbytes.append(written(p.pid) / n_events)
+            cpu.append(core_cpu(p.pid) / n_events * 1e6)
             stop(p)
-        print(f"file source, durable state, {label}: {n_events} events, median {statistics.median(rates):,.0f} events/s, peak RSS median {statistics.median(rss):.0f} MB", flush=True)
+        print(f"file source, durable state, {label}: {n_events} events, median {statistics.median(rates):,.0f} events/s, "
+              f"core thread {statistics.median(cpu):.1f} µs CPU and {statistics.median(wbytes):,.0f} bytes written per event, "
+              f"peak RSS median {statistics.median(rss):.0f} MB", flush=True)
 
 if "2" in parts:
     # 2. Open instances: peak RSS while they accumulate, then restart-to-ready time.
