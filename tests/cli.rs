@@ -104,6 +104,17 @@ fn validate_reports_duplicates_cycles_templates_and_names() {
       - page: { to: me }
 "#,
     );
+    write(
+        &dir,
+        "c.yaml",
+        r#"rules:
+  - name: labelled
+    trigger: { key: id }
+    labels: { severity: high, __meta: x }
+    expect:
+      - { step: x, key: id, within: 1m }
+"#,
+    );
     let (code, out, _) = sagawatch(&["validate", &dir.path().display().to_string()], None);
     assert_eq!(code, 1);
     for want in [
@@ -113,6 +124,8 @@ fn validate_reports_duplicates_cycles_templates_and_names() {
         "rules[1].name: invalid rule name \"Bad_Name\"",
         "rules[1].trigger.key: invalid dot path \"a..b\"",
         "rules[2].on_missing[0]: unknown kind \"page\", expected one of alert, compensate",
+        "c.yaml:4:25: rules[0].labels.severity: label \"severity\" is set by sagawatch itself",
+        "rules[0].labels.__meta: label \"__meta\": names starting with __ are reserved",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }

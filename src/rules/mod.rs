@@ -68,10 +68,27 @@ pub fn valid_name(s: &str) -> bool {
         && b.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
 }
 
-fn valid_label(s: &str) -> bool {
+/// Why `s` cannot be a rule-defined alert label, if it cannot.
+fn label_problem(s: &str) -> Option<String> {
     let mut b = s.bytes();
-    matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_')
-        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+    let valid = matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_');
+    if !valid {
+        return Some(format!(
+            "invalid label name {s:?}: use [a-zA-Z_][a-zA-Z0-9_]*"
+        ));
+    }
+    if matches!(s, "alertname" | "rule" | "step" | "severity") {
+        return Some(format!(
+            "label {s:?} is set by sagawatch itself (alertname, rule, step, severity)"
+        ));
+    }
+    if s.starts_with("__") {
+        return Some(format!(
+            "label {s:?}: names starting with __ are reserved by Prometheus"
+        ));
+    }
+    None
 }
 
 /// Splits a dot path, or says why it is not one.
@@ -476,11 +493,8 @@ impl Validator {
         let late = cx.duration(&path.key("late"), raw.late.as_deref(), DEFAULT_MEMORY);
 
         for k in raw.labels.keys() {
-            if !valid_label(k) {
-                cx.err(
-                    &path.key("labels").key(k),
-                    format!("invalid label name {k:?}: use [a-zA-Z_][a-zA-Z0-9_]*"),
-                );
+            if let Some(problem) = label_problem(k) {
+                cx.err(&path.key("labels").key(k), problem);
             }
         }
 
@@ -664,11 +678,8 @@ impl Validator {
                         .map(|d| self.template(cx, &p.key("description"), d, captures));
                     let mut labels = Vec::new();
                     for (k, v) in &al.labels {
-                        if !valid_label(k) {
-                            cx.err(
-                                &p.key("labels").key(k),
-                                format!("invalid label name {k:?}: use [a-zA-Z_][a-zA-Z0-9_]*"),
-                            );
+                        if let Some(problem) = label_problem(k) {
+                            cx.err(&p.key("labels").key(k), problem);
                         }
                         labels.push((
                             k.clone(),
