@@ -224,6 +224,7 @@ pub enum SinkKind {
     Alertmanager {
         url: hyper::Uri,
         resend: std::time::Duration,
+        headers: Vec<(String, String)>,
     },
     Kafka {
         topic: String,
@@ -815,6 +816,7 @@ impl Checker {
                 "alertmanager" => SinkKind::Alertmanager {
                     url: self.url(&p.key("url"), s.url.as_deref()),
                     resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
+                    headers,
                 },
                 "kafka" => {
                     let Some(topic) = s.topic.clone() else {

@@ -334,13 +334,16 @@ async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Stri
 }
 
 async fn post_alertmanager(client: &HttpClient, sink: &Sink, body: String) -> Result<(), String> {
-    let SinkKind::Alertmanager { url, .. } = &sink.kind else {
+    let SinkKind::Alertmanager { url, headers, .. } = &sink.kind else {
         return Err("not an alertmanager sink".into());
     };
     let base = url.to_string();
     let target = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
-    let req = hyper::Request::post(target)
-        .header("content-type", "application/json")
+    let mut req = hyper::Request::post(target).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     send(client, req, sink.timeout).await
