@@ -76,6 +76,28 @@ pub fn validate(path: &Path) -> i32 {
 
 /// Runs the daemon; returns the process exit code.
 pub fn run(path: &Path) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    // SIGHUP first: its default action kills the process, so a reload sent while the
+    // daemon starts (a systemd ExecReload, say) is held and carried out once it runs.
+    // SIGTERM and SIGINT keep their default until then: stopping a start that hangs (an
+    // unreachable broker) must work, and nothing is committed yet.
+    let hup = match rt.block_on(async { signal(SignalKind::hangup()) }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install the SIGHUP handler: {e}");
+            return 1;
+        }
+    };
     let cfg = match config::load(path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -124,17 +146,6 @@ pub fn run(path: &Path) -> i32 {
             return EXIT_CONFIG;
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return 1;
-        }
-    };
     let listener = match rt.block_on(server::bind(cfg.listen)) {
         Ok(l) => l,
         Err(e) => {
@@ -142,7 +153,7 @@ pub fn run(path: &Path) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    match run_with(cfg, rules, state, positions, listener, &rt) {
+    match run_with(cfg, rules, state, positions, listener, &rt, hup) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "stopped");
@@ -159,6 +170,7 @@ fn run_with(
     positions: Vec<Option<store::Position>>,
     listener: tokio::net::TcpListener,
     rt: &tokio::runtime::Runtime,
+    mut hup: tokio::signal::unix::Signal,
 ) -> Result<i32> {
     let metrics = Arc::new(metrics::Metrics::new());
     let has_kafka_source = cfg
@@ -258,6 +270,9 @@ fn run_with(
                     tx,
                     stop,
                     lag: metrics.source_lag_bytes.with_label_values(&[&s.name]),
+                    oversized: metrics
+                        .events_rejected
+                        .with_label_values(&[&s.name, "oversized"]),
                 };
                 source_threads.push(
                     std::thread::Builder::new()
@@ -317,7 +332,6 @@ fn run_with(
     let core_failed = rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok::<bool, anyhow::Error>(false) }

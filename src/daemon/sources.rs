@@ -44,6 +44,8 @@ pub struct FileSource {
     pub stop: Arc<AtomicBool>,
     /// Bytes of the file not yet read.
     pub lag: prometheus::IntGauge,
+    /// Lines skipped for being longer than the limit.
+    pub oversized: prometheus::IntCounter,
 }
 
 struct Open {
@@ -61,8 +63,11 @@ impl FileSource {
         let mut partial: Vec<u8> = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
             if cur.is_none() {
-                match self.open(resume.take()) {
+                // The stored position is used until a file is open: a failed attempt
+                // must not make a later one start the same file from its beginning.
+                match self.open(resume.clone()) {
                     Ok(o) => {
+                        resume = None;
                         warned_missing = false;
                         partial.clear();
                         cur = Some(o);
@@ -96,6 +101,7 @@ impl FileSource {
                         if partial.ends_with(b"\n") {
                             consumed += partial.len() as u64;
                             if partial.len() > MAX_LINE {
+                                self.oversized.inc();
                                 tracing::warn!(
                                     source = &*self.name,
                                     bytes = partial.len(),
@@ -118,6 +124,12 @@ impl FileSource {
                     }
                     Err(e) => {
                         tracing::warn!(source = &*self.name, error = %e, "read failed; reopening");
+                        // Reopen where the last sent line ended (what this chunk read so
+                        // far was not sent and is read again).
+                        resume = Some(Position {
+                            file_id: o.id.clone(),
+                            offset: o.offset,
+                        });
                         cur = None;
                         break;
                     }
