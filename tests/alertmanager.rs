@@ -120,3 +120,61 @@ fn missing_step_fires_in_alertmanager_and_a_late_correlate_resolves_it() {
     });
     assert_eq!(d.terminate(), 0);
 }
+
+/// Alertmanager knows alerts by labels: two orders missing the same step are one alert
+/// there, and a late payment for one of them must not resolve it while the other is still
+/// missing.
+#[test]
+fn a_shared_alert_stays_firing_until_every_instance_behind_it_is_resolved() {
+    let am = Alertmanager::start();
+    // No re-sends during the test: what Alertmanager shows is what the late events caused.
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: 1h }}\n  hook: {{ type: stdout }}\n\
+         alerts: {{ sinks: [am] }}\n",
+        am.port
+    ));
+    d.start();
+    let post = |ev: &str| {
+        let (st, b) = http(d.port, "POST", "/v1/events", &[], ev.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+    };
+    let firing = || {
+        am.alerts()
+            .into_iter()
+            .find(|a| a["labels"]["rule"] == "checkout" && a["status"]["state"] == "active")
+    };
+    let delivered = || {
+        metric(
+            d.port,
+            r#"sagawatch_outbox_deliveries_total{result="delivered",sink="am"}"#,
+        )
+    };
+    let drained =
+        || (metric(d.port, r#"sagawatch_outbox_backlog{sink="am"}"#) == Some(0.0)).then_some(());
+    post(r#"{"time":"2026-03-02T09:00:00Z","type":"OrderPlaced","order_id":"o-1"}"#);
+    post(r#"{"time":"2026-03-02T09:00:30Z","type":"OrderPlaced","order_id":"o-2"}"#);
+    post(r#"{"time":"2026-03-02T09:16:00Z","type":"Heartbeat"}"#);
+    wait_for(Duration::from_secs(30), "both alerts delivered", || {
+        (delivered() == Some(2.0)).then_some(())
+    });
+    assert!(firing().is_some(), "{:?}", am.alerts());
+    // o-1's payment arrives late; o-2's is still missing: no resolve may go out.
+    post(r#"{"time":"2026-03-02T09:20:00Z","type":"PaymentCompleted","order_id":"o-1"}"#);
+    wait_for(Duration::from_secs(30), "the outbox to drain", drained);
+    assert_eq!(
+        delivered(),
+        Some(2.0),
+        "a resolve was sent while o-2 still fires"
+    );
+    assert!(firing().is_some(), "resolved too early: {:?}", am.alerts());
+    // o-2's late payment leaves nothing firing: now the resolve goes out.
+    post(r#"{"time":"2026-03-02T09:21:00Z","type":"PaymentCompleted","order_id":"o-2"}"#);
+    wait_for(Duration::from_secs(30), "the alert to be resolved", || {
+        (!am.alerts()
+            .iter()
+            .any(|a| a["labels"]["rule"] == "checkout"))
+        .then_some(())
+    });
+    assert_eq!(d.terminate(), 0);
+}

@@ -10,7 +10,8 @@ use std::time::{Duration as StdDuration, Instant as StdInstant};
 use anyhow::Result;
 use tokio::sync::oneshot;
 
-use crate::config::{ClockMode, Config};
+use crate::config::{ClockMode, Config, SinkKind};
+use crate::daemon::dispatch;
 use crate::daemon::metrics::Metrics;
 use crate::engine::Engine;
 use crate::engine::outcome::{Kind, Outcome};
@@ -494,6 +495,22 @@ impl Core {
                 Kind::Late => {
                     let conn = self.engine.state().conn();
                     for a in Outbox::take_alerts(conn, &rule.name, &o.key, step)? {
+                        let to_alertmanager = self.cfg.sinks.iter().any(|s| {
+                            s.name == a.sink && matches!(s.kind, SinkKind::Alertmanager { .. })
+                        });
+                        if to_alertmanager {
+                            Outbox::supersede(conn, &a.id, &a.sink, now_ms)?;
+                            // Alertmanager knows alerts by labels only: while another key's
+                            // alert with the same labels fires, resolving would end it too.
+                            let labels = dispatch::alertmanager_labels(&a.body);
+                            let shared =
+                                Outbox::firing_bodies(conn, &a.sink, &a.rule, &a.step, now_ms)?
+                                    .iter()
+                                    .any(|b| dispatch::alertmanager_labels(b) == labels);
+                            if shared {
+                                continue;
+                            }
+                        }
                         let body = resolved(&a.body, o);
                         let id = format!("{}-resolved", a.id);
                         Outbox::insert(

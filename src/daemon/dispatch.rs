@@ -385,22 +385,36 @@ async fn send(
     }
 }
 
+/// The Alertmanager labels of an alert's `data`: what identifies the alert there.
+fn labels_of(d: &serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    let s = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let mut labels = serde_json::Map::new();
+    if let Some(extra) = d.get("labels").and_then(|l| l.as_object()) {
+        for (k, val) in extra {
+            labels.insert(k.clone(), val.clone());
+        }
+    }
+    // Last, so they win even over labels validated before reserved names were refused.
+    labels.insert("alertname".into(), "SagaStepMissing".into());
+    labels.insert("rule".into(), s("rule").into());
+    labels.insert("step".into(), s("step").into());
+    labels.insert("severity".into(), s("severity").into());
+    labels
+}
+
+/// The Alertmanager labels of an outbox alert body.
+pub fn alertmanager_labels(body: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some(labels_of(v.get("data")?))
+}
+
 /// Builds an Alertmanager v2 alert from an outbox alert body. `kind` is `alert` (firing:
 /// ends after four resend intervals unless re-sent) or `resolve` (ends now).
 pub fn alertmanager_alert(body: &str, kind: &str, resend: Duration) -> Option<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     let d = v.get("data")?;
     let s = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    let mut labels = serde_json::Map::new();
-    labels.insert("alertname".into(), "SagaStepMissing".into());
-    labels.insert("rule".into(), s("rule").into());
-    labels.insert("step".into(), s("step").into());
-    labels.insert("severity".into(), s("severity").into());
-    if let Some(extra) = d.get("labels").and_then(|l| l.as_object()) {
-        for (k, val) in extra {
-            labels.insert(k.clone(), val.clone());
-        }
-    }
+    let labels = labels_of(d);
     let mut ann = serde_json::Map::new();
     ann.insert("summary".into(), s("summary").into());
     ann.insert("key".into(), s("key").into());

@@ -371,7 +371,7 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
                 "kind": r.get::<_, String>(1)?,
                 "sink": r.get::<_, String>(2)?,
                 "step": r.get::<_, String>(3)?,
-                "delivery": match state { 0 => "pending", 1 => "delivered", _ => "given_up" },
+                "delivery": match state { 0 => "pending", 1 => "delivered", 3 => "superseded", _ => "given_up" },
                 "attempts": r.get::<_, i64>(5)?,
                 "last_error": r.get::<_, Option<String>>(6)?,
                 "created": ms(Some(r.get(7)?)),

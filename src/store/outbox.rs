@@ -197,6 +197,35 @@ impl Outbox {
         Ok(rows)
     }
 
+    /// Marks a firing alert still waiting for delivery as superseded by its resolve, so it
+    /// cannot reach the sink after the resolve and fire the alert again.
+    pub fn supersede(conn: &Connection, id: &str, sink: &str, now_ms: i64) -> Result<usize> {
+        Ok(conn
+            .prepare_cached(
+                "UPDATE outbox SET state = 3, done_ms = ?3, last_error = 'superseded by its resolve'
+                 WHERE id = ?1 AND sink = ?2 AND kind = 'alert' AND state = 0",
+            )?
+            .execute(params![id, sink, now_ms])?)
+    }
+
+    /// Bodies of the alerts of (sink, rule, step) still firing at `now_ms`.
+    pub fn firing_bodies(
+        conn: &Connection,
+        sink: &str,
+        rule: &str,
+        step: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM alerts
+             WHERE sink = ?1 AND rule = ?2 AND step = ?3 AND active_until_ms >= ?4",
+        )?;
+        let rows = stmt
+            .query_map(params![sink, rule, step, now_ms], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     /// Firing alerts of `sink` (for periodic resends); expired ones are forgotten first.
     pub fn active_alerts(conn: &Connection, sink: &str, now_ms: i64) -> Result<Vec<AlertRow>> {
         conn.prepare_cached("DELETE FROM alerts WHERE active_until_ms < ?1")?
