@@ -599,3 +599,62 @@ fn instance_listing_pages_through_the_status_indexes() {
     }
     assert_eq!(d.terminate(), 0);
 }
+
+/// SIGTERM gives deliveries in flight the grace period (5 s), not the sink's timeout, and
+/// an idle keep-alive connection (a scraper's) does not hold the exit up; what was cut
+/// short is still pending after a restart.
+#[test]
+fn sigterm_bounds_in_flight_deliveries_and_idle_connections() {
+    use std::io::{Read, Write};
+    // A receiver that accepts and never answers.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let accepted = std::sync::Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in hang.incoming().flatten() {
+                held.push(s);
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{hang_port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 120s }}\n\
+         alerts: {{ sinks: [hook] }}\n"
+    ));
+    d.start();
+    // An idle keep-alive connection, as a Prometheus scraper leaves between scrapes.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(idle.read(&mut buf).unwrap() > 0);
+    for ev in [
+        r#"{"time":"2026-03-02T09:00:00Z","type":"OrderPlaced","order_id":"o-1"}"#,
+        r#"{"time":"2026-03-02T09:16:00Z","type":"Heartbeat"}"#,
+    ] {
+        let (st, b) = http(d.port, "POST", "/v1/events", &[], ev.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+    }
+    wait_for(Duration::from_secs(30), "a delivery in flight", || {
+        (accepted.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    });
+    // terminate() waits at most 30 s: far less than the sink's 120 s timeout.
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+    assert!(
+        d.stderr().contains("deliveries in flight"),
+        "{}",
+        d.stderr()
+    );
+    drop(idle);
+    d.start();
+    // Kept: the restarted daemon sends it again.
+    wait_for(
+        Duration::from_secs(30),
+        "the cut delivery sent again",
+        || (accepted.load(std::sync::atomic::Ordering::SeqCst) > 1).then_some(()),
+    );
+}

@@ -116,12 +116,27 @@ impl Dispatcher {
                     }
                 }
                 if !batch.is_empty() {
-                    let results = self.rt.block_on(deliver_all(
-                        &clients,
-                        &sinks,
-                        batch,
-                        self.cfg.outbox.concurrency,
-                    ));
+                    let n = batch.len();
+                    let deliveries =
+                        deliver_all(&clients, &sinks, batch, self.cfg.outbox.concurrency);
+                    // A stop gives in-flight deliveries the grace period, however long the
+                    // sinks' timeouts are; what is cut short stays pending for the restart.
+                    let cut = self.until_stopped(stop_at);
+                    let results = match self.rt.block_on(async {
+                        tokio::select! {
+                            r = deliveries => Some(r),
+                            () = cut => None,
+                        }
+                    }) {
+                        Some(r) => r,
+                        None => {
+                            tracing::warn!(
+                                in_flight = n,
+                                "shutting down with deliveries in flight; they are kept and sent after restart"
+                            );
+                            return Ok(true);
+                        }
+                    };
                     let tx = conn.unchecked_transaction()?;
                     for (p, r) in results {
                         let d = self.classify(&p, r);
@@ -129,7 +144,9 @@ impl Dispatcher {
                     }
                     tx.commit()?;
                 }
-                self.resend_alerts(&conn, client, &sinks, &mut last_resend)?;
+                if stop_at.is_none() {
+                    self.resend_alerts(&conn, client, &sinks, &mut last_resend)?;
+                }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
                     Outbox::purge_done(&conn, before)?;
@@ -173,6 +190,21 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Completes when the grace period after a stop has run out: from `stop_at` if the stop
+    /// was already seen, else from when the stop flag is set.
+    async fn until_stopped(&self, stop_at: Option<StdInstant>) {
+        let at = match stop_at {
+            Some(t) => t,
+            None => loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    break StdInstant::now() + self.grace;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
+        };
+        tokio::time::sleep_until(at.into()).await;
     }
 
     fn classify(&self, p: &Pending, r: Result<(), String>) -> Delivery {

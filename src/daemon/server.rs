@@ -97,9 +97,11 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("listen {addr}: {e}"))
 }
 
-/// Serves until `stop` is notified; then stops accepting and lets open requests finish.
+/// Serves until `stop` is notified; then stops accepting, closes idle keep-alive
+/// connections and lets open requests finish (for at most 5 s).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
     let mut conns = tokio::task::JoinSet::new();
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     loop {
         tokio::select! {
             _ = stop.notified() => break,
@@ -112,19 +114,28 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
                     }
                 };
                 let shared = Arc::clone(&shared);
+                let mut closing = closing.clone();
                 conns.spawn(async move {
                     let svc = service_fn(move |req| {
                         let shared = Arc::clone(&shared);
                         async move { Ok::<_, Infallible>(route(shared, req).await) }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = closing.changed() => {
+                            // Finish the request in progress, if any; read no more.
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
                 });
             }
         }
     }
     drop(listener);
+    let _ = closing_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         while conns.join_next().await.is_some() {}
     })
