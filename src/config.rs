@@ -331,6 +331,7 @@ impl Config {
                 .iter()
                 .map(|s| (s.name.clone(), s.kind.takes_payloads()))
                 .collect(),
+            default_alert_sinks: !self.alert_sinks.is_empty(),
         }
     }
 

@@ -336,6 +336,13 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
         ),
         "{err}"
     );
+    // An alert naming no sinks, with no stdout sink or `alerts.sinks` to default to.
+    assert!(
+        err.contains(
+            "checkout.yaml:19:16: rules[0].on_missing[0].alert: this alert would go nowhere"
+        ),
+        "{err}"
+    );
 
     let port = free_port();
     let _busy = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();

@@ -462,7 +462,7 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
     let d = Daemon::with_rules(
         KAFKA_RULES,
         &format!(
-            "kafka: {{ brokers: '{}' }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\n  missing: {{ type: kafka, topic: nope }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n",
+            "kafka: {{ brokers: '{}' }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\n  missing: {{ type: kafka, topic: nope }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n  out: {{ type: stdout }}\n",
             broker.brokers()
         ),
     );
@@ -479,7 +479,7 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
     let d = Daemon::with_rules(
         KAFKA_RULES,
         &format!(
-            "kafka: {{ brokers: '{}', consumer: {{ no.such.property: x }} }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n",
+            "kafka: {{ brokers: '{}', consumer: {{ no.such.property: x }} }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n  out: {{ type: stdout }}\n",
             broker.brokers()
         ),
     );

@@ -222,6 +222,9 @@ pub struct Known {
     pub sources: Vec<String>,
     /// Sink name and whether it takes compensation payloads.
     pub sinks: Vec<(String, bool)>,
+    /// Whether alerts that name no sinks have somewhere to go (`alerts.sinks`, or the
+    /// stdout sinks it defaults to).
+    pub default_alert_sinks: bool,
 }
 
 impl Known {
@@ -687,6 +690,15 @@ impl Validator {
                         ));
                     }
                     let sinks = al.sinks.clone().unwrap_or_default();
+                    if sinks.is_empty()
+                        && self.known.as_ref().is_some_and(|k| !k.default_alert_sinks)
+                    {
+                        cx.err(
+                            &p,
+                            "this alert would go nowhere: name its `sinks`, or set `alerts.sinks` \
+                             in the config (it defaults to the stdout sinks, and there are none)",
+                        );
+                    }
                     for (j, s) in sinks.iter().enumerate() {
                         if !valid_name(s) {
                             cx.err(
