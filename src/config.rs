@@ -421,7 +421,17 @@ fn expand(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Strin
 
 /// Reads and validates a config file against the process environment.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+    match check_file(file) {
+        (Some(c), None) => Ok(c),
+        (_, e) => Err(e.unwrap_or(ConfigError { diags: Vec::new() })),
+    }
+}
+
+/// Checks a config file: its problems, if any, and the config as far as it could be built
+/// (even with problems, unless the file is not a config at all), so `validate` can check
+/// the rules too.
+pub fn check_file(file: &Path) -> (Option<Config>, Option<ConfigError>) {
+    let text = match std::fs::read_to_string(file).map_err(|e| ConfigError {
         diags: vec![FileDiag {
             file: file.to_path_buf(),
             diag: Diag {
@@ -430,8 +440,11 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
                 message: format!("cannot read: {e}"),
             },
         }],
-    })?;
-    load_text(file, &text, &|k| std::env::var(k).ok())
+    }) {
+        Ok(t) => t,
+        Err(e) => return (None, Some(e)),
+    };
+    check_text(file, &text, &|k| std::env::var(k).ok())
 }
 
 /// Validates config text; `env` resolves `${NAME}`.
@@ -440,6 +453,17 @@ pub fn load_text(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    match check_text(file, text, env) {
+        (Some(c), None) => Ok(c),
+        (_, e) => Err(e.unwrap_or(ConfigError { diags: Vec::new() })),
+    }
+}
+
+fn check_text(
+    file: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Option<Config>, Option<ConfigError>) {
     let mut v = Checker {
         file: file.to_path_buf(),
         dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -449,7 +473,7 @@ pub fn load_text(
     let cfg = v.check(text, env);
     if v.diags.is_empty() {
         if let Some(c) = cfg {
-            return Ok(c);
+            return (Some(c), None);
         }
     }
     let mut diags: Vec<FileDiag> = v
@@ -461,7 +485,7 @@ pub fn load_text(
         })
         .collect();
     diags.sort_by_key(|d| (d.diag.pos.line, d.diag.pos.col));
-    Err(ConfigError { diags })
+    (cfg, Some(ConfigError { diags }))
 }
 
 struct Checker {

@@ -304,3 +304,34 @@ fn quickstart_example_reports_missing_steps() {
         "{kinds:?}"
     );
 }
+
+#[test]
+fn validate_config_reports_config_and_rules_problems_in_one_run() {
+    let (code, out, err) = sagawatch(&["validate", "--config", "examples/sagawatch.yaml"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("examples/sagawatch.yaml: ok ("), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/r.yaml"),
+        "rules:\n  - name: r\n    trigger: { source: ordrs, key: id }\n    expect:\n      - { step: s, key: id, within: 1m }\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "rules: rules\nlisten: nowhere\nsources: { orders: { type: stdin } }\nsinks: { out: { type: stdout } }\n",
+    )
+    .unwrap();
+    let (code, _, err) = sagawatch(&["validate", "--config", &cfg.display().to_string()], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("c.yaml:2:9: listen: \"nowhere\" is not an IP:port address"),
+        "{err}"
+    );
+    assert!(
+        err.contains("r.yaml:3:24: rules[0].trigger.source: unknown source \"ordrs\" (did you mean \"orders\"?)"),
+        "{err}"
+    );
+}

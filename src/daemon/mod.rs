@@ -49,28 +49,33 @@ pub fn init_logging(format: LogFormat) {
 }
 
 /// Validates a config file and its rules; prints every problem. Returns the exit code.
+/// The rules are checked even when the config has problems (as far as it could be read),
+/// so one run shows everything to fix.
 pub fn validate(path: &Path) -> i32 {
-    match config::load(path) {
+    let (cfg, config_error) = config::check_file(path);
+    if let Some(e) = &config_error {
+        eprintln!("{e}");
+    }
+    let Some(cfg) = cfg else { return 1 };
+    if !cfg.rules_path.exists() {
+        return 1; // reported with the config's problems
+    }
+    match cfg.load_rules() {
         Err(e) => {
             eprintln!("{e}");
             1
         }
-        Ok(cfg) => match cfg.load_rules() {
-            Err(e) => {
-                eprintln!("{e}");
-                1
-            }
-            Ok(set) => {
-                println!(
-                    "{}: ok ({} sources, {} sinks, {} rules)",
-                    path.display(),
-                    cfg.sources.len(),
-                    cfg.sinks.len(),
-                    set.rules.len()
-                );
-                0
-            }
-        },
+        Ok(_) if config_error.is_some() => 1,
+        Ok(set) => {
+            println!(
+                "{}: ok ({} sources, {} sinks, {} rules)",
+                path.display(),
+                cfg.sources.len(),
+                cfg.sinks.len(),
+                set.rules.len()
+            );
+            0
+        }
     }
 }
 
