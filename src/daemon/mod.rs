@@ -198,7 +198,7 @@ fn run_with(
         ready: AtomicBool::new(false),
         core_down: AtomicBool::new(false),
         reload: Arc::new(Notify::new()),
-        reload_result: tokio::sync::Mutex::new(None),
+        reload_result: tokio::sync::Mutex::new(Vec::new()),
     });
 
     let wal_restart = state.wal_restart_flag();
@@ -347,9 +347,12 @@ fn run_with(
                     let _ = reload(&cfg, &shared).await;
                 }
                 _ = shared.reload.notified() => {
+                    // Taken first: a request arriving during this reload waits for the
+                    // next one (its notification is kept), which reads the files after it.
+                    let waiting = std::mem::take(&mut *shared.reload_result.lock().await);
                     let r = reload(&cfg, &shared).await;
-                    if let Some(tx) = shared.reload_result.lock().await.take() {
-                        let _ = tx.send(r);
+                    for tx in waiting {
+                        let _ = tx.send(r.clone());
                     }
                 }
             }

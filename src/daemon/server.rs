@@ -33,7 +33,8 @@ pub struct Shared {
     pub core_down: AtomicBool,
     /// Signalled by `POST /-/reload`.
     pub reload: Arc<Notify>,
-    pub reload_result: tokio::sync::Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+    /// Requests waiting for the outcome of the next reload.
+    pub reload_result: tokio::sync::Mutex<Vec<oneshot::Sender<Result<(), String>>>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -215,7 +216,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
                 return unauthorized();
             }
             let (tx, rx) = oneshot::channel();
-            *shared.reload_result.lock().await = Some(tx);
+            shared.reload_result.lock().await.push(tx);
             shared.reload.notify_one();
             match rx.await {
                 Ok(Ok(())) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
