@@ -120,20 +120,29 @@ fn diff(old: &Instance, new: &Instance) -> u16 {
     bits
 }
 
-fn values(inst: &Instance, refs: &[i64], part: Option<i32>) -> [Value; 10] {
+/// The column values in `mask` (`COLS` bits), in column order; the others are not
+/// computed (encoding steps and captures is most of the cost of a row write).
+fn values(inst: &Instance, refs: &[i64], part: Option<i32>, mask: u16) -> Vec<Value> {
     let opt = |v: Option<i64>| v.map(Value::Integer).unwrap_or(Value::Null);
-    [
-        Value::Integer(inst.opened_at),
-        opt(inst.closed_at),
-        Value::Integer(inst.expires_at),
-        opt(next_deadline(&inst.steps)),
-        Value::Blob(super::sqlite_state::encode_steps(&inst.steps)),
-        Value::Text(serde_json::to_string(&inst.captures).unwrap_or_default()),
-        opt(latest(&inst.steps, StepStatus::Missing)),
-        opt(latest(&inst.steps, StepStatus::Late)),
-        Value::Blob(super::sqlite_state::encode_refs(refs)),
-        opt(part.map(i64::from)),
-    ]
+    let mut out = Vec::with_capacity(mask.count_ones() as usize);
+    for i in 0..COLS.len() {
+        if mask & (1 << i) == 0 {
+            continue;
+        }
+        out.push(match i {
+            0 => Value::Integer(inst.opened_at),
+            1 => opt(inst.closed_at),
+            2 => Value::Integer(inst.expires_at),
+            3 => opt(next_deadline(&inst.steps)),
+            4 => Value::Blob(super::sqlite_state::encode_steps(&inst.steps)),
+            5 => Value::Text(serde_json::to_string(&inst.captures).unwrap_or_default()),
+            6 => opt(latest(&inst.steps, StepStatus::Missing)),
+            7 => opt(latest(&inst.steps, StepStatus::Late)),
+            8 => Value::Blob(super::sqlite_state::encode_refs(refs)),
+            _ => opt(part.map(i64::from)),
+        });
+    }
+    out
 }
 
 impl Rows {
@@ -356,12 +365,8 @@ impl Rows {
             let mut stmt = conn.prepare_cached(sql)?;
             stmt.raw_bind_parameter(1, name)?;
             stmt.raw_bind_parameter(2, key)?;
-            let mut n = 3;
-            for (i, v) in values(inst, &e.refs, e.part).iter().enumerate() {
-                if mask & (1 << i) != 0 {
-                    stmt.raw_bind_parameter(n, v)?;
-                    n += 1;
-                }
+            for (n, v) in values(inst, &e.refs, e.part, mask).iter().enumerate() {
+                stmt.raw_bind_parameter(n + 3, v)?;
             }
             stmt.raw_execute()?;
             e.in_db = true;
