@@ -94,17 +94,18 @@ impl Dispatcher {
             .iter()
             .map(|s| (s.name.clone(), s.clone()))
             .collect();
-        let mut stop_at: Option<StdInstant> = None;
+        // When the grace period after a stop ends: set once, by whoever sees the stop first.
+        let stop_at: std::cell::Cell<Option<StdInstant>> = std::cell::Cell::new(None);
         let mut last_resend: HashMap<String, StdInstant> = HashMap::new();
         let mut last_purge = StdInstant::now();
         loop {
             let r = (|| -> Result<bool> {
-                if self.stop.load(Ordering::Relaxed) && stop_at.is_none() {
-                    stop_at = Some(StdInstant::now() + self.grace);
+                if self.stop.load(Ordering::Relaxed) && stop_at.get().is_none() {
+                    stop_at.set(Some(StdInstant::now() + self.grace));
                 }
                 let now = wall_ms();
                 let batch = Outbox::due(&conn, now, self.cfg.outbox.concurrency * 4)?;
-                if let Some(t) = stop_at {
+                if let Some(t) = stop_at.get() {
                     if batch.is_empty() || StdInstant::now() >= t {
                         if !batch.is_empty() {
                             tracing::warn!(
@@ -117,34 +118,40 @@ impl Dispatcher {
                 }
                 if !batch.is_empty() {
                     let n = batch.len();
-                    let deliveries =
-                        deliver_all(&clients, &sinks, batch, self.cfg.outbox.concurrency);
+                    let mut results = Vec::with_capacity(n);
+                    let deliveries = deliver_all(
+                        &clients,
+                        &sinks,
+                        batch,
+                        self.cfg.outbox.concurrency,
+                        &mut results,
+                    );
                     // A stop gives in-flight deliveries the grace period, however long the
-                    // sinks' timeouts are; what is cut short stays pending for the restart.
-                    let cut = self.until_stopped(stop_at);
-                    let results = match self.rt.block_on(async {
+                    // sinks' timeouts are; what finished is recorded, what is cut short
+                    // stays pending for the restart.
+                    let cut = self.until_stopped(&stop_at);
+                    let was_cut = self.rt.block_on(async {
                         tokio::select! {
-                            r = deliveries => Some(r),
-                            () = cut => None,
+                            () = deliveries => false,
+                            () = cut => true,
                         }
-                    }) {
-                        Some(r) => r,
-                        None => {
-                            tracing::warn!(
-                                in_flight = n,
-                                "shutting down with deliveries in flight; they are kept and sent after restart"
-                            );
-                            return Ok(true);
-                        }
-                    };
+                    });
                     let tx = conn.unchecked_transaction()?;
+                    let finished = results.len();
                     for (p, r) in results {
                         let d = self.classify(&p, r);
                         Outbox::record(&tx, p.seq, &d, wall_ms())?;
                     }
                     tx.commit()?;
+                    if was_cut {
+                        tracing::warn!(
+                            in_flight = n - finished,
+                            "shutting down with deliveries in flight; they are kept and sent after restart"
+                        );
+                        return Ok(true);
+                    }
                 }
-                if stop_at.is_none() {
+                if stop_at.get().is_none() && !self.stop.load(Ordering::Relaxed) {
                     self.resend_alerts(&conn, client, &sinks, &mut last_resend)?;
                 }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
@@ -165,8 +172,8 @@ impl Dispatcher {
                 match self.wake.recv_timeout(wait) {
                     Ok(()) | Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => {
-                        if stop_at.is_none() {
-                            stop_at = Some(StdInstant::now() + self.grace);
+                        if stop_at.get().is_none() {
+                            stop_at.set(Some(StdInstant::now() + self.grace));
                         }
                         std::thread::sleep(wait.min(Duration::from_millis(100)));
                     }
@@ -183,7 +190,7 @@ impl Dispatcher {
                         error = format!("{e:#}"),
                         "outbox dispatcher: state file error; retrying"
                     );
-                    if stop_at.is_some_and(|t| StdInstant::now() >= t) {
+                    if stop_at.get().is_some_and(|t| StdInstant::now() >= t) {
                         return Ok(());
                     }
                     std::thread::sleep(Duration::from_secs(1));
@@ -194,15 +201,16 @@ impl Dispatcher {
 
     /// Completes when the grace period after a stop has run out: from `stop_at` if the stop
     /// was already seen, else from when the stop flag is set.
-    async fn until_stopped(&self, stop_at: Option<StdInstant>) {
-        let at = match stop_at {
-            Some(t) => t,
-            None => loop {
-                if self.stop.load(Ordering::Relaxed) {
-                    break StdInstant::now() + self.grace;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            },
+    async fn until_stopped(&self, stop_at: &std::cell::Cell<Option<StdInstant>>) {
+        let at = loop {
+            if let Some(t) = stop_at.get() {
+                break t;
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                stop_at.set(Some(StdInstant::now() + self.grace));
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         tokio::time::sleep_until(at.into()).await;
     }
@@ -285,13 +293,15 @@ impl Dispatcher {
     }
 }
 
+/// Delivers `batch` with at most `concurrency` in flight, appending each result to `out`
+/// as it comes, so a round cut short by a stop keeps what finished.
 async fn deliver_all(
     client: &Clients,
     sinks: &HashMap<String, Sink>,
     batch: Vec<Pending>,
     concurrency: usize,
-) -> Vec<(Pending, Result<(), String>)> {
-    let mut out = Vec::with_capacity(batch.len());
+    out: &mut Vec<(Pending, Result<(), String>)>,
+) {
     let mut set = JoinSet::new();
     let mut queue = batch.into_iter();
     loop {
@@ -313,7 +323,6 @@ async fn deliver_all(
             None => break,
         }
     }
-    out
 }
 
 /// Delivers one message to one sink.

@@ -198,7 +198,7 @@ fn run_with(
         ready: AtomicBool::new(false),
         core_down: AtomicBool::new(false),
         reload: Arc::new(Notify::new()),
-        reload_result: tokio::sync::Mutex::new(Vec::new()),
+        reload_result: tokio::sync::Mutex::new(Some(Vec::new())),
     });
 
     let wal_restart = state.wal_restart_flag();
@@ -349,7 +349,13 @@ fn run_with(
                 _ = shared.reload.notified() => {
                     // Taken first: a request arriving during this reload waits for the
                     // next one (its notification is kept), which reads the files after it.
-                    let waiting = std::mem::take(&mut *shared.reload_result.lock().await);
+                    let waiting = shared
+                        .reload_result
+                        .lock()
+                        .await
+                        .as_mut()
+                        .map(std::mem::take)
+                        .unwrap_or_default();
                     let r = reload(&cfg, &shared).await;
                     for tx in waiting {
                         let _ = tx.send(r.clone());
@@ -359,7 +365,9 @@ fn run_with(
         }
     })?;
 
-    // Stop intake, commit, drain the outbox for a bounded time.
+    // Stop intake, commit, drain the outbox for a bounded time. Reload requests still
+    // waiting (and any from now on) are answered 503 instead of hanging.
+    rt.block_on(shared.reload_result.lock()).take();
     shared.ready.store(false, Ordering::Relaxed);
     metrics.ready.set(0);
     stop_sources.store(true, Ordering::Relaxed);

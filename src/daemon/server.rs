@@ -33,8 +33,9 @@ pub struct Shared {
     pub core_down: AtomicBool,
     /// Signalled by `POST /-/reload`.
     pub reload: Arc<Notify>,
-    /// Requests waiting for the outcome of the next reload.
-    pub reload_result: tokio::sync::Mutex<Vec<oneshot::Sender<Result<(), String>>>>,
+    /// Requests waiting for the outcome of the next reload; `None` once shutting down.
+    #[allow(clippy::type_complexity)]
+    pub reload_result: tokio::sync::Mutex<Option<Vec<oneshot::Sender<Result<(), String>>>>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -106,6 +107,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
     loop {
         tokio::select! {
             _ = stop.notified() => break,
+            // Reap finished connections, or the set grows with every one ever accepted.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             acc = listener.accept() => {
                 let (stream, _) = match acc {
                     Ok(s) => s,
@@ -216,7 +219,15 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
                 return unauthorized();
             }
             let (tx, rx) = oneshot::channel();
-            shared.reload_result.lock().await.push(tx);
+            match shared.reload_result.lock().await.as_mut() {
+                Some(waiting) => waiting.push(tx),
+                None => {
+                    return json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        serde_json::json!({"error": "shutting down"}),
+                    );
+                }
+            }
             shared.reload.notify_one();
             match rx.await {
                 Ok(Ok(())) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
