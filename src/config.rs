@@ -152,7 +152,7 @@ pub struct RawSink {
 pub struct RawAlerts {
     /// Sinks for alerts whose rule names none. Default: every `stdout` sink.
     #[serde(default)]
-    pub sinks: Vec<String>,
+    pub sinks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -878,9 +878,9 @@ impl Checker {
             });
         }
 
-        let alert_sinks = match &raw.alerts {
+        let alert_sinks = match raw.alerts.as_ref().and_then(|a| a.sinks.as_ref()) {
             Some(a) => {
-                for (i, s) in a.sinks.iter().enumerate() {
+                for (i, s) in a.iter().enumerate() {
                     if !raw.sinks.contains_key(s) {
                         self.err(
                             &top.key("alerts").key("sinks").index(i),
@@ -891,7 +891,7 @@ impl Checker {
                         );
                     }
                 }
-                a.sinks.clone()
+                a.clone()
             }
             None => sinks
                 .iter()

@@ -464,6 +464,14 @@ impl Core {
                     let until = now_ms + rule.late.nanos() / 1_000_000;
                     let conn = self.engine.state().conn();
                     for sink in sinks {
+                        let fp = if self.to_alertmanager(sink) {
+                            label_set(&body)
+                        } else {
+                            None
+                        };
+                        if let Some(fp) = &fp {
+                            Outbox::supersede_resolves(conn, sink, &rule.name, step, fp, now_ms)?;
+                        }
                         Outbox::insert(
                             conn,
                             &NewMessage {
@@ -474,6 +482,7 @@ impl Core {
                                 key: &o.key,
                                 step,
                                 body: &body,
+                                fp: fp.as_deref(),
                             },
                             now_ms,
                         )?;
@@ -487,6 +496,7 @@ impl Core {
                                 step: step.to_string(),
                                 body: body.clone(),
                                 active_until_ms: until,
+                                fp,
                             },
                         )?;
                     }
@@ -495,20 +505,16 @@ impl Core {
                 Kind::Late => {
                     let conn = self.engine.state().conn();
                     for a in Outbox::take_alerts(conn, &rule.name, &o.key, step)? {
-                        let to_alertmanager = self.cfg.sinks.iter().any(|s| {
-                            s.name == a.sink && matches!(s.kind, SinkKind::Alertmanager { .. })
-                        });
-                        if to_alertmanager {
+                        if self.to_alertmanager(&a.sink) {
                             Outbox::supersede(conn, &a.id, &a.sink, now_ms)?;
                             // Alertmanager knows alerts by labels only: while another key's
                             // alert with the same labels fires, resolving would end it too.
-                            let labels = dispatch::alertmanager_labels(&a.body);
-                            let shared =
-                                Outbox::firing_bodies(conn, &a.sink, &a.rule, &a.step, now_ms)?
-                                    .iter()
-                                    .any(|b| dispatch::alertmanager_labels(b) == labels);
-                            if shared {
-                                continue;
+                            if let Some(fp) = &a.fp {
+                                if Outbox::labels_firing(
+                                    conn, &a.sink, &a.rule, &a.step, fp, now_ms,
+                                )? {
+                                    continue;
+                                }
                             }
                         }
                         let body = resolved(&a.body, o);
@@ -523,6 +529,7 @@ impl Core {
                                 key: &a.key,
                                 step: &a.step,
                                 body: &body,
+                                fp: a.fp.as_deref(),
                             },
                             now_ms,
                         )?;
@@ -542,6 +549,7 @@ impl Core {
                             key: &o.key,
                             step,
                             body: &body,
+                            fp: None,
                         },
                         now_ms,
                     )?;
@@ -553,6 +561,13 @@ impl Core {
         self.outcomes = outcomes;
         self.outcomes.clear();
         Ok(())
+    }
+
+    fn to_alertmanager(&self, sink: &str) -> bool {
+        self.cfg
+            .sinks
+            .iter()
+            .any(|s| s.name == sink && matches!(s.kind, SinkKind::Alertmanager { .. }))
     }
 
     /// Commits the open batch, then acknowledges what it contained.
@@ -650,4 +665,10 @@ fn resolved(alert_body: &str, late: &Outcome) -> String {
         }
     }
     v.to_string()
+}
+
+/// The Alertmanager label set of an alert body, as canonical JSON (keys sorted): what
+/// identifies the alert in Alertmanager.
+fn label_set(body: &str) -> Option<String> {
+    dispatch::alertmanager_labels(body).map(|m| serde_json::Value::Object(m).to_string())
 }

@@ -102,6 +102,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE early ADD COLUMN part INTEGER;
     ALTER TABLE cancels ADD COLUMN part INTEGER;
     ",
+    // 5: Alertmanager label sets (canonical JSON), so "does another alert with these labels
+    // still fire" is one index lookup, and a pending resolve can be found by its labels.
+    "
+    ALTER TABLE alerts ADD COLUMN fp TEXT;
+    CREATE INDEX alerts_labels ON alerts (sink, rule, step, fp);
+    ALTER TABLE outbox ADD COLUMN fp TEXT;
+    ",
 ];
 
 /// Opens (creating if needed) the state file with the settings every connection uses.

@@ -17,6 +17,8 @@ pub struct NewMessage<'a> {
     pub key: &'a str,
     pub step: &'a str,
     pub body: &'a str,
+    /// The Alertmanager label set of an alert or resolve for an Alertmanager sink.
+    pub fp: Option<&'a str>,
 }
 
 /// A message waiting for delivery.
@@ -53,6 +55,8 @@ pub struct AlertRow {
     pub step: String,
     pub body: String,
     pub active_until_ms: i64,
+    /// The Alertmanager label set, for Alertmanager sinks.
+    pub fp: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -67,11 +71,11 @@ pub struct Outbox;
 impl Outbox {
     pub fn insert(conn: &Connection, m: &NewMessage<'_>, now_ms: i64) -> Result<()> {
         conn.prepare_cached(
-            "INSERT INTO outbox (id, sink, kind, rule, key, step, body, created_ms, next_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            "INSERT INTO outbox (id, sink, kind, rule, key, step, body, created_ms, next_ms, fp)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
         )?
         .execute(params![
-            m.id, m.sink, m.kind, m.rule, m.key, m.step, m.body, now_ms
+            m.id, m.sink, m.kind, m.rule, m.key, m.step, m.body, now_ms, m.fp
         ])?;
         Ok(())
     }
@@ -119,13 +123,13 @@ impl Outbox {
             Delivery::Retry { next_ms, error } => conn
                 .prepare_cached(
                     "UPDATE outbox SET attempts = attempts + 1, next_ms = ?2, last_error = ?3
-                     WHERE seq = ?1",
+                     WHERE seq = ?1 AND state = 0",
                 )?
                 .execute(params![seq, next_ms, error])?,
             Delivery::GiveUp { error } => conn
                 .prepare_cached(
                     "UPDATE outbox SET state = 2, attempts = attempts + 1, done_ms = ?2,
-                     last_error = ?3 WHERE seq = ?1",
+                     last_error = ?3 WHERE seq = ?1 AND state = 0",
                 )?
                 .execute(params![seq, now_ms, error])?,
         };
@@ -150,8 +154,8 @@ impl Outbox {
 
     pub fn record_alert(conn: &Connection, a: &AlertRow) -> Result<()> {
         conn.prepare_cached(
-            "INSERT OR REPLACE INTO alerts (id, sink, rule, key, step, body, active_until_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR REPLACE INTO alerts (id, sink, rule, key, step, body, active_until_ms, fp)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?
         .execute(params![
             a.id,
@@ -160,7 +164,8 @@ impl Outbox {
             a.key,
             a.step,
             a.body,
-            a.active_until_ms
+            a.active_until_ms,
+            a.fp
         ])?;
         Ok(())
     }
@@ -174,7 +179,7 @@ impl Outbox {
     ) -> Result<Vec<AlertRow>> {
         let rows = {
             let mut stmt = conn.prepare_cached(
-                "SELECT id, sink, body, active_until_ms FROM alerts
+                "SELECT id, sink, body, active_until_ms, fp FROM alerts
                  WHERE rule = ?1 AND key = ?2 AND step = ?3",
             )?;
             stmt.query_map(params![rule, key, step], |r| {
@@ -186,6 +191,7 @@ impl Outbox {
                     step: step.to_string(),
                     body: r.get(2)?,
                     active_until_ms: r.get(3)?,
+                    fp: r.get(4)?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?
@@ -208,22 +214,41 @@ impl Outbox {
             .execute(params![id, sink, now_ms])?)
     }
 
-    /// Bodies of the alerts of (sink, rule, step) still firing at `now_ms`.
-    pub fn firing_bodies(
+    /// Whether an alert of (sink, rule, step) with label set `fp` still fires at `now_ms`.
+    pub fn labels_firing(
         conn: &Connection,
         sink: &str,
         rule: &str,
         step: &str,
+        fp: &str,
         now_ms: i64,
-    ) -> Result<Vec<String>> {
-        let mut stmt = conn.prepare_cached(
-            "SELECT body FROM alerts
-             WHERE sink = ?1 AND rule = ?2 AND step = ?3 AND active_until_ms >= ?4",
-        )?;
-        let rows = stmt
-            .query_map(params![sink, rule, step, now_ms], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
+    ) -> Result<bool> {
+        Ok(conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM alerts WHERE sink = ?1 AND rule = ?2 AND step = ?3
+                 AND fp = ?4 AND active_until_ms >= ?5)",
+            )?
+            .query_row(params![sink, rule, step, fp, now_ms], |r| r.get(0))?)
+    }
+
+    /// Marks the pending resolves of (sink, rule, step) with label set `fp` superseded by a
+    /// new firing alert with the same labels: delivered after it, they would end it.
+    pub fn supersede_resolves(
+        conn: &Connection,
+        sink: &str,
+        rule: &str,
+        step: &str,
+        fp: &str,
+        now_ms: i64,
+    ) -> Result<usize> {
+        Ok(conn
+            .prepare_cached(
+                "UPDATE outbox SET state = 3, done_ms = ?5,
+                 last_error = 'superseded by a new alert with the same labels'
+                 WHERE state = 0 AND kind = 'resolve' AND sink = ?1 AND rule = ?2 AND step = ?3
+                 AND fp = ?4",
+            )?
+            .execute(params![sink, rule, step, fp, now_ms])?)
     }
 
     /// Firing alerts of `sink` (for periodic resends); expired ones are forgotten first.
@@ -231,7 +256,7 @@ impl Outbox {
         conn.prepare_cached("DELETE FROM alerts WHERE active_until_ms < ?1")?
             .execute(params![now_ms])?;
         let mut stmt = conn.prepare_cached(
-            "SELECT id, rule, key, step, body, active_until_ms FROM alerts WHERE sink = ?1",
+            "SELECT id, rule, key, step, body, active_until_ms, fp FROM alerts WHERE sink = ?1",
         )?;
         let rows = stmt
             .query_map(params![sink], |r| {
@@ -243,6 +268,7 @@ impl Outbox {
                     step: r.get(3)?,
                     body: r.get(4)?,
                     active_until_ms: r.get(5)?,
+                    fp: r.get(6)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
