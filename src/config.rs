@@ -319,20 +319,15 @@ pub struct Config {
     pub alert_sinks: Vec<String>,
     pub outbox: OutboxConfig,
     pub kafka: Option<KafkaConfig>,
+    /// What rules may reference: every source and sink the file declares, including those
+    /// whose definition has problems (so `validate` reports no follow-on "unknown sink").
+    known: Known,
 }
 
 impl Config {
     /// What rules may reference.
     pub fn known(&self) -> Known {
-        Known {
-            sources: self.sources.iter().map(|s| s.name.clone()).collect(),
-            sinks: self
-                .sinks
-                .iter()
-                .map(|s| (s.name.clone(), s.kind.takes_payloads()))
-                .collect(),
-            default_alert_sinks: !self.alert_sinks.is_empty(),
-        }
+        self.known.clone()
     }
 
     /// Loads the rules this config names, checking their source and sink references.
@@ -928,7 +923,18 @@ impl Checker {
 
         let kafka = raw.kafka.as_ref().map(|k| self.kafka(&top.key("kafka"), k));
 
+        let known = Known {
+            sources: raw.sources.keys().cloned().collect(),
+            // A sink of an unknown type is taken to accept payloads: its own error says it.
+            sinks: raw
+                .sinks
+                .iter()
+                .map(|(n, s)| (n.clone(), s.kind != "alertmanager"))
+                .collect(),
+            default_alert_sinks: !alert_sinks.is_empty(),
+        };
         Some(Config {
+            known,
             file: self.file.clone(),
             state,
             rules_path,

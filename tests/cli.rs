@@ -334,4 +334,23 @@ fn validate_config_reports_config_and_rules_problems_in_one_run() {
         err.contains("r.yaml:3:24: rules[0].trigger.source: unknown source \"ordrs\" (did you mean \"orders\"?)"),
         "{err}"
     );
+    // A sink whose definition is broken is still declared: the rule naming it gets no
+    // follow-on "unknown sink" error, only the sink's own problem is reported.
+    std::fs::write(
+        dir.path().join("rules/r.yaml"),
+        "rules:\n  - name: r\n    trigger: { key: id }\n    expect:\n      - { step: s, key: id, within: 1m }\n    on_missing:\n      - compensate: { sink: hook, payload: { k: '{{key}}' } }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg,
+        "rules: rules\nsources: { orders: { type: stdin } }\nsinks: { out: { type: stdout }, hook: { type: webhok } }\n",
+    )
+    .unwrap();
+    let (code, _, err) = sagawatch(&["validate", "--config", &cfg.display().to_string()], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("sinks.hook.type: unknown sink type \"webhok\""),
+        "{err}"
+    );
+    assert!(!err.contains("unknown sink \"hook\""), "{err}");
 }
