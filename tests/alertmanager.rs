@@ -61,20 +61,29 @@ impl Drop for Alertmanager {
     }
 }
 
-#[test]
-fn missing_step_fires_in_alertmanager_and_a_late_correlate_resolves_it() {
-    let am = Alertmanager::start();
+/// A daemon taking events over HTTP and sending alerts to `am`, re-sent every `resend`.
+fn daemon(am: &Alertmanager, resend: &str) -> Daemon {
     let mut d = Daemon::new(&format!(
         "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
-         sinks:\n  am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: 1s }}\n  hook: {{ type: stdout }}\n\
+         sinks:\n  am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: {resend} }}\n  hook: {{ type: stdout }}\n\
          alerts: {{ sinks: [am] }}\n",
         am.port
     ));
     d.start();
-    let post = |ev: &str| {
-        let (st, b) = http(d.port, "POST", "/v1/events", &[], ev.as_bytes()).unwrap();
-        assert_eq!(st, 202, "{b}");
-    };
+    d
+}
+
+/// Posts one event; it is committed when this returns.
+fn post(d: &Daemon, ev: &str) {
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], ev.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+}
+
+#[test]
+fn missing_step_fires_in_alertmanager_and_a_late_correlate_resolves_it() {
+    let am = Alertmanager::start();
+    let mut d = daemon(&am, "1s");
+    let post = |ev: &str| post(&d, ev);
     post(r#"{"time":"2026-03-02T09:00:00Z","type":"OrderPlaced","order_id":"o-1"}"#);
     // Another event moves the clock past the payment deadline (09:15).
     post(r#"{"time":"2026-03-02T09:16:00Z","type":"Heartbeat"}"#);
@@ -128,17 +137,8 @@ fn missing_step_fires_in_alertmanager_and_a_late_correlate_resolves_it() {
 fn a_shared_alert_stays_firing_until_every_instance_behind_it_is_resolved() {
     let am = Alertmanager::start();
     // No re-sends during the test: what Alertmanager shows is what the late events caused.
-    let mut d = Daemon::new(&format!(
-        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
-         sinks:\n  am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: 1h }}\n  hook: {{ type: stdout }}\n\
-         alerts: {{ sinks: [am] }}\n",
-        am.port
-    ));
-    d.start();
-    let post = |ev: &str| {
-        let (st, b) = http(d.port, "POST", "/v1/events", &[], ev.as_bytes()).unwrap();
-        assert_eq!(st, 202, "{b}");
-    };
+    let mut d = daemon(&am, "1h");
+    let post = |ev: &str| post(&d, ev);
     let firing = || {
         am.alerts()
             .into_iter()
