@@ -103,11 +103,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE cancels ADD COLUMN part INTEGER;
     ",
     // 5: Alertmanager label sets (canonical JSON), so "does another alert with these labels
-    // still fire" is one index lookup, and a pending resolve can be found by its labels.
+    // still fire" is one index lookup, and a pending resolve can be found by its labels (as
+    // a pending firing alert by its id): each is one lookup even when thousands wait.
     "
     ALTER TABLE alerts ADD COLUMN fp TEXT;
     CREATE INDEX alerts_labels ON alerts (sink, rule, step, fp);
     ALTER TABLE outbox ADD COLUMN fp TEXT;
+    CREATE INDEX outbox_resolves ON outbox (sink, rule, step, fp)
+        WHERE state = 0 AND kind = 'resolve';
+    CREATE INDEX outbox_firing ON outbox (id, sink) WHERE state = 0 AND kind = 'alert';
     ",
 ];
 

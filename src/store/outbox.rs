@@ -225,8 +225,11 @@ impl Outbox {
     ) -> Result<bool> {
         Ok(conn
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM alerts WHERE sink = ?1 AND rule = ?2 AND step = ?3
-                 AND fp = ?4 AND active_until_ms >= ?5)",
+                // Without statistics the planner prefers the primary key's `rule` prefix,
+                // which scans every alert of the rule.
+                "SELECT EXISTS (SELECT 1 FROM alerts INDEXED BY alerts_labels
+                 WHERE sink = ?1 AND rule = ?2 AND step = ?3 AND fp = ?4
+                 AND active_until_ms >= ?5)",
             )?
             .query_row(params![sink, rule, step, fp, now_ms], |r| r.get(0))?)
     }
