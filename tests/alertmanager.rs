@@ -79,6 +79,16 @@ fn post(d: &Daemon, ev: &str) {
     assert_eq!(st, 202, "{b}");
 }
 
+/// Waits until Alertmanager shows no alert of the checkout rule (resolved ones drop out).
+fn wait_resolved(am: &Alertmanager) {
+    wait_for(Duration::from_secs(30), "the alert to be resolved", || {
+        (!am.alerts()
+            .iter()
+            .any(|a| a["labels"]["rule"] == "checkout"))
+        .then_some(())
+    });
+}
+
 #[test]
 fn missing_step_fires_in_alertmanager_and_a_late_correlate_resolves_it() {
     let am = Alertmanager::start();
@@ -121,12 +131,7 @@ fn missing_step_fires_in_alertmanager_and_a_late_correlate_resolves_it() {
     );
     // The late payment resolves it.
     post(r#"{"time":"2026-03-02T09:20:00Z","type":"PaymentCompleted","order_id":"o-1"}"#);
-    wait_for(Duration::from_secs(30), "the alert to be resolved", || {
-        (!am.alerts()
-            .iter()
-            .any(|a| a["labels"]["rule"] == "checkout"))
-        .then_some(())
-    });
+    wait_resolved(&am);
     assert_eq!(d.terminate(), 0);
 }
 
@@ -170,11 +175,6 @@ fn a_shared_alert_stays_firing_until_every_instance_behind_it_is_resolved() {
     assert!(firing().is_some(), "resolved too early: {:?}", am.alerts());
     // o-2's late payment leaves nothing firing: now the resolve goes out.
     post(r#"{"time":"2026-03-02T09:21:00Z","type":"PaymentCompleted","order_id":"o-2"}"#);
-    wait_for(Duration::from_secs(30), "the alert to be resolved", || {
-        (!am.alerts()
-            .iter()
-            .any(|a| a["labels"]["rule"] == "checkout"))
-        .then_some(())
-    });
+    wait_resolved(&am);
     assert_eq!(d.terminate(), 0);
 }
