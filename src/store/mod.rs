@@ -113,6 +113,14 @@ const MIGRATIONS: &[&str] = &[
         WHERE state = 0 AND kind = 'resolve';
     CREATE INDEX outbox_firing ON outbox (id, sink) WHERE state = 0 AND kind = 'alert';
     ",
+    // 6: the open-instance listing reads an index of every row by opening time and skips
+    // the closed ones. The partial index of open rows it replaces lost its entry when the
+    // row closed: a write to a page long cold (the row opened hours before), the costliest
+    // write of a close (about a sixth of the core thread's CPU in the checkout benchmark).
+    "
+    DROP INDEX instances_open;
+    CREATE INDEX instances_opened ON instances (opened_at, rule, key);
+    ",
 ];
 
 /// Opens (creating if needed) the state file with the settings every connection uses.
@@ -426,6 +434,42 @@ impl ListStatus {
     }
 }
 
+/// The listing query of one status: the page after the cursor (?3..?5) of the rows whose
+/// sort time is before ?1, of rule ?2 when given, at most ?6.
+fn list_sql(status: ListStatus) -> String {
+    let (col, filter, order, cmp, index) = match status {
+        ListStatus::Open => (
+            "opened_at",
+            "closed_at IS NULL",
+            "ASC",
+            ">",
+            "instances_opened",
+        ),
+        ListStatus::Missing => (
+            "missing_at",
+            "missing_at IS NOT NULL",
+            "DESC",
+            "<",
+            "instances_missing",
+        ),
+        ListStatus::Late => (
+            "late_at",
+            "late_at IS NOT NULL",
+            "DESC",
+            "<",
+            "instances_late",
+        ),
+    };
+    // The hint: with a rule filter SQLite may prefer the primary key (ordered by rule)
+    // and sort every instance of the rule.
+    format!(
+        "SELECT rule, key, opened_at, closed_at, {col}, steps FROM instances INDEXED BY {index}
+         WHERE {filter} AND {col} < ?1 AND (?2 IS NULL OR rule = ?2)
+           AND (?3 IS NULL OR ({col}, rule, key) {cmp} (?3, ?4, ?5))
+         ORDER BY {col} {order}, rule {order}, key {order} LIMIT ?6"
+    )
+}
+
 /// A page of instances from the status indexes, and the cursor of the next page.
 /// `older_than` (ns) keeps those whose sort time is more than that before the engine
 /// clock. The cursor is opaque to callers (hex of the last row's sort key).
@@ -460,17 +504,7 @@ pub fn list_instances(
             )
         }
     };
-    let (col, filter, order, cmp) = match status {
-        ListStatus::Open => ("opened_at", "closed_at IS NULL", "ASC", ">"),
-        ListStatus::Missing => ("missing_at", "missing_at IS NOT NULL", "DESC", "<"),
-        ListStatus::Late => ("late_at", "late_at IS NOT NULL", "DESC", "<"),
-    };
-    let sql = format!(
-        "SELECT rule, key, opened_at, closed_at, {col}, steps FROM instances
-         WHERE {filter} AND {col} < ?1 AND (?2 IS NULL OR rule = ?2)
-           AND (?3 IS NULL OR ({col}, rule, key) {cmp} (?3, ?4, ?5))
-         ORDER BY {col} {order}, rule {order}, key {order} LIMIT ?6"
-    );
+    let sql = list_sql(status);
     let (ct, cr, ck) = match &after {
         Some((t, r, k)) => (Some(*t), Some(r.as_str()), Some(k.as_str())),
         None => (None, None, None),
@@ -557,4 +591,38 @@ pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
             }))
             .collect::<Vec<_>>()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every listing reads its status index in order: no scan of the instances, no sort.
+    #[test]
+    fn listings_read_their_index_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = open(&path).unwrap();
+        migrate(&mut conn, &path).unwrap();
+        for status in [ListStatus::Open, ListStatus::Missing, ListStatus::Late] {
+            let sql = format!("EXPLAIN QUERY PLAN {}", list_sql(status));
+            let mut stmt = conn.prepare(&sql).unwrap();
+            for args in [
+                params![0, None::<&str>, None::<i64>, None::<&str>, None::<&str>, 10],
+                params![0, "checkout", 5, "checkout", "o1", 10],
+            ] {
+                let plan: Vec<String> = stmt
+                    .query_map(args, |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .collect::<rusqlite::Result<_>>()
+                    .unwrap();
+                let plan = plan.join("; ");
+                assert!(
+                    plan.contains("USING INDEX instances_"),
+                    "{status:?}: {plan}"
+                );
+                assert!(!plan.contains("TEMP B-TREE"), "{status:?}: {plan}");
+            }
+        }
+    }
 }
