@@ -266,6 +266,13 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     let (st, b) = post(&auth, format!("{good}\n{{\"type\":\"x\"}}\n").as_bytes());
     assert_eq!(st, 400);
     assert!(b.contains("line 2") && b.contains("time"), "{b}");
+    // Lines are numbered as sent, blank lines included; array elements by position.
+    let (st, b) = post(&auth, format!("{good}\n\n{{\"type\":\"x\"}}\n").as_bytes());
+    assert_eq!(st, 400);
+    assert!(b.contains("line 3") && b.contains("time"), "{b}");
+    let (st, b) = post(&auth, format!("[{good}, {{\"type\":\"x\"}}]").as_bytes());
+    assert_eq!(st, 400);
+    assert!(b.contains("element 2") && b.contains("time"), "{b}");
     let (st, b) = post(&auth, &vec![b' '; 10_000]);
     assert_eq!(st, 413, "{b}");
     let (st, _) = http(d.port, "GET", "/v1/events", &auth, b"").unwrap();

@@ -366,10 +366,34 @@ async fn instance(shared: Arc<Shared>, path: &str) -> Resp {
     }
 }
 
+/// A request body split into events.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Body {
+    pub lines: Vec<String>,
+    /// Where each event was, 1-based: its line (NDJSON, one object) or its element (array).
+    pub at: Vec<usize>,
+    pub array: bool,
+}
+
+impl Body {
+    /// How an error names the `i`th event (0-based): "line 3", "element 2".
+    pub fn locate(&self, i: usize) -> (usize, String) {
+        let n = self.at.get(i).copied().unwrap_or(i + 1);
+        let unit = if self.array { "element" } else { "line" };
+        (n, format!("{unit} {n}"))
+    }
+}
+
 /// Splits a request body into event lines: one JSON object, a JSON array of objects, or
-/// NDJSON. Returns the lines, or the 1-based number of the first bad one and why.
-pub fn split_body(body: &[u8]) -> Result<Vec<String>, (usize, String)> {
-    let text = std::str::from_utf8(body).map_err(|e| (1, format!("not UTF-8: {e}")))?;
+/// NDJSON. Returns them, or the 1-based line of the first bad one and why.
+pub fn split_body(body: &[u8]) -> Result<Body, (usize, String)> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        let line = 1 + body[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        (line, format!("not UTF-8: {e}"))
+    })?;
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
         return Err((1, "empty body".into()));
@@ -377,38 +401,52 @@ pub fn split_body(body: &[u8]) -> Result<Vec<String>, (usize, String)> {
     if trimmed.starts_with('[') {
         let v: Vec<serde_json::Value> = serde_json::from_str(text)
             .map_err(|e| (e.line(), format!("invalid JSON array: {e}")))?;
-        return v
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                if e.is_object() {
-                    Ok(e.to_string())
-                } else {
-                    Err((i + 1, format!("element {} is not a JSON object", i + 1)))
-                }
-            })
-            .collect();
+        let mut lines = Vec::with_capacity(v.len());
+        for (i, e) in v.into_iter().enumerate() {
+            if !e.is_object() {
+                return Err((i + 1, format!("element {} is not a JSON object", i + 1)));
+            }
+            lines.push(e.to_string());
+        }
+        return Ok(Body {
+            at: (1..=lines.len()).collect(),
+            lines,
+            array: true,
+        });
     }
     // One object, possibly spanning lines.
     if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(text) {
-        return Ok(vec![serde_json::Value::Object(m).to_string()]);
+        let first = 1 + text.len() - trimmed.len();
+        let line = 1 + text[..first - 1].matches('\n').count();
+        return Ok(Body {
+            lines: vec![serde_json::Value::Object(m).to_string()],
+            at: vec![line],
+            array: false,
+        });
     }
-    let mut out = Vec::new();
+    let (mut lines, mut at) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
         let l = line.trim();
         if l.is_empty() {
             continue;
         }
         match serde_json::from_str::<serde_json::Value>(l) {
-            Ok(v) if v.is_object() => out.push(l.to_string()),
+            Ok(v) if v.is_object() => {
+                lines.push(l.to_string());
+                at.push(i + 1);
+            }
             Ok(_) => return Err((i + 1, "not a JSON object".into())),
             Err(e) => return Err((i + 1, format!("invalid JSON: {e}"))),
         }
     }
-    if out.is_empty() {
+    if lines.is_empty() {
         return Err((1, "no events in the body".into()));
     }
-    Ok(out)
+    Ok(Body {
+        lines,
+        at,
+        array: false,
+    })
 }
 
 async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
@@ -455,8 +493,8 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             );
         }
     };
-    let lines = match split_body(&body) {
-        Ok(l) => l,
+    let mut body = match split_body(&body) {
+        Ok(b) => b,
         Err((line, msg)) => {
             shared
                 .metrics
@@ -472,7 +510,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let (tx, rx) = oneshot::channel();
     let msg = Msg::Lines {
         source: Arc::from(name.as_str()),
-        lines,
+        lines: std::mem::take(&mut body.lines),
         position: None,
         atomic: true,
         done: Some(tx),
@@ -489,10 +527,13 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     }
     match rx.await {
         Ok(Ok(n)) => json(StatusCode::ACCEPTED, serde_json::json!({"accepted": n})),
-        Ok(Err(r)) => json(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": format!("line {}: {}", r.line, r.message), "line": r.line}),
-        ),
+        Ok(Err(r)) => {
+            let (n, at) = body.locate(r.line - 1);
+            json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("{at}: {}", r.message), "line": n}),
+            )
+        }
         Err(_) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"error": "events not committed (state write failed or shutting down)"}),
@@ -506,9 +547,22 @@ mod tests {
 
     #[test]
     fn splits_object_array_and_ndjson() {
-        assert_eq!(split_body(b"{\n \"a\": 1\n}").unwrap(), vec![r#"{"a":1}"#]);
-        assert_eq!(split_body(b"[{\"a\":1},{\"b\":2}]").unwrap().len(), 2);
-        assert_eq!(split_body(b"{\"a\":1}\n\n{\"b\":2}\n").unwrap().len(), 2);
+        let one = split_body(b"\n{\n \"a\": 1\n}").unwrap();
+        assert_eq!(
+            (one.lines, one.at),
+            (vec![r#"{"a":1}"#.to_string()], vec![2])
+        );
+        let array = split_body(b"[{\"a\":1},{\"b\":2}]").unwrap();
+        assert_eq!((array.at, array.array), (vec![1, 2], true));
+        assert_eq!(array.lines.len(), 2);
+        // Lines are numbered as sent, blank ones included.
+        let nd = split_body(b"{\"a\":1}\n\n{\"b\":2}\n").unwrap();
+        assert_eq!(
+            (nd.lines.len(), nd.locate(1)),
+            (2, (3, "line 3".to_string()))
+        );
+        assert_eq!(split_body(b"{\"a\":1}\n\n{oops\n").unwrap_err().0, 3);
+        assert_eq!(split_body(b"{\"a\":1}\n{\"b\":\"\xff\"}").unwrap_err().0, 2);
         assert_eq!(split_body(b"{\"a\":1}\n{oops\n").unwrap_err().0, 2);
         assert_eq!(split_body(b"[{\"a\":1}, 3]").unwrap_err().0, 2);
         assert_eq!(split_body(b"  ").unwrap_err().0, 1);
