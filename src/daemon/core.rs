@@ -251,7 +251,9 @@ impl Core {
         for line in lines {
             applied += self.apply(source, line, None, received)? as usize;
         }
-        if !lines.is_empty() {
+        // Lines that did not decode are not events: a stream of garbage must not hold
+        // off the idle fallback.
+        if applied > 0 {
             self.last_event = StdInstant::now();
         }
         self.metrics
