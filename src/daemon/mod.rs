@@ -286,10 +286,13 @@ fn run_with(
                 );
             }
             SourceKind::Stdin => {
+                let oversized = metrics
+                    .events_rejected
+                    .with_label_values(&[&s.name, "oversized"]);
                 // Not joined on shutdown: a read from stdin cannot be interrupted.
                 std::thread::Builder::new()
                     .name(format!("source-{}", s.name))
-                    .spawn(move || sources::run_stdin(name, tx, stop))?;
+                    .spawn(move || sources::run_stdin(name, tx, stop, oversized))?;
             }
             SourceKind::Http { .. } | SourceKind::Kafka { .. } => {}
         }

@@ -4,7 +4,7 @@
 //! position in the same transaction as the lines' effects.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,7 +60,12 @@ impl FileSource {
         let mut warned_missing = false;
         let mut cur: Option<Open> = None;
         let mut resume = self.start.clone();
+        // The start of a line still being written, or the length of an oversized line
+        // being skipped.
         let mut partial: Vec<u8> = Vec::new();
+        let mut skipping = 0u64;
+        // The path names a new file: the old one is read to its end first.
+        let mut rotated = false;
         while !self.stop.load(Ordering::Relaxed) {
             if cur.is_none() {
                 // The stored position is used until a file is open: a failed attempt
@@ -70,6 +75,8 @@ impl FileSource {
                         resume = None;
                         warned_missing = false;
                         partial.clear();
+                        skipping = 0;
+                        rotated = false;
                         cur = Some(o);
                     }
                     Err(e) => {
@@ -90,37 +97,20 @@ impl FileSource {
             let mut consumed = o.offset;
             let mut eof = false;
             while lines.len() < CHUNK {
-                let before = partial.len();
-                match o.reader.read_until(b'\n', &mut partial) {
-                    Ok(0) => {
+                match next_line(&mut o.reader, &mut partial, &mut skipping) {
+                    Ok(Step::Line) => {
+                        consumed += partial.len() as u64;
+                        push_line(&mut lines, &partial);
+                        partial.clear();
+                    }
+                    Ok(Step::Oversized(n)) => {
+                        consumed += n;
+                        self.skipped(n);
+                    }
+                    Ok(Step::More) => {}
+                    Ok(Step::End) => {
                         eof = true;
                         break;
-                    }
-                    Ok(n) => {
-                        let _ = before;
-                        if partial.ends_with(b"\n") {
-                            consumed += partial.len() as u64;
-                            if partial.len() > MAX_LINE {
-                                self.oversized.inc();
-                                tracing::warn!(
-                                    source = &*self.name,
-                                    bytes = partial.len(),
-                                    "skipped an oversized line"
-                                );
-                            } else {
-                                let text = String::from_utf8_lossy(&partial);
-                                let t = text.trim();
-                                if !t.is_empty() {
-                                    lines.push(t.to_string());
-                                }
-                            }
-                            partial.clear();
-                        } else {
-                            // A line still being written: keep it until its newline.
-                            let _ = n;
-                            eof = true;
-                            break;
-                        }
                     }
                     Err(e) => {
                         tracing::warn!(source = &*self.name, error = %e, "read failed; reopening");
@@ -158,43 +148,71 @@ impl FileSource {
             if !eof {
                 continue;
             }
-            if !self.follow {
-                if !partial.is_empty() {
-                    // A finished file whose last line has no newline.
-                    let text = String::from_utf8_lossy(&partial).trim().to_string();
-                    let offset = o.offset + partial.len() as u64;
+            if !self.follow || rotated {
+                // A finished file: a last line without a newline is still a line.
+                let last = std::mem::take(&mut partial);
+                let end = o.offset + last.len() as u64 + skipping;
+                let mut lines = Vec::new();
+                if skipping > 0 {
+                    self.skipped(skipping + last.len() as u64);
+                } else {
+                    push_line(&mut lines, &last);
+                }
+                if end != o.offset {
+                    o.offset = end;
                     let _ = self.tx.send(Msg::Lines {
                         source: Arc::clone(&self.name),
-                        lines: vec![text],
+                        lines,
                         position: Some(Position {
                             file_id: o.id.clone(),
-                            offset,
+                            offset: end,
                         }),
                         atomic: false,
                         done: None,
                     });
                 }
-                tracing::info!(source = &*self.name, "reached the end of the file");
-                return;
+                if !self.follow {
+                    tracing::info!(source = &*self.name, "reached the end of the file");
+                    return;
+                }
+                tracing::info!(source = &*self.name, "file rotated; following the new one");
+                cur = None;
+                continue;
             }
             // At the end: look for truncation or rotation, else wait for more.
             match std::fs::metadata(&self.path) {
                 Ok(m) if file_id(&m) != o.id => {
-                    // Rotated: the old handle was read to its end; switch to the new file.
-                    tracing::info!(source = &*self.name, "file rotated; following the new one");
-                    cur = None;
+                    // Rotated: what was written to the old file since this read reached
+                    // its end is read first, then the new file.
+                    rotated = true;
                     continue;
                 }
-                Ok(m) if m.len() < o.offset + partial.len() as u64 => {
+                Ok(m) if m.len() < o.offset + partial.len() as u64 + skipping => {
                     tracing::info!(
                         source = &*self.name,
                         "file truncated; reading from the start"
                     );
                     partial.clear();
-                    if o.reader.seek(SeekFrom::Start(0)).is_ok() {
-                        o.offset = 0;
-                    } else {
+                    skipping = 0;
+                    if o.reader.seek(SeekFrom::Start(0)).is_err() {
                         cur = None;
+                        continue;
+                    }
+                    // Stored at once: a restart must not resume this file at the old
+                    // offset once it has grown past it again.
+                    o.offset = 0;
+                    let msg = Msg::Lines {
+                        source: Arc::clone(&self.name),
+                        lines: Vec::new(),
+                        position: Some(Position {
+                            file_id: o.id.clone(),
+                            offset: 0,
+                        }),
+                        atomic: false,
+                        done: None,
+                    };
+                    if self.tx.send(msg).is_err() {
+                        return;
                     }
                     continue;
                 }
@@ -233,44 +251,119 @@ impl FileSource {
     }
 }
 
-/// Reads stdin to its end.
-pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>) {
+/// What [`next_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// A complete line (with its newline) is in the buffer.
+    Line,
+    /// A line longer than [`MAX_LINE`] ended; it was skipped: this many bytes.
+    Oversized(u64),
+    /// Part of a line was read; call again.
+    More,
+    /// Nothing more to read for now.
+    End,
+}
+
+/// Reads at most one buffer's worth towards the next line: into `partial` while the line
+/// fits in [`MAX_LINE`], otherwise only counting its bytes in `skipping`, so a line without
+/// end never takes more memory than that. One `fill_buf` per call, so the caller can act
+/// before a read that may block.
+fn next_line(
+    r: &mut impl BufRead,
+    partial: &mut Vec<u8>,
+    skipping: &mut u64,
+) -> std::io::Result<Step> {
+    let buf = r.fill_buf()?;
+    if buf.is_empty() {
+        return Ok(Step::End);
+    }
+    let (n, ends) = match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => (i + 1, true),
+        None => (buf.len(), false),
+    };
+    let step = if *skipping > 0 || partial.len() + n > MAX_LINE {
+        *skipping += (partial.len() + n) as u64;
+        partial.clear();
+        if ends {
+            Step::Oversized(std::mem::take(skipping))
+        } else {
+            Step::More
+        }
+    } else {
+        partial.extend_from_slice(&buf[..n]);
+        if ends { Step::Line } else { Step::More }
+    };
+    r.consume(n);
+    Ok(step)
+}
+
+/// Adds a line's text, unless it is blank.
+fn push_line(lines: &mut Vec<String>, raw: &[u8]) {
+    let text = String::from_utf8_lossy(raw);
+    let t = text.trim();
+    if !t.is_empty() {
+        lines.push(t.to_string());
+    }
+}
+
+impl FileSource {
+    fn skipped(&self, bytes: u64) {
+        self.oversized.inc();
+        tracing::warn!(source = &*self.name, bytes, "skipped an oversized line");
+    }
+}
+
+/// Reads stdin to its end. Lines read are sent before any read that may block, so none
+/// waits on input that has not come.
+pub fn run_stdin(
+    name: Arc<str>,
+    tx: SyncSender<Msg>,
+    stop: Arc<AtomicBool>,
+    oversized: prometheus::IntCounter,
+) {
     let mut reader = BufReader::with_capacity(1 << 16, std::io::stdin());
-    let mut buf = Vec::new();
+    let mut partial = Vec::new();
+    let mut skipping = 0u64;
     let mut lines = Vec::new();
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        buf.clear();
-        let n = match read_line_limited(&mut reader, &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(source = &*name, error = %e, "stdin read failed");
-                0
-            }
-        };
-        if n > 0 {
-            let t = String::from_utf8_lossy(&buf).trim().to_string();
-            if !t.is_empty() {
-                lines.push(t);
-            }
-        }
-        // Send at the chunk size, at the end, or when no more input is buffered.
-        if n == 0 || lines.len() >= CHUNK || reader.buffer().is_empty() {
-            if !lines.is_empty() {
-                let msg = Msg::Lines {
+    let send = |lines: &mut Vec<String>| {
+        lines.is_empty()
+            || tx
+                .send(Msg::Lines {
                     source: Arc::clone(&name),
-                    lines: std::mem::take(&mut lines),
+                    lines: std::mem::take(lines),
                     position: None,
                     atomic: false,
                     done: None,
-                };
-                if tx.send(msg).is_err() {
-                    return;
-                }
+                })
+                .is_ok()
+    };
+    let skipped = |bytes: u64| {
+        oversized.inc();
+        tracing::warn!(source = &*name, bytes, "skipped an oversized line");
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if (reader.buffer().is_empty() || lines.len() >= CHUNK) && !send(&mut lines) {
+            return;
+        }
+        let step = next_line(&mut reader, &mut partial, &mut skipping).unwrap_or_else(|e| {
+            tracing::warn!(source = &*name, error = %e, "stdin read failed");
+            Step::End
+        });
+        match step {
+            Step::Line => {
+                push_line(&mut lines, &partial);
+                partial.clear();
             }
-            if n == 0 {
+            Step::Oversized(n) => skipped(n),
+            Step::More => {}
+            Step::End => {
+                // A last line without a newline is still a line.
+                if skipping > 0 {
+                    skipped(skipping + partial.len() as u64);
+                } else {
+                    push_line(&mut lines, &partial);
+                }
+                send(&mut lines);
                 tracing::info!(source = &*name, "stdin closed");
                 return;
             }
@@ -278,9 +371,120 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>) {
     }
 }
 
-fn read_line_limited(
-    r: &mut BufReader<std::io::Stdin>,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<usize> {
-    r.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', buf)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc::{Receiver, sync_channel};
+    use std::time::Instant;
+
+    fn read_all(input: &[u8], cap: usize) -> (Vec<String>, Vec<u64>, Vec<u8>, u64) {
+        let mut r = BufReader::with_capacity(cap, input);
+        let (mut partial, mut skipping) = (Vec::new(), 0);
+        let (mut lines, mut oversized) = (Vec::new(), Vec::new());
+        loop {
+            match next_line(&mut r, &mut partial, &mut skipping).unwrap() {
+                Step::Line => {
+                    push_line(&mut lines, &partial);
+                    partial.clear();
+                }
+                Step::Oversized(n) => oversized.push(n),
+                Step::More => assert!(partial.len() <= MAX_LINE),
+                Step::End => return (lines, oversized, partial, skipping),
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_bounded_and_oversized_ones_skipped_whole() {
+        let mut input = b"{\"a\":1}\r\n\n  \n".to_vec();
+        input.extend(vec![b'x'; MAX_LINE + 10]);
+        input.extend(b"\n{\"b\":2}\n{\"c\":");
+        let (lines, oversized, partial, skipping) = read_all(&input, 1 << 16);
+        assert_eq!(lines, [r#"{"a":1}"#, r#"{"b":2}"#]);
+        assert_eq!(oversized, [MAX_LINE as u64 + 11]);
+        assert_eq!((partial, skipping), (b"{\"c\":".to_vec(), 0));
+        // A line at the limit, newline included, is kept.
+        let mut input = vec![b' '; MAX_LINE - 3];
+        input.extend(b"{}\n");
+        assert_eq!(read_all(&input, 4096).0, ["{}"]);
+        // An endless line is counted, not held.
+        let (_, oversized, partial, skipping) = read_all(&vec![b'y'; MAX_LINE + 5], 4096);
+        assert_eq!((oversized.len(), partial.len()), (0, 0));
+        assert_eq!(skipping, MAX_LINE as u64 + 5);
+    }
+
+    fn lines_until(rx: &Receiver<Msg>, want: usize) -> (Vec<String>, Option<Position>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut got, mut pos) = (Vec::new(), None);
+        while got.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Lines {
+                    lines, position, ..
+                }) => {
+                    got.extend(lines);
+                    pos = position.or(pos);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{e}; got {got:?}"),
+            }
+        }
+        (got, pos)
+    }
+
+    /// A rotated file is read to its end, last unterminated line included, before the new
+    /// one; a truncation stores the offset 0 at once.
+    #[test]
+    fn rotation_finishes_the_old_file_and_truncation_stores_the_new_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":2}").unwrap();
+        let (tx, rx) = sync_channel(16);
+        let stop = Arc::new(AtomicBool::new(false));
+        let src = FileSource {
+            name: Arc::from("f"),
+            path: path.clone(),
+            follow: true,
+            start: None,
+            tx,
+            stop: Arc::clone(&stop),
+            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
+            oversized: prometheus::IntCounter::new("over", "over").unwrap(),
+        };
+        let t = std::thread::spawn(move || src.run());
+        assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
+        std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
+        std::fs::write(&path, "{\"n\":3}\n{\"n\":4}\n").unwrap();
+        let (got, pos) = lines_until(&rx, 3);
+        assert_eq!(got, [r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]);
+        let new_id = file_id(&std::fs::metadata(&path).unwrap());
+        assert_eq!(
+            pos,
+            Some(Position {
+                file_id: new_id.clone(),
+                offset: 16
+            })
+        );
+        // Truncated: the position goes back to 0 before anything new is read.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap()
+            .flush()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Msg::Lines { position, .. } = rx.recv_timeout(left).unwrap() {
+                if position.map(|p| p.offset) == Some(0) {
+                    break;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        drop(rx);
+        t.join().unwrap();
+    }
 }
