@@ -202,7 +202,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Run { config, log_format } => {
             crate::daemon::init_logging(log_format);
-            Ok(crate::daemon::run(&config))
+            Ok(crate::daemon::run(&config, log_format))
         }
         Command::Validate {
             config: Some(config),

@@ -311,6 +311,26 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     );
     assert!(err.contains("c.yaml:3:9: listen:"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // With JSON logs, every line of the error is a JSON log record.
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(dir.join("c.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(records.iter().all(|r| r["level"] == "ERROR"), "{records:?}");
+    let messages: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["fields"]["message"].as_str())
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.contains("c.yaml:3:9: listen:")),
+        "{messages:?}"
+    );
 
     let (code, err) = run(
         dir,

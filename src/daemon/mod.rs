@@ -48,6 +48,19 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// Prints an error that stops the start: as it is on a terminal, one JSON log line per
+/// line with `--log-format json` (so a log pipeline parses it like every other line).
+fn startup_error(format: LogFormat, text: &str) {
+    match format {
+        LogFormat::Text => eprintln!("{text}"),
+        LogFormat::Json => {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                tracing::error!("{}", line.strip_prefix("error: ").unwrap_or(line));
+            }
+        }
+    }
+}
+
 /// Validates a config file and its rules; prints every problem. Returns the exit code.
 /// The rules are checked even when the config has problems (as far as it could be read),
 /// so one run shows everything to fix.
@@ -80,7 +93,8 @@ pub fn validate(path: &Path) -> i32 {
 }
 
 /// Runs the daemon; returns the process exit code.
-pub fn run(path: &Path) -> i32 {
+pub fn run(path: &Path, format: LogFormat) -> i32 {
+    let say = |text: &str| startup_error(format, text);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -88,7 +102,7 @@ pub fn run(path: &Path) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say(&format!("error: cannot start the async runtime: {e}"));
             return 1;
         }
     };
@@ -99,23 +113,26 @@ pub fn run(path: &Path) -> i32 {
     let hup = match rt.block_on(async { signal(SignalKind::hangup()) }) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot install the SIGHUP handler: {e}");
+            say(&format!("error: cannot install the SIGHUP handler: {e}"));
             return 1;
         }
     };
     let cfg = match config::load(path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            eprintln!("{e}");
-            eprintln!("error: invalid config {}", path.display());
+            say(&e.to_string());
+            say(&format!("error: invalid config {}", path.display()));
             return EXIT_CONFIG;
         }
     };
     let rules = match cfg.load_rules() {
         Ok(r) => Arc::new(r),
         Err(e) => {
-            eprintln!("{e}");
-            eprintln!("error: invalid rules in {}", cfg.rules_path.display());
+            say(&e.to_string());
+            say(&format!(
+                "error: invalid rules in {}",
+                cfg.rules_path.display()
+            ));
             return EXIT_CONFIG;
         }
     };
@@ -133,28 +150,28 @@ pub fn run(path: &Path) -> i32 {
     let (state, positions) = match opened {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say(&format!("error: {e:#}"));
             return EXIT_CONFIG;
         }
     };
     match kafka::check_topics(&cfg, &rules) {
         Ok(()) => {}
         Err(kafka::CheckError::Unreachable(e)) => {
-            eprintln!("error: {e}");
+            say(&format!("error: {e}"));
             return 1;
         }
         Err(kafka::CheckError::Config(problems)) => {
             for p in &problems {
-                eprintln!("{}: {p}", path.display());
+                say(&format!("{}: {p}", path.display()));
             }
-            eprintln!("error: the kafka topics do not fit the rules");
+            say("error: the kafka topics do not fit the rules");
             return EXIT_CONFIG;
         }
     }
     let listener = match rt.block_on(server::bind(cfg.listen)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say(&format!("error: {e:#}"));
             return EXIT_CONFIG;
         }
     };
@@ -162,7 +179,9 @@ pub fn run(path: &Path) -> i32 {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "stopped");
-            eprintln!("error: {e:#}");
+            if format == LogFormat::Text {
+                eprintln!("error: {e:#}");
+            }
             1
         }
     }
