@@ -352,7 +352,13 @@ pub fn interpolate(
     match &mut node.value {
         Value::Str(s) if s.contains('$') => match expand(s, env) {
             Ok(v) => {
-                *s = v.clone();
+                // A value that reads as a number or boolean serves where one is expected
+                // (`concurrency: ${N}`); its text still serves where a string is. Never
+                // null: `token: ${TOKEN}` must not turn into "no token".
+                node.value = match yaml::resolve_plain(&v) {
+                    x @ (Value::Int(_) | Value::Float(_) | Value::Bool(_)) => x,
+                    _ => Value::Str(v.clone()),
+                };
                 node.text = Some(v);
             }
             Err(e) => diags.push(Diag {
@@ -464,8 +470,10 @@ fn check_text(
         dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         diags: Vec::new(),
         root: None,
+        unknown: Vec::new(),
     };
     let cfg = v.check(text, env);
+    let unknown: Vec<_> = std::mem::take(&mut v.unknown);
     if v.diags.is_empty() {
         if let Some(c) = cfg {
             return (Some(c), None);
@@ -480,6 +488,19 @@ fn check_text(
         })
         .collect();
     diags.sort_by_key(|d| (d.diag.pos.line, d.diag.pos.col));
+    // A value whose `${...}` could not be expanded is unknown: what else was said about
+    // it (that `${ADDR}` is not an address) is noise. The sort is stable and the
+    // interpolation problems were found first, so each stays and the rest go.
+    let mut seen = Vec::new();
+    diags.retain(|d| {
+        let pos = d.diag.pos;
+        if !unknown.contains(&pos) {
+            return true;
+        }
+        let first = !seen.contains(&pos);
+        seen.push(pos);
+        first
+    });
     (cfg, Some(ConfigError { diags }))
 }
 
@@ -488,6 +509,8 @@ struct Checker {
     dir: PathBuf,
     diags: Vec<Diag>,
     root: Option<Node>,
+    /// Where `${...}` could not be expanded.
+    unknown: Vec<Pos>,
 }
 
 impl Checker {
@@ -577,7 +600,9 @@ impl Checker {
                 return None;
             }
         };
+        let before = self.diags.len();
         interpolate(&mut root, &YamlPath::default(), env, &mut self.diags);
+        self.unknown = self.diags[before..].iter().map(|d| d.pos).collect();
         let raw: Option<RawConfig> = yaml::from_node(&root, &YamlPath::default(), &mut self.diags);
         self.root = Some(root);
         let raw = raw?;
@@ -1040,6 +1065,10 @@ mod tests {
         match k {
             "SECRET" => Some("whsec_c2VjcmV0".into()),
             "HOST" => Some("127.0.0.1".into()),
+            "N" => Some("3".into()),
+            "NO" => Some("false".into()),
+            "NUMERIC" => Some("123".into()),
+            "NULL" => Some("null".into()),
             _ => None,
         }
     }
@@ -1065,6 +1094,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn interpolated_numbers_and_booleans_serve_where_expected() {
+        let c = check(
+            "rules: rules\ntoken: ${NUMERIC}\noutbox:\n  concurrency: ${N}\nsources: { f: { type: file, path: x, follow: '${NO}' } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap();
+        assert_eq!(c.outbox.concurrency, 3);
+        assert!(matches!(
+            c.sources[0].kind,
+            SourceKind::File { follow: false, .. }
+        ));
+        assert_eq!(c.token.as_ref().unwrap().0, b"123");
+        // "null" from the environment is a token, not the absence of one.
+        let c = check("rules: rules\ntoken: ${NULL}\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n").unwrap();
+        assert_eq!(c.token.as_ref().unwrap().0, b"null");
+        // A missing variable is one problem, not also a bad address.
+        let e =
+            check("rules: rules\nlisten: ${NOPE}\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n").unwrap_err();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("NOPE is not set"), "{e}");
     }
 
     #[test]
