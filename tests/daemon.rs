@@ -692,3 +692,66 @@ fn sigterm_bounds_in_flight_deliveries_and_idle_connections() {
         || (accepted.load(std::sync::atomic::Ordering::SeqCst) > 1).then_some(()),
     );
 }
+
+/// A receiver answering 503 with `Retry-After` is not retried sooner than it asked, even
+/// though the backoff alone would retry within 300 ms.
+#[test]
+fn retry_after_is_honoured() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let times: Arc<Mutex<Vec<(std::time::Instant, String)>>> = Arc::default();
+    {
+        let times = Arc::clone(&times);
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let mut r = BufReader::new(s);
+                let mut len = 0;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let id = String::from_utf8_lossy(&body).into_owned();
+                let first = {
+                    let mut t = times.lock().unwrap();
+                    t.push((std::time::Instant::now(), id));
+                    t.len() == 1
+                };
+                let answer = if first {
+                    "HTTP/1.1 503 Service Unavailable\r\nretry-after: 2\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                };
+                let _ = r.get_mut().write_all(answer.as_bytes());
+            }
+        });
+    }
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
+         alerts: {{ sinks: [hook] }}\noutbox: {{ concurrency: 1, backoff: 50ms, max_backoff: 300ms }}\n"
+    ));
+    d.start();
+    let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    // The refused message comes again (same body), no sooner than 2 s after.
+    let waited = wait_for(
+        Duration::from_secs(30),
+        "the refused delivery again",
+        || {
+            let t = times.lock().unwrap();
+            let (first, body) = t.first()?;
+            let again = t[1..].iter().find(|(_, b)| b == body)?;
+            Some(again.0 - *first)
+        },
+    );
+    assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+    assert_eq!(d.terminate(), 0);
+}

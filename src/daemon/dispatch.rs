@@ -63,6 +63,39 @@ fn jitter(seed: i64) -> f64 {
     0.5 + (x % 1000) as f64 / 2000.0
 }
 
+/// Why a delivery failed, and how long the receiver asked to be left alone.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: String,
+    /// From a `Retry-After` header (seconds or an HTTP date), at most [`MAX_RETRY_AFTER`].
+    pub retry_after: Option<Duration>,
+}
+
+impl From<String> for Failed {
+    fn from(error: String) -> Failed {
+        Failed {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// The longest `Retry-After` honoured: a receiver asking for days is retried hourly.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// The delay a `Retry-After` value asks for, at `now`: delay-seconds or an HTTP date.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or_default(),
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
 pub fn backoff(cfg: &OutboxConfig, attempts: i64, seed: i64) -> Duration {
     let base = cfg.backoff.as_secs_f64() * 2f64.powi(attempts.clamp(0, 30) as i32);
     let d = base.min(cfg.max_backoff.as_secs_f64());
@@ -215,7 +248,7 @@ impl Dispatcher {
         tokio::time::sleep_until(at.into()).await;
     }
 
-    fn classify(&self, p: &Pending, r: Result<(), String>) -> Delivery {
+    fn classify(&self, p: &Pending, r: Result<(), Failed>) -> Delivery {
         let m = &self.metrics;
         match r {
             Ok(()) => {
@@ -224,7 +257,7 @@ impl Dispatcher {
                     .inc();
                 Delivery::Delivered
             }
-            Err(error) => {
+            Err(Failed { error, retry_after }) => {
                 let age = Duration::from_millis((wall_ms() - p.created_ms).max(0) as u64);
                 if age >= self.cfg.outbox.give_up {
                     m.deliveries.with_label_values(&[&p.sink, "given_up"]).inc();
@@ -232,7 +265,9 @@ impl Dispatcher {
                     Delivery::GiveUp { error }
                 } else {
                     m.deliveries.with_label_values(&[&p.sink, "retry"]).inc();
-                    let d = backoff(&self.cfg.outbox, p.attempts, p.seq);
+                    // Never sooner than the receiver asked (429, 503 with Retry-After).
+                    let d = backoff(&self.cfg.outbox, p.attempts, p.seq)
+                        .max(retry_after.unwrap_or_default());
                     tracing::warn!(sink = p.sink, id = p.id, attempts = p.attempts + 1, retry_in = ?d, %error, "delivery failed; will retry");
                     Delivery::Retry {
                         next_ms: wall_ms() + d.as_millis() as i64,
@@ -269,7 +304,7 @@ impl Dispatcher {
                 .collect();
             let body = serde_json::Value::Array(alerts).to_string();
             if let Err(e) = self.rt.block_on(post_alertmanager(client, s, body)) {
-                tracing::warn!(sink = s.name, error = %e, "re-sending firing alerts failed");
+                tracing::warn!(sink = s.name, error = %e.error, "re-sending firing alerts failed");
             }
         }
         Ok(())
@@ -300,7 +335,7 @@ async fn deliver_all(
     sinks: &HashMap<String, Sink>,
     batch: Vec<Pending>,
     concurrency: usize,
-    out: &mut Vec<(Pending, Result<(), String>)>,
+    out: &mut Vec<(Pending, Result<(), Failed>)>,
 ) {
     let mut set = JoinSet::new();
     let mut queue = batch.into_iter();
@@ -312,7 +347,7 @@ async fn deliver_all(
             set.spawn(async move {
                 let r = match sink {
                     Some(s) => deliver(&client, &s, &p).await,
-                    None => Err(format!("sink {:?} is no longer configured", p.sink)),
+                    None => Err(format!("sink {:?} is no longer configured", p.sink).into()),
                 };
                 (p, r)
             });
@@ -326,20 +361,23 @@ async fn deliver_all(
 }
 
 /// Delivers one message to one sink.
-async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), String> {
+async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Failed> {
     let client = &clients.http;
     match &sink.kind {
         SinkKind::Kafka { topic } => match &clients.kafka {
-            Some(producer) => crate::daemon::kafka::send(producer, topic, p, sink.timeout).await,
-            None => Err("no kafka producer".into()),
+            Some(producer) => crate::daemon::kafka::send(producer, topic, p, sink.timeout)
+                .await
+                .map_err(Failed::from),
+            None => Err(Failed::from("no kafka producer".to_string())),
         },
         SinkKind::Stdout => {
-            let v: serde_json::Value = serde_json::from_str(&p.body).map_err(|e| e.to_string())?;
+            let v: serde_json::Value =
+                serde_json::from_str(&p.body).map_err(|e| Failed::from(e.to_string()))?;
             let line = v.get("data").unwrap_or(&v).to_string();
             let mut out = std::io::stdout().lock();
             writeln!(out, "{line}")
                 .and_then(|()| out.flush())
-                .map_err(|e| format!("stdout: {e}"))
+                .map_err(|e| Failed::from(format!("stdout: {e}")))
         }
         SinkKind::Webhook {
             url,
@@ -362,21 +400,21 @@ async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Stri
             }
             let req = req
                 .body(Full::new(Bytes::from(p.body.clone())))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Failed::from(e.to_string()))?;
             send(client, req, sink.timeout).await
         }
         SinkKind::Alertmanager { resend, .. } => {
             let a = alertmanager_alert(&p.body, &p.kind, *resend)
-                .ok_or_else(|| "message is not an alert".to_string())?;
+                .ok_or_else(|| Failed::from("message is not an alert".to_string()))?;
             let body = serde_json::Value::Array(vec![a]).to_string();
             post_alertmanager(client, sink, body).await
         }
     }
 }
 
-async fn post_alertmanager(client: &HttpClient, sink: &Sink, body: String) -> Result<(), String> {
+async fn post_alertmanager(client: &HttpClient, sink: &Sink, body: String) -> Result<(), Failed> {
     let SinkKind::Alertmanager { url, headers, .. } = &sink.kind else {
-        return Err("not an alertmanager sink".into());
+        return Err(Failed::from("not an alertmanager sink".to_string()));
     };
     let base = url.to_string();
     let target = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
@@ -386,7 +424,7 @@ async fn post_alertmanager(client: &HttpClient, sink: &Sink, body: String) -> Re
     }
     let req = req
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failed::from(e.to_string()))?;
     send(client, req, sink.timeout).await
 }
 
@@ -394,7 +432,7 @@ async fn send(
     client: &HttpClient,
     req: hyper::Request<Full<Bytes>>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     let fut = async {
         let resp = client.request(req).await.map_err(|e| {
             let mut msg = e.to_string();
@@ -404,9 +442,14 @@ async fn send(
                 msg.push_str(&s.to_string());
                 src = s.source();
             }
-            msg
+            Failed::from(msg)
         })?;
         let status = resp.status();
+        let wait = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
         let body = resp
             .into_body()
             .collect()
@@ -417,12 +460,15 @@ async fn send(
             Ok(())
         } else {
             let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            Err(format!("HTTP {status}: {text}"))
+            Err(Failed {
+                error: format!("HTTP {status}: {text}"),
+                retry_after: wait,
+            })
         }
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(format!("timed out after {timeout:?}")),
+        Err(_) => Err(Failed::from(format!("timed out after {timeout:?}"))),
     }
 }
 
@@ -475,4 +521,22 @@ pub fn alertmanager_alert(body: &str, kind: &str, resend: Duration) -> Option<se
         "startsAt": v.get("timestamp").cloned().unwrap_or_default(),
         "endsAt": crate::time::format_rfc3339(ends),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_784_000_000);
+        assert_eq!(retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(retry_after(&later, now), Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(retry_after("86400", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("soon", now), None);
+    }
 }
