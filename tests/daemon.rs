@@ -228,7 +228,10 @@ fn receiver_outage_loses_nothing() {
                 .then_some(())
         },
     );
-    assert!(metric(d.port, "sagawatch_outbox_backlog").unwrap() > 0.0);
+    // The gauge is refreshed every 250 ms while deliveries are in flight.
+    wait_for(Duration::from_secs(5), "a backlog", || {
+        (metric(d.port, "sagawatch_outbox_backlog")? > 0.0).then_some(())
+    });
     // Restart the daemon while the receiver is still down: the outbox is durable.
     assert_eq!(d.terminate(), 0);
     d.start();
@@ -754,4 +757,51 @@ fn retry_after_is_honoured() {
     );
     assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
     assert_eq!(d.terminate(), 0);
+}
+
+/// A receiver that accepts connections and never answers holds only its own sink's
+/// delivery slots: the other sink's messages are delivered meanwhile.
+#[test]
+fn a_hanging_receiver_does_not_hold_up_other_sinks() {
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hang.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    rx.start();
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{hook}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
+         \x20 hang: {{ type: webhook, url: 'http://127.0.0.1:{hang_port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 120s }}\n\
+         alerts: {{ sinks: [hang, hook] }}\noutbox: {{ concurrency: 1 }}\n"
+    ));
+    d.start();
+    let mut body = String::new();
+    for i in 0..5 {
+        body.push_str(&format!(
+            "{{\"time\":\"2026-03-02T09:00:0{i}Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-{i}\"}}\n"
+        ));
+    }
+    body.push_str(r#"{"time":"2026-03-02T09:16:00Z","type":"Heartbeat"}"#);
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    // Five alerts and five compensations for `hook`, one at a time, while the first
+    // delivery to `hang` waits out its 120 s timeout.
+    wait_for(Duration::from_secs(30), "hook's messages", || {
+        (distinct(&rx) >= 10).then_some(())
+    });
+    let alerts = rx
+        .received()
+        .iter()
+        .filter(|r| r.body.contains("sagawatch.alert.firing"))
+        .map(|r| r.id.clone())
+        .collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(alerts.len(), 5);
+    assert!(rx.received().iter().all(|r| r.signed));
+    d.kill();
 }

@@ -4,7 +4,7 @@
 //! then acknowledges upstream. It also moves the clock when streams go quiet.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration as StdDuration, Instant as StdInstant};
 
 use anyhow::Result;
@@ -88,7 +88,7 @@ pub struct Core {
     engine: Engine<SqliteState>,
     decoder: Decoder,
     metrics: Arc<Metrics>,
-    wake_dispatcher: SyncSender<()>,
+    wake_dispatcher: Arc<tokio::sync::Notify>,
     outcomes: Vec<Outcome>,
     pending_acks: Vec<(oneshot::Sender<Result<usize, Rejected>>, usize)>,
     batch_events: usize,
@@ -131,7 +131,7 @@ impl Core {
         rules: Arc<RuleSet>,
         state: SqliteState,
         metrics: Arc<Metrics>,
-        wake_dispatcher: SyncSender<()>,
+        wake_dispatcher: Arc<tokio::sync::Notify>,
     ) -> Core {
         let decoder = Decoder::new(&rules, &cfg.time.field);
         let engine = Engine::new(rules, state, cfg.time.lateness).with_lifecycle(true);
@@ -590,7 +590,7 @@ impl Core {
                     let _ = d.send(Ok(n));
                 }
                 if std::mem::take(&mut self.wrote_outbox) {
-                    let _ = self.wake_dispatcher.try_send(());
+                    self.wake_dispatcher.notify_one();
                 }
                 Ok(())
             }

@@ -1,14 +1,14 @@
 //! The outbox dispatcher: delivers pending messages to their sinks with bounded
-//! concurrency, per-sink timeouts and exponential backoff with jitter, records every
-//! attempt in the state file, gives up (logged and counted) after the configured age,
-//! and re-sends firing alerts to Alertmanager.
+//! concurrency per sink (a hanging receiver holds only its own slots; deliveries start as
+//! slots free up), per-sink timeouts and exponential backoff with jitter (or the
+//! receiver's `Retry-After`), records every attempt in the state file, gives up (logged
+//! and counted) after the configured age, and re-sends firing alerts to Alertmanager.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant as StdInstant};
 
 use anyhow::Result;
@@ -18,7 +18,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rusqlite::Connection;
-use tokio::task::JoinSet;
+use tokio::sync::Notify;
+use tokio::task::{Id, JoinError, JoinSet};
 
 use crate::config::{Config, OutboxConfig, Sink, SinkKind};
 use crate::daemon::core::wall_ms;
@@ -39,10 +40,135 @@ pub struct Dispatcher {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub rt: tokio::runtime::Handle,
-    pub wake: Receiver<()>,
+    /// Notified when new messages are committed, and at the stop.
+    pub wake: Arc<Notify>,
     pub stop: Arc<AtomicBool>,
     /// How long to keep delivering after `stop`.
     pub grace: Duration,
+}
+
+/// How often the backlog gauges are refreshed while deliveries are in flight.
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+
+/// What a finished task reports.
+enum Done {
+    Delivery(Pending, Result<(), Failed>),
+    /// An Alertmanager sink's firing alerts re-sent.
+    Resend(String, Result<(), Failed>),
+}
+
+/// Deliveries that must not overtake one another: an Alertmanager alert and its resolve
+/// (Alertmanager knows an alert by its labels, so they share a label set), or the messages
+/// of one instance step to one sink. Firing alerts with the same labels may go together;
+/// anything else goes alone.
+struct Lane {
+    name: String,
+    shared: bool,
+}
+
+impl Lane {
+    fn of(p: &Pending) -> Lane {
+        let name = match &p.fp {
+            Some(fp) => format!("{}\0{}\0{}\0{fp}", p.sink, p.rule, p.step),
+            None => format!("{}\0{}\0{}\0{}\0", p.sink, p.rule, p.step, p.key),
+        };
+        Lane {
+            name,
+            shared: p.fp.is_some() && p.kind == "alert",
+        }
+    }
+}
+
+/// What is in flight: delivery tasks by message, their lanes, and re-sends by sink.
+#[derive(Default)]
+struct Flight {
+    tasks: JoinSet<Done>,
+    /// A delivery task's message seq; re-send tasks are not here.
+    by_task: HashMap<Id, i64>,
+    /// Messages in flight: their sink and lane.
+    seqs: HashMap<i64, (String, Lane)>,
+    /// Lanes in use: deliveries in flight, and whether one of them goes alone.
+    lanes: HashMap<String, (usize, bool)>,
+    /// Deliveries in flight by sink.
+    sinks: HashMap<String, usize>,
+    resending: HashMap<Id, String>,
+}
+
+impl Flight {
+    /// Deliveries in flight (what the concurrency bound counts).
+    fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Whether no task at all (delivery or re-send) is running.
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn sink_len(&self, sink: &str) -> usize {
+        self.sinks.get(sink).copied().unwrap_or(0)
+    }
+
+    fn has(&self, seq: i64) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
+    fn may_start(&self, lane: &Lane) -> bool {
+        match self.lanes.get(&lane.name) {
+            None => true,
+            Some(&(_, alone)) => lane.shared && !alone,
+        }
+    }
+
+    fn start(&mut self, task: Id, seq: i64, sink: &str, lane: Lane) {
+        *self.sinks.entry(sink.to_string()).or_default() += 1;
+        let e = self.lanes.entry(lane.name.clone()).or_insert((0, false));
+        e.0 += 1;
+        e.1 |= !lane.shared;
+        self.by_task.insert(task, seq);
+        self.seqs.insert(seq, (sink.to_string(), lane));
+    }
+
+    fn resending(&self, sink: &str) -> bool {
+        self.resending.values().any(|s| s == sink)
+    }
+
+    /// Takes a finished task off the books; a delivery's result goes to `out`.
+    fn finish(
+        &mut self,
+        r: Result<(Id, Done), JoinError>,
+        out: &mut Vec<(Pending, Result<(), Failed>)>,
+    ) {
+        let id = match &r {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        self.resending.remove(&id);
+        if let Some((sink, lane)) = self
+            .by_task
+            .remove(&id)
+            .and_then(|seq| self.seqs.remove(&seq))
+        {
+            if let Some(n) = self.sinks.get_mut(&sink) {
+                *n -= 1;
+            }
+            if let Some(e) = self.lanes.get_mut(&lane.name) {
+                e.0 -= 1;
+                if e.0 == 0 {
+                    self.lanes.remove(&lane.name);
+                }
+            }
+        }
+        match r {
+            Ok((_, Done::Delivery(p, r))) => out.push((p, r)),
+            Ok((_, Done::Resend(sink, Err(e)))) => {
+                tracing::warn!(sink, error = %e.error, "re-sending firing alerts failed");
+            }
+            Ok((_, Done::Resend(_, Ok(())))) => {}
+            // The message stays pending and is sent again.
+            Err(e) => tracing::error!(error = %e, "delivery task failed"),
+        }
+    }
 }
 
 fn client() -> HttpClient {
@@ -127,125 +253,168 @@ impl Dispatcher {
             .iter()
             .map(|s| (s.name.clone(), s.clone()))
             .collect();
-        // When the grace period after a stop ends: set once, by whoever sees the stop first.
-        let stop_at: std::cell::Cell<Option<StdInstant>> = std::cell::Cell::new(None);
+        let _rt = self.rt.enter();
+        // Messages for a sink no longer in the config wait for it to come back.
+        for (sink, n) in Outbox::stats(&conn)?.pending {
+            if !sinks.contains_key(&sink) && n > 0 {
+                tracing::warn!(
+                    sink,
+                    pending = n,
+                    "messages for a sink that is no longer configured are kept, and sent once it is configured again"
+                );
+            }
+        }
+        let mut flight = Flight::default();
+        // When the grace period after a stop ends.
+        let mut stop_at: Option<StdInstant> = None;
+        let mut finished: Vec<(Pending, Result<(), Failed>)> = Vec::new();
         let mut last_resend: HashMap<String, StdInstant> = HashMap::new();
         let mut last_purge = StdInstant::now();
+        let mut last_publish: Option<StdInstant> = None;
         loop {
-            let r = (|| -> Result<bool> {
-                if self.stop.load(Ordering::Relaxed) && stop_at.get().is_none() {
-                    stop_at.set(Some(StdInstant::now() + self.grace));
-                }
-                let now = wall_ms();
-                let batch = Outbox::due(&conn, now, self.cfg.outbox.concurrency * 4)?;
-                if let Some(t) = stop_at.get() {
-                    if batch.is_empty() || StdInstant::now() >= t {
-                        if !batch.is_empty() {
-                            tracing::warn!(
-                                pending = batch.len(),
-                                "shutting down with undelivered messages; they are kept and sent after restart"
-                            );
-                        }
-                        return Ok(true);
-                    }
-                }
-                if !batch.is_empty() {
-                    let n = batch.len();
-                    let mut results = Vec::with_capacity(n);
-                    let deliveries = deliver_all(
-                        &clients,
-                        &sinks,
-                        batch,
-                        self.cfg.outbox.concurrency,
-                        &mut results,
-                    );
-                    // A stop gives in-flight deliveries the grace period, however long the
-                    // sinks' timeouts are; what finished is recorded, what is cut short
-                    // stays pending for the restart.
-                    let cut = self.until_stopped(&stop_at);
-                    let was_cut = self.rt.block_on(async {
-                        tokio::select! {
-                            () = deliveries => false,
-                            () = cut => true,
-                        }
-                    });
+            if stop_at.is_none() && self.stop.load(Ordering::Relaxed) {
+                stop_at = Some(StdInstant::now() + self.grace);
+            }
+            let r = (|| -> Result<Option<Duration>> {
+                // What finished is recorded first: a result lost to an error here is only
+                // a message sent again (at-least-once).
+                if !finished.is_empty() {
                     let tx = conn.unchecked_transaction()?;
-                    let finished = results.len();
-                    for (p, r) in results {
+                    for (p, r) in finished.drain(..) {
                         let d = self.classify(&p, r);
                         Outbox::record(&tx, p.seq, &d, wall_ms())?;
                     }
                     tx.commit()?;
-                    if was_cut {
-                        tracing::warn!(
-                            in_flight = n - finished,
-                            "shutting down with deliveries in flight; they are kept and sent after restart"
-                        );
-                        return Ok(true);
+                }
+                let now = wall_ms();
+                // Start what is due, sink by sink, in outbox order, while the sink has
+                // slots: a slow or hanging receiver holds only its own. A message whose
+                // lane is busy waits, and so does everything after it in that lane.
+                let mut waiting = false;
+                for s in &self.cfg.sinks {
+                    let bound = self.cfg.outbox.concurrency;
+                    let mut limit = bound * 2 + flight.sink_len(&s.name);
+                    loop {
+                        let due = Outbox::due_for(&conn, &s.name, now, limit)?;
+                        let fetched = due.len();
+                        let mut blocked: Vec<String> = Vec::new();
+                        for p in due {
+                            if flight.has(p.seq) {
+                                continue;
+                            }
+                            waiting = true;
+                            let lane = Lane::of(&p);
+                            if flight.sink_len(&s.name) >= bound
+                                || blocked.contains(&lane.name)
+                                || !flight.may_start(&lane)
+                            {
+                                blocked.push(lane.name);
+                                continue;
+                            }
+                            let client = clients.clone();
+                            let sink = s.clone();
+                            let seq = p.seq;
+                            let task = flight.tasks.spawn(async move {
+                                let r = deliver(&client, &sink, &p).await;
+                                Done::Delivery(p, r)
+                            });
+                            flight.start(task.id(), seq, &s.name, lane);
+                        }
+                        // More may be due behind what was fetched: fetch further while
+                        // slots are free.
+                        if fetched < limit || flight.sink_len(&s.name) >= bound || limit >= 1 << 14
+                        {
+                            break;
+                        }
+                        limit *= 4;
                     }
                 }
-                if stop_at.get().is_none() && !self.stop.load(Ordering::Relaxed) {
-                    self.resend_alerts(&conn, client, &sinks, &mut last_resend)?;
+                if let Some(t) = stop_at {
+                    let started = flight.len();
+                    if (!waiting && flight.is_empty()) || StdInstant::now() >= t {
+                        if waiting && started == 0 {
+                            tracing::warn!(
+                                "shutting down with undelivered messages; they are kept and sent after restart"
+                            );
+                        }
+                        return Ok(None);
+                    }
+                }
+                if stop_at.is_none() {
+                    self.resend_alerts(&conn, client, &sinks, &mut last_resend, &mut flight)?;
                 }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
                     Outbox::purge_done(&conn, before)?;
                     last_purge = StdInstant::now();
                 }
-                self.publish(&conn)?;
-                // Sleep until the next message is due, new messages are committed, or 1 s.
-                let next = Outbox::next_due_ms(&conn)?;
-                let wait = match next {
+                if flight.is_empty() || last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {
+                    self.publish(&conn)?;
+                    last_publish = Some(StdInstant::now());
+                }
+                // Wait for the next message to fall due; a finished delivery (a free slot
+                // or lane), new messages and the stop wake the wait sooner.
+                Ok(Some(match Outbox::next_due_after_ms(&conn, now)? {
                     Some(t) => Duration::from_millis((t - wall_ms()).clamp(0, 1000) as u64),
                     None => Duration::from_secs(1),
-                };
-                if wait.is_zero() {
-                    return Ok(false);
-                }
-                match self.wake.recv_timeout(wait) {
-                    Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => {
-                        if stop_at.get().is_none() {
-                            stop_at.set(Some(StdInstant::now() + self.grace));
-                        }
-                        std::thread::sleep(wait.min(Duration::from_millis(100)));
-                    }
-                }
-                Ok(false)
+                }))
             })();
-            match r {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
+            let wait = match r {
+                Ok(Some(w)) => w,
+                Ok(None) => break,
                 Err(e) => {
-                    // A busy or failing state file must not stop deliveries for good:
-                    // what was sent but not recorded is sent again (at-least-once).
+                    // A busy or failing state file must not stop deliveries for good.
                     tracing::warn!(
                         error = format!("{e:#}"),
                         "outbox dispatcher: state file error; retrying"
                     );
-                    if stop_at.get().is_some_and(|t| StdInstant::now() >= t) {
-                        return Ok(());
+                    if stop_at.is_some_and(|t| StdInstant::now() >= t) {
+                        break;
                     }
-                    std::thread::sleep(Duration::from_secs(1));
+                    Duration::from_secs(1)
                 }
-            }
+            };
+            let cut = stop_at;
+            self.rt.block_on(async {
+                let cut = async {
+                    match cut {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    Some(r) = flight.tasks.join_next_with_id(), if !flight.is_empty() => {
+                        flight.finish(r, &mut finished);
+                        while let Some(r) = flight.tasks.try_join_next_with_id() {
+                            flight.finish(r, &mut finished);
+                        }
+                    }
+                    () = self.wake.notified() => {}
+                    () = tokio::time::sleep(wait) => {}
+                    () = cut => {}
+                }
+            });
         }
-    }
-
-    /// Completes when the grace period after a stop has run out: from `stop_at` if the stop
-    /// was already seen, else from when the stop flag is set.
-    async fn until_stopped(&self, stop_at: &std::cell::Cell<Option<StdInstant>>) {
-        let at = loop {
-            if let Some(t) = stop_at.get() {
-                break t;
-            }
-            if self.stop.load(Ordering::Relaxed) {
-                stop_at.set(Some(StdInstant::now() + self.grace));
-                continue;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        tokio::time::sleep_until(at.into()).await;
+        // Past the grace period: what is still in flight is cut and sent after restart;
+        // what finished is recorded.
+        while let Some(r) = flight.tasks.try_join_next_with_id() {
+            flight.finish(r, &mut finished);
+        }
+        let cut = flight.len();
+        flight.tasks.abort_all();
+        let tx = conn.unchecked_transaction()?;
+        for (p, r) in finished.drain(..) {
+            let d = self.classify(&p, r);
+            Outbox::record(&tx, p.seq, &d, wall_ms())?;
+        }
+        tx.commit()?;
+        if cut > 0 {
+            tracing::warn!(
+                in_flight = cut,
+                "shutting down with deliveries in flight; they are kept and sent after restart"
+            );
+        }
+        Ok(())
     }
 
     fn classify(&self, p: &Pending, r: Result<(), Failed>) -> Delivery {
@@ -278,19 +447,22 @@ impl Dispatcher {
         }
     }
 
+    /// Re-sends the firing alerts of each Alertmanager sink whose interval has passed, as
+    /// a task beside the deliveries (one at a time per sink).
     fn resend_alerts(
         &self,
         conn: &Connection,
         client: &HttpClient,
         sinks: &HashMap<String, Sink>,
         last: &mut HashMap<String, StdInstant>,
+        flight: &mut Flight,
     ) -> Result<()> {
         for s in sinks.values() {
             let SinkKind::Alertmanager { resend, .. } = &s.kind else {
                 continue;
             };
             let due = last.get(&s.name).is_none_or(|t| t.elapsed() >= *resend);
-            if !due {
+            if !due || flight.resending(&s.name) {
                 continue;
             }
             last.insert(s.name.clone(), StdInstant::now());
@@ -303,9 +475,12 @@ impl Dispatcher {
                 .filter_map(|a| alertmanager_alert(&a.body, "alert", *resend))
                 .collect();
             let body = serde_json::Value::Array(alerts).to_string();
-            if let Err(e) = self.rt.block_on(post_alertmanager(client, s, body)) {
-                tracing::warn!(sink = s.name, error = %e.error, "re-sending firing alerts failed");
-            }
+            let (client, sink) = (client.clone(), s.clone());
+            let task = flight.tasks.spawn(async move {
+                let r = post_alertmanager(&client, &sink, body).await;
+                Done::Resend(sink.name, r)
+            });
+            flight.resending.insert(task.id(), s.name.clone());
         }
         Ok(())
     }
@@ -325,38 +500,6 @@ impl Dispatcher {
                 .set(n);
         }
         Ok(())
-    }
-}
-
-/// Delivers `batch` with at most `concurrency` in flight, appending each result to `out`
-/// as it comes, so a round cut short by a stop keeps what finished.
-async fn deliver_all(
-    client: &Clients,
-    sinks: &HashMap<String, Sink>,
-    batch: Vec<Pending>,
-    concurrency: usize,
-    out: &mut Vec<(Pending, Result<(), Failed>)>,
-) {
-    let mut set = JoinSet::new();
-    let mut queue = batch.into_iter();
-    loop {
-        while set.len() < concurrency {
-            let Some(p) = queue.next() else { break };
-            let client = client.clone();
-            let sink = sinks.get(&p.sink).cloned();
-            set.spawn(async move {
-                let r = match sink {
-                    Some(s) => deliver(&client, &s, &p).await,
-                    None => Err(format!("sink {:?} is no longer configured", p.sink).into()),
-                };
-                (p, r)
-            });
-        }
-        match set.join_next().await {
-            Some(Ok(r)) => out.push(r),
-            Some(Err(e)) => tracing::error!(error = %e, "delivery task failed"),
-            None => break,
-        }
     }
 }
 

@@ -204,7 +204,7 @@ fn run_with(
     let kafka_health = has_kafka_source.then(|| Arc::new(kafka::Health::default()));
     metrics.rules_loaded_at.set(core::wall_nanos() as f64 / 1e9);
     let (core_tx, core_rx) = sync_channel::<core::Msg>(64);
-    let (wake_tx, wake_rx) = sync_channel::<()>(1);
+    let wake_dispatch = Arc::new(Notify::new());
     let stop_sources = Arc::new(AtomicBool::new(false));
     let stop_dispatch = Arc::new(AtomicBool::new(false));
     let core_done = Arc::new(Notify::new());
@@ -227,7 +227,7 @@ fn run_with(
             rules,
             state,
             Arc::clone(&metrics),
-            wake_tx,
+            Arc::clone(&wake_dispatch),
         )
         .with_kafka(kafka_health.clone());
         let shared = Arc::clone(&shared);
@@ -248,7 +248,7 @@ fn run_with(
             cfg: Arc::clone(&cfg),
             metrics: Arc::clone(&metrics),
             rt: rt.handle().clone(),
-            wake: wake_rx,
+            wake: Arc::clone(&wake_dispatch),
             stop: Arc::clone(&stop_dispatch),
             grace: SHUTDOWN_GRACE,
         };
@@ -403,6 +403,7 @@ fn run_with(
         .join()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the core thread panicked")));
     stop_dispatch.store(true, Ordering::Relaxed);
+    wake_dispatch.notify_one();
     let _ = dispatcher.join();
     stop_checkpoint.store(true, Ordering::Relaxed);
     let _ = checkpointer.join();

@@ -121,6 +121,11 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX instances_open;
     CREATE INDEX instances_opened ON instances (opened_at, rule, key);
     ",
+    // 7: the dispatcher fetches due messages sink by sink, so that a hanging receiver's
+    // backlog does not hide the messages of the others.
+    "
+    CREATE INDEX outbox_due ON outbox (sink, next_ms) WHERE state = 0;
+    ",
 ];
 
 /// Opens (creating if needed) the state file with the settings every connection uses.

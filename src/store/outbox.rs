@@ -35,6 +35,8 @@ pub struct Pending {
     /// The correlation key (the Kafka message key of a command).
     pub key: String,
     pub step: String,
+    /// An Alertmanager alert's or resolve's label set.
+    pub fp: Option<String>,
 }
 
 /// The result of one delivery attempt.
@@ -80,13 +82,19 @@ impl Outbox {
         Ok(())
     }
 
-    /// Up to `limit` messages due at `now_ms`, oldest first.
-    pub fn due(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<Pending>> {
+    /// Up to `limit` messages for `sink` due at `now_ms`, oldest first.
+    pub fn due_for(
+        conn: &Connection,
+        sink: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Pending>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step FROM outbox
-             WHERE state = 0 AND next_ms <= ?1 ORDER BY next_ms, seq LIMIT ?2",
+            "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step, fp
+             FROM outbox INDEXED BY outbox_due
+             WHERE state = 0 AND sink = ?1 AND next_ms <= ?2 ORDER BY next_ms, seq LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+        let rows = stmt.query_map(params![sink, now_ms, limit as i64], |r| {
             Ok(Pending {
                 seq: r.get(0)?,
                 id: r.get(1)?,
@@ -98,18 +106,17 @@ impl Outbox {
                 rule: r.get(7)?,
                 key: r.get(8)?,
                 step: r.get(9)?,
+                fp: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// When the next pending message becomes due, if any.
-    pub fn next_due_ms(conn: &Connection) -> Result<Option<i64>> {
-        Ok(
-            conn.query_row("SELECT MIN(next_ms) FROM outbox WHERE state = 0", [], |r| {
-                r.get(0)
-            })?,
-        )
+    /// When the next pending message not yet due at `now_ms` becomes due, if any.
+    pub fn next_due_after_ms(conn: &Connection, now_ms: i64) -> Result<Option<i64>> {
+        Ok(conn
+            .prepare_cached("SELECT MIN(next_ms) FROM outbox WHERE state = 0 AND next_ms > ?1")?
+            .query_row([now_ms], |r| r.get(0))?)
     }
 
     pub fn record(conn: &Connection, seq: i64, result: &Delivery, now_ms: i64) -> Result<()> {
