@@ -531,7 +531,12 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
         );
         let kind = match action {
             Action::Alert(a) => {
-                let mut labels: Vec<(String, String)> = cx.rule.labels.clone();
+                let mut labels: Vec<(String, String)> = cx
+                    .rule
+                    .labels
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.render(&vars)))
+                    .collect();
                 for (k, t) in &a.labels {
                     labels.retain(|(l, _)| l != k);
                     labels.push((k.clone(), t.render(&vars)));

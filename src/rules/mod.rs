@@ -495,12 +495,6 @@ impl Validator {
         let dedup = cx.duration(&path.key("dedup"), raw.dedup.as_deref(), DEFAULT_MEMORY);
         let late = cx.duration(&path.key("late"), raw.late.as_deref(), DEFAULT_MEMORY);
 
-        for k in raw.labels.keys() {
-            if let Some(problem) = label_problem(k) {
-                cx.err(&path.key("labels").key(k), problem);
-            }
-        }
-
         // Steps: names first, so `after` can be resolved regardless of order.
         let expect_path = path.key("expect");
         if raw.expect.is_empty() {
@@ -610,6 +604,15 @@ impl Validator {
             }
         }
         let on_missing = self.actions(cx, &path.key("on_missing"), &raw.on_missing, &mut captures);
+        // Rule labels are templates like an alert's own.
+        let mut labels = Vec::new();
+        for (k, v) in &raw.labels {
+            let lp = path.key("labels").key(k);
+            if let Some(problem) = label_problem(k) {
+                cx.err(&lp, problem);
+            }
+            labels.push((k.clone(), self.template(cx, &lp, v, &mut captures)));
+        }
         let max_within = steps.iter().map(|s| s.within.nanos()).max().unwrap_or(1);
         Rule {
             name: raw.name,
@@ -623,7 +626,7 @@ impl Validator {
             late,
             max_within,
             captures,
-            labels: raw.labels.into_iter().collect(),
+            labels,
         }
     }
 

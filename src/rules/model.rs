@@ -34,7 +34,8 @@ pub struct Rule {
     pub max_within: i64,
     /// Trigger fields used by `{{trigger.PATH}}` templates; captured when an instance opens.
     pub captures: Vec<PathId>,
-    pub labels: Vec<(String, String)>,
+    /// Labels on every alert of the rule (an alert's own labels win).
+    pub labels: Vec<(String, Template)>,
 }
 
 impl Rule {

@@ -33,7 +33,8 @@ pub struct RawRule {
     /// Default `24h`.
     #[serde(default)]
     pub late: Option<String>,
-    /// Extra labels attached to this rule's alerts (Alertmanager labels).
+    /// Extra labels attached to this rule's alerts (Alertmanager labels; templates allowed,
+    /// keep them bounded: never `{{key}}`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
