@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
@@ -280,6 +281,22 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     assert_eq!(st, 413, "{b}");
     let (st, _) = http(d.port, "GET", "/v1/events", &auth, b"").unwrap();
     assert_eq!(st, 405);
+    // Raw exchanges, to see the headers: HEAD is answered as GET without a body, and a
+    // 405 names what the path allows.
+    let raw = |req: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.to_ascii_lowercase()
+    };
+    let head = raw("HEAD /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "a body after HEAD: {head}");
+    let not = raw("POST /v1/rules HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+    assert!(not.starts_with("http/1.1 405") && not.contains("allow: get, head"), "{not}");
+    let not = raw("GET /v1/events HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!(not.contains("allow: post"), "{not}");
 
     // A rejected request applies nothing, not even its good lines.
     assert_eq!(metric(d.port, "sagawatch_outcomes_total"), None);

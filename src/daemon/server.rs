@@ -13,7 +13,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 
@@ -109,11 +109,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
             _ = stop.notified() => break,
             // Reap finished connections, or the set grows with every one ever accepted.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            acc = listener.accept() => {
+            // At the connection bound, new clients wait in the kernel's backlog.
+            acc = listener.accept(), if conns.len() < MAX_CONNECTIONS => {
                 let (stream, _) = match acc {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors, say: retrying at once would spin and
+                        // flood the log.
+                        tracing::warn!(error = %e, "accept failed; retrying in 100 ms");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 };
@@ -124,7 +128,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
                         let shared = Arc::clone(&shared);
                         async move { Ok::<_, Infallible>(route(shared, req).await) }
                     });
-                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    // A client has HEADER_TIMEOUT to send a request's headers, the first
+                    // or the next on a kept-alive connection.
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), svc);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}
@@ -146,9 +155,31 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
     .await;
 }
 
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The methods a known path answers (for 405's `Allow`); `None`: no such path.
+fn allowed(path: &str) -> Option<&'static str> {
+    match path {
+        "/metrics" | "/healthz" | "/readyz" | "/ui" | "/ui/" | "/v1/rules" | "/v1/instances" => {
+            Some("GET, HEAD")
+        }
+        p if p.starts_with("/v1/instances/") => Some("GET, HEAD"),
+        "/v1/events" | "/-/reload" => Some("POST"),
+        _ => None,
+    }
+}
+
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
+    // HEAD is answered as GET; hyper leaves the body out.
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
+    match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
             let mut r = text(StatusCode::OK, shared.metrics.render());
             r.headers_mut().insert(
@@ -241,10 +272,15 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
                 ),
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/events" | "/-/reload") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        (_, p) => match allowed(p) {
+            Some(allow) => {
+                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+                r.headers_mut()
+                    .insert("allow", hyper::header::HeaderValue::from_static(allow));
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
     }
 }
 
@@ -384,27 +420,54 @@ impl Body {
     }
 }
 
+/// Why a request body was refused.
+#[derive(Debug)]
+pub struct BodyError {
+    /// 1-based: the line, or the array element.
+    pub line: usize,
+    /// "line 3", "element 2".
+    pub at: String,
+    pub message: String,
+    /// For `sagawatch_events_rejected_total`.
+    pub reason: &'static str,
+}
+
+fn body_error(line: usize, message: impl Into<String>, reason: &'static str) -> BodyError {
+    BodyError {
+        line,
+        at: format!("line {line}"),
+        message: message.into(),
+        reason,
+    }
+}
+
 /// Splits a request body into event lines: one JSON object, a JSON array of objects, or
-/// NDJSON. Returns them, or the 1-based line of the first bad one and why.
-pub fn split_body(body: &[u8]) -> Result<Body, (usize, String)> {
+/// NDJSON. Returns them, or where the first bad one is and why.
+pub fn split_body(body: &[u8]) -> Result<Body, BodyError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         let line = 1 + body[..e.valid_up_to()]
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
-        (line, format!("not UTF-8: {e}"))
+        body_error(line, format!("not UTF-8: {e}"), "invalid_json")
     })?;
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
-        return Err((1, "empty body".into()));
+        return Err(body_error(1, "empty body", "invalid_json"));
     }
     if trimmed.starts_with('[') {
-        let v: Vec<serde_json::Value> = serde_json::from_str(text)
-            .map_err(|e| (e.line(), format!("invalid JSON array: {e}")))?;
+        let v: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| {
+            body_error(e.line(), format!("invalid JSON array: {e}"), "invalid_json")
+        })?;
         let mut lines = Vec::with_capacity(v.len());
         for (i, e) in v.into_iter().enumerate() {
             if !e.is_object() {
-                return Err((i + 1, format!("element {} is not a JSON object", i + 1)));
+                return Err(BodyError {
+                    line: i + 1,
+                    at: format!("element {}", i + 1),
+                    message: "not a JSON object".into(),
+                    reason: "not_object",
+                });
             }
             lines.push(e.to_string());
         }
@@ -435,12 +498,18 @@ pub fn split_body(body: &[u8]) -> Result<Body, (usize, String)> {
                 lines.push(l.to_string());
                 at.push(i + 1);
             }
-            Ok(_) => return Err((i + 1, "not a JSON object".into())),
-            Err(e) => return Err((i + 1, format!("invalid JSON: {e}"))),
+            Ok(_) => return Err(body_error(i + 1, "not a JSON object", "not_object")),
+            Err(e) => {
+                return Err(body_error(
+                    i + 1,
+                    format!("invalid JSON: {e}"),
+                    "invalid_json",
+                ));
+            }
         }
     }
     if lines.is_empty() {
-        return Err((1, "no events in the body".into()));
+        return Err(body_error(1, "no events in the body", "invalid_json"));
     }
     Ok(Body {
         lines,
@@ -495,15 +564,15 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     };
     let mut body = match split_body(&body) {
         Ok(b) => b,
-        Err((line, msg)) => {
+        Err(e) => {
             shared
                 .metrics
                 .events_rejected
-                .with_label_values(&[&name, "invalid_json"])
+                .with_label_values(&[&name, e.reason])
                 .inc();
             return json(
                 StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": format!("line {line}: {msg}"), "line": line}),
+                serde_json::json!({"error": format!("{}: {}", e.at, e.message), "line": e.line}),
             );
         }
     };
@@ -561,10 +630,17 @@ mod tests {
             (nd.lines.len(), nd.locate(1)),
             (2, (3, "line 3".to_string()))
         );
-        assert_eq!(split_body(b"{\"a\":1}\n\n{oops\n").unwrap_err().0, 3);
-        assert_eq!(split_body(b"{\"a\":1}\n{\"b\":\"\xff\"}").unwrap_err().0, 2);
-        assert_eq!(split_body(b"{\"a\":1}\n{oops\n").unwrap_err().0, 2);
-        assert_eq!(split_body(b"[{\"a\":1}, 3]").unwrap_err().0, 2);
-        assert_eq!(split_body(b"  ").unwrap_err().0, 1);
+        assert_eq!(split_body(b"{\"a\":1}\n\n{oops\n").unwrap_err().line, 3);
+        assert_eq!(
+            split_body(b"{\"a\":1}\n{\"b\":\"\xff\"}").unwrap_err().line,
+            2
+        );
+        let e = split_body(b"{\"a\":1}\n{oops\n").unwrap_err();
+        assert_eq!((e.line, e.reason), (2, "invalid_json"));
+        let e = split_body(b"[{\"a\":1}, 3]").unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("element 2", "not_object"));
+        let e = split_body(b"{\"a\":1}\n42\n").unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("line 2", "not_object"));
+        assert_eq!(split_body(b"  ").unwrap_err().line, 1);
     }
 }
