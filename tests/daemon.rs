@@ -249,6 +249,10 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     );
     d.start();
     let auth = [("authorization", "Bearer s3cret")];
+    // A second daemon on the same state file is refused.
+    let (code, err) = run_to_exit(&d.path("sagawatch.yaml"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("in use by another sagawatch"), "{err}");
     let post =
         |h: &[(&str, &str)], body: &[u8]| http(d.port, "POST", "/v1/events", h, body).unwrap();
     let good = r#"{"time":"2026-01-01T00:00:00Z","type":"OrderPlaced","order_id":"a"}"#;
@@ -293,8 +297,12 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     let head = raw("HEAD /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.ends_with("\r\n\r\n"), "a body after HEAD: {head}");
-    let not = raw("POST /v1/rules HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
-    assert!(not.starts_with("http/1.1 405") && not.contains("allow: get, head"), "{not}");
+    let not =
+        raw("POST /v1/rules HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+    assert!(
+        not.starts_with("http/1.1 405") && not.contains("allow: get, head"),
+        "{not}"
+    );
     let not = raw("GET /v1/events HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
     assert!(not.contains("allow: post"), "{not}");
 

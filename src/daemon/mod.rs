@@ -138,6 +138,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
     };
     let opened = (|| -> Result<_> {
         let mut conn = store::open(&cfg.state)?;
+        let lock = store::lock(&cfg.state)?;
         store::migrate(&mut conn, &cfg.state)?;
         store::writer_settings(&conn)?;
         let mut positions = Vec::new();
@@ -145,9 +146,10 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             positions.push(store::load_position(&conn, &s.name)?);
         }
         let state = SqliteState::open(conn, &rules, &cfg.state)?;
-        Ok((state, positions))
+        Ok((state, positions, lock))
     })();
-    let (state, positions) = match opened {
+    // The lock is held until the process exits.
+    let (state, positions, _lock) = match opened {
         Ok(v) => v,
         Err(e) => {
             say(&format!("error: {e:#}"));

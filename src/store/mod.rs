@@ -128,6 +128,32 @@ const MIGRATIONS: &[&str] = &[
     ",
 ];
 
+/// Takes the state file for this process: an exclusive lock on `<state>.lock` beside it,
+/// held while the returned file is open. A second daemon on the same state would break the
+/// single-writer rule (each believes its own counts and positions), so it is refused.
+pub fn lock(path: &Path) -> Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = std::path::PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("state file {}: cannot open its lock file", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "state file {}: in use by another sagawatch ({} is locked)",
+            path.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("state file {}: cannot lock", path.display()))
+        }
+    }
+}
+
 /// Opens (creating if needed) the state file with the settings every connection uses.
 pub fn open(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
