@@ -108,13 +108,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             lifecycle,
             inputs,
         } => {
-            if let Some(s) = &source {
-                if !rules::valid_name(s) {
-                    eprintln!(
-                        "error: --source {s:?}: invalid source name: use [a-z0-9][a-z0-9_-]*"
-                    );
-                    return Ok(EXIT_CONFIG);
-                }
+            if let Some(s) = &source
+                && !rules::valid_name(s)
+            {
+                eprintln!("error: --source {s:?}: invalid source name: use [a-z0-9][a-z0-9_-]*");
+                return Ok(EXIT_CONFIG);
             }
             if rules::split_path(&time_field).is_err() {
                 eprintln!("error: --time-field {time_field:?}: not a dot path");

@@ -474,10 +474,10 @@ fn check_text(
     };
     let cfg = v.check(text, env);
     let unknown: Vec<_> = std::mem::take(&mut v.unknown);
-    if v.diags.is_empty() {
-        if let Some(c) = cfg {
-            return (Some(c), None);
-        }
+    if v.diags.is_empty()
+        && let Some(c) = cfg
+    {
+        return (Some(c), None);
     }
     let mut diags: Vec<FileDiag> = v
         .diags

@@ -24,13 +24,14 @@ pub struct Input {
 impl Input {
     /// Parses `-`, `FILE` or `NAME=FILE`; `default_source` applies to the first two.
     pub fn parse(arg: &str, default_source: Option<&str>) -> Input {
-        if let Some((name, file)) = arg.split_once('=') {
-            if valid_name(name) && !file.is_empty() {
-                return Input {
-                    source: Some(name.to_string()),
-                    path: (file != "-").then(|| PathBuf::from(file)),
-                };
-            }
+        if let Some((name, file)) = arg.split_once('=')
+            && valid_name(name)
+            && !file.is_empty()
+        {
+            return Input {
+                source: Some(name.to_string()),
+                path: (file != "-").then(|| PathBuf::from(file)),
+            };
         }
         Input {
             source: default_source.map(str::to_string),
@@ -182,7 +183,10 @@ pub fn run(rules: Arc<RuleSet>, opts: Options, out: &mut dyn Write) -> anyhow::R
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut last_draw = WallInstant::now();
     let mut draw = |summary: &Summary, readers: &[Reader]| {
-        if progress && summary.events % 65_536 == 0 && last_draw.elapsed().as_millis() >= 200 {
+        if progress
+            && summary.events.is_multiple_of(65_536)
+            && last_draw.elapsed().as_millis() >= 200
+        {
             last_draw = WallInstant::now();
             let read: u64 = readers.iter().map(|r| r.bytes_read).sum();
             draw_progress(
@@ -218,10 +222,10 @@ pub fn run(rules: Arc<RuleSet>, opts: Options, out: &mut dyn Write) -> anyhow::R
             // The reader whose head event is earliest; ties go to the earlier input.
             let mut pick: Option<usize> = None;
             for (i, r) in readers.iter().enumerate() {
-                if let Some(t) = r.head {
-                    if pick.is_none_or(|p| t < readers[p].head.unwrap_or(Instant::MAX)) {
-                        pick = Some(i);
-                    }
+                if let Some(t) = r.head
+                    && pick.is_none_or(|p| t < readers[p].head.unwrap_or(Instant::MAX))
+                {
+                    pick = Some(i);
                 }
             }
             let Some(i) = pick else { break };

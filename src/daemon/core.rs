@@ -511,12 +511,12 @@ impl Core {
                             Outbox::supersede(conn, &a.id, &a.sink, now_ms)?;
                             // Alertmanager knows alerts by labels only: while another key's
                             // alert with the same labels fires, resolving would end it too.
-                            if let Some(fp) = &a.fp {
-                                if Outbox::labels_firing(
+                            if let Some(fp) = &a.fp
+                                && Outbox::labels_firing(
                                     conn, &a.sink, &a.rule, &a.step, fp, now_ms,
-                                )? {
-                                    continue;
-                                }
+                                )?
+                            {
+                                continue;
                             }
                         }
                         let body = resolved(&a.body, o);

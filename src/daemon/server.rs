@@ -542,10 +542,9 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
+        && len > max_body
     {
-        if len > max_body {
-            return too_large();
-        }
+        return too_large();
     }
     let body = match Limited::new(req.into_body(), max_body).collect().await {
         Ok(b) => b.to_bytes(),

@@ -477,10 +477,10 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Msg::Lines { position, .. } = rx.recv_timeout(left).unwrap() {
-                if position.map(|p| p.offset) == Some(0) {
-                    break;
-                }
+            if let Msg::Lines { position, .. } = rx.recv_timeout(left).unwrap()
+                && position.map(|p| p.offset) == Some(0)
+            {
+                break;
             }
         }
         stop.store(true, Ordering::Relaxed);

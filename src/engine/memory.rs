@@ -229,10 +229,10 @@ impl State for MemoryState {
             }
         }
         let new_expiry = inst.closed_at.map(|_| inst.expires_at);
-        if old_expiry != new_expiry {
-            if let Some(e) = new_expiry {
-                self.expiries.push(Reverse((e, slot)));
-            }
+        if old_expiry != new_expiry
+            && let Some(e) = new_expiry
+        {
+            self.expiries.push(Reverse((e, slot)));
         }
         if inst.is_open() {
             self.open += 1;

@@ -24,10 +24,10 @@ pub use state::{Clock, Due, Instance, State, StepState, StepStatus, Steps};
 
 /// Does `m` select `ev`? Returns the correlation key if so.
 pub fn match_key<'e>(m: &Matcher, ev: &'e Event<'_>) -> Option<std::borrow::Cow<'e, str>> {
-    if let Some(src) = &m.source {
-        if ev.source != Some(src.as_str()) {
-            return None;
-        }
+    if let Some(src) = &m.source
+        && ev.source != Some(src.as_str())
+    {
+        return None;
     }
     for (path, want) in &m.conds {
         match ev.field(*path) {
@@ -375,16 +375,16 @@ impl<S: State> Engine<S> {
             status: StepStatus::Open,
             at: deadline,
         };
-        if let Some((time, expires)) = self.state.early(cx.rule_ix, cx.key, step) {
-            if cx.clock <= expires {
-                self.state.remove_early(cx.rule_ix, cx.key, step);
-                if time <= deadline {
-                    self.satisfy(cx, inst, step, time, out);
-                } else {
-                    mark_missing(cx, inst, step, out);
-                    if cx.clock <= deadline.saturating_add(cx.rule.late.nanos()) {
-                        report_late(cx, inst, step, time, out);
-                    }
+        if let Some((time, expires)) = self.state.early(cx.rule_ix, cx.key, step)
+            && cx.clock <= expires
+        {
+            self.state.remove_early(cx.rule_ix, cx.key, step);
+            if time <= deadline {
+                self.satisfy(cx, inst, step, time, out);
+            } else {
+                mark_missing(cx, inst, step, out);
+                if cx.clock <= deadline.saturating_add(cx.rule.late.nanos()) {
+                    report_late(cx, inst, step, time, out);
                 }
             }
         }

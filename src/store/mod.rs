@@ -156,14 +156,14 @@ pub fn lock(path: &Path) -> Result<std::fs::File> {
 
 /// Opens (creating if needed) the state file with the settings every connection uses.
 pub fn open(path: &Path) -> Result<Connection> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            bail!(
-                "state file {}: directory {} does not exist",
-                path.display(),
-                dir.display()
-            );
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(
+            "state file {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
     }
     let conn = Connection::open_with_flags(
         path,

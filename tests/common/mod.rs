@@ -425,10 +425,10 @@ impl Daemon {
         self.child = Some(child);
         let port = self.port;
         wait_for(Duration::from_secs(30), "the daemon to be ready", || {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("daemon exited early with {st}: {}", self.stderr());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("daemon exited early with {st}: {}", self.stderr());
             }
             match http(port, "GET", "/readyz", &[], b"") {
                 Ok((200, _)) => Some(()),
