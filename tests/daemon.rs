@@ -249,6 +249,20 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     );
     d.start();
     let auth = [("authorization", "Bearer s3cret")];
+    // Counters that alerting rules watch with increase() exist from the start; no Kafka
+    // gauges without Kafka sources.
+    assert_eq!(
+        metric(d.port, "sagawatch_rules_reloads_total{result=\"failure\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            d.port,
+            "sagawatch_outbox_deliveries_total{result=\"given_up\",sink=\"hook\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(metric(d.port, "sagawatch_kafka_up"), None);
     // A second daemon on the same state file is refused.
     let (code, err) = run_to_exit(&d.path("sagawatch.yaml"));
     assert_eq!(code, Some(2), "{err}");
@@ -441,6 +455,22 @@ fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
     assert_eq!(
         metric(d.port, "sagawatch_open_instances{rule=\"checkout\"}"),
         Some(1.0)
+    );
+    // The rule renamed: the old name's gauge goes, the new one's comes.
+    std::fs::write(
+        d.path("rules/checkout.yaml"),
+        RULES.replace("name: checkout", "name: checkout-v2"),
+    )
+    .unwrap();
+    let (st, b) = http(d.port, "POST", "/-/reload", &auth, b"").unwrap();
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        metric(d.port, "sagawatch_open_instances{rule=\"checkout\"}"),
+        None
+    );
+    assert_eq!(
+        metric(d.port, "sagawatch_open_instances{rule=\"checkout-v2\"}"),
+        Some(0.0)
     );
     assert_eq!(d.terminate(), 0);
     assert!(

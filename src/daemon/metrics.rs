@@ -271,6 +271,40 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Fits the series to the config: the counters alerting rules watch with `increase()`
+    /// exist at 0 from the start (a series born at 1 shows no increase, so the first given-up
+    /// delivery or failed reload would not alert), and the Kafka gauges are left out without
+    /// Kafka sources (a `sagawatch_kafka_up 0` there would read as an outage).
+    pub fn prepare(&self, cfg: &crate::config::Config) {
+        for result in ["success", "failure"] {
+            self.rules_reloads.with_label_values(&[result]);
+        }
+        for s in &cfg.sinks {
+            for result in ["delivered", "retry", "given_up"] {
+                self.deliveries.with_label_values(&[&s.name, result]);
+            }
+        }
+        let kafka = cfg
+            .sources
+            .iter()
+            .any(|s| matches!(s.kind, crate::config::SourceKind::Kafka { .. }));
+        if !kafka {
+            let _ = self.registry.unregister(Box::new(self.kafka_up.clone()));
+            let _ = self
+                .registry
+                .unregister(Box::new(self.kafka_assigned.clone()));
+        }
+    }
+
+    /// Drops the per-rule gauges of rules no longer loaded.
+    pub fn forget_rules(&self, gone: &[String]) {
+        for rule in gone {
+            let _ = self.open_instances.remove_label_values(&[rule]);
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()

@@ -39,8 +39,10 @@ pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("SAGAWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: journald and log files get plain text.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => b.json().try_init(),
@@ -199,6 +201,7 @@ fn run_with(
     mut hup: tokio::signal::unix::Signal,
 ) -> Result<i32> {
     let metrics = Arc::new(metrics::Metrics::new());
+    metrics.prepare(&cfg);
     let has_kafka_source = cfg
         .sources
         .iter()
@@ -357,6 +360,18 @@ fn run_with(
         sinks = cfg.sinks.len(),
         "sagawatch running"
     );
+    if !cfg.listen.ip().is_loopback() {
+        if cfg.token.is_none() {
+            tracing::warn!(
+                listen = %cfg.listen,
+                "listening beyond loopback without a token: anyone who reaches it can post events and reload rules"
+            );
+        }
+        tracing::warn!(
+            listen = %cfg.listen,
+            "the read API and /ui (event contents) take no token: keep this address behind a network policy or an authenticating proxy"
+        );
+    }
 
     let core_failed = rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
