@@ -384,6 +384,18 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
         "{err}"
     );
 
+    // A device or a directory is refused before SQLite touches it.
+    for path in ["/dev/null", "rules"] {
+        let (code, err) = run(
+            dir,
+            &format!(
+                "rules: rules\nstate: {path}\nsources: {{ a: {{ type: stdin }} }}\nsinks: {{ hook: {{ type: stdout }} }}\n"
+            ),
+        );
+        assert_eq!(code, Some(2));
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
     std::fs::write(dir.join("garbage.db"), vec![b'x'; 8192]).unwrap();
     let (code, err) = run(
         dir,

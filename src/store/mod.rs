@@ -165,6 +165,13 @@ pub fn open(path: &Path) -> Result<Connection> {
             dir.display()
         );
     }
+    // SQLite would "open" a device or a directory and fail later with a bare I/O error (and
+    // put its journal beside it, in /dev say).
+    if let Ok(meta) = std::fs::metadata(path)
+        && !meta.is_file()
+    {
+        bail!("state file {}: not a regular file", path.display());
+    }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -255,8 +262,10 @@ pub fn checkpoint_loop(
 
 /// Brings the schema up to date; refuses a file written by a newer sagawatch.
 pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
-    let version: usize =
-        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .with_context(|| format!("state file {}: cannot read", path.display()))?
+        as usize;
     if version > MIGRATIONS.len() {
         bail!(
             "state file {}: schema version {version} is newer than this sagawatch understands ({})",
