@@ -811,6 +811,16 @@ fn retry_after_is_honoured() {
     let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
     let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
     assert_eq!(st, 202, "{b}");
+    // The first message is the alert; while it waits for its retry, the payment arrives
+    // late and resolves it.
+    wait_for(Duration::from_secs(30), "the refused alert", || {
+        let t = times.lock().unwrap();
+        t.first()
+            .map(|(_, b)| assert!(b.contains("alert.firing"), "{b}"))
+    });
+    let late = r#"{"time":"2026-03-02T09:16:30Z","type":"PaymentCompleted","order_id":"o-1"}"#;
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], late.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
     // The refused message comes again (same body), no sooner than 2 s after.
     let waited = wait_for(
         Duration::from_secs(30),
@@ -823,6 +833,24 @@ fn retry_after_is_honoured() {
         },
     );
     assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+    // Nothing of the instance step overtook the alert waiting for its retry: the
+    // compensation and the resolve come after it.
+    let order = wait_for(Duration::from_secs(30), "the resolve", || {
+        let t = times.lock().unwrap();
+        t.iter()
+            .any(|(_, b)| b.contains("alert.resolved"))
+            .then(|| t.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>())
+    });
+    let kinds: Vec<&str> = order
+        .iter()
+        .map(|b| {
+            ["alert.firing", "alert.resolved", "compensate"]
+                .into_iter()
+                .find(|k| b.contains(k))
+                .unwrap_or("?")
+        })
+        .collect();
+    assert_eq!(kinds[..2], ["alert.firing", "alert.firing"], "{kinds:?}");
     assert_eq!(d.terminate(), 0);
 }
 

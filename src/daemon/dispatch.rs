@@ -64,6 +64,9 @@ enum Done {
 struct Lane {
     name: String,
     shared: bool,
+    /// An Alertmanager resolve: it must not race a re-send of the sink's firing alerts
+    /// either (the re-send would fire the alert again).
+    resolve: bool,
 }
 
 impl Lane {
@@ -75,6 +78,7 @@ impl Lane {
         Lane {
             name,
             shared: p.fp.is_some() && p.kind == "alert",
+            resolve: p.fp.is_some() && p.kind == "resolve",
         }
     }
 }
@@ -85,8 +89,9 @@ struct Flight {
     tasks: JoinSet<Done>,
     /// A delivery task's message seq; re-send tasks are not here.
     by_task: HashMap<Id, i64>,
-    /// Messages in flight: their sink and lane.
-    seqs: HashMap<i64, (String, Lane)>,
+    /// Messages in flight: their sink, lane, and the message (recorded as failed if its
+    /// task panics, so it backs off like any failure).
+    seqs: HashMap<i64, (String, Lane, Pending)>,
     /// Lanes in use: deliveries in flight, and whether one of them goes alone.
     lanes: HashMap<String, (usize, bool)>,
     /// Deliveries in flight by sink.
@@ -101,7 +106,7 @@ impl Flight {
     }
 
     /// Whether no task at all (delivery or re-send) is running.
-    fn is_empty(&self) -> bool {
+    fn idle(&self) -> bool {
         self.tasks.is_empty()
     }
 
@@ -120,17 +125,22 @@ impl Flight {
         }
     }
 
-    fn start(&mut self, task: Id, seq: i64, sink: &str, lane: Lane) {
+    fn start(&mut self, task: Id, p: Pending, sink: &str, lane: Lane) {
+        let seq = p.seq;
         *self.sinks.entry(sink.to_string()).or_default() += 1;
         let e = self.lanes.entry(lane.name.clone()).or_insert((0, false));
         e.0 += 1;
         e.1 |= !lane.shared;
         self.by_task.insert(task, seq);
-        self.seqs.insert(seq, (sink.to_string(), lane));
+        self.seqs.insert(seq, (sink.to_string(), lane, p));
     }
 
     fn resending(&self, sink: &str) -> bool {
         self.resending.values().any(|s| s == sink)
+    }
+
+    fn resolving(&self, sink: &str) -> bool {
+        self.seqs.values().any(|(s, l, _)| s == sink && l.resolve)
     }
 
     /// Takes a finished task off the books; a delivery's result goes to `out`.
@@ -144,11 +154,13 @@ impl Flight {
             Err(e) => e.id(),
         };
         self.resending.remove(&id);
-        if let Some((sink, lane)) = self
+        let mut message = None;
+        if let Some((sink, lane, p)) = self
             .by_task
             .remove(&id)
             .and_then(|seq| self.seqs.remove(&seq))
         {
+            message = Some(p);
             if let Some(n) = self.sinks.get_mut(&sink) {
                 *n -= 1;
             }
@@ -165,8 +177,14 @@ impl Flight {
                 tracing::warn!(sink, error = %e.error, "re-sending firing alerts failed");
             }
             Ok((_, Done::Resend(_, Ok(())))) => {}
-            // The message stays pending and is sent again.
-            Err(e) => tracing::error!(error = %e, "delivery task failed"),
+            Err(e) if e.is_panic() => {
+                tracing::error!(error = %e, "delivery task panicked");
+                if let Some(p) = message {
+                    out.push((p, Err(Failed::from("delivery task panicked".to_string()))));
+                }
+            }
+            // Cut at shutdown: the message stays pending and is sent after restart.
+            Err(_) => {}
         }
     }
 }
@@ -286,6 +304,10 @@ impl Dispatcher {
                     }
                     tx.commit()?;
                 }
+                // Past the grace period nothing more starts.
+                if stop_at.is_some_and(|t| StdInstant::now() >= t) {
+                    return Ok(None);
+                }
                 let now = wall_ms();
                 // Start what is due, sink by sink, in outbox order, while the sink has
                 // slots: a slow or hanging receiver holds only its own. A message whose
@@ -297,28 +319,37 @@ impl Dispatcher {
                     loop {
                         let due = Outbox::due_for(&conn, &s.name, now, limit)?;
                         let fetched = due.len();
-                        let mut blocked: Vec<String> = Vec::new();
+                        // Lanes holding a message back, with the oldest one held: a message
+                        // waits only behind an older one (a retried message is due after
+                        // newer ones of its lane, in `next_ms` order).
+                        let mut blocked: HashMap<String, i64> = HashMap::new();
                         for p in due {
                             if flight.has(p.seq) {
                                 continue;
                             }
                             waiting = true;
                             let lane = Lane::of(&p);
+                            // Outside Alertmanager lanes (kept in order by superseding), a
+                            // message also waits for an older one of its lane that is
+                            // waiting for a retry.
                             if flight.sink_len(&s.name) >= bound
-                                || blocked.contains(&lane.name)
+                                || blocked.get(&lane.name).is_some_and(|&q| q < p.seq)
                                 || !flight.may_start(&lane)
+                                || (lane.resolve && flight.resending(&s.name))
+                                || (p.fp.is_none() && Outbox::earlier_pending(&conn, &p)?)
                             {
-                                blocked.push(lane.name);
+                                let q = blocked.entry(lane.name).or_insert(p.seq);
+                                *q = (*q).min(p.seq);
                                 continue;
                             }
                             let client = clients.clone();
                             let sink = s.clone();
-                            let seq = p.seq;
+                            let message = p.clone();
                             let task = flight.tasks.spawn(async move {
                                 let r = deliver(&client, &sink, &p).await;
                                 Done::Delivery(p, r)
                             });
-                            flight.start(task.id(), seq, &s.name, lane);
+                            flight.start(task.id(), message, &s.name, lane);
                         }
                         // More may be due behind what was fetched: fetch further while
                         // slots are free.
@@ -329,16 +360,10 @@ impl Dispatcher {
                         limit *= 4;
                     }
                 }
-                if let Some(t) = stop_at {
-                    let started = flight.len();
-                    if (!waiting && flight.is_empty()) || StdInstant::now() >= t {
-                        if waiting && started == 0 {
-                            tracing::warn!(
-                                "shutting down with undelivered messages; they are kept and sent after restart"
-                            );
-                        }
-                        return Ok(None);
-                    }
+                // Stopping: done once nothing is due and no delivery is in flight (a
+                // re-send in flight carries no outbox message; it is cut).
+                if stop_at.is_some() && !waiting && flight.len() == 0 {
+                    return Ok(None);
                 }
                 if stop_at.is_none() {
                     self.resend_alerts(&conn, client, &sinks, &mut last_resend, &mut flight)?;
@@ -348,7 +373,7 @@ impl Dispatcher {
                     Outbox::purge_done(&conn, before)?;
                     last_purge = StdInstant::now();
                 }
-                if flight.is_empty() || last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {
+                if flight.idle() || last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {
                     self.publish(&conn)?;
                     last_publish = Some(StdInstant::now());
                 }
@@ -383,7 +408,7 @@ impl Dispatcher {
                     }
                 };
                 tokio::select! {
-                    Some(r) = flight.tasks.join_next_with_id(), if !flight.is_empty() => {
+                    Some(r) = flight.tasks.join_next_with_id(), if !flight.idle() => {
                         flight.finish(r, &mut finished);
                         while let Some(r) = flight.tasks.try_join_next_with_id() {
                             flight.finish(r, &mut finished);
@@ -412,6 +437,13 @@ impl Dispatcher {
             tracing::warn!(
                 in_flight = cut,
                 "shutting down with deliveries in flight; they are kept and sent after restart"
+            );
+        }
+        let pending: i64 = Outbox::stats(&conn)?.pending.iter().map(|(_, n)| n).sum();
+        if pending > cut as i64 {
+            tracing::warn!(
+                pending,
+                "shutting down with undelivered messages; they are kept and sent after restart"
             );
         }
         Ok(())
@@ -462,7 +494,9 @@ impl Dispatcher {
                 continue;
             };
             let due = last.get(&s.name).is_none_or(|t| t.elapsed() >= *resend);
-            if !due || flight.resending(&s.name) {
+            // Not while a resolve to the sink is in flight: the re-send could land after
+            // it and fire the resolved alert again.
+            if !due || flight.resending(&s.name) || flight.resolving(&s.name) {
                 continue;
             }
             last.insert(s.name.clone(), StdInstant::now());

@@ -139,8 +139,10 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         }
     };
     let opened = (|| -> Result<_> {
-        let mut conn = store::open(&cfg.state)?;
+        // The lock first: a second daemon must not touch the file at all.
+        store::check_path(&cfg.state)?;
         let lock = store::lock(&cfg.state)?;
+        let mut conn = store::open(&cfg.state)?;
         store::migrate(&mut conn, &cfg.state)?;
         store::writer_settings(&conn)?;
         let mut positions = Vec::new();

@@ -154,8 +154,8 @@ pub fn lock(path: &Path) -> Result<std::fs::File> {
     }
 }
 
-/// Opens (creating if needed) the state file with the settings every connection uses.
-pub fn open(path: &Path) -> Result<Connection> {
+/// The state path is usable: its directory exists, and it is a regular file if it exists.
+pub fn check_path(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
@@ -172,6 +172,12 @@ pub fn open(path: &Path) -> Result<Connection> {
     {
         bail!("state file {}: not a regular file", path.display());
     }
+    Ok(())
+}
+
+/// Opens (creating if needed) the state file with the settings every connection uses.
+pub fn open(path: &Path) -> Result<Connection> {
+    check_path(path)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE

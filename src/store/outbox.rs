@@ -112,6 +112,18 @@ impl Outbox {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Whether a message of the same instance step to the same sink, older than `p`, is
+    /// still pending (waiting for a retry, say): `p` must not overtake it.
+    pub fn earlier_pending(conn: &Connection, p: &Pending) -> Result<bool> {
+        Ok(conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM outbox INDEXED BY outbox_instance
+                 WHERE rule = ?1 AND key = ?2 AND state = 0 AND sink = ?3 AND step = ?4
+                   AND seq < ?5)",
+            )?
+            .query_row(params![p.rule, p.key, p.sink, p.step, p.seq], |r| r.get(0))?)
+    }
+
     /// When the next pending message not yet due at `now_ms` becomes due, if any.
     pub fn next_due_after_ms(conn: &Connection, now_ms: i64) -> Result<Option<i64>> {
         Ok(conn
