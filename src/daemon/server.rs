@@ -157,6 +157,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
 
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -546,7 +548,18 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     {
         return too_large();
     }
-    let body = match Limited::new(req.into_body(), max_body).collect().await {
+    // A body trickled in slower than this holds a connection slot: cut it.
+    let read = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), max_body).collect(),
+    );
+    let Ok(read) = read.await else {
+        return json(
+            StatusCode::REQUEST_TIMEOUT,
+            serde_json::json!({"error": format!("body not received within {}s", BODY_TIMEOUT.as_secs())}),
+        );
+    };
+    let body = match read {
         Ok(b) => b.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
