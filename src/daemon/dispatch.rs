@@ -4,7 +4,7 @@
 //! receiver's `Retry-After`), records every attempt in the state file, gives up (logged
 //! and counted) after the configured age, and re-sends firing alerts to Alertmanager.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -316,6 +316,7 @@ impl Dispatcher {
                 for s in &self.cfg.sinks {
                     let bound = self.cfg.outbox.concurrency;
                     let mut limit = bound * 2 + flight.sink_len(&s.name);
+                    let mut seen: HashSet<i64> = HashSet::new();
                     loop {
                         let due = Outbox::due_for(&conn, &s.name, now, limit)?;
                         let fetched = due.len();
@@ -323,21 +324,32 @@ impl Dispatcher {
                         // waits only behind an older one (a retried message is due after
                         // newer ones of its lane, in `next_ms` order).
                         let mut blocked: HashMap<String, i64> = HashMap::new();
-                        for p in due {
-                            if flight.has(p.seq) {
+                        let mut queue: VecDeque<Pending> = due.into();
+                        while let Some(p) = queue.pop_front() {
+                            if flight.has(p.seq) || !seen.insert(p.seq) {
                                 continue;
                             }
                             waiting = true;
                             let lane = Lane::of(&p);
-                            // Outside Alertmanager lanes (kept in order by superseding), a
-                            // message also waits for an older one of its lane that is
-                            // waiting for a retry.
-                            if flight.sink_len(&s.name) >= bound
+                            let mut held = flight.sink_len(&s.name) >= bound
                                 || blocked.get(&lane.name).is_some_and(|&q| q < p.seq)
                                 || !flight.may_start(&lane)
-                                || (lane.resolve && flight.resending(&s.name))
-                                || (p.fp.is_none() && Outbox::earlier_pending(&conn, &p)?)
+                                || (lane.resolve && flight.resending(&s.name));
+                            // Outside Alertmanager lanes (kept in order by superseding), a
+                            // message also waits for an older pending one of its lane (one
+                            // waiting for a retry, say). That one may be due but outside the
+                            // fetched window (it sorts by its retry time): take it up now.
+                            if !held
+                                && p.fp.is_none()
+                                && let Some(head) = Outbox::lane_head(&conn, &p)?
+                                && head.seq != p.seq
                             {
+                                held = true;
+                                if head.next_ms <= now && !seen.contains(&head.seq) {
+                                    queue.push_front(head);
+                                }
+                            }
+                            if held {
                                 let q = blocked.entry(lane.name).or_insert(p.seq);
                                 *q = (*q).min(p.seq);
                                 continue;

@@ -3,7 +3,7 @@
 //! is logged and counted). Also the table of firing alerts, for resends and resolves.
 
 use anyhow::Result;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 /// A message to enqueue.
 #[derive(Clone, Debug)]
@@ -37,6 +37,25 @@ pub struct Pending {
     pub step: String,
     /// An Alertmanager alert's or resolve's label set.
     pub fp: Option<String>,
+    /// When it is (or was) due.
+    pub next_ms: i64,
+}
+
+fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
+    Ok(Pending {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        sink: r.get(2)?,
+        kind: r.get(3)?,
+        body: r.get(4)?,
+        attempts: r.get(5)?,
+        created_ms: r.get(6)?,
+        rule: r.get(7)?,
+        key: r.get(8)?,
+        step: r.get(9)?,
+        fp: r.get(10)?,
+        next_ms: r.get(11)?,
+    })
 }
 
 /// The result of one delivery attempt.
@@ -90,38 +109,28 @@ impl Outbox {
         limit: usize,
     ) -> Result<Vec<Pending>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step, fp
+            "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step, fp, next_ms
              FROM outbox INDEXED BY outbox_due
              WHERE state = 0 AND sink = ?1 AND next_ms <= ?2 ORDER BY next_ms, seq LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![sink, now_ms, limit as i64], |r| {
-            Ok(Pending {
-                seq: r.get(0)?,
-                id: r.get(1)?,
-                sink: r.get(2)?,
-                kind: r.get(3)?,
-                body: r.get(4)?,
-                attempts: r.get(5)?,
-                created_ms: r.get(6)?,
-                rule: r.get(7)?,
-                key: r.get(8)?,
-                step: r.get(9)?,
-                fp: r.get(10)?,
-            })
-        })?;
+        let rows = stmt.query_map(params![sink, now_ms, limit as i64], pending_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Whether a message of the same instance step to the same sink, older than `p`, is
-    /// still pending (waiting for a retry, say): `p` must not overtake it.
-    pub fn earlier_pending(conn: &Connection, p: &Pending) -> Result<bool> {
+    /// The oldest pending message of `p`'s instance step to `p`'s sink (`p` itself, or one
+    /// waiting for a retry that `p` must not overtake).
+    pub fn lane_head(conn: &Connection, p: &Pending) -> Result<Option<Pending>> {
         Ok(conn
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM outbox INDEXED BY outbox_instance
+                "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step, fp,
+                        next_ms
+                 FROM outbox INDEXED BY outbox_instance
                  WHERE rule = ?1 AND key = ?2 AND state = 0 AND sink = ?3 AND step = ?4
-                   AND seq < ?5)",
+                   AND seq <= ?5
+                 ORDER BY seq LIMIT 1",
             )?
-            .query_row(params![p.rule, p.key, p.sink, p.step, p.seq], |r| r.get(0))?)
+            .query_row(params![p.rule, p.key, p.sink, p.step, p.seq], pending_row)
+            .optional()?)
     }
 
     /// When the next pending message not yet due at `now_ms` becomes due, if any.
