@@ -317,13 +317,13 @@ impl Dispatcher {
                     let bound = self.cfg.outbox.concurrency;
                     let mut limit = bound * 2 + flight.sink_len(&s.name);
                     let mut seen: HashSet<i64> = HashSet::new();
+                    // Lanes holding a message back, with the oldest one held: a message
+                    // waits only behind an older one (a retried message is due after newer
+                    // ones of its lane, in `next_ms` order).
+                    let mut blocked: HashMap<String, i64> = HashMap::new();
                     loop {
                         let due = Outbox::due_for(&conn, &s.name, now, limit)?;
                         let fetched = due.len();
-                        // Lanes holding a message back, with the oldest one held: a message
-                        // waits only behind an older one (a retried message is due after
-                        // newer ones of its lane, in `next_ms` order).
-                        let mut blocked: HashMap<String, i64> = HashMap::new();
                         let mut queue: VecDeque<Pending> = due.into();
                         while let Some(p) = queue.pop_front() {
                             if flight.has(p.seq) || !seen.insert(p.seq) {
