@@ -763,8 +763,9 @@ fn sigterm_bounds_in_flight_deliveries_and_idle_connections() {
     );
 }
 
-/// A receiver answering 503 with `Retry-After` is not retried sooner than it asked, even
-/// though the backoff alone would retry within 300 ms.
+/// A receiver answering 503 with `Retry-After` is sent nothing sooner than it asked, even
+/// though the backoff alone would retry within 300 ms; meanwhile its messages keep their
+/// order.
 #[test]
 fn retry_after_is_honoured() {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -808,15 +809,15 @@ fn retry_after_is_honoured() {
          alerts: {{ sinks: [hook] }}\noutbox: {{ concurrency: 1, backoff: 50ms, max_backoff: 300ms }}\n"
     ));
     d.start();
-    let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
+    let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:00:01Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-2\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
     let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
     assert_eq!(st, 202, "{b}");
-    // The first message is the alert; while it waits for its retry, the payment arrives
+    // The first message is o-1's alert; while it waits for its retry, the payment arrives
     // late and resolves it.
     wait_for(Duration::from_secs(30), "the refused alert", || {
         let t = times.lock().unwrap();
         t.first()
-            .map(|(_, b)| assert!(b.contains("alert.firing"), "{b}"))
+            .map(|(_, b)| assert!(b.contains("alert.firing") && b.contains("\"o-1\""), "{b}"))
     });
     let late = r#"{"time":"2026-03-02T09:16:30Z","type":"PaymentCompleted","order_id":"o-1"}"#;
     let (st, b) = http(d.port, "POST", "/v1/events", &[], late.as_bytes()).unwrap();
@@ -833,7 +834,22 @@ fn retry_after_is_honoured() {
         },
     );
     assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
-    // Nothing of the instance step overtook the alert waiting for its retry: the
+    // The receiver's Retry-After held the whole sink: o-2's messages (another lane) waited
+    // too.
+    wait_for(Duration::from_secs(30), "o-2's messages", || {
+        let t = times.lock().unwrap();
+        (t.iter().filter(|(_, b)| b.contains("\"o-2\"")).count() >= 2).then_some(())
+    });
+    {
+        let t = times.lock().unwrap();
+        for (at, b) in &t[1..] {
+            assert!(
+                *at - t[0].0 >= Duration::from_secs(2),
+                "sent during the pause: {b}"
+            );
+        }
+    }
+    // Nothing of o-1's instance step overtook the alert waiting for its retry: the
     // compensation and the resolve come after it.
     let order = wait_for(Duration::from_secs(30), "the resolve", || {
         let t = times.lock().unwrap();
@@ -843,6 +859,7 @@ fn retry_after_is_honoured() {
     });
     let kinds: Vec<&str> = order
         .iter()
+        .filter(|b| b.contains("\"o-1\""))
         .map(|b| {
             ["alert.firing", "alert.resolved", "compensate"]
                 .into_iter()

@@ -289,6 +289,8 @@ impl Dispatcher {
         let mut last_resend: HashMap<String, StdInstant> = HashMap::new();
         let mut last_purge = StdInstant::now();
         let mut last_publish: Option<StdInstant> = None;
+        // Sinks whose receiver asked (Retry-After) not to be sent anything until then.
+        let mut paused: HashMap<String, StdInstant> = HashMap::new();
         loop {
             if stop_at.is_none() && self.stop.load(Ordering::Relaxed) {
                 stop_at = Some(StdInstant::now() + self.grace);
@@ -299,11 +301,21 @@ impl Dispatcher {
                 if !finished.is_empty() {
                     let tx = conn.unchecked_transaction()?;
                     for (p, r) in finished.drain(..) {
+                        if let Err(Failed {
+                            retry_after: Some(d),
+                            ..
+                        }) = &r
+                        {
+                            let until = StdInstant::now() + *d;
+                            let e = paused.entry(p.sink.clone()).or_insert(until);
+                            *e = (*e).max(until);
+                        }
                         let d = self.classify(&p, r);
                         Outbox::record(&tx, p.seq, &d, wall_ms())?;
                     }
                     tx.commit()?;
                 }
+                paused.retain(|_, t| *t > StdInstant::now());
                 // Past the grace period nothing more starts.
                 if stop_at.is_some_and(|t| StdInstant::now() >= t) {
                     return Ok(None);
@@ -314,6 +326,11 @@ impl Dispatcher {
                 // lane is busy waits, and so does everything after it in that lane.
                 let mut waiting = false;
                 for s in &self.cfg.sinks {
+                    // The receiver's Retry-After holds the whole sink, not only the
+                    // message it answered.
+                    if paused.contains_key(&s.name) {
+                        continue;
+                    }
                     let bound = self.cfg.outbox.concurrency;
                     let mut limit = bound * 2 + flight.sink_len(&s.name);
                     let mut seen: HashSet<i64> = HashSet::new();
@@ -391,10 +408,14 @@ impl Dispatcher {
                 }
                 // Wait for the next message to fall due; a finished delivery (a free slot
                 // or lane), new messages and the stop wake the wait sooner.
-                Ok(Some(match Outbox::next_due_after_ms(&conn, now)? {
+                let mut wait = match Outbox::next_due_after_ms(&conn, now)? {
                     Some(t) => Duration::from_millis((t - wall_ms()).clamp(0, 1000) as u64),
                     None => Duration::from_secs(1),
-                }))
+                };
+                if let Some(t) = paused.values().min() {
+                    wait = wait.min(t.saturating_duration_since(StdInstant::now()));
+                }
+                Ok(Some(wait))
             })();
             let wait = match r {
                 Ok(Some(w)) => w,
