@@ -133,7 +133,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), svc);
+                        .serve_connection(
+                            TokioIo::new(WriteDeadline::new(stream, WRITE_TIMEOUT)),
+                            svc,
+                        );
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}
@@ -161,6 +164,118 @@ const MAX_CONNECTIONS: usize = 1024;
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a response may wait for a client that reads nothing.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A stream whose writes fail (`TimedOut`) after making no progress for a while, so a
+/// client that requests a large response and never reads it does not hold its connection
+/// (one of a bounded number) for good. hyper has read timeouts only.
+struct WriteDeadline<S> {
+    inner: S,
+    limit: std::time::Duration,
+    /// Armed while a write is blocked.
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, limit: std::time::Duration) -> WriteDeadline<S> {
+        WriteDeadline {
+            inner,
+            limit,
+            sleep: None,
+        }
+    }
+
+    /// After a write returned `Pending`: `Ready(error)` once it has been blocked too long.
+    fn blocked(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
+        let limit = self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client read nothing of the response",
+            )),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// Runs a write-side poll under the deadline: progress disarms it, `Pending` arms it.
+macro_rules! under_deadline {
+    ($self:ident, $cx:ident, $poll:expr) => {{
+        use std::task::Poll;
+        match $poll {
+            Poll::Pending => match $self.blocked($cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+            done => {
+                $self.sleep = None;
+                done
+            }
+        }
+    }};
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        under_deadline!(
+            self,
+            cx,
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        )
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        under_deadline!(
+            self,
+            cx,
+            std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        )
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        under_deadline!(self, cx, std::pin::Pin::new(&mut self.inner).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        under_deadline!(
+            self,
+            cx,
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        )
+    }
+}
 
 /// The methods a known path answers (for 405's `Allow`); `None`: no such path.
 fn allowed(path: &str) -> Option<&'static str> {
@@ -625,6 +740,35 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::split_body;
+
+    #[tokio::test]
+    async fn a_write_nobody_reads_fails_after_the_deadline_and_progress_resets_it() {
+        use std::time::{Duration, Instant};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limit = Duration::from_millis(200);
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut w = super::WriteDeadline::new(server, limit);
+        // A slow reader that keeps up: 8 KiB through a 1 KiB pipe, 512 bytes per 20 ms,
+        // takes longer than the limit, but no write waits that long.
+        let reader = tokio::spawn(async move {
+            let (mut got, mut buf) = (0, [0u8; 512]);
+            while got < 8192 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                got += client.read(&mut buf).await.unwrap();
+            }
+            client
+        });
+        let started = Instant::now();
+        w.write_all(&[0u8; 8192]).await.unwrap();
+        assert!(started.elapsed() > limit);
+        let client = reader.await.unwrap();
+        // Nobody reads now: once the pipe is full, the write fails after the limit.
+        let started = Instant::now();
+        let err = w.write_all(&[1u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= limit);
+        drop(client);
+    }
 
     #[test]
     fn splits_object_array_and_ndjson() {
