@@ -126,6 +126,11 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX outbox_due ON outbox (sink, next_ms) WHERE state = 0;
     ",
+    // 8: which rules the daemon runs now. A removed rule's shape and rows stay (it may
+    // come back), but the rule listing shows only the loaded ones.
+    "
+    ALTER TABLE rule_shapes ADD COLUMN loaded INTEGER NOT NULL DEFAULT 1;
+    ",
 ];
 
 /// Takes the state file for this process: an exclusive lock on `<state>.lock` beside it,
@@ -605,10 +610,11 @@ pub fn list_instances(
 pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
     use std::collections::BTreeMap;
     let mut rules: BTreeMap<String, [i64; 3]> = BTreeMap::new();
-    let mut stmt = conn.prepare("SELECT rule FROM rule_shapes")?;
+    let mut stmt = conn.prepare("SELECT rule FROM rule_shapes WHERE loaded")?;
     for r in stmt.query_map([], |r| r.get::<_, String>(0))? {
         rules.entry(r?).or_default();
     }
+    let loaded: std::collections::BTreeSet<String> = rules.keys().cloned().collect();
     let mut stmt = conn.prepare("SELECT substr(k, 6), v FROM meta WHERE k LIKE 'open:%'")?;
     for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
         let (rule, n) = r?;
@@ -629,6 +635,8 @@ pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
             rules.entry(rule).or_default()[i] = n;
         }
     }
+    // Rows of rules no longer loaded stay in the file, ignored; so are their counts here.
+    rules.retain(|r, _| loaded.contains(r));
     Ok(serde_json::json!({
         "rules": rules
             .into_iter()
@@ -642,6 +650,42 @@ pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rule_set(names: &[&str]) -> crate::rules::RuleSet {
+        let text: String = std::iter::once("rules:\n".to_string())
+            .chain(names.iter().map(|n| {
+                format!(
+                    "  - name: {n}\n    trigger: {{ where: {{ type: A }}, key: id }}\n    \
+                     expect: [{{ step: b, where: {{ type: B }}, key: id, within: 1m }}]\n"
+                )
+            }))
+            .collect();
+        crate::rules::load_sources(&[("r.yaml".into(), text)]).unwrap()
+    }
+
+    /// A removed rule's rows stay in the file (it may come back), but the rule listing
+    /// shows what runs: the rules loaded now, including one loaded again.
+    #[test]
+    fn rule_listing_shows_the_loaded_rules_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let names = |conn: &Connection| -> Vec<String> {
+            rule_summary(conn).unwrap()["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["rule"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let mut conn = open(&path).unwrap();
+        migrate(&mut conn, &path).unwrap();
+        let mut st = SqliteState::open(conn, &rule_set(&["a", "b"]), &path).unwrap();
+        assert_eq!(names(st.conn()), ["a", "b"]);
+        st.set_rules(&rule_set(&["b", "c"])).unwrap();
+        assert_eq!(names(st.conn()), ["b", "c"]);
+        st.set_rules(&rule_set(&["a"])).unwrap();
+        assert_eq!(names(st.conn()), ["a"]);
+    }
 
     /// Every listing reads its status index in order: no scan of the instances, no sort.
     #[test]

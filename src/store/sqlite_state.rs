@@ -744,6 +744,7 @@ impl SqliteState {
 fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<(String, usize)>> {
     let tx = conn.transaction()?;
     let mut dropped = Vec::new();
+    tx.execute("UPDATE rule_shapes SET loaded = 0 WHERE loaded", [])?;
     for r in &rules.rules {
         let want = shape(r);
         let have: Option<String> = tx
@@ -754,6 +755,10 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
             )
             .optional()?;
         if have.as_deref() == Some(want.as_str()) {
+            tx.execute(
+                "UPDATE rule_shapes SET loaded = 1 WHERE rule = ?1",
+                params![r.name],
+            )?;
             continue;
         }
         if have.is_some() {
@@ -767,7 +772,7 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
             dropped.push((r.name.clone(), n));
         }
         tx.execute(
-            "INSERT OR REPLACE INTO rule_shapes (rule, steps) VALUES (?1, ?2)",
+            "INSERT OR REPLACE INTO rule_shapes (rule, steps, loaded) VALUES (?1, ?2, 1)",
             params![r.name, want],
         )?;
     }
