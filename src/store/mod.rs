@@ -687,6 +687,55 @@ mod tests {
         assert_eq!(names(st.conn()), ["a"]);
     }
 
+    /// The open deadlines of a removed rule never fire: they leave the deadline index (or
+    /// the oldest-deadline gauge would read as stuck timers) and come back with the rule.
+    #[test]
+    fn a_removed_rules_deadlines_leave_the_index_and_come_back_with_it() {
+        use crate::engine::state::{Due, Instance, State, StepState, StepStatus, Steps};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = open(&path).unwrap();
+        migrate(&mut conn, &path).unwrap();
+        let mut st = SqliteState::open(conn, &rule_set(&["a", "b"]), &path).unwrap();
+        st.begin().unwrap();
+        let mut steps = Steps::pending(1);
+        steps[0] = StepState {
+            status: StepStatus::Open,
+            at: 1_000,
+        };
+        assert_eq!(st.take(0, "k"), None);
+        st.put(
+            0,
+            "k",
+            Some(Instance {
+                opened_at: 0,
+                closed_at: None,
+                expires_at: 0,
+                steps,
+                captures: Box::new([]),
+            }),
+        );
+        st.commit().unwrap();
+        assert_eq!(st.oldest_deadline().unwrap(), Some(1_000));
+        st.set_rules(&rule_set(&["b"])).unwrap();
+        assert_eq!(st.oldest_deadline().unwrap(), None);
+        let mut due = Vec::new();
+        st.due(2_000, &mut due);
+        assert!(due.is_empty());
+        st.set_rules(&rule_set(&["b", "a"])).unwrap();
+        assert_eq!(st.oldest_deadline().unwrap(), Some(1_000));
+        st.due(2_000, &mut due);
+        assert_eq!(
+            due,
+            [Due {
+                deadline: 1_000,
+                rule: 1,
+                key: "k".into(),
+                step: 0
+            }]
+        );
+    }
+
     /// Every listing reads its status index in order: no scan of the instances, no sort.
     #[test]
     fn listings_read_their_index_in_order() {

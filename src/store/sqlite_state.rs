@@ -740,11 +740,17 @@ impl SqliteState {
 }
 
 /// Records each rule's step list; deletes rows of rules whose list changed. Returns the
-/// rules whose rows were dropped and how many instances each lost.
+/// rules whose rows were dropped and how many instances each lost. Rows of a rule no
+/// longer loaded are kept (it may come back) but leave the deadline index, where their
+/// deadlines would never fire and would read as stuck timers; a rule loaded again gets
+/// them back.
 fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<(String, usize)>> {
     let tx = conn.transaction()?;
     let mut dropped = Vec::new();
-    tx.execute("UPDATE rule_shapes SET loaded = 0 WHERE loaded", [])?;
+    let was_loaded: std::collections::HashSet<String> = tx
+        .prepare("SELECT rule FROM rule_shapes WHERE loaded")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     for r in &rules.rules {
         let want = shape(r);
         let have: Option<String> = tx
@@ -755,10 +761,13 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
             )
             .optional()?;
         if have.as_deref() == Some(want.as_str()) {
-            tx.execute(
-                "UPDATE rule_shapes SET loaded = 1 WHERE rule = ?1",
-                params![r.name],
-            )?;
+            if !was_loaded.contains(&r.name) {
+                restore_deadlines(&tx, &r.name)?;
+                tx.execute(
+                    "UPDATE rule_shapes SET loaded = 1 WHERE rule = ?1",
+                    params![r.name],
+                )?;
+            }
             continue;
         }
         if have.is_some() {
@@ -776,8 +785,38 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
             params![r.name, want],
         )?;
     }
+    for gone in was_loaded
+        .iter()
+        .filter(|n| !rules.rules.iter().any(|r| &r.name == *n))
+    {
+        tx.execute(
+            "UPDATE instances SET next_deadline = NULL
+             WHERE rule = ?1 AND next_deadline IS NOT NULL",
+            params![gone],
+        )?;
+        tx.execute(
+            "UPDATE rule_shapes SET loaded = 0 WHERE rule = ?1",
+            params![gone],
+        )?;
+    }
     tx.commit()?;
     Ok(dropped)
+}
+
+/// Puts the open deadlines of a rule loaded again back into the deadline index.
+fn restore_deadlines(tx: &rusqlite::Transaction<'_>, rule: &str) -> rusqlite::Result<()> {
+    let rows: Vec<(String, Vec<u8>)> = tx
+        .prepare("SELECT key, steps FROM instances WHERE rule = ?1 AND closed_at IS NULL")?
+        .query_map(params![rule], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut set =
+        tx.prepare("UPDATE instances SET next_deadline = ?3 WHERE rule = ?1 AND key = ?2")?;
+    for (key, steps) in rows {
+        if let Some(d) = next_deadline(&decode_steps(&steps)) {
+            set.execute(params![rule, key, d])?;
+        }
+    }
+    Ok(())
 }
 
 impl State for SqliteState {
