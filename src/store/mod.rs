@@ -516,6 +516,7 @@ fn list_sql(status: ListStatus) -> String {
     format!(
         "SELECT rule, key, opened_at, closed_at, {col}, steps FROM instances INDEXED BY {index}
          WHERE {filter} AND {col} < ?1 AND (?2 IS NULL OR rule = ?2)
+           AND rule IN (SELECT rule FROM rule_shapes WHERE loaded)
            AND (?3 IS NULL OR ({col}, rule, key) {cmp} (?3, ?4, ?5))
          ORDER BY {col} {order}, rule {order}, key {order} LIMIT ?6"
     )
@@ -688,7 +689,8 @@ mod tests {
     }
 
     /// The open deadlines of a removed rule never fire: they leave the deadline index (or
-    /// the oldest-deadline gauge would read as stuck timers) and come back with the rule.
+    /// the oldest-deadline gauge would read as stuck timers) and the instance listings,
+    /// and come back with the rule.
     #[test]
     fn a_removed_rules_deadlines_leave_the_index_and_come_back_with_it() {
         use crate::engine::state::{Due, Instance, State, StepState, StepStatus, Steps};
@@ -716,14 +718,23 @@ mod tests {
             }),
         );
         st.commit().unwrap();
+        let listed = |conn: &Connection| {
+            list_instances(conn, ListStatus::Open, None, None, 10, None).unwrap()["items"]
+                .as_array()
+                .unwrap()
+                .len()
+        };
         assert_eq!(st.oldest_deadline().unwrap(), Some(1_000));
+        assert_eq!(listed(st.conn()), 1);
         st.set_rules(&rule_set(&["b"])).unwrap();
         assert_eq!(st.oldest_deadline().unwrap(), None);
+        assert_eq!(listed(st.conn()), 0);
         let mut due = Vec::new();
         st.due(2_000, &mut due);
         assert!(due.is_empty());
         st.set_rules(&rule_set(&["b", "a"])).unwrap();
         assert_eq!(st.oldest_deadline().unwrap(), Some(1_000));
+        assert_eq!(listed(st.conn()), 1);
         st.due(2_000, &mut due);
         assert_eq!(
             due,
