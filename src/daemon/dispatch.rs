@@ -723,23 +723,67 @@ pub fn alertmanager_alert(body: &str, kind: &str, resend: Duration) -> Option<se
         ann.insert("description".into(), desc.into());
     }
     let now = crate::daemon::core::wall_nanos();
+    Some(am_alert(labels, ann, v.get("timestamp"), kind, resend, now))
+}
+
+/// The alert at wall time `now`. `startsAt` is the body's timestamp (event time), but
+/// never after `endsAt`: Alertmanager rejects such an alert (400), which would hold it
+/// back for as long as event time runs ahead of wall time.
+fn am_alert(
+    labels: serde_json::Map<String, serde_json::Value>,
+    annotations: serde_json::Map<String, serde_json::Value>,
+    timestamp: Option<&serde_json::Value>,
+    kind: &str,
+    resend: Duration,
+    now: crate::time::Instant,
+) -> serde_json::Value {
     let ends = if kind == "resolve" {
         now
     } else {
         now + (resend.as_nanos() as i64).saturating_mul(4)
     };
-    Some(serde_json::json!({
+    let starts = timestamp
+        .and_then(|t| t.as_str())
+        .and_then(crate::time::parse_rfc3339)
+        .map_or(now, |t| t.min(now));
+    serde_json::json!({
         "labels": labels,
-        "annotations": ann,
-        "startsAt": v.get("timestamp").cloned().unwrap_or_default(),
+        "annotations": annotations,
+        "startsAt": crate::time::format_rfc3339(starts),
         "endsAt": crate::time::format_rfc3339(ends),
-    }))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::SystemTime;
+
+    /// Event time ahead of wall time (a producer's clock): still `startsAt` ≤ `endsAt`,
+    /// firing or resolved; otherwise the event time.
+    #[test]
+    fn alertmanager_alerts_never_start_after_they_end() {
+        let now = crate::time::parse_rfc3339("2026-01-01T12:00:00Z").unwrap();
+        let resend = Duration::from_secs(60);
+        for (ts, want) in [
+            ("2026-01-01T12:05:00Z", "2026-01-01T12:00:00Z"),
+            ("2026-01-01T11:00:00Z", "2026-01-01T11:00:00Z"),
+        ] {
+            for kind in ["alert", "resolve"] {
+                let a = am_alert(
+                    Default::default(),
+                    Default::default(),
+                    Some(&ts.into()),
+                    kind,
+                    resend,
+                    now,
+                );
+                let at = |k: &str| crate::time::parse_rfc3339(a[k].as_str().unwrap()).unwrap();
+                assert!(at("startsAt") <= at("endsAt"), "{kind} {a}");
+                assert_eq!(at("startsAt"), crate::time::parse_rfc3339(want).unwrap());
+            }
+        }
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_dates() {
