@@ -353,6 +353,8 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     );
     assert!(err.contains("c.yaml:3:9: listen:"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // One line per problem; one problem, one line.
+    assert_eq!(err.lines().count(), 2, "{err}");
     // With JSON logs, every line of the error is a JSON log record.
     let out = std::process::Command::new(BIN)
         .args(["run", "--log-format", "json", "--config"])
@@ -372,6 +374,18 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     assert!(
         messages.iter().any(|m| m.contains("c.yaml:3:9: listen:")),
         "{messages:?}"
+    );
+    let (code, err) = run(
+        dir,
+        "rules: rules\nsources: { a: { type: stdin } }\nbogus: 1\n",
+    );
+    assert_eq!(code, Some(2));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.trim_end()
+            .ends_with("c.yaml:3:1: bogus: unknown field \"bogus\""),
+        "{err}"
     );
 
     let (code, err) = run(

@@ -122,19 +122,20 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
     let cfg = match config::load(path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            say(&e.to_string());
-            say(&format!("error: invalid config {}", path.display()));
+            // One line per problem, each naming its file and position: one problem, one
+            // line.
+            for line in e.to_string().lines() {
+                say(&format!("error: {line}"));
+            }
             return EXIT_CONFIG;
         }
     };
     let rules = match cfg.load_rules() {
         Ok(r) => Arc::new(r),
         Err(e) => {
-            say(&e.to_string());
-            say(&format!(
-                "error: invalid rules in {}",
-                cfg.rules_path.display()
-            ));
+            for line in e.to_string().lines() {
+                say(&format!("error: {line}"));
+            }
             return EXIT_CONFIG;
         }
     };
