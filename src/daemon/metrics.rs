@@ -197,7 +197,7 @@ impl Metrics {
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
-            let _ = reg.register(Box::new(pc));
+            let _ = reg.register(Box::new(ProcessMetrics(pc)));
         }
         let kafka_lag = gauge_vec(
             reg,
@@ -308,5 +308,86 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The process metrics of the `prometheus` crate, with `process_cpu_seconds_total` in
+/// clock ticks rather than whole seconds (the crate truncates it: a daemon using a tenth
+/// of a core read 0 for its first ten seconds, and `rate()` moved in steps of 1).
+#[cfg(target_os = "linux")]
+struct ProcessMetrics(prometheus::process_collector::ProcessCollector);
+
+#[cfg(target_os = "linux")]
+impl prometheus::core::Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut mfs = self.0.collect();
+        if let Some(secs) = cpu_seconds() {
+            for mf in &mut mfs {
+                if mf.name() == "process_cpu_seconds_total" {
+                    for m in mf.mut_metric() {
+                        let mut c = prometheus::proto::Counter::default();
+                        c.set_value(secs);
+                        m.set_counter(c);
+                    }
+                }
+            }
+        }
+        mfs
+    }
+}
+
+/// User plus system CPU time of this process, from `/proc/self/stat`.
+#[cfg(target_os = "linux")]
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_of(&stat, auxv_clock_ticks().unwrap_or(100))
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds at `hz` ticks per second.
+#[cfg(target_os = "linux")]
+fn cpu_seconds_of(stat: &str, hz: u64) -> Option<f64> {
+    // Fields after the command name (which may hold spaces and parentheses), from the
+    // state (field 3): utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let ticks = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
+    Some(ticks as f64 / hz.max(1) as f64)
+}
+
+/// Clock ticks per second (what `sysconf(_SC_CLK_TCK)` answers), from the kernel's
+/// auxiliary vector (`AT_CLKTCK`).
+#[cfg(target_os = "linux")]
+fn auxv_clock_ticks() -> Option<u64> {
+    const AT_CLKTCK: u64 = 17;
+    let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or_default());
+    std::fs::read("/proc/self/auxv")
+        .ok()?
+        .chunks_exact(16)
+        .find(|e| word(&e[..8]) == AT_CLKTCK)
+        .map(|e| word(&e[8..]))
+        .filter(|&hz| hz > 0)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn cpu_seconds_count_ticks_not_whole_seconds() {
+        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 123 45 0 0 20 0 9 0";
+        assert_eq!(super::cpu_seconds_of(stat, 100), Some(1.68));
+        assert!(super::auxv_clock_ticks().is_some_and(|hz| hz > 0));
+        use prometheus::core::Collector;
+        let pc = super::ProcessMetrics(prometheus::process_collector::ProcessCollector::for_self());
+        let mfs = pc.collect();
+        let reported = mfs
+            .iter()
+            .find(|m| m.name() == "process_cpu_seconds_total")
+            .map(|m| m.get_metric()[0].get_counter().get_value())
+            .unwrap();
+        let now = super::cpu_seconds().unwrap();
+        assert!(reported <= now && now - reported < 0.5, "{reported} {now}");
     }
 }
