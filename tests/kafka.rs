@@ -490,3 +490,88 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
         "{err}"
     );
 }
+
+/// The idle fallback moves the clock with wall time only while no events wait in Kafka.
+/// A daemon suspended while an order and its payment arrive must not, on waking, take
+/// the quiet it has seen for idleness and report the payment missing before it reads
+/// it; once the topic is quiet for real, the fallback still fires.
+#[test]
+fn a_suspended_daemon_reads_what_waits_in_kafka_before_the_idle_clock_moves() {
+    const RULES: &str = r#"
+rules:
+  - name: pay
+    trigger: { where: { type: OrderPlaced }, key: order_id }
+    expect:
+      - step: payment
+        where: { type: PaymentCompleted }
+        key: order_id
+        within: 4s
+    on_missing:
+      - alert: { severity: critical, summary: "order {{key}}: {{step}} missing" }
+"#;
+    let broker = Broker::start(false);
+    broker.create_topics(&[("orders", 1)]);
+    let mut d = Daemon::with_rules(
+        RULES,
+        &format!(
+            "time: {{ lateness: 0s, idle: 1s }}\nbatch: {{ interval: 50ms }}\nkafka: {{ brokers: '{}' }}\nsources:\n  orders: {{ type: kafka }}\nsinks:\n  out: {{ type: stdout }}\n",
+            broker.brokers()
+        ),
+    );
+    d.start();
+    wait_for(Duration::from_secs(60), "the partition assigned", || {
+        (assigned(&d) == 1).then_some(())
+    });
+    let count = |outcome: &str| {
+        metric(
+            d.port,
+            &format!("sagawatch_steps_total{{outcome=\"{outcome}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    let event = |ty: &str, key: &str, at: i64| {
+        format!(
+            r#"{{"time":"{}","type":"{ty}","order_id":"{key}"}}"#,
+            sagawatch::time::format_rfc3339(at)
+        )
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64
+    };
+    let child = d.child.as_ref().unwrap();
+    signal(child, "STOP");
+    let t = now();
+    let (placed, paid) = (
+        event("OrderPlaced", "o1", t),
+        event("PaymentCompleted", "o1", t + 1_000_000_000),
+    );
+    broker.produce(&[
+        ("orders", "o1", placed.as_str(), None),
+        ("orders", "o1", paid.as_str(), None),
+    ]);
+    // Suspended past the payment's deadline plus `idle`: wall time alone would fire it.
+    std::thread::sleep(Duration::from_secs(7));
+    signal(d.child.as_ref().unwrap(), "CONT");
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while count("satisfied") != 1.0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the payment was not applied: {}\n{}",
+            d.stderr(),
+            http(d.port, "GET", "/metrics", &[], b"")
+                .map(|r| r.1)
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count("missing"), 0.0, "{}", d.stderr());
+    // Quiet for real now: an order without payment is reported by the idle clock.
+    let placed = event("OrderPlaced", "o2", now());
+    broker.produce(&[("orders", "o2", placed.as_str(), None)]);
+    wait_for(Duration::from_secs(30), "the idle clock to fire", || {
+        (count("missing") == 1.0).then_some(())
+    });
+}

@@ -80,6 +80,10 @@ pub fn wall_ms() -> i64 {
     wall_nanos() / 1_000_000
 }
 
+/// A gap between two looks at the idle clock longer than this is not quiet on the
+/// stream (see `Core::last_look`).
+const SUSPENDED: StdDuration = StdDuration::from_secs(1);
+
 /// How often the core wakes when nothing arrives, to move the clock and commit.
 const TICK: StdDuration = StdDuration::from_millis(100);
 
@@ -94,6 +98,10 @@ pub struct Core {
     batch_events: usize,
     batch_started: Option<StdInstant>,
     last_event: StdInstant,
+    /// When the idle fallback last looked: a gap far beyond `TICK` since means the
+    /// process was suspended (SIGSTOP, a paused VM) or starved, not that the stream was
+    /// quiet.
+    last_look: StdInstant,
     wrote_outbox: bool,
     /// With Kafka sources: whether events wait in Kafka (then the stream is not idle).
     kafka: Option<Arc<crate::daemon::kafka::Health>>,
@@ -146,6 +154,7 @@ impl Core {
             batch_events: 0,
             batch_started: None,
             last_event: StdInstant::now(),
+            last_look: StdInstant::now(),
             wrote_outbox: false,
             kafka: None,
             children: Children::default(),
@@ -374,6 +383,10 @@ impl Core {
     fn idle_tick(&mut self) -> Result<()> {
         if self.kafka.as_ref().is_some_and(|k| k.holds_clock()) {
             // Not idle: events wait in Kafka (catching up, rebalancing, or unreachable).
+            self.last_event = StdInstant::now();
+        }
+        if std::mem::replace(&mut self.last_look, StdInstant::now()).elapsed() > SUSPENDED {
+            // Whatever arrived meanwhile has not been read yet: the quiet starts now.
             self.last_event = StdInstant::now();
         }
         let t = &self.cfg.time;

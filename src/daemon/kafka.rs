@@ -45,6 +45,9 @@ pub struct Health {
     /// unreachable, or a known backlog): the stream is not idle then, so the idle
     /// fallback must not move the clock past events still waiting in Kafka.
     holding: AtomicBool,
+    /// When `holding` was last worked out (wall ms): past `HOLD_FRESH`, nothing is known
+    /// (the daemon was suspended, say, while events arrived), so the clock waits too.
+    held_at: std::sync::atomic::AtomicI64,
 }
 
 impl Default for Health {
@@ -52,14 +55,23 @@ impl Default for Health {
         Health {
             down: Mutex::default(),
             holding: AtomicBool::new(true),
+            held_at: std::sync::atomic::AtomicI64::new(0),
         }
     }
 }
+
+/// How old the last backlog reading may be for the idle fallback to trust it: statistics
+/// come every second.
+const HOLD_FRESH_MS: i64 = 3_000;
+/// A partition's high watermark in the statistics is current only if its leader answered
+/// this recently (a fetch long-poll returns every `fetch.wait.max.ms`, 500 ms by default).
+const FRESH_MICROS: i64 = 2_000_000;
 
 impl Health {
     /// Whether events are known to wait in Kafka (see `holding`).
     pub fn holds_clock(&self) -> bool {
         self.holding.load(Ordering::Relaxed)
+            || wall_ms() - self.held_at.load(Ordering::Relaxed) > HOLD_FRESH_MS
     }
 
     fn set_down(&self, reason: &str) {
@@ -799,6 +811,13 @@ impl ClientContext for Ctx {
             self.health.set_down(&why);
             self.metrics.kafka_up.set(0);
         }
+        // Leaders whose last answer is recent enough for their high watermarks to count.
+        let fresh: std::collections::HashSet<i32> = s
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0 && b.state == "UP" && (0..FRESH_MICROS).contains(&b.rxidle))
+            .map(|b| b.nodeid)
+            .collect();
         let mut inner = lock(&self.inner);
         let mut backlog = inner.assigned.is_empty() || !answering;
         for (topic, t) in &s.topics {
@@ -813,6 +832,8 @@ impl ClientContext for Ctx {
                 if !inner.assigned.contains(&tp) {
                     continue;
                 }
+                // An old watermark may miss what arrived since: not known to be idle.
+                backlog |= !fresh.contains(&part.leader);
                 let base = if part.committed_offset >= 0 {
                     part.committed_offset
                 } else {
@@ -833,6 +854,7 @@ impl ClientContext for Ctx {
             }
         }
         self.health.holding.store(backlog, Ordering::Relaxed);
+        self.health.held_at.store(wall_ms(), Ordering::Relaxed);
     }
 }
 
