@@ -489,6 +489,30 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
         err.contains("kafka.consumer:") && err.contains("no.such.property"),
         "{err}"
     );
+
+    // What librdkafka says about a property names it, never its value: it may be a
+    // password under a misspelt key, or one a property refuses.
+    for props in [
+        "producer: { sasl.passwrod: TopSecret-4711 }",
+        "consumer: { security.protocol: TopSecret-4711 }",
+    ] {
+        let d = Daemon::with_rules(
+            KAFKA_RULES,
+            &format!(
+                "kafka: {{ brokers: '{}', {props} }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n  out: {{ type: stdout }}\n",
+                broker.brokers()
+            ),
+        );
+        let (code, err) = run_to_exit(&d.path("sagawatch.yaml"));
+        assert_eq!(code, Some(2), "{err}");
+        let key = if props.contains("passwrod") {
+            "sasl.passwrod"
+        } else {
+            "security.protocol"
+        };
+        assert!(err.contains(key), "{err}");
+        assert!(!err.contains("TopSecret"), "{err}");
+    }
 }
 
 /// The idle fallback moves the clock with wall time only while no events wait in Kafka.

@@ -174,6 +174,22 @@ impl ClientContext for LogContext {
     }
 }
 
+/// A client-creation error without the property's value: rdkafka's own message ends
+/// with it, and the value may be a password (`sasl.password` under a misspelt key, say).
+fn redacted(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, value) => {
+            let desc = if value.is_empty() {
+                desc.clone()
+            } else {
+                desc.replace(value.as_str(), "(value not shown)")
+            };
+            format!("client config error: {desc} (property {key:?}; values are never logged)")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The producer behind every `kafka` sink: idempotent, so broker retries neither lose
 /// nor duplicate a command.
 pub type Producer = FutureProducer<LogContext>;
@@ -189,7 +205,7 @@ pub fn producer(k: &KafkaConfig, delivery_timeout: Duration) -> Result<Producer>
     }
     c.set("enable.idempotence", "true");
     c.create_with_context(LogContext)
-        .context("kafka: cannot create the producer")
+        .map_err(|e| anyhow::anyhow!("kafka: cannot create the producer: {}", redacted(&e)))
 }
 
 /// Sends one outbox message as a command: key = correlation key, headers = idempotency
@@ -275,7 +291,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
     }
     let client: BaseConsumer = consumer_config(k)
         .create()
-        .map_err(|e| CheckError::Config(vec![format!("kafka.consumer: {e}")]))?;
+        .map_err(|e| CheckError::Config(vec![format!("kafka.consumer: {}", redacted(&e))]))?;
     let deadline = StdInstant::now() + k.connect_timeout;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut problems = Vec::new();
@@ -918,7 +934,7 @@ impl Source {
         };
         let consumer: BaseConsumer<Ctx> = consumer_config(k)
             .create_with_context(ctx)
-            .context("kafka: cannot create the consumer")?;
+            .map_err(|e| anyhow::anyhow!("kafka: cannot create the consumer: {}", redacted(&e)))?;
         let topics: Vec<String> = consumer.context().sources.keys().cloned().collect();
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer

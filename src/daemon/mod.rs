@@ -169,9 +169,8 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         }
         Err(kafka::CheckError::Config(problems)) => {
             for p in &problems {
-                say(&format!("{}: {p}", path.display()));
+                say(&format!("error: {}: {p}", path.display()));
             }
-            say("error: the kafka topics do not fit the rules");
             return EXIT_CONFIG;
         }
     }
