@@ -599,3 +599,51 @@ rules:
         (count("missing") == 1.0).then_some(())
     });
 }
+
+/// Every assigned partition has a lag series, read from or not (a dashboard summing lag
+/// over partitions must not miss the ones nothing was read from yet); the producer's
+/// errors are counted like the consumer's.
+#[test]
+fn lag_covers_every_assigned_partition_and_producer_errors_are_counted() {
+    const RULES: &str = r#"
+rules:
+  - name: pay
+    trigger: { where: { type: OrderPlaced }, key: order_id }
+    expect:
+      - { step: payment, where: { type: PaymentCompleted }, key: order_id, within: 1h }
+    on_missing:
+      - compensate: { sink: commands, payload: { type: CancelOrder, order_id: "{{key}}" } }
+"#;
+    let mut broker = Broker::start(false);
+    broker.create_topics(&[("orders", 3), ("commands", 1)]);
+    let config = |source: &str| {
+        format!(
+            "kafka: {{ brokers: '{}' }}\nsources:\n  orders: {source}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n",
+            broker.brokers()
+        )
+    };
+    let mut consumer = Daemon::with_rules(RULES, &config("{ type: kafka }"));
+    consumer.start();
+    wait_for(
+        Duration::from_secs(60),
+        "3 partitions, 3 lag series",
+        || {
+            let (_, body) = http(consumer.port, "GET", "/metrics", &[], b"").ok()?;
+            let series = body
+                .lines()
+                .filter(|l| l.starts_with("sagawatch_kafka_consumer_lag{"))
+                .count();
+            (assigned(&consumer) == 3 && series == 3).then_some(())
+        },
+    );
+    consumer.kill();
+    // Only a producer here: what its client reports is its own.
+    let mut producer = Daemon::with_rules(RULES, &config("{ type: stdin }"));
+    producer.start();
+    let errors = |d: &Daemon| metric(d.port, "sagawatch_kafka_errors_total").unwrap_or(0.0);
+    assert_eq!(errors(&producer), 0.0);
+    broker.stop();
+    wait_for(Duration::from_secs(60), "a producer error counted", || {
+        (errors(&producer) > 0.0).then_some(())
+    });
+}

@@ -260,7 +260,11 @@ impl Dispatcher {
             .map(|s| s.timeout)
             .max();
         let kafka = match (&self.cfg.kafka, kafka_timeout) {
-            (Some(k), Some(t)) => Some(crate::daemon::kafka::producer(k, t)?),
+            (Some(k), Some(t)) => Some(crate::daemon::kafka::producer(
+                k,
+                t,
+                Some(Arc::clone(&self.metrics)),
+            )?),
             _ => None,
         };
         let clients = Clients {

@@ -162,14 +162,20 @@ fn consumer_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// A client context that only routes librdkafka's logs and errors to `tracing`.
-pub struct LogContext;
+/// The producer's client context: librdkafka's logs and errors to `tracing`, and its
+/// errors counted (when there are metrics: not for the startup check).
+pub struct LogContext(Option<Arc<Metrics>>);
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
         log_to_tracing(level, fac, msg);
     }
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(m) = &self.0 {
+            m.kafka_errors
+                .with_label_values(&[error_kind(&error)])
+                .inc();
+        }
         tracing::warn!(%error, reason, "kafka producer error");
     }
 }
@@ -194,7 +200,11 @@ fn redacted(e: &KafkaError) -> String {
 /// nor duplicate a command.
 pub type Producer = FutureProducer<LogContext>;
 
-pub fn producer(k: &KafkaConfig, delivery_timeout: Duration) -> Result<Producer> {
+pub fn producer(
+    k: &KafkaConfig,
+    delivery_timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
+) -> Result<Producer> {
     let mut c = base_config(k, &k.producer);
     c.set("linger.ms", "5").set(
         "message.timeout.ms",
@@ -204,7 +214,7 @@ pub fn producer(k: &KafkaConfig, delivery_timeout: Duration) -> Result<Producer>
         c.set(key, v);
     }
     c.set("enable.idempotence", "true");
-    c.create_with_context(LogContext)
+    c.create_with_context(LogContext(metrics))
         .map_err(|e| anyhow::anyhow!("kafka: cannot create the producer: {}", redacted(&e)))
 }
 
@@ -274,7 +284,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
         .max();
     if let Some(t) = sink_timeout {
         drop(
-            producer(k, t)
+            producer(k, t, None)
                 .map_err(|e| CheckError::Config(vec![format!("kafka.producer: {e:#}")]))?,
         );
     }
@@ -865,7 +875,16 @@ impl ClientContext for Ctx {
                             .with_label_values(&[topic, &p.to_string()])
                             .set(lag);
                     }
-                    None => backlog |= part.hi_offset > base,
+                    None => {
+                        // Nothing consumed from it yet: what waits is counted from where
+                        // reading will start.
+                        let lag = (part.hi_offset - base).max(0);
+                        backlog |= lag > 0;
+                        self.metrics
+                            .kafka_lag
+                            .with_label_values(&[topic, &p.to_string()])
+                            .set(lag);
+                    }
                 }
             }
         }
