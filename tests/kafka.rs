@@ -647,3 +647,33 @@ rules:
         (errors(&producer) > 0.0).then_some(())
     });
 }
+
+/// While the startup check waits for brokers, the listener answers: alive, not ready.
+#[test]
+fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
+    let nobody = free_port();
+    let mut d = Daemon::with_rules(
+        KAFKA_RULES,
+        &format!(
+            "kafka: {{ brokers: '127.0.0.1:{nobody}', connect_timeout: 60s }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n  out: {{ type: stdout }}\n"
+        ),
+    );
+    let child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    d.child = Some(child);
+    let port = d.port;
+    wait_for(
+        Duration::from_secs(30),
+        "/healthz 200 while starting",
+        || matches!(http(port, "GET", "/healthz", &[], b""), Ok((200, _))).then_some(()),
+    );
+    let (status, body) = http(port, "GET", "/readyz", &[], b"").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("starting"), "{body}");
+    assert!(alive(&mut d));
+}

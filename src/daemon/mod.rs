@@ -161,7 +161,25 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    match kafka::check_topics(&cfg, &rules) {
+    let listener = match rt.block_on(server::bind(cfg.listen)) {
+        Ok(l) => l,
+        Err(e) => {
+            say(&format!("error: {e:#}"));
+            return EXIT_CONFIG;
+        }
+    };
+    let (starting_stop, starting_rx) = tokio::sync::oneshot::channel();
+    let starting = rt.spawn(server::serve_starting(listener, starting_rx));
+    let checked = kafka::check_topics(&cfg, &rules);
+    let _ = starting_stop.send(());
+    let listener = match rt.block_on(starting) {
+        Ok(l) => l,
+        Err(e) => {
+            say(&format!("error: the startup listener failed: {e}"));
+            return 1;
+        }
+    };
+    match checked {
         Ok(()) => {}
         Err(kafka::CheckError::Unreachable(e)) => {
             say(&format!("error: {e}"));
@@ -174,13 +192,6 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             return EXIT_CONFIG;
         }
     }
-    let listener = match rt.block_on(server::bind(cfg.listen)) {
-        Ok(l) => l,
-        Err(e) => {
-            say(&format!("error: {e:#}"));
-            return EXIT_CONFIG;
-        }
-    };
     match run_with(cfg, rules, state, positions, listener, &rt, hup) {
         Ok(code) => code,
         Err(e) => {

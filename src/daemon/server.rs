@@ -99,6 +99,43 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("listen {addr}: {e}"))
 }
 
+/// Answers on the listener while the daemon starts (the Kafka topic check can wait for
+/// brokers up to `kafka.connect_timeout`): `/healthz` 200 (alive), everything else 503,
+/// one request per connection. Returns the listener once `stop` fires, for the real
+/// server. Without it, probes met a refused connection, and a liveness probe could
+/// restart a daemon that was only waiting for its brokers.
+pub async fn serve_starting(listener: TcpListener, mut stop: oneshot::Receiver<()>) -> TcpListener {
+    loop {
+        tokio::select! {
+            _ = &mut stop => return listener,
+            acc = listener.accept() => {
+                let Ok((stream, _)) = acc else {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let (status, body) = match req.uri().path() {
+                            "/healthz" => (StatusCode::OK, "starting\n"),
+                            _ => (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "not ready: starting (checking the kafka topics)\n",
+                            ),
+                        };
+                        Ok::<_, Infallible>(text(status, body))
+                    });
+                    let _ = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(WriteDeadline::new(stream, WRITE_TIMEOUT)), svc)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
 /// Serves until `stop` is notified; then stops accepting, closes idle keep-alive
 /// connections and lets open requests finish (for at most 5 s).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
