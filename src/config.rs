@@ -18,8 +18,10 @@ pub struct RawConfig {
     /// SQLite state file. Default `sagawatch.db`.
     #[serde(default)]
     pub state: Option<String>,
-    /// Rules file or directory.
-    pub rules: String,
+    /// Rules file or directory (required; checked in validation, so that its absence
+    /// does not hide the other problems).
+    #[serde(default)]
+    pub rules: Option<String>,
     /// HTTP listen address. Default `127.0.0.1:9464`.
     #[serde(default)]
     pub listen: Option<String>,
@@ -48,8 +50,9 @@ pub struct RawConfig {
 
 #[derive(Debug, Deserialize)]
 pub struct RawKafka {
-    /// Bootstrap servers, `host:port[,host:port…]`.
-    pub brokers: String,
+    /// Bootstrap servers, `host:port[,host:port…]` (required).
+    #[serde(default)]
+    pub brokers: Option<String>,
     /// Consumer group id. Default `sagawatch`.
     #[serde(default)]
     pub group: Option<String>,
@@ -102,8 +105,8 @@ pub struct RawBatch {
 
 #[derive(Debug, Deserialize)]
 pub struct RawSource {
-    /// `file`, `stdin` or `http`.
-    #[serde(rename = "type")]
+    /// `file`, `stdin`, `http` or `kafka` (required; empty when missing).
+    #[serde(rename = "type", default)]
     pub kind: String,
     /// `file`: the JSON-lines file to follow.
     #[serde(default)]
@@ -121,8 +124,8 @@ pub struct RawSource {
 
 #[derive(Debug, Deserialize)]
 pub struct RawSink {
-    /// `webhook`, `alertmanager` or `stdout`.
-    #[serde(rename = "type")]
+    /// `webhook`, `alertmanager`, `stdout` or `kafka` (required; empty when missing).
+    #[serde(rename = "type", default)]
     pub kind: String,
     /// `webhook`: the URL to POST to; `alertmanager`: its base URL.
     #[serde(default)]
@@ -514,6 +517,29 @@ struct Checker {
 }
 
 impl Checker {
+    /// After the config failed to read (a value of the wrong type): reads each top-level
+    /// section on its own, so the problems of the sections after the one that failed show
+    /// too (a section that fails ends the reading of the mapping it is in).
+    fn each_section(&mut self, root: &Node) {
+        let Value::Map(entries) = &root.value else {
+            return;
+        };
+        for (k, v) in entries {
+            let one = Node {
+                pos: root.pos,
+                value: Value::Map(vec![(k.clone(), v.clone())]),
+                text: None,
+            };
+            let mut found = Vec::new();
+            let _: Option<RawConfig> = yaml::from_node(&one, &YamlPath::default(), &mut found);
+            for d in found {
+                if !self.diags.contains(&d) {
+                    self.diags.push(d);
+                }
+            }
+        }
+    }
+
     fn err(&mut self, path: &YamlPath, message: impl Into<String>) {
         let pos = self
             .root
@@ -604,13 +630,23 @@ impl Checker {
         interpolate(&mut root, &YamlPath::default(), env, &mut self.diags);
         self.unknown = self.diags[before..].iter().map(|d| d.pos).collect();
         let raw: Option<RawConfig> = yaml::from_node(&root, &YamlPath::default(), &mut self.diags);
+        if raw.is_none() {
+            self.each_section(&root);
+        }
         self.root = Some(root);
         let raw = raw?;
         let top = YamlPath::default();
 
         let state = self.resolve(raw.state.as_deref().unwrap_or("sagawatch.db"));
-        let rules_path = self.resolve(&raw.rules);
-        if !rules_path.exists() {
+        // Missing: an empty path, which names no rules to check.
+        let rules_path = raw
+            .rules
+            .as_deref()
+            .map(|r| self.resolve(r))
+            .unwrap_or_default();
+        if raw.rules.is_none() {
+            self.err(&top, "missing field \"rules\"");
+        } else if !rules_path.exists() {
             self.err(
                 &top.key("rules"),
                 format!("{} does not exist", rules_path.display()),
@@ -765,6 +801,10 @@ impl Checker {
                     }
                     SourceKind::Kafka { topic }
                 }
+                "" => {
+                    self.err(&p, "missing field \"type\"");
+                    continue;
+                }
                 other => {
                     self.err(
                         &p.key("type"),
@@ -876,6 +916,10 @@ impl Checker {
                         );
                     }
                     SinkKind::Kafka { topic }
+                }
+                "" => {
+                    self.err(&p, "missing field \"type\"");
+                    continue;
                 }
                 other => {
                     self.err(
@@ -993,8 +1037,11 @@ impl Checker {
     }
 
     fn kafka(&mut self, path: &YamlPath, k: &RawKafka) -> KafkaConfig {
-        if k.brokers.trim().is_empty() {
-            self.err(&path.key("brokers"), "empty broker list");
+        let brokers = k.brokers.as_deref().unwrap_or_default();
+        match &k.brokers {
+            None => self.err(path, "missing field \"brokers\""),
+            Some(b) if b.trim().is_empty() => self.err(&path.key("brokers"), "empty broker list"),
+            Some(_) => {}
         }
         let group = k.group.clone().unwrap_or_else(|| "sagawatch".into());
         if group.is_empty() {
@@ -1033,7 +1080,7 @@ impl Checker {
         );
         KafkaConfig {
             align_wait,
-            brokers: k.brokers.trim().to_string(),
+            brokers: brokers.trim().to_string(),
             group,
             consumer: common.iter().cloned().chain(consumer).collect(),
             producer: common.into_iter().chain(producer).collect(),
@@ -1116,6 +1163,35 @@ mod tests {
             check("rules: rules\nlisten: ${NOPE}\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n").unwrap_err();
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(e.contains("NOPE is not set"), "{e}");
+    }
+
+    /// A missing required field, or a value of the wrong type, does not hide the problems
+    /// of the rest of the file.
+    #[test]
+    fn missing_fields_and_wrong_types_do_not_hide_the_other_problems() {
+        let e = check(
+            "kafka: { group: g }\nsources:\n  a: { type: stdinn }\n  b: { path: x }\nsinks:\n  out: { type: stdout, bogus: 1 }\n",
+        )
+        .unwrap_err();
+        for want in [
+            "sagawatch.yaml:1:1: missing field \"rules\"",
+            "sagawatch.yaml:1:8: kafka: missing field \"brokers\"",
+            "sagawatch.yaml:3:14: sources.a.type: unknown source type \"stdinn\"",
+            "sagawatch.yaml:4:6: sources.b: missing field \"type\"",
+            "sagawatch.yaml:6:24: sinks.out.bogus: unknown field \"bogus\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        let e = check(
+            "rules: rules\nbatch: { events: many }\nsources: { a: { type: stdin, nope: 1 } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap_err();
+        for want in [
+            "sagawatch.yaml:2:18: batch.events: invalid type",
+            "sagawatch.yaml:3:30: sources.a.nope: unknown field \"nope\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
     }
 
     #[test]
