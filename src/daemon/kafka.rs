@@ -866,26 +866,15 @@ impl ClientContext for Ctx {
                     part.lo_offset.max(0)
                 };
                 inner.hi.insert(tp.clone(), (part.hi_offset, base));
-                match inner.committed.get(&tp) {
-                    Some(c) => {
-                        let lag = (part.hi_offset - c).max(0);
-                        backlog |= lag > 0;
-                        self.metrics
-                            .kafka_lag
-                            .with_label_values(&[topic, &p.to_string()])
-                            .set(lag);
-                    }
-                    None => {
-                        // Nothing consumed from it yet: what waits is counted from where
-                        // reading will start.
-                        let lag = (part.hi_offset - base).max(0);
-                        backlog |= lag > 0;
-                        self.metrics
-                            .kafka_lag
-                            .with_label_values(&[topic, &p.to_string()])
-                            .set(lag);
-                    }
-                }
+                // Lag from the offset committed in the state file; for a partition
+                // nothing was consumed from yet, from where reading will start.
+                let from = inner.committed.get(&tp).copied().unwrap_or(base);
+                let lag = (part.hi_offset - from).max(0);
+                backlog |= lag > 0;
+                self.metrics
+                    .kafka_lag
+                    .with_label_values(&[topic, &p.to_string()])
+                    .set(lag);
             }
         }
         self.health.holding.store(backlog, Ordering::Relaxed);
