@@ -99,6 +99,20 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("listen {addr}: {e}"))
 }
 
+/// Connection settings of both servers: a client has `HEADER_TIMEOUT` to send a request's
+/// headers, the first or the next on a kept-alive connection.
+fn http1_builder() -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    b
+}
+
+/// A connection's stream, its writes under `WRITE_TIMEOUT`.
+fn io(stream: tokio::net::TcpStream) -> TokioIo<WriteDeadline<tokio::net::TcpStream>> {
+    TokioIo::new(WriteDeadline::new(stream, WRITE_TIMEOUT))
+}
+
 /// Answers on the listener while the daemon starts (the Kafka topic check can wait for
 /// brokers up to `kafka.connect_timeout`): `/healthz` 200 (alive), everything else 503,
 /// one request per connection. Returns the listener once `stop` fires, for the real
@@ -124,11 +138,9 @@ pub async fn serve_starting(listener: TcpListener, mut stop: oneshot::Receiver<(
                         };
                         Ok::<_, Infallible>(text(status, body))
                     });
-                    let _ = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
+                    let _ = http1_builder()
                         .keep_alive(false)
-                        .serve_connection(TokioIo::new(WriteDeadline::new(stream, WRITE_TIMEOUT)), svc)
+                        .serve_connection(io(stream), svc)
                         .await;
                 });
             }
@@ -165,15 +177,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
                         let shared = Arc::clone(&shared);
                         async move { Ok::<_, Infallible>(route(shared, req).await) }
                     });
-                    // A client has HEADER_TIMEOUT to send a request's headers, the first
-                    // or the next on a kept-alive connection.
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .serve_connection(
-                            TokioIo::new(WriteDeadline::new(stream, WRITE_TIMEOUT)),
-                            svc,
-                        );
+                    let conn = http1_builder().serve_connection(io(stream), svc);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}
