@@ -13,7 +13,7 @@ use crate::time::Duration;
 use crate::yaml::{self, Diag, Node, Pos, Value, YamlPath};
 
 /// The config file as written. Paths are relative to the config file's directory.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct RawConfig {
     /// SQLite state file. Default `sagawatch.db`.
     #[serde(default)]
@@ -46,6 +46,38 @@ pub struct RawConfig {
     /// The Kafka cluster that `kafka` sources and sinks use.
     #[serde(default)]
     pub kafka: Option<RawKafka>,
+}
+
+impl RawConfig {
+    /// Takes the sections `other` has (a section read on its own is the only one it has).
+    fn absorb(&mut self, other: RawConfig) {
+        let RawConfig {
+            state,
+            rules,
+            listen,
+            token,
+            token_file,
+            time,
+            batch,
+            sources,
+            sinks,
+            alerts,
+            outbox,
+            kafka,
+        } = other;
+        self.state = self.state.take().or(state);
+        self.rules = self.rules.take().or(rules);
+        self.listen = self.listen.take().or(listen);
+        self.token = self.token.take().or(token);
+        self.token_file = self.token_file.take().or(token_file);
+        self.time = self.time.take().or(time);
+        self.batch = self.batch.take().or(batch);
+        self.sources.extend(sources);
+        self.sinks.extend(sinks);
+        self.alerts = self.alerts.take().or(alerts);
+        self.outbox = self.outbox.take().or(outbox);
+        self.kafka = self.kafka.take().or(kafka);
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -519,10 +551,13 @@ struct Checker {
 impl Checker {
     /// After the config failed to read (a value of the wrong type): reads each top-level
     /// section on its own, so the problems of the sections after the one that failed show
-    /// too (a section that fails ends the reading of the mapping it is in).
-    fn each_section(&mut self, root: &Node) {
+    /// too (a section that fails ends the reading of the mapping it is in). Returns the
+    /// sections that read, and the names of those that did not.
+    fn each_section(&mut self, root: &Node) -> (RawConfig, Vec<String>) {
+        let mut raw = RawConfig::default();
+        let mut failed = Vec::new();
         let Value::Map(entries) = &root.value else {
-            return;
+            return (raw, failed);
         };
         for (k, v) in entries {
             let one = Node {
@@ -531,13 +566,20 @@ impl Checker {
                 text: None,
             };
             let mut found = Vec::new();
-            let _: Option<RawConfig> = yaml::from_node(&one, &YamlPath::default(), &mut found);
+            match yaml::from_node::<RawConfig>(&one, &YamlPath::default(), &mut found) {
+                Some(section) => raw.absorb(section),
+                None => failed.push(match &k.value {
+                    Value::Str(name) => name.clone(),
+                    _ => String::new(),
+                }),
+            }
             for d in found {
                 if !self.diags.contains(&d) {
                     self.diags.push(d);
                 }
             }
         }
+        (raw, failed)
     }
 
     fn err(&mut self, path: &YamlPath, message: impl Into<String>) {
@@ -630,11 +672,22 @@ impl Checker {
         interpolate(&mut root, &YamlPath::default(), env, &mut self.diags);
         self.unknown = self.diags[before..].iter().map(|d| d.pos).collect();
         let raw: Option<RawConfig> = yaml::from_node(&root, &YamlPath::default(), &mut self.diags);
-        if raw.is_none() {
-            self.each_section(&root);
-        }
+        // After a section failed to read, the others are still checked, without the
+        // problems that only its absence causes (a missing field, an unknown name), and
+        // no config comes out.
+        let (raw, failed) = match raw {
+            Some(raw) => (raw, None),
+            None => {
+                let (raw, failed) = self.each_section(&root);
+                (raw, Some(failed))
+            }
+        };
+        let broken = |section: &str| {
+            failed
+                .as_ref()
+                .is_some_and(|f| f.iter().any(|s| s == section))
+        };
         self.root = Some(root);
-        let raw = raw?;
         let top = YamlPath::default();
 
         let state = self.resolve(raw.state.as_deref().unwrap_or("sagawatch.db"));
@@ -644,7 +697,7 @@ impl Checker {
             .as_deref()
             .map(|r| self.resolve(r))
             .unwrap_or_default();
-        if raw.rules.is_none() {
+        if raw.rules.is_none() && !broken("rules") {
             self.err(&top, "missing field \"rules\"");
         } else if !rules_path.exists() {
             self.err(
@@ -784,7 +837,7 @@ impl Checker {
                 "kafka" => {
                     let topic = s.topic.clone().unwrap_or_else(|| name.clone());
                     self.topic(&p.key("topic"), &topic);
-                    if raw.kafka.is_none() {
+                    if raw.kafka.is_none() && !broken("kafka") {
                         self.err(
                             &p,
                             "a kafka source needs the top-level `kafka` section (brokers, group)",
@@ -821,7 +874,7 @@ impl Checker {
                 kind,
             });
         }
-        if sources.is_empty() && raw.sources.is_empty() {
+        if sources.is_empty() && raw.sources.is_empty() && !broken("sources") {
             self.err(&top, "no sources: add at least one under `sources`");
         }
 
@@ -909,7 +962,7 @@ impl Checker {
                         continue;
                     };
                     self.topic(&p.key("topic"), &topic);
-                    if raw.kafka.is_none() {
+                    if raw.kafka.is_none() && !broken("kafka") {
                         self.err(
                             &p,
                             "a kafka sink needs the top-level `kafka` section (brokers)",
@@ -945,7 +998,7 @@ impl Checker {
         let alert_sinks = match raw.alerts.as_ref().and_then(|a| a.sinks.as_ref()) {
             Some(a) => {
                 for (i, s) in a.iter().enumerate() {
-                    if !raw.sinks.contains_key(s) {
+                    if !raw.sinks.contains_key(s) && !broken("sinks") {
                         self.err(
                             &top.key("alerts").key("sinks").index(i),
                             format!(
@@ -1002,6 +1055,9 @@ impl Checker {
                 .collect(),
             default_alert_sinks: !alert_sinks.is_empty(),
         };
+        if failed.is_some() {
+            return None;
+        }
         Some(Config {
             known,
             file: self.file.clone(),
@@ -1192,6 +1248,22 @@ mod tests {
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
+        // The other sections' own problems show too, and none that only the broken
+        // section's absence would cause (`out` is not an unknown sink).
+        let e = check(
+            "batch: { events: many }\ntime: { idle: forever }\nsources: { a: { type: stdinn } }\nalerts: { sinks: [out] }\nsinks: 3\n",
+        )
+        .unwrap_err();
+        for want in [
+            "sagawatch.yaml:1:1: missing field \"rules\"",
+            "sagawatch.yaml:1:18: batch.events: invalid type",
+            "sagawatch.yaml:2:15: time.idle: invalid duration \"forever\"",
+            "sagawatch.yaml:3:23: sources.a.type: unknown source type \"stdinn\"",
+            "sagawatch.yaml:5:8: sinks: expected a mapping",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        assert_eq!(e.lines().count(), 5, "{e}");
     }
 
     #[test]
