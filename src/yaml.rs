@@ -382,28 +382,77 @@ pub fn from_node<T: DeserializeOwned>(
     path: &YamlPath,
     diags: &mut Vec<Diag>,
 ) -> Option<T> {
-    let sink = RefCell::new(Vec::new());
-    let result = T::deserialize(NodeDe {
-        node,
-        path: path.clone(),
-        sink: &sink,
-    });
-    let mut found = sink.into_inner();
-    let failed = match result {
-        Ok(v) => Some(v),
-        Err(e) => {
-            if !e.reported {
-                found.push(Diag {
-                    pos: node.pos,
-                    path: path.to_string(),
-                    message: e.message,
-                });
+    read_node(node, path, diags)
+        .filter(|r| r.patched.is_empty())
+        .map(|r| r.value)
+}
+
+/// A value read by [`read_node`]: where `patched` is not empty, the nodes at those paths
+/// were wrong (reported) and stand in as empty values, so the value is fit only for finding
+/// the other problems, and what is said of anything at or under them is noise.
+pub struct Read<T> {
+    pub value: T,
+    pub patched: Vec<YamlPath>,
+}
+
+/// Whether a problem reported at `path` (a [`YamlPath`] as text) concerns one of the
+/// `patched` nodes of a [`Read`], or a node under one.
+pub fn covered(patched: &[YamlPath], path: &str) -> bool {
+    patched.iter().any(|p| {
+        let p = p.to_string();
+        path.strip_prefix(p.as_str())
+            .is_some_and(|rest| p.is_empty() || rest.is_empty() || rest.starts_with(['.', '[']))
+    })
+}
+
+/// Most passes [`read_node`] makes: each one gets past one more problem.
+const MAX_PASSES: usize = 64;
+
+/// Like [`from_node`], but a problem that stops the reading (a missing field, a value of
+/// the wrong type) does not hide the ones after it: the node at fault is reported, then
+/// stands in as an empty value of the type wanted there (`""`, `0`, no items) and the
+/// reading starts over, until it gets through. Returns `None` only when it cannot.
+pub fn read_node<T: DeserializeOwned>(
+    node: &Node,
+    path: &YamlPath,
+    diags: &mut Vec<Diag>,
+) -> Option<Read<T>> {
+    let mut patched = Vec::new();
+    let mut found: Vec<Diag> = Vec::new();
+    let result = loop {
+        let sink = RefCell::new(Vec::new());
+        let result = T::deserialize(NodeDe {
+            node,
+            path: path.clone(),
+            sink: &sink,
+            patched: &patched,
+        });
+        for d in sink.into_inner() {
+            if !found.contains(&d) {
+                found.push(d);
             }
-            None
+        }
+        match result {
+            Ok(value) => break Some(Read { value, patched }),
+            Err(e) => {
+                if !e.reported {
+                    found.push(Diag {
+                        pos: node.pos,
+                        path: path.to_string(),
+                        message: e.message,
+                    });
+                }
+                match e.at {
+                    Some(at) if !patched.contains(&at) && patched.len() < MAX_PASSES => {
+                        patched.push(at)
+                    }
+                    _ => break None,
+                }
+            }
         }
     };
     diags.extend(found);
-    failed
+    result
 }
 
 /// A deserialization error. `reported` means it is already in the sink with its position.
@@ -411,6 +460,11 @@ pub fn from_node<T: DeserializeOwned>(
 pub struct DeError {
     message: String,
     reported: bool,
+    /// The node to stand in for on the next pass: where the error was reported, or the
+    /// missing field.
+    at: Option<YamlPath>,
+    /// Set by `missing_field`: the field whose absence is the error.
+    missing: Option<&'static str>,
 }
 
 impl fmt::Display for DeError {
@@ -426,6 +480,15 @@ impl de::Error for DeError {
         DeError {
             message: msg.to_string().replace('`', "\""),
             reported: false,
+            at: None,
+            missing: None,
+        }
+    }
+
+    fn missing_field(field: &'static str) -> Self {
+        DeError {
+            missing: Some(field),
+            ..de::Error::custom(format_args!("missing field `{field}`"))
         }
     }
 }
@@ -434,28 +497,53 @@ struct NodeDe<'a> {
     node: &'a Node,
     path: YamlPath,
     sink: &'a RefCell<Vec<Diag>>,
+    /// Paths whose nodes stand in as empty values (see [`read_node`]).
+    patched: &'a [YamlPath],
 }
+
+/// The node behind a missing field that stands in as an empty value.
+static EMPTY: Node = Node {
+    pos: Pos { line: 0, col: 0 },
+    value: Value::Null,
+    text: None,
+};
 
 impl<'a> NodeDe<'a> {
     fn report(&self, message: String) -> DeError {
-        self.sink.borrow_mut().push(Diag {
-            pos: self.node.pos,
-            path: self.path.to_string(),
-            message,
-        });
+        // What a stand-in value fails is noise: not reported, and no pass gets past it.
+        let patched = self.is_patched();
+        if !patched {
+            self.sink.borrow_mut().push(Diag {
+                pos: self.node.pos,
+                path: self.path.to_string(),
+                message,
+            });
+        }
         DeError {
             message: String::new(),
             reported: true,
+            at: (!patched).then(|| self.path.clone()),
+            missing: None,
         }
     }
 
     /// Attaches this node's position to an error raised by a visitor below it.
     fn locate(&self, e: DeError) -> DeError {
         if e.reported {
-            e
-        } else {
-            self.report(e.message)
+            return e;
         }
+        let mut r = self.report(e.message);
+        if let Some(field) = e.missing
+            && r.at.is_some()
+        {
+            r.at = Some(self.path.key(field));
+        }
+        r
+    }
+
+    /// This node stands in as an empty value: it, or a node above it, was wrong.
+    fn is_patched(&self) -> bool {
+        self.patched.iter().any(|p| self.path.0.starts_with(&p.0))
     }
 
     fn expected(&self, what: &str) -> DeError {
@@ -469,14 +557,30 @@ impl<'a> NodeDe<'a> {
             node,
             path,
             sink: self.sink,
+            patched: self.patched,
         }
     }
+}
+
+/// Scalar requests: a stand-in node gives the type's zero, any other node is read as is.
+macro_rules! stand_in {
+    ($($method:ident => $visit:ident($zero:expr)),* $(,)?) => {
+        $(fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+            if self.is_patched() {
+                return visitor.$visit($zero).map_err(|e| self.locate(e));
+            }
+            self.deserialize_any(visitor)
+        })*
+    };
 }
 
 impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
     type Error = DeError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        if self.is_patched() {
+            return visitor.visit_unit().map_err(|e| self.locate(e));
+        }
         let r = match &self.node.value {
             Value::Null => visitor.visit_unit(),
             Value::Bool(b) => visitor.visit_bool(*b),
@@ -489,7 +593,10 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
             }),
             Value::Map(entries) => visitor.visit_map(MapDe {
                 de: &self,
-                entries: entries.iter().map(|(k, v)| (k, v)).collect(),
+                entries: entries
+                    .iter()
+                    .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
+                    .collect(),
                 at: 0,
             }),
         };
@@ -497,6 +604,9 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
     }
 
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        if self.is_patched() {
+            return visitor.visit_borrowed_str("").map_err(|e| self.locate(e));
+        }
         match self.node.as_text() {
             Some(s) => visitor.visit_borrowed_str(s).map_err(|e| self.locate(e)),
             None => Err(self.expected("a string")),
@@ -513,12 +623,21 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match self.node.value {
+            _ if self.is_patched() => visitor.visit_none(),
             Value::Null => visitor.visit_none(),
             _ => visitor.visit_some(self),
         }
     }
 
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        if self.is_patched() {
+            return visitor
+                .visit_seq(SeqDe {
+                    de: &self,
+                    items: [].iter().enumerate(),
+                })
+                .map_err(|e| self.locate(e));
+        }
         match &self.node.value {
             Value::Seq(items) => visitor
                 .visit_seq(SeqDe {
@@ -531,11 +650,23 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        if self.is_patched() {
+            return visitor
+                .visit_map(MapDe {
+                    de: &self,
+                    entries: Vec::new(),
+                    at: 0,
+                })
+                .map_err(|e| self.locate(e));
+        }
         match &self.node.value {
             Value::Map(entries) => visitor
                 .visit_map(MapDe {
                     de: &self,
-                    entries: entries.iter().map(|(k, v)| (k, v)).collect(),
+                    entries: entries
+                        .iter()
+                        .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
+                        .collect(),
                     at: 0,
                 })
                 .map_err(|e| self.locate(e)),
@@ -549,6 +680,16 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
         fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
+        if self.is_patched() {
+            // Every field stands in as an empty value too, so none is missing.
+            return visitor
+                .visit_map(MapDe {
+                    de: &self,
+                    entries: fields.iter().map(|&f| (f, &EMPTY)).collect(),
+                    at: 0,
+                })
+                .map_err(|e| self.locate(e));
+        }
         let Value::Map(entries) = &self.node.value else {
             return Err(self.expected("a mapping"));
         };
@@ -556,7 +697,7 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
         for (k, v) in entries {
             let name = k.as_text().unwrap_or_default();
             if fields.contains(&name) {
-                known.push((k, v));
+                known.push((name, v));
             } else {
                 self.sink.borrow_mut().push(Diag {
                     pos: k.pos,
@@ -566,6 +707,12 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
                         did_you_mean(name, fields.iter().copied())
                     ),
                 });
+            }
+        }
+        // A field found missing on an earlier pass stands in as an empty value.
+        for &f in fields {
+            if !known.iter().any(|(k, _)| *k == f) && self.patched.contains(&self.path.key(f)) {
+                known.push((f, &EMPTY));
             }
         }
         visitor
@@ -584,6 +731,7 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
         visitor: V,
     ) -> Result<V::Value, DeError> {
         let (tag, body) = match &self.node.value {
+            _ if self.is_patched() => (variants.first().copied().unwrap_or_default(), Some(&EMPTY)),
             Value::Str(s) => (s.as_str(), None),
             Value::Map(entries) if entries.len() == 1 => (
                 entries[0].0.as_text().unwrap_or_default(),
@@ -621,9 +769,22 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
         visitor.visit_unit()
     }
 
+    stand_in! {
+        deserialize_bool => visit_bool(false),
+        deserialize_i8 => visit_i64(0),
+        deserialize_i16 => visit_i64(0),
+        deserialize_i32 => visit_i64(0),
+        deserialize_i64 => visit_i64(0),
+        deserialize_u8 => visit_u64(0),
+        deserialize_u16 => visit_u64(0),
+        deserialize_u32 => visit_u64(0),
+        deserialize_u64 => visit_u64(0),
+        deserialize_f32 => visit_f64(0.0),
+        deserialize_f64 => visit_f64(0.0),
+    }
+
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char
-        bytes byte_buf unit unit_struct tuple tuple_struct
+        i128 u128 char bytes byte_buf unit unit_struct tuple tuple_struct
     }
 }
 
@@ -649,7 +810,7 @@ impl<'de, 's, 'a: 'de> de::SeqAccess<'de> for SeqDe<'s, 'a> {
 
 struct MapDe<'s, 'a> {
     de: &'s NodeDe<'a>,
-    entries: Vec<(&'a Node, &'a Node)>,
+    entries: Vec<(&'a str, &'a Node)>,
     at: usize,
 }
 
@@ -659,10 +820,9 @@ impl<'de, 's, 'a: 'de> de::MapAccess<'de> for MapDe<'s, 'a> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, DeError> {
-        let Some((k, _)) = self.entries.get(self.at) else {
+        let Some(&(text, _)) = self.entries.get(self.at) else {
             return Ok(None);
         };
-        let text = k.as_text().unwrap_or_default();
         let key_de = de::value::BorrowedStrDeserializer::<'de, DeError>::new(text);
         seed.deserialize(key_de).map(Some)
     }
@@ -671,10 +831,9 @@ impl<'de, 's, 'a: 'de> de::MapAccess<'de> for MapDe<'s, 'a> {
         &mut self,
         seed: V,
     ) -> Result<V::Value, DeError> {
-        let (k, v) = self.entries[self.at];
+        let (name, v) = self.entries[self.at];
         self.at += 1;
-        let name = k.as_text().unwrap_or_default().to_string();
-        seed.deserialize(self.de.child(v, Seg::Key(name)))
+        seed.deserialize(self.de.child(v, Seg::Key(name.to_string())))
     }
 }
 

@@ -76,6 +76,39 @@ fn validate_reports_every_problem_with_position_and_suggestion() {
     assert!(err.contains("4 problem(s)"), "{err}");
 }
 
+/// A missing field or a value of the wrong type hides none of the other problems, in the
+/// same rule or after it, and says nothing of what follows from it.
+#[test]
+fn validate_reports_every_problem_past_missing_fields_and_wrong_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "r.yaml",
+        "rules:\n  - name: a\n    expect: [ { step: s, key: k, within: 1m, where: 5 } ]\n    cancel: [ { where: { type: X } }, { key: k, within: 5m } ]\n    dedup: 5\n  - name: b\n    trigger: { key: k }\n    expect: [ { step: s, key: k, within: 1m }, { step: t, key: [k], within: 0s, after: x } ]\n    on_missing: [ { compensate: { payload: {} } } ]\n    late: 3\n",
+    );
+    let (code, out, _) = sagawatch(&["validate", &f], None);
+    assert_eq!(code, 1);
+    let want = [
+        "2:5: rules[0]: missing field \"trigger\"",
+        "3:53: rules[0].expect[0].where: expected a mapping, found an integer",
+        "4:15: rules[0].cancel[0]: missing field \"key\"",
+        "4:49: rules[0].cancel[1].within: unknown field \"within\"",
+        "5:12: rules[0].dedup: invalid duration \"5\"",
+        "8:64: rules[1].expect[1].key: expected a string, found a sequence",
+        "8:77: rules[1].expect[1].within: duration \"0s\" must be positive",
+        "8:88: rules[1].expect[1].after: unknown step \"x\"",
+        "9:33: rules[1].on_missing[0].compensate: missing field \"sink\"",
+        "10:11: rules[1].late: invalid duration \"3\"",
+    ];
+    for w in want {
+        assert!(
+            out.contains(&format!("{f}:{w}")),
+            "missing {w:?} in:\n{out}"
+        );
+    }
+    assert_eq!(out.lines().count(), want.len(), "{out}");
+}
+
 #[test]
 fn validate_reports_duplicates_cycles_templates_and_names() {
     let dir = tempfile::tempdir().unwrap();

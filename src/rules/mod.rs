@@ -412,16 +412,19 @@ impl Validator {
         for (i, item) in items.iter().enumerate() {
             let path = top.key("rules").index(i);
             let mut ds = Vec::new();
-            let raw: Option<RawRule> = yaml::from_node(item, &path, &mut ds);
+            // A rule with a missing field or a value of the wrong type is still checked,
+            // with those values standing in as empty ones and nothing said about them.
+            let read: Option<yaml::Read<RawRule>> = yaml::read_node(item, &path, &mut ds);
             push_all(&mut self.diags, ds);
-            if let Some(raw) = raw {
+            if let Some(yaml::Read { value, patched }) = read {
                 let mut cx = RuleCx {
                     file,
                     node: root,
                     diags: Vec::new(),
                 };
-                let rule = self.rule(&mut cx, &path, raw);
-                let failed = !cx.diags.is_empty();
+                let rule = self.rule(&mut cx, &path, value);
+                cx.diags.retain(|d| !yaml::covered(&patched, &d.diag.path));
+                let failed = !cx.diags.is_empty() || !patched.is_empty();
                 self.diags.append(&mut cx.diags);
                 if !failed {
                     self.rules.push(rule);
