@@ -332,6 +332,49 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A state file this user may not write is refused at startup (SQLite would open it
+/// read-only, and the daemon would say it is ready and then fail at the first batch).
+#[test]
+fn a_read_only_state_file_is_refused_at_startup() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::new(
+        "sources: { a: { type: stdin } }\nsinks: { out: { type: stdout }, hook: { type: stdout } }\n",
+    );
+    // A state file as a daemon leaves it, that this user may only read.
+    d.start();
+    assert_eq!(d.terminate(), 0);
+    let dir = d.dir.path();
+    std::fs::copy(dir.join("state.db"), dir.join("ro.db")).unwrap();
+    std::fs::set_permissions(dir.join("ro.db"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cfg = std::fs::read_to_string(dir.join("sagawatch.yaml"))
+        .unwrap()
+        .replace("state: state.db", "state: ro.db");
+    std::fs::write(dir.join("ro.yaml"), cfg).unwrap();
+    // Root writes any file: run as nobody then.
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    let mut cmd = if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        std::process::Command::new(BIN)
+    };
+    let out = cmd
+        .args(["run", "--config"])
+        .arg(dir.join("ro.yaml"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("state file") && err.contains("ro.db: not writable"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
 #[test]
 fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     let run = |dir: &std::path::Path, cfg: &str| {

@@ -144,6 +144,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         store::check_path(&cfg.state)?;
         let lock = store::lock(&cfg.state)?;
         let mut conn = store::open(&cfg.state)?;
+        store::require_writable(&conn, &cfg.state)?;
         store::migrate(&mut conn, &cfg.state)?;
         store::writer_settings(&conn)?;
         let mut positions = Vec::new();

@@ -215,6 +215,18 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The writer's check at startup: SQLite opens a file it may not write read-only, and says
+/// so only at the first write (after the daemon said it was ready).
+pub fn require_writable(conn: &Connection, path: &Path) -> Result<()> {
+    if conn.is_readonly(rusqlite::MAIN_DB)? {
+        bail!(
+            "state file {}: not writable by this user (read-only)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// For the single writer: checkpoints are left to [`checkpoint_loop`] on another thread,
 /// so commits only append to the WAL.
 pub fn writer_settings(conn: &Connection) -> Result<()> {
