@@ -186,7 +186,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let conn = crate::store::open(&cfg.state)?;
             match crate::store::timeline(&conn, &rule, &key)? {
                 Some(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)?;
                     Ok(0)
                 }
                 None => {
@@ -212,16 +212,17 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         } => match rules::load(&path) {
             Ok(set) => {
                 let steps: usize = set.rules.iter().map(|r| r.steps.len()).sum();
-                println!(
+                writeln!(
+                    std::io::stdout(),
                     "ok: {} rule(s), {} step(s) in {}",
                     set.rules.len(),
                     steps,
                     path.display()
-                );
+                )?;
                 Ok(0)
             }
             Err(e) => {
-                println!("{e}");
+                writeln!(std::io::stdout(), "{e}")?;
                 eprintln!("{} problem(s) found", e.diags.len());
                 Ok(1)
             }

@@ -387,3 +387,26 @@ fn validate_config_reports_config_and_rules_problems_in_one_run() {
     );
     assert!(!err.contains("unknown sink \"hook\""), "{err}");
 }
+
+/// Output into a pipe closed early (`| head`) ends the command quietly, as replay does:
+/// no panic, no backtrace. 3000 problems are more than a pipe holds, so the write fails.
+#[test]
+fn validate_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("rules:\n");
+    for i in 0..3000 {
+        text.push_str(&format!("  - {{ name: r{i}, bogus: 1 }}\n"));
+    }
+    let f = write(&dir, "many.yaml", &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
+        .args(["validate", &f])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

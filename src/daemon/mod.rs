@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod server;
 pub mod sources;
 
+use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,13 +83,15 @@ pub fn validate(path: &Path) -> i32 {
         }
         Ok(_) if config_error.is_some() => 1,
         Ok(set) => {
-            println!(
+            writeln!(
+                std::io::stdout(),
                 "{}: ok ({} sources, {} sinks, {} rules)",
                 path.display(),
                 cfg.sources.len(),
                 cfg.sinks.len(),
                 set.rules.len()
-            );
+            )
+            .ok();
             0
         }
     }
