@@ -157,6 +157,18 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+impl DecodeError {
+    /// The `reason` label of `sagawatch_events_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Json(_) => "invalid_json",
+            DecodeError::NotObject => "not_object",
+            DecodeError::NoTime(_) => "no_time",
+            DecodeError::BadTime(..) => "bad_time",
+        }
+    }
+}
+
 #[derive(Default, Debug)]
 struct Trie {
     children: Vec<(String, Trie)>,
@@ -223,6 +235,15 @@ impl Decoder {
             time_slot,
             time_path: time_path.to_string(),
         }
+    }
+
+    /// A decoder that reads only the event time: what makes a line an event or not.
+    pub fn time_only(time_path: &str) -> Decoder {
+        let none = RuleSet {
+            rules: Vec::new(),
+            paths: Vec::new(),
+        };
+        Decoder::new(&none, time_path)
     }
 
     /// Decodes one line (surrounding whitespace allowed).

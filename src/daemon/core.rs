@@ -357,16 +357,9 @@ impl Core {
     }
 
     fn reject(&self, source: &str, e: &crate::event::DecodeError) {
-        use crate::event::DecodeError::*;
-        let reason = match e {
-            Json(_) => "invalid_json",
-            NotObject => "not_object",
-            NoTime(_) => "no_time",
-            BadTime(..) => "bad_time",
-        };
         self.metrics
             .events_rejected
-            .with_label_values(&[source, reason])
+            .with_label_values(&[source, e.reason()])
             .inc();
     }
 

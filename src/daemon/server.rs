@@ -17,9 +17,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 
-use crate::config::{Config, Secret, SourceKind};
+use crate::config::{ClockMode, Config, Secret, SourceKind};
 use crate::daemon::core::Msg;
 use crate::daemon::metrics::Metrics;
+use crate::event::{DecodeError, Decoder};
 
 /// What the handlers share.
 pub struct Shared {
@@ -600,8 +601,18 @@ fn body_error(line: usize, message: impl Into<String>, reason: &'static str) -> 
 }
 
 /// Splits a request body into event lines: one JSON object, a JSON array of objects, or
-/// NDJSON. Returns them, or where the first bad one is and why.
-pub fn split_body(body: &[u8]) -> Result<Body, BodyError> {
+/// NDJSON, each of which `check` must accept (the event time). Returns them, or where the
+/// first bad one is and why.
+pub fn split_body(
+    body: &[u8],
+    check: impl Fn(&str) -> Result<(), DecodeError>,
+) -> Result<Body, BodyError> {
+    let refused = |line: usize, at: String, e: DecodeError| BodyError {
+        line,
+        at,
+        message: e.to_string(),
+        reason: e.reason(),
+    };
     let text = std::str::from_utf8(body).map_err(|e| {
         let line = 1 + body[..e.valid_up_to()]
             .iter()
@@ -627,7 +638,9 @@ pub fn split_body(body: &[u8]) -> Result<Body, BodyError> {
                     reason: "not_object",
                 });
             }
-            lines.push(e.to_string());
+            let line = e.to_string();
+            check(&line).map_err(|e| refused(i + 1, format!("element {}", i + 1), e))?;
+            lines.push(line);
         }
         return Ok(Body {
             at: (1..=lines.len()).collect(),
@@ -639,8 +652,10 @@ pub fn split_body(body: &[u8]) -> Result<Body, BodyError> {
     if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(text) {
         let first = 1 + text.len() - trimmed.len();
         let line = 1 + text[..first - 1].matches('\n').count();
+        let event = serde_json::Value::Object(m).to_string();
+        check(&event).map_err(|e| refused(line, format!("line {line}"), e))?;
         return Ok(Body {
-            lines: vec![serde_json::Value::Object(m).to_string()],
+            lines: vec![event],
             at: vec![line],
             array: false,
         });
@@ -653,6 +668,7 @@ pub fn split_body(body: &[u8]) -> Result<Body, BodyError> {
         }
         match serde_json::from_str::<serde_json::Value>(l) {
             Ok(v) if v.is_object() => {
+                check(l).map_err(|e| refused(i + 1, format!("line {}", i + 1), e))?;
                 lines.push(l.to_string());
                 at.push(i + 1);
             }
@@ -730,7 +746,16 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             );
         }
     };
-    let mut body = match split_body(&body) {
+    // Each event's time is checked here too, so that the first bad line is the one named
+    // whatever is wrong with it (the core refuses the whole request for any of them).
+    let decoder = Decoder::time_only(&shared.cfg.time.field);
+    let wall = matches!(shared.cfg.time.clock, ClockMode::Wall);
+    let check = |line: &str| {
+        decoder
+            .decode_at(line.as_bytes(), None, wall.then_some(0))
+            .map(drop)
+    };
+    let mut body = match split_body(&body, check) {
         Ok(b) => b,
         Err(e) => {
             shared
@@ -780,7 +805,27 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
 
 #[cfg(test)]
 mod tests {
-    use super::split_body;
+    use crate::event::{DecodeError, Decoder};
+
+    fn split_body(body: &[u8]) -> Result<super::Body, super::BodyError> {
+        super::split_body(body, |_| Ok::<(), DecodeError>(()))
+    }
+
+    #[test]
+    fn names_the_first_bad_event_whatever_is_wrong_with_it() {
+        let d = Decoder::time_only("time");
+        let check = |l: &str| d.decode(l.as_bytes(), None).map(drop);
+        let t = r#""time":"2026-01-01T00:00:00Z""#;
+        let body = format!("[{{{t}}},{{\"type\":\"A\"}},5]");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("element 2", "no_time"));
+        let body = format!("{{{t}}}\n{{\"time\":\"soon\"}}\n{{bad\n");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("line 2", "bad_time"));
+        let e = super::split_body(b"\n{\"a\":1}", check).unwrap_err();
+        assert_eq!((e.line, e.reason), (2, "no_time"));
+        assert!(super::split_body(format!("{{{t}}}").as_bytes(), check).is_ok());
+    }
 
     #[tokio::test]
     async fn a_write_nobody_reads_fails_after_the_deadline_and_progress_resets_it() {
