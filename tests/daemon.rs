@@ -549,6 +549,71 @@ fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
     );
 }
 
+/// A removed rule's instances wait; when it comes back (by a reload, or across a restart)
+/// a deadline that passed meanwhile is reported missing at once, not at the next event.
+#[test]
+fn a_rule_loaded_again_reports_its_passed_deadlines_at_once() {
+    let mut d = Daemon::new(
+        "token: s3cret\ntime: { idle: 0s }\nsources:\n  api: { type: http }\nsinks:\n  hook: { type: stdout }\n",
+    );
+    let other = RULES
+        .replace("name: checkout", "name: other")
+        .replace("OrderPlaced", "Other");
+    std::fs::write(d.path("rules/other.yaml"), &other).unwrap();
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    let post = |port: u16, ev: &str| {
+        let (st, b) = http(port, "POST", "/v1/events", &auth, ev.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+    };
+    let reload = |port: u16| {
+        let (st, b) = http(port, "POST", "/-/reload", &auth, b"").unwrap();
+        assert_eq!(st, 200, "{b}");
+    };
+    let missing = r#"sagawatch_outcomes_total{outcome="missing",rule="checkout"}"#;
+    post(
+        d.port,
+        r#"{"time":"2026-01-01T00:00:00Z","type":"OrderPlaced","order_id":"a"}"#,
+    );
+    std::fs::remove_file(d.path("rules/checkout.yaml")).unwrap();
+    reload(d.port);
+    // The clock passes a's payment deadline (00:15) while its rule is away.
+    post(
+        d.port,
+        r#"{"time":"2026-01-01T05:00:00Z","type":"Other","order_id":"x"}"#,
+    );
+    std::fs::write(d.path("rules/checkout.yaml"), RULES).unwrap();
+    reload(d.port);
+    wait_for(
+        Duration::from_secs(10),
+        "a's payment reported missing",
+        || (metric(d.port, missing)? == 1.0).then_some(()),
+    );
+    // The same across a restart: b opens, its rule goes, the clock passes, the daemon
+    // restarts with the rule back.
+    post(
+        d.port,
+        r#"{"time":"2026-01-01T05:00:00Z","type":"OrderPlaced","order_id":"b"}"#,
+    );
+    std::fs::remove_file(d.path("rules/checkout.yaml")).unwrap();
+    reload(d.port);
+    post(
+        d.port,
+        r#"{"time":"2026-01-01T09:00:00Z","type":"Other","order_id":"y"}"#,
+    );
+    assert_eq!(d.terminate(), 0);
+    std::fs::write(d.path("rules/checkout.yaml"), RULES).unwrap();
+    d.start();
+    wait_for(
+        Duration::from_secs(10),
+        "b's payment reported missing",
+        || (metric(d.port, missing)? == 1.0).then_some(()),
+    );
+    let (_, timeline) = http(d.port, "GET", "/v1/instances/checkout/b", &[], b"").unwrap();
+    assert!(timeline.contains("\"missing\""), "{timeline}");
+    assert_eq!(d.terminate(), 0);
+}
+
 #[test]
 fn stdin_source_and_stdout_sink_print_what_replay_reports() {
     use std::io::{BufRead, Write};

@@ -171,6 +171,7 @@ impl Core {
 
     /// Runs until `Shutdown` or every sender is gone; commits before returning.
     pub fn run(mut self, rx: Receiver<Msg>) -> Result<()> {
+        self.fire_restored()?;
         loop {
             let timeout = match self.batch_started {
                 Some(t) => self
@@ -632,7 +633,21 @@ impl Core {
         self.decoder = Decoder::new(&rules, &self.cfg.time.field);
         self.engine.set_rules(rules);
         self.children = Children::default();
+        self.fire_restored()?;
         self.publish_gauges();
+        Ok(())
+    }
+
+    /// Reports at once the deadlines of a rule loaded again (by a reload, or across a
+    /// restart) that passed while it was away.
+    fn fire_restored(&mut self) -> Result<()> {
+        self.begin()?;
+        self.engine.state_mut().set_event(None, None);
+        self.engine.fire_due(&mut self.outcomes);
+        if !self.outcomes.is_empty() {
+            self.drain_outcomes()?;
+            self.commit()?;
+        }
         Ok(())
     }
 

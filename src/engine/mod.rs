@@ -133,6 +133,16 @@ impl<S: State> Engine<S> {
         }
     }
 
+    /// Fires the deadlines the clock has already passed. There are none unless the state
+    /// got deadlines back that passed meanwhile (a removed rule loaded again): these are
+    /// reported missing now, not at the next move of the clock.
+    pub fn fire_due(&mut self, out: &mut Vec<Outcome>) {
+        let now = self.state.clock().now;
+        if now != Instant::MIN {
+            self.fire(now, out);
+        }
+    }
+
     /// End of input: the clock moves to the largest event time seen and fires what is due.
     pub fn finish(&mut self, out: &mut Vec<Outcome>) {
         let mut c = self.state.clock();
