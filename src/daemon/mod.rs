@@ -316,9 +316,7 @@ fn run_with(
                     tx,
                     stop,
                     lag: metrics.source_lag_bytes.with_label_values(&[&s.name]),
-                    oversized: metrics
-                        .events_rejected
-                        .with_label_values(&[&s.name, "oversized"]),
+                    skips: sources::Skips::new(&metrics, &s.name),
                 };
                 source_threads.push(
                     std::thread::Builder::new()
@@ -327,13 +325,11 @@ fn run_with(
                 );
             }
             SourceKind::Stdin => {
-                let oversized = metrics
-                    .events_rejected
-                    .with_label_values(&[&s.name, "oversized"]);
+                let skips = sources::Skips::new(&metrics, &s.name);
                 // Not joined on shutdown: a read from stdin cannot be interrupted.
                 std::thread::Builder::new()
                     .name(format!("source-{}", s.name))
-                    .spawn(move || sources::run_stdin(name, tx, stop, oversized))?;
+                    .spawn(move || sources::run_stdin(name, tx, stop, skips))?;
             }
             SourceKind::Http { .. } | SourceKind::Kafka { .. } => {}
         }

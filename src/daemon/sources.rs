@@ -44,8 +44,58 @@ pub struct FileSource {
     pub stop: Arc<AtomicBool>,
     /// Bytes of the file not yet read.
     pub lag: prometheus::IntGauge,
-    /// Lines skipped for being longer than the limit.
+    /// Counts the lines skipped here.
+    pub skips: Skips,
+}
+
+/// The lines a source skips itself (longer than the limit, not UTF-8): counted as
+/// received and as rejected, and logged with where they were.
+pub struct Skips {
+    pub name: Arc<str>,
+    pub received: prometheus::IntCounter,
     pub oversized: prometheus::IntCounter,
+    pub not_utf8: prometheus::IntCounter,
+}
+
+impl Skips {
+    pub fn new(metrics: &crate::daemon::metrics::Metrics, name: &str) -> Skips {
+        Skips {
+            name: Arc::from(name),
+            received: metrics.events_received.with_label_values(&[name]),
+            oversized: metrics
+                .events_rejected
+                .with_label_values(&[name, "oversized"]),
+            not_utf8: metrics
+                .events_rejected
+                .with_label_values(&[name, "invalid_json"]),
+        }
+    }
+
+    /// `offset`: where the line starts in its file.
+    fn oversized(&self, bytes: u64, offset: Option<u64>) {
+        self.received.inc();
+        self.oversized.inc();
+        tracing::warn!(
+            source = &*self.name,
+            bytes,
+            offset,
+            "skipped an oversized line"
+        );
+    }
+
+    /// Adds a line's text unless it is blank; a line that is not UTF-8 is skipped (its
+    /// bytes would otherwise become a key no event could ever match).
+    fn push(&self, lines: &mut Vec<String>, raw: &[u8], offset: Option<u64>) {
+        if !push_line(lines, raw) {
+            self.received.inc();
+            self.not_utf8.inc();
+            tracing::warn!(
+                source = &*self.name,
+                offset,
+                "skipped a line that is not UTF-8"
+            );
+        }
+    }
 }
 
 struct Open {
@@ -99,13 +149,13 @@ impl FileSource {
             while lines.len() < CHUNK {
                 match next_line(&mut o.reader, &mut partial, &mut skipping) {
                     Ok(Step::Line) => {
+                        self.skips.push(&mut lines, &partial, Some(consumed));
                         consumed += partial.len() as u64;
-                        push_line(&mut lines, &partial);
                         partial.clear();
                     }
                     Ok(Step::Oversized(n)) => {
+                        self.skips.oversized(n, Some(consumed));
                         consumed += n;
-                        self.skipped(n);
                     }
                     Ok(Step::More) => {}
                     Ok(Step::End) => {
@@ -154,9 +204,10 @@ impl FileSource {
                 let end = o.offset + last.len() as u64 + skipping;
                 let mut lines = Vec::new();
                 if skipping > 0 {
-                    self.skipped(skipping + last.len() as u64);
+                    self.skips
+                        .oversized(skipping + last.len() as u64, Some(o.offset));
                 } else {
-                    push_line(&mut lines, &last);
+                    self.skips.push(&mut lines, &last, Some(o.offset));
                 }
                 if end != o.offset {
                     o.offset = end;
@@ -297,30 +348,21 @@ fn next_line(
     Ok(step)
 }
 
-/// Adds a line's text, unless it is blank.
-fn push_line(lines: &mut Vec<String>, raw: &[u8]) {
-    let text = String::from_utf8_lossy(raw);
+/// Adds a line's text, unless it is blank. False if it is not UTF-8 (not added).
+fn push_line(lines: &mut Vec<String>, raw: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return false;
+    };
     let t = text.trim();
     if !t.is_empty() {
         lines.push(t.to_string());
     }
-}
-
-impl FileSource {
-    fn skipped(&self, bytes: u64) {
-        self.oversized.inc();
-        tracing::warn!(source = &*self.name, bytes, "skipped an oversized line");
-    }
+    true
 }
 
 /// Reads stdin to its end. Lines read are sent before any read that may block, so none
 /// waits on input that has not come.
-pub fn run_stdin(
-    name: Arc<str>,
-    tx: SyncSender<Msg>,
-    stop: Arc<AtomicBool>,
-    oversized: prometheus::IntCounter,
-) {
+pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, skips: Skips) {
     let mut reader = BufReader::with_capacity(1 << 16, std::io::stdin());
     let mut partial = Vec::new();
     let mut skipping = 0u64;
@@ -337,10 +379,6 @@ pub fn run_stdin(
                 })
                 .is_ok()
     };
-    let skipped = |bytes: u64| {
-        oversized.inc();
-        tracing::warn!(source = &*name, bytes, "skipped an oversized line");
-    };
     while !stop.load(Ordering::Relaxed) {
         if (reader.buffer().is_empty() || lines.len() >= CHUNK) && !send(&mut lines) {
             return;
@@ -351,17 +389,17 @@ pub fn run_stdin(
         });
         match step {
             Step::Line => {
-                push_line(&mut lines, &partial);
+                skips.push(&mut lines, &partial, None);
                 partial.clear();
             }
-            Step::Oversized(n) => skipped(n),
+            Step::Oversized(n) => skips.oversized(n, None),
             Step::More => {}
             Step::End => {
                 // A last line without a newline is still a line.
                 if skipping > 0 {
-                    skipped(skipping + partial.len() as u64);
+                    skips.oversized(skipping + partial.len() as u64, None);
                 } else {
-                    push_line(&mut lines, &partial);
+                    skips.push(&mut lines, &partial, None);
                 }
                 send(&mut lines);
                 tracing::info!(source = &*name, "stdin closed");
@@ -450,7 +488,7 @@ mod tests {
             tx,
             stop: Arc::clone(&stop),
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
-            oversized: prometheus::IntCounter::new("over", "over").unwrap(),
+            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
         };
         let t = std::thread::spawn(move || src.run());
         assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
@@ -486,5 +524,37 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         drop(rx);
         t.join().unwrap();
+    }
+
+    /// A line that is not UTF-8 is skipped and counted (received and rejected), not read
+    /// with replacement characters into a key other bad lines would share.
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, b"{\"n\":1}\n{\"k\":\"\xff\xfe\"}\n{\"n\":2}\n").unwrap();
+        let (tx, rx) = sync_channel(16);
+        let metrics = crate::daemon::metrics::Metrics::new();
+        let src = FileSource {
+            name: Arc::from("f"),
+            path,
+            follow: false,
+            start: None,
+            tx,
+            stop: Arc::new(AtomicBool::new(false)),
+            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
+            skips: Skips::new(&metrics, "f"),
+        };
+        let t = std::thread::spawn(move || src.run());
+        let (got, pos) = lines_until(&rx, 2);
+        assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
+        t.join().unwrap();
+        assert_eq!(pos.map(|p| p.offset), Some(27));
+        let rejected = metrics
+            .events_rejected
+            .with_label_values(&["f", "invalid_json"])
+            .get();
+        let received = metrics.events_received.with_label_values(&["f"]).get();
+        assert_eq!((rejected, received), (1, 1));
     }
 }
