@@ -133,6 +133,9 @@ impl<'a> Event<'a> {
     }
 }
 
+/// The UTF-8 byte order mark some tools write at the start of a file: skipped there.
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Why a line is not an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DecodeError {
@@ -140,6 +143,8 @@ pub enum DecodeError {
     NotObject,
     NoTime(String),
     BadTime(String, String),
+    /// A valid RFC 3339 time outside what nanoseconds since 1970 in an i64 hold.
+    TimeOutOfRange(String, String),
 }
 
 impl fmt::Display for DecodeError {
@@ -151,6 +156,10 @@ impl fmt::Display for DecodeError {
             DecodeError::BadTime(p, v) => {
                 write!(f, "time field {p:?} is not an RFC 3339 timestamp: {v}")
             }
+            DecodeError::TimeOutOfRange(p, v) => write!(
+                f,
+                "time field {p:?} is outside the supported range (1677-09-21 to 2262-04-11): {v}"
+            ),
         }
     }
 }
@@ -164,7 +173,7 @@ impl DecodeError {
             DecodeError::Json(_) => "invalid_json",
             DecodeError::NotObject => "not_object",
             DecodeError::NoTime(_) => "no_time",
-            DecodeError::BadTime(..) => "bad_time",
+            DecodeError::BadTime(..) | DecodeError::TimeOutOfRange(..) => "bad_time",
         }
     }
 }
@@ -278,8 +287,13 @@ impl Decoder {
         let time = match fields[self.time_slot].as_ref() {
             _ if received.is_some() => received.unwrap_or_default(),
             None => return Err(DecodeError::NoTime(self.time_path.clone())),
-            Some(Field::Str(s)) => parse_rfc3339(s)
-                .ok_or_else(|| DecodeError::BadTime(self.time_path.clone(), format!("{s:?}")))?,
+            Some(Field::Str(s)) => parse_rfc3339(s).ok_or_else(|| {
+                if crate::time::rfc3339_out_of_range(s) {
+                    DecodeError::TimeOutOfRange(self.time_path.clone(), format!("{s:?}"))
+                } else {
+                    DecodeError::BadTime(self.time_path.clone(), format!("{s:?}"))
+                }
+            })?,
             Some(other) => {
                 return Err(DecodeError::BadTime(
                     self.time_path.clone(),
@@ -606,6 +620,16 @@ rules:
         ));
         assert!(matches!(
             d.decode(br#"{"time":5}"#, None),
+            Err(DecodeError::BadTime(..))
+        ));
+        // Valid RFC 3339, beyond what the clock holds: said so, not "not RFC 3339".
+        for t in ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z"] {
+            let line = format!(r#"{{"time":"{t}"}}"#);
+            let e = d.decode(line.as_bytes(), None);
+            assert!(matches!(e, Err(DecodeError::TimeOutOfRange(..))), "{e:?}");
+        }
+        assert!(matches!(
+            d.decode(br#"{"time":"9999-13-31T23:59:59Z"}"#, None),
             Err(DecodeError::BadTime(..))
         ));
     }

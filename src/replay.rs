@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant as WallInstant;
 
 use crate::engine::{Engine, MemoryState, Outcome};
-use crate::event::{DecodeError, Decoder};
+use crate::event::{BOM, DecodeError, Decoder};
 use crate::output::Line;
 use crate::rules::{RuleSet, valid_name};
 use crate::time::Instant;
@@ -123,6 +123,9 @@ impl Reader {
             }
             self.bytes_read += n as u64;
             self.line_no += 1;
+            if self.line_no == 1 && self.buf.starts_with(BOM) {
+                self.buf.drain(..BOM.len());
+            }
             if !self.buf.iter().all(u8::is_ascii_whitespace) {
                 return Ok(true);
             }

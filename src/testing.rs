@@ -130,14 +130,11 @@ pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
         diags
             .iter()
             .map(|d| {
-                format!(
-                    "{}:{}:{}: {}: {}",
-                    file.display(),
-                    d.pos.line,
-                    d.pos.col,
-                    d.path,
-                    d.message
-                )
+                rules::FileDiag {
+                    file: file.to_path_buf(),
+                    diag: d.clone(),
+                }
+                .to_string()
             })
             .collect::<Vec<_>>()
             .join("\n")

@@ -73,6 +73,11 @@ impl Duration {
                 "m" => (2, 60 * NANOS_PER_SEC),
                 "s" => (3, NANOS_PER_SEC),
                 "ms" => (4, 1_000_000),
+                "" if bytes.get(i) == Some(&b'.') => {
+                    return Err(format!(
+                        "invalid duration {t:?}: no fractions; combine units instead (1h30m, 1500ms)"
+                    ));
+                }
                 "" => {
                     return Err(format!(
                         "invalid duration {t:?}: missing unit after {number} (one of ms, s, m, h, d)"
@@ -193,6 +198,16 @@ fn digits(b: &[u8], at: usize, n: usize) -> Option<i64> {
         v = v * 10 + i64::from(c - b'0');
     }
     Some(v)
+}
+
+/// Whether `s` is a valid RFC 3339 timestamp that [`parse_rfc3339`] refuses only for its
+/// range (the same date in the year 2000 parses).
+pub fn rfc3339_out_of_range(s: &str) -> bool {
+    parse_rfc3339(s).is_none()
+        && s.len() > 4
+        && s.is_char_boundary(4)
+        && s.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+        && parse_rfc3339(&format!("2000{}", &s[4..])).is_some()
 }
 
 /// Parses an RFC 3339 timestamp (`2026-01-02T03:04:05.678Z`, `...+02:00`; `t`, `z` and a

@@ -142,8 +142,26 @@ impl Node {
         node.pos
     }
 
+    /// An integer above `i64::MAX` (read as a float) that fits a `u64`: kept exact, as
+    /// events' integers are.
+    fn big_uint(&self) -> Option<u64> {
+        match self.value {
+            Value::Float(_) => self
+                .text
+                .as_deref()?
+                .strip_prefix('+')
+                .unwrap_or(self.text.as_deref()?)
+                .parse()
+                .ok(),
+            _ => None,
+        }
+    }
+
     /// Converts to JSON (for `where` values and payloads).
     pub fn to_json(&self) -> serde_json::Value {
+        if let Some(u) = self.big_uint() {
+            return u.into();
+        }
         match &self.value {
             Value::Null => serde_json::Value::Null,
             Value::Bool(b) => (*b).into(),
@@ -585,7 +603,10 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
             Value::Null => visitor.visit_unit(),
             Value::Bool(b) => visitor.visit_bool(*b),
             Value::Int(i) => visitor.visit_i64(*i),
-            Value::Float(f) => visitor.visit_f64(*f),
+            Value::Float(f) => match self.node.big_uint() {
+                Some(u) => visitor.visit_u64(u),
+                None => visitor.visit_f64(*f),
+            },
             Value::Str(s) => visitor.visit_borrowed_str(s),
             Value::Seq(items) => visitor.visit_seq(SeqDe {
                 de: &self,
@@ -976,6 +997,22 @@ mod tests {
         parse("a: 1\na: 2\n", &mut diags).unwrap();
         assert_eq!(diags.len(), 1);
         assert_eq!(diags[0].pos.line, 2);
+    }
+
+    /// Integers above i64::MAX stay exact (events' integers up to u64::MAX are).
+    #[test]
+    fn integers_up_to_u64_max_stay_exact() {
+        let mut diags = vec![];
+        let node = parse(
+            "a: 10000000000000000001\nb: 18446744073709551615\nc: 1e19\n",
+            &mut diags,
+        )
+        .unwrap();
+        let v: serde_json::Value = from_node(&node, &YamlPath::default(), &mut diags).unwrap();
+        assert_eq!(v["a"].as_u64(), Some(10_000_000_000_000_000_001));
+        assert_eq!(v["b"].as_u64(), Some(u64::MAX));
+        assert_eq!(v["c"].as_f64(), Some(1e19));
+        assert_eq!(node.to_json(), v);
     }
 
     #[test]

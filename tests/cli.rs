@@ -410,3 +410,19 @@ fn validate_into_a_closed_pipe_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+/// A byte order mark at the start of a file is not part of its first event.
+#[test]
+fn replay_skips_a_byte_order_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(&dir, "r.yaml", RULE);
+    let events = write(
+        &dir,
+        "e.jsonl",
+        "\u{feff}{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"x\"}\n",
+    );
+    let (code, out, err) = sagawatch(&["replay", "--lifecycle", "--rules", &rules, &events], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("replayed 1 events (0 skipped)"), "{err}");
+    assert!(out.contains("\"outcome\":\"opened\""), "{out}");
+}

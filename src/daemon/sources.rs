@@ -86,6 +86,11 @@ impl Skips {
     /// Adds a line's text unless it is blank; a line that is not UTF-8 is skipped (its
     /// bytes would otherwise become a key no event could ever match).
     fn push(&self, lines: &mut Vec<String>, raw: &[u8], offset: Option<u64>) {
+        // A byte order mark at the start of a file is not part of its first line.
+        let raw = match raw.strip_prefix(crate::event::BOM) {
+            Some(rest) if offset == Some(0) => rest,
+            _ => raw,
+        };
         if !push_line(lines, raw) {
             self.received.inc();
             self.not_utf8.inc();
@@ -532,7 +537,12 @@ mod tests {
     fn a_line_that_is_not_utf8_is_skipped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
-        std::fs::write(&path, b"{\"n\":1}\n{\"k\":\"\xff\xfe\"}\n{\"n\":2}\n").unwrap();
+        // A byte order mark first, then a line that is not UTF-8.
+        std::fs::write(
+            &path,
+            b"\xEF\xBB\xBF{\"n\":1}\n{\"k\":\"\xff\xfe\"}\n{\"n\":2}\n",
+        )
+        .unwrap();
         let (tx, rx) = sync_channel(16);
         let metrics = crate::daemon::metrics::Metrics::new();
         let src = FileSource {
@@ -549,7 +559,7 @@ mod tests {
         let (got, pos) = lines_until(&rx, 2);
         assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
         t.join().unwrap();
-        assert_eq!(pos.map(|p| p.offset), Some(27));
+        assert_eq!(pos.map(|p| p.offset), Some(30));
         let rejected = metrics
             .events_rejected
             .with_label_values(&["f", "invalid_json"])

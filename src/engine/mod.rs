@@ -553,7 +553,11 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
                 }
                 Kind::Alert(Alert {
                     id,
-                    severity: a.severity.render(&vars),
+                    // A template that renders empty (an absent trigger field) falls
+                    // back to the default, as an unset severity does.
+                    severity: Some(a.severity.render(&vars))
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "warning".into()),
                     summary: a.summary.render(&vars),
                     description: a.description.as_ref().map(|d| d.render(&vars)),
                     labels,
