@@ -811,10 +811,23 @@ impl Checker {
             }
             let kind = match s.kind.as_str() {
                 "file" => match &s.path {
-                    Some(path) => SourceKind::File {
-                        path: self.resolve(path),
-                        follow: s.follow.unwrap_or(true),
-                    },
+                    Some(path) => {
+                        let path = self.resolve(path);
+                        // Both would apply every event, each under its own name.
+                        if let Some(other) = sources.iter().find_map(|o: &Source| match &o.kind {
+                            SourceKind::File { path: p, .. } if *p == path => Some(o.name.clone()),
+                            _ => None,
+                        }) {
+                            self.err(
+                                &p.key("path"),
+                                format!("{} is already source {other:?}", path.display()),
+                            );
+                        }
+                        SourceKind::File {
+                            path,
+                            follow: s.follow.unwrap_or(true),
+                        }
+                    }
                     None => {
                         self.err(&p, "missing field `path`");
                         continue;
@@ -1264,6 +1277,20 @@ mod tests {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
         assert_eq!(e.lines().count(), 5, "{e}");
+    }
+
+    #[test]
+    fn one_file_is_one_source() {
+        let e = check(
+            "rules: rules\nsources:\n  a: { type: file, path: ev.jsonl }\n  b: { type: file, path: ./ev.jsonl }\n  c: { type: file, path: other.jsonl }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("sagawatch.yaml:4:"), "{e}");
+        assert!(
+            e.contains("sources.b.path:") && e.contains("is already source \"a\""),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
     }
 
     #[test]

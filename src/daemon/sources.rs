@@ -227,6 +227,9 @@ impl FileSource {
                         done: None,
                     });
                 }
+                if let Ok(m) = o.reader.get_ref().metadata() {
+                    self.lag.set(m.len().saturating_sub(end) as i64);
+                }
                 if !self.follow {
                     tracing::info!(source = &*self.name, "reached the end of the file");
                     return;
@@ -540,7 +543,7 @@ mod tests {
         // A byte order mark first, then a line that is not UTF-8.
         std::fs::write(
             &path,
-            b"\xEF\xBB\xBF{\"n\":1}\n{\"k\":\"\xff\xfe\"}\n{\"n\":2}\n",
+            b"\xEF\xBB\xBF{\"n\":1}\n{\"k\":\"\xff\xfe\"}\n{\"n\":2}",
         )
         .unwrap();
         let (tx, rx) = sync_channel(16);
@@ -555,11 +558,13 @@ mod tests {
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
             skips: Skips::new(&metrics, "f"),
         };
+        let lag = src.lag.clone();
         let t = std::thread::spawn(move || src.run());
         let (got, pos) = lines_until(&rx, 2);
         assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
         t.join().unwrap();
-        assert_eq!(pos.map(|p| p.offset), Some(30));
+        // The last line has no newline: read all the same, and nothing is left to read.
+        assert_eq!((pos.map(|p| p.offset), lag.get()), (Some(29), 0));
         let rejected = metrics
             .events_rejected
             .with_label_values(&["f", "invalid_json"])
