@@ -135,6 +135,34 @@ fn file_source_follows_appends_and_rotation() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A bad line in a file is logged with the byte offset where it starts, so that it can
+/// be found in a large file.
+#[test]
+fn bad_lines_are_logged_with_their_offset() {
+    let mut d = Daemon::new(
+        "sources: { events: { type: file, path: events.jsonl } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    let good = r#"{"time":"2026-01-01T00:00:00Z","type":"X"}"#;
+    let text = format!("{good}\n{{bad\n\n{{\"type\":\"X\"}}\n");
+    std::fs::write(d.path("events.jsonl"), &text).unwrap();
+    d.start();
+    wait_for(Duration::from_secs(30), "the file to be read", || {
+        (metric(d.port, "sagawatch_events_received_total")? == 3.0).then_some(())
+    });
+    assert_eq!(d.terminate(), 0);
+    let err = d.stderr();
+    let bad = good.len() + 1;
+    let no_time = bad + "{bad\n\n".len();
+    for offset in [bad, no_time] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains("skipped a bad line")
+                    && l.contains(&format!("offset={offset} "))),
+            "offset {offset}:\n{err}"
+        );
+    }
+}
+
 #[test]
 fn http_source_delivers_what_replay_reports() {
     let Hooked {

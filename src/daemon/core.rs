@@ -29,6 +29,29 @@ pub struct Rejected {
     pub message: String,
 }
 
+/// Where each line of a [`Msg::Lines`] starts.
+#[derive(Debug, Default)]
+pub enum LineAt {
+    /// Not said (the http source names a bad line in its answer).
+    #[default]
+    Unknown,
+    /// Byte offsets in a file.
+    Offsets(Vec<u64>),
+    /// Line numbers (stdin), 1-based.
+    Numbers(Vec<u64>),
+}
+
+impl LineAt {
+    /// The `i`th line's (offset, line number), for a log record.
+    fn of(&self, i: usize) -> (Option<u64>, Option<u64>) {
+        match self {
+            LineAt::Unknown => (None, None),
+            LineAt::Offsets(v) => (v.get(i).copied(), None),
+            LineAt::Numbers(v) => (None, v.get(i).copied()),
+        }
+    }
+}
+
 /// What sources and the server send to the core.
 pub enum Msg {
     /// Lines from a source. With `atomic`, a bad line rejects them all (HTTP); otherwise
@@ -36,6 +59,8 @@ pub enum Msg {
     Lines {
         source: Arc<str>,
         lines: Vec<String>,
+        /// Where each line starts, for the log of a bad one.
+        at: LineAt,
         position: Option<Position>,
         atomic: bool,
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
@@ -185,10 +210,11 @@ impl Core {
                 Ok(Msg::Lines {
                     source,
                     lines,
+                    at,
                     position,
                     atomic,
                     done,
-                }) => self.lines(&source, &lines, position, atomic, done)?,
+                }) => self.lines(&source, &lines, &at, position, atomic, done)?,
                 Ok(Msg::Records {
                     records,
                     positions,
@@ -227,6 +253,7 @@ impl Core {
         &mut self,
         source: &Arc<str>,
         lines: &[String],
+        at: &LineAt,
         position: Option<Position>,
         atomic: bool,
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
@@ -258,8 +285,8 @@ impl Core {
         }
         self.begin()?;
         let mut applied = 0;
-        for line in lines {
-            applied += self.apply(source, line, None, received)? as usize;
+        for (i, line) in lines.iter().enumerate() {
+            applied += self.apply(source, line, None, received, at.of(i))? as usize;
         }
         // Lines that did not decode are not events: a stream of garbage must not hold
         // off the idle fallback.
@@ -287,6 +314,7 @@ impl Core {
         line: &str,
         part: Option<i32>,
         received: Option<Instant>,
+        (offset, line_no): (Option<u64>, Option<u64>),
     ) -> Result<bool> {
         let ok = match self
             .decoder
@@ -301,7 +329,13 @@ impl Core {
             }
             Err(e) => {
                 self.reject(source, &e);
-                tracing::warn!(source = &**source, error = %e, "skipped a bad line");
+                tracing::warn!(
+                    source = &**source,
+                    offset,
+                    line = line_no,
+                    error = %e,
+                    "skipped a bad line"
+                );
                 false
             }
         };
@@ -323,7 +357,7 @@ impl Core {
         // Per-source counts, flushed once per message (sources repeat in runs).
         let mut counts: Vec<(Arc<str>, u64, u64)> = Vec::new();
         for r in records {
-            let ok = self.apply(&r.source, &r.text, r.part, received)?;
+            let ok = self.apply(&r.source, &r.text, r.part, received, (None, None))?;
             match counts.iter_mut().find(|c| Arc::ptr_eq(&c.0, &r.source)) {
                 Some(c) => {
                     c.1 += 1;

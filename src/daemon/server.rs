@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 
 use crate::config::{ClockMode, Config, Secret, SourceKind};
-use crate::daemon::core::Msg;
+use crate::daemon::core::{LineAt, Msg};
 use crate::daemon::metrics::Metrics;
 use crate::event::{DecodeError, Decoder};
 
@@ -773,6 +773,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let msg = Msg::Lines {
         source: Arc::from(name.as_str()),
         lines: std::mem::take(&mut body.lines),
+        at: LineAt::Unknown,
         position: None,
         atomic: true,
         done: Some(tx),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
-use crate::daemon::core::Msg;
+use crate::daemon::core::{LineAt, Msg};
 use crate::store::Position;
 
 /// Lines per message to the core.
@@ -52,6 +52,8 @@ pub struct FileSource {
 /// received and as rejected, and logged with where they were.
 pub struct Skips {
     pub name: Arc<str>,
+    /// Lines are told by number (stdin), not by byte offset (files).
+    pub by_line: bool,
     pub received: prometheus::IntCounter,
     pub oversized: prometheus::IntCounter,
     pub not_utf8: prometheus::IntCounter,
@@ -61,6 +63,7 @@ impl Skips {
     pub fn new(metrics: &crate::daemon::metrics::Metrics, name: &str) -> Skips {
         Skips {
             name: Arc::from(name),
+            by_line: false,
             received: metrics.events_received.with_label_values(&[name]),
             oversized: metrics
                 .events_rejected
@@ -71,35 +74,81 @@ impl Skips {
         }
     }
 
-    /// `offset`: where the line starts in its file.
-    fn oversized(&self, bytes: u64, offset: Option<u64>) {
+    /// The log fields for where a line starts: its offset, or its line number.
+    fn place(&self, at: u64) -> (Option<u64>, Option<u64>) {
+        if self.by_line {
+            (None, Some(at))
+        } else {
+            (Some(at), None)
+        }
+    }
+
+    /// `at`: where the line starts (see [`Skips::place`]).
+    fn oversized(&self, bytes: u64, at: u64) {
         self.received.inc();
         self.oversized.inc();
+        let (offset, line) = self.place(at);
         tracing::warn!(
             source = &*self.name,
             bytes,
             offset,
+            line,
             "skipped an oversized line"
         );
     }
 
-    /// Adds a line's text unless it is blank; a line that is not UTF-8 is skipped (its
-    /// bytes would otherwise become a key no event could ever match).
-    fn push(&self, lines: &mut Vec<String>, raw: &[u8], offset: Option<u64>) {
-        // A byte order mark at the start of a file is not part of its first line.
+    /// Adds a line's text and where it starts, unless it is blank; a line that is not
+    /// UTF-8 is skipped (its bytes would otherwise become a key no event could ever match).
+    fn push(&self, lines: &mut Lines, raw: &[u8], at: u64) {
+        // A byte order mark at the start of the input is not part of its first line.
+        let first = at == u64::from(self.by_line);
         let raw = match raw.strip_prefix(crate::event::BOM) {
-            Some(rest) if offset == Some(0) => rest,
+            Some(rest) if first => rest,
             _ => raw,
         };
-        if !push_line(lines, raw) {
-            self.received.inc();
-            self.not_utf8.inc();
-            tracing::warn!(
-                source = &*self.name,
-                offset,
-                "skipped a line that is not UTF-8"
-            );
+        match push_line(&mut lines.text, raw) {
+            Some(true) => lines.at.push(at),
+            Some(false) => {}
+            None => {
+                self.received.inc();
+                self.not_utf8.inc();
+                let (offset, line) = self.place(at);
+                tracing::warn!(
+                    source = &*self.name,
+                    offset,
+                    line,
+                    "skipped a line that is not UTF-8"
+                );
+            }
         }
+    }
+}
+
+/// Lines read and not sent yet, with where each starts.
+#[derive(Default)]
+struct Lines {
+    text: Vec<String>,
+    at: Vec<u64>,
+}
+
+impl Lines {
+    fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// Takes them for a message: `by_line` says what `at` holds.
+    fn take(&mut self, by_line: bool) -> (Vec<String>, LineAt) {
+        let at = std::mem::take(&mut self.at);
+        let at = if by_line {
+            LineAt::Numbers(at)
+        } else {
+            LineAt::Offsets(at)
+        };
+        (std::mem::take(&mut self.text), at)
     }
 }
 
@@ -148,18 +197,18 @@ impl FileSource {
                 }
             }
             let Some(o) = cur.as_mut() else { continue };
-            let mut lines = Vec::new();
+            let mut lines = Lines::default();
             let mut consumed = o.offset;
             let mut eof = false;
             while lines.len() < CHUNK {
                 match next_line(&mut o.reader, &mut partial, &mut skipping) {
                     Ok(Step::Line) => {
-                        self.skips.push(&mut lines, &partial, Some(consumed));
+                        self.skips.push(&mut lines, &partial, consumed);
                         consumed += partial.len() as u64;
                         partial.clear();
                     }
                     Ok(Step::Oversized(n)) => {
-                        self.skips.oversized(n, Some(consumed));
+                        self.skips.oversized(n, consumed);
                         consumed += n;
                     }
                     Ok(Step::More) => {}
@@ -186,9 +235,11 @@ impl FileSource {
             }
             if consumed != o.offset || !lines.is_empty() {
                 o.offset = consumed;
+                let (lines, at) = lines.take(false);
                 let msg = Msg::Lines {
                     source: Arc::clone(&self.name),
                     lines,
+                    at,
                     position: Some(Position {
                         file_id: o.id.clone(),
                         offset: consumed,
@@ -207,18 +258,19 @@ impl FileSource {
                 // A finished file: a last line without a newline is still a line.
                 let last = std::mem::take(&mut partial);
                 let end = o.offset + last.len() as u64 + skipping;
-                let mut lines = Vec::new();
+                let mut lines = Lines::default();
                 if skipping > 0 {
-                    self.skips
-                        .oversized(skipping + last.len() as u64, Some(o.offset));
+                    self.skips.oversized(skipping + last.len() as u64, o.offset);
                 } else {
-                    self.skips.push(&mut lines, &last, Some(o.offset));
+                    self.skips.push(&mut lines, &last, o.offset);
                 }
                 if end != o.offset {
                     o.offset = end;
+                    let (lines, at) = lines.take(false);
                     let _ = self.tx.send(Msg::Lines {
                         source: Arc::clone(&self.name),
                         lines,
+                        at,
                         position: Some(Position {
                             file_id: o.id.clone(),
                             offset: end,
@@ -263,6 +315,7 @@ impl FileSource {
                     let msg = Msg::Lines {
                         source: Arc::clone(&self.name),
                         lines: Vec::new(),
+                        at: LineAt::Unknown,
                         position: Some(Position {
                             file_id: o.id.clone(),
                             offset: 0,
@@ -356,36 +409,43 @@ fn next_line(
     Ok(step)
 }
 
-/// Adds a line's text, unless it is blank. False if it is not UTF-8 (not added).
-fn push_line(lines: &mut Vec<String>, raw: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(raw) else {
-        return false;
-    };
+/// Adds a line's text, unless it is blank: whether it was added, `None` if it is not
+/// UTF-8 (not added).
+fn push_line(lines: &mut Vec<String>, raw: &[u8]) -> Option<bool> {
+    let text = std::str::from_utf8(raw).ok()?;
     let t = text.trim();
     if !t.is_empty() {
         lines.push(t.to_string());
     }
-    true
+    Some(!t.is_empty())
 }
 
 /// Reads stdin to its end. Lines read are sent before any read that may block, so none
 /// waits on input that has not come.
 pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, skips: Skips) {
+    let skips = Skips {
+        by_line: true,
+        ..skips
+    };
     let mut reader = BufReader::with_capacity(1 << 16, std::io::stdin());
     let mut partial = Vec::new();
     let mut skipping = 0u64;
-    let mut lines = Vec::new();
-    let send = |lines: &mut Vec<String>| {
-        lines.is_empty()
-            || tx
-                .send(Msg::Lines {
-                    source: Arc::clone(&name),
-                    lines: std::mem::take(lines),
-                    position: None,
-                    atomic: false,
-                    done: None,
-                })
-                .is_ok()
+    let mut lines = Lines::default();
+    // The number of the line being read.
+    let mut number = 1u64;
+    let send = |lines: &mut Lines| {
+        lines.is_empty() || {
+            let (lines, at) = lines.take(true);
+            tx.send(Msg::Lines {
+                source: Arc::clone(&name),
+                lines,
+                at,
+                position: None,
+                atomic: false,
+                done: None,
+            })
+            .is_ok()
+        }
     };
     while !stop.load(Ordering::Relaxed) {
         if (reader.buffer().is_empty() || lines.len() >= CHUNK) && !send(&mut lines) {
@@ -397,17 +457,21 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
         });
         match step {
             Step::Line => {
-                skips.push(&mut lines, &partial, None);
+                skips.push(&mut lines, &partial, number);
                 partial.clear();
+                number += 1;
             }
-            Step::Oversized(n) => skips.oversized(n, None),
+            Step::Oversized(n) => {
+                skips.oversized(n, number);
+                number += 1;
+            }
             Step::More => {}
             Step::End => {
                 // A last line without a newline is still a line.
                 if skipping > 0 {
-                    skips.oversized(skipping + partial.len() as u64, None);
+                    skips.oversized(skipping + partial.len() as u64, number);
                 } else {
-                    skips.push(&mut lines, &partial, None);
+                    skips.push(&mut lines, &partial, number);
                 }
                 send(&mut lines);
                 tracing::info!(source = &*name, "stdin closed");
