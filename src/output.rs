@@ -9,6 +9,27 @@ use crate::engine::{Kind, Outcome};
 use crate::rules::RuleSet;
 use crate::time::format_rfc3339;
 
+/// The names of [`Line`]'s fields: what a rule test may expect.
+pub const FIELDS: [&str; 17] = [
+    "outcome",
+    "rule",
+    "step",
+    "key",
+    "deadline",
+    "within",
+    "time",
+    "at",
+    "opened_at",
+    "id",
+    "severity",
+    "summary",
+    "description",
+    "labels",
+    "sinks",
+    "sink",
+    "payload",
+];
+
 /// One outcome line. Fields are in a fixed order: outcome, rule, step, key, deadline, then
 /// the rest.
 #[derive(Serialize)]
@@ -100,4 +121,39 @@ impl<'a> Line<'a> {
 /// The outcome as a JSON value (for comparisons in `test`).
 pub fn to_json(rules: &RuleSet, o: &Outcome) -> serde_json::Value {
     serde_json::to_value(Line::new(rules, o)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_name_every_field_of_a_line() {
+        let payload = serde_json::json!({});
+        let sinks = vec!["s".to_string()];
+        let line = Line {
+            outcome: "alert",
+            rule: "r",
+            step: Some("s"),
+            key: "k",
+            deadline: Some(String::new()),
+            within: Some("1m"),
+            time: Some(String::new()),
+            at: String::new(),
+            opened_at: String::new(),
+            id: Some("i"),
+            severity: Some("warning"),
+            summary: Some(""),
+            description: Some(""),
+            labels: Some(BTreeMap::new()),
+            sinks: Some(&sinks),
+            sink: Some("s"),
+            payload: Some(&payload),
+        };
+        let v = serde_json::to_value(line).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = FIELDS.to_vec();
+        want.sort_unstable();
+        assert_eq!(keys, want);
+    }
 }

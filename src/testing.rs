@@ -210,6 +210,12 @@ fn run_one(
     for (i, exp) in t.expect.iter().enumerate() {
         let mut m = serde_json::Map::new();
         for (k, v) in exp {
+            if !output::FIELDS.contains(&k.as_str()) {
+                return Err(format!(
+                    "expect[{i}].{k}: not a field of an outcome{}",
+                    yaml::did_you_mean(k, output::FIELDS)
+                ));
+            }
             let v = match (TIME_FIELDS.contains(&k.as_str()), v.as_str()) {
                 (true, Some(s)) => {
                     let t = resolve_time(s, start).map_err(|m| format!("expect[{i}].{k}: {m}"))?;

@@ -292,6 +292,19 @@ fn test_command_prints_a_diff_and_fails() {
     );
     assert!(out.contains("  + {"), "{out}");
     assert!(out.trim_end().ends_with("0 passed, 1 failed"), "{out}");
+    // A misspelt field is said, not left to fail as a mismatch.
+    let t = write(
+        &dir,
+        "t2.yaml",
+        "rules: r.yaml\ntests:\n  - name: typo\n    events:\n      - { at: +0s, event: { type: A, id: k } }\n    expect:\n      - { outcome: missing, stepp: b }\n",
+    );
+    let (code, out, err) = sagawatch(&["test", &t], None);
+    assert_eq!(code, 1, "{out}");
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains("expect[0].stepp: not a field of an outcome (did you mean \"step\"?)"),
+        "{all}"
+    );
 }
 
 #[test]
