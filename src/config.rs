@@ -649,12 +649,17 @@ impl Checker {
                 );
                 uri
             }
-            Ok(_) => {
-                self.err(path, format!("{u:?} is not an http:// URL with a host"));
+            // The value itself is not repeated: a URL may hold credentials or a token.
+            Ok(uri) => {
+                let what = match uri.scheme_str() {
+                    Some(scheme) => format!("its scheme is {scheme:?}"),
+                    None => "it has no scheme".into(),
+                };
+                self.err(path, format!("not an http:// URL with a host: {what}"));
                 hyper::Uri::default()
             }
             Err(e) => {
-                self.err(path, format!("invalid URL {u:?}: {e}"));
+                self.err(path, format!("invalid URL: {e}"));
                 hyper::Uri::default()
             }
         }
@@ -1348,6 +1353,25 @@ mod tests {
             "sagawatch.yaml:9:19: alerts.sinks[0]: unknown sink \"pager\"",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+    }
+
+    /// A URL may hold credentials or a token: a bad one is described, never repeated.
+    #[test]
+    fn a_bad_url_is_not_repeated() {
+        for url in [
+            "htps://hooks.example/services/T0K3N",
+            "user:pa55@am:9093",
+            "http://user:pa ss@host/",
+        ] {
+            let e = check(&format!(
+                "rules: rules\nsources: {{ a: {{ type: stdin }} }}\nsinks:\n  am: {{ type: alertmanager, url: '{url}' }}\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("sinks.am.url:"), "{e}");
+            for secret in ["T0K3N", "pa55", "pa ss"] {
+                assert!(!e.contains(secret), "{e}");
+            }
         }
     }
 }

@@ -101,7 +101,11 @@ pub fn test_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 fn resolve_time(text: &str, start: Instant) -> Result<Instant, String> {
     if let Some(off) = text.strip_prefix('+') {
-        return Duration::parse_span(off).map(|d| start + d);
+        return Duration::parse_span(off).and_then(|d| {
+            start
+                .checked_add(d)
+                .ok_or_else(|| format!("{text:?} from the start is beyond 2262"))
+        });
     }
     parse_rfc3339(text).ok_or_else(|| format!("{text:?} is neither +offset nor RFC 3339"))
 }

@@ -131,7 +131,10 @@ fn file_source_follows_appends_and_rotation() {
     // A restart resumes from the stored offset: nothing is read twice.
     assert_eq!(d.terminate(), 0);
     d.start();
-    assert_eq!(metric(d.port, "sagawatch_events_received_total"), None);
+    assert_eq!(
+        metric(d.port, "sagawatch_events_received_total").unwrap_or(0.0),
+        0.0
+    );
     assert_eq!(d.terminate(), 0);
 }
 
@@ -575,6 +578,28 @@ fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
         "{}",
         d.stderr()
     );
+}
+
+/// Times at the edges of the accepted range (1677..2262) move the clock without breaking
+/// the arithmetic of the gauges and timers (the test binary is built with overflow checks).
+#[test]
+fn event_times_at_the_edges_of_the_range_are_handled() {
+    let mut d = Daemon::new(
+        "token: s3cret\nsources:\n  api: { type: http }\nsinks:\n  hook: { type: stdout }\n",
+    );
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    for t in ["1700-01-01T00:00:00Z", "2262-04-01T00:00:00Z"] {
+        let ev = format!(r#"{{"time":"{t}","type":"OrderPlaced","order_id":"{t}"}}"#);
+        let (st, b) = http(d.port, "POST", "/v1/events", &auth, ev.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+        wait_for(Duration::from_secs(10), "the gauges after a commit", || {
+            let (st, m) = http(d.port, "GET", "/metrics", &[], b"").ok()?;
+            (st == 200 && m.contains("sagawatch_clock_lag_seconds")).then_some(())
+        });
+    }
+    assert_eq!(http(d.port, "GET", "/readyz", &[], b"").unwrap().0, 200);
+    assert_eq!(d.terminate(), 0);
 }
 
 /// A removed rule's instances wait; when it comes back (by a reload, or across a restart)

@@ -226,8 +226,12 @@ impl Core {
                     r?;
                 }
                 Ok(Msg::Reload { rules, done }) => {
+                    // The rules were checked before they came here: what fails now is the
+                    // state (the commit of the open batch, the rule shapes), fatal as any
+                    // other state failure (the batch's events were not acknowledged).
                     let r = self.reload(rules);
-                    let _ = done.send(r.map_err(|e| format!("{e:#}")));
+                    let _ = done.send(r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+                    r?;
                 }
                 Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     self.commit()?;
@@ -480,7 +484,7 @@ impl Core {
                         m.steps.with_label_values(&[&rule.name, step, "satisfied"])
                     });
                     if let Some(t) = o.time {
-                        let secs = (t - o.opened_at).max(0) as f64 / 1e9;
+                        let secs = t.saturating_sub(o.opened_at).max(0) as f64 / 1e9;
                         self.children
                             .latency
                             .entry((r, st))
@@ -698,14 +702,14 @@ impl Core {
             Ok(Some(d)) if clock != Instant::MIN => self
                 .metrics
                 .oldest_deadline_age
-                .set((clock - d) as f64 / 1e9),
+                .set(clock.saturating_sub(d) as f64 / 1e9),
             _ => self.metrics.oldest_deadline_age.set(0.0),
         }
         if clock != Instant::MIN {
             self.metrics.engine_clock.set(clock as f64 / 1e9);
             self.metrics
                 .clock_lag
-                .set((wall_nanos() - clock) as f64 / 1e9);
+                .set(wall_nanos().saturating_sub(clock) as f64 / 1e9);
         }
     }
 }

@@ -744,7 +744,11 @@ fn am_alert(
     let ends = if kind == "resolve" {
         now
     } else {
-        now + (resend.as_nanos() as i64).saturating_mul(4)
+        now.saturating_add(
+            i64::try_from(resend.as_nanos())
+                .unwrap_or(i64::MAX)
+                .saturating_mul(4),
+        )
     };
     let starts = timestamp
         .and_then(|t| t.as_str())

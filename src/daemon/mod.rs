@@ -460,12 +460,14 @@ async fn reload(cfg: &Arc<Config>, shared: &Arc<server::Shared>) -> Result<(), S
             let sent = tokio::task::spawn_blocking(move || core.send(msg).is_ok())
                 .await
                 .unwrap_or(false);
-            if !sent {
+            let r = if !sent {
                 Err("the core is not running".to_string())
             } else {
                 rx.await
                     .unwrap_or_else(|_| Err("the core stopped during reload".into()))
-            }
+            };
+            // Valid rules the core could not take: its state failed, and it stops.
+            r.map_err(|e| format!("{}; the daemon stops: {e}", server::RELOAD_STATE_FAILED))
         }
     };
     match &result {
@@ -487,7 +489,11 @@ async fn reload(cfg: &Arc<Config>, shared: &Arc<server::Shared>) -> Result<(), S
                 .rules_reloads
                 .with_label_values(&["failure"])
                 .inc();
-            tracing::error!(error = %e, "rules reload rejected; the previous rules keep running");
+            if e.starts_with(server::RELOAD_STATE_FAILED) {
+                tracing::error!(error = %e, "rules reload failed");
+            } else {
+                tracing::error!(error = %e, "rules reload rejected; the previous rules keep running");
+            }
         }
     }
     result

@@ -22,6 +22,10 @@ use crate::daemon::core::{LineAt, Msg};
 use crate::daemon::metrics::Metrics;
 use crate::event::{DecodeError, Decoder};
 
+/// How a reload's error starts when the rules were valid but the state failed taking them
+/// (the daemon stops): answered 503, not 422.
+pub const RELOAD_STATE_FAILED: &str = "the state failed during the reload";
+
 /// What the handlers share.
 pub struct Shared {
     pub cfg: Arc<Config>,
@@ -421,6 +425,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             shared.reload.notify_one();
             match rx.await {
                 Ok(Ok(())) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
+                Ok(Err(e)) if e.starts_with(RELOAD_STATE_FAILED) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"error": e}),
+                ),
                 Ok(Err(e)) => json(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     serde_json::json!({"error": e}),

@@ -229,7 +229,10 @@ impl SqliteState {
             .rules
             .iter()
             .map(|r| {
-                let chain: i64 = r.steps.iter().map(|s| s.within.nanos()).sum();
+                let chain = r
+                    .steps
+                    .iter()
+                    .fold(0i64, |a, s| a.saturating_add(s.within.nanos()));
                 chain.saturating_add(r.dedup.nanos().max(r.late.nanos()))
             })
             .max()
