@@ -602,6 +602,51 @@ fn event_times_at_the_edges_of_the_range_are_handled() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// When the clock leaps (the idle fallback after old events, as in the quickstart), the
+/// instances it closes are listed for their dedup memory from the new clock: their trigger
+/// and correlate events stay as long.
+#[test]
+fn a_leap_of_the_clock_keeps_the_events_of_the_instances_it_closes() {
+    let mut d = Daemon::new(
+        "token: s3cret\ntime: { idle: 1s }\nsources:\n  api: { type: http }\nsinks:\n  hook: { type: stdout }\n",
+    );
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    let body = concat!(
+        r#"{"time":"2020-01-01T00:00:00Z","type":"OrderPlaced","order_id":"a"}"#,
+        "\n",
+        r#"{"time":"2020-01-01T00:01:00Z","type":"PaymentCompleted","order_id":"a"}"#,
+    );
+    let (st, b) = http(d.port, "POST", "/v1/events", &auth, body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    // The idle fallback moves the clock to the present: a's shipment goes missing.
+    wait_for(
+        Duration::from_secs(20),
+        "the shipment reported missing",
+        || {
+            let n = metric(
+                d.port,
+                r#"sagawatch_outcomes_total{outcome="missing",rule="checkout"}"#,
+            )?;
+            (n == 1.0).then_some(())
+        },
+    );
+    // A commit after the leap has run the purge of old events.
+    let ev = r#"{"time":"2020-01-01T00:02:00Z","type":"Other","order_id":"x"}"#;
+    assert_eq!(
+        http(d.port, "POST", "/v1/events", &auth, ev.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    let (st, t) = http(d.port, "GET", "/v1/instances/checkout/a", &[], b"").unwrap();
+    assert_eq!(st, 200, "{t}");
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["trigger"]["type"], "OrderPlaced", "{t}");
+    assert!(t.contains("PaymentCompleted"), "{t}");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A removed rule's instances wait; when it comes back (by a reload, or across a restart)
 /// a deadline that passed meanwhile is reported missing at once, not at the next event.
 #[test]

@@ -154,7 +154,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         for s in &cfg.sources {
             positions.push(store::load_position(&conn, &s.name)?);
         }
-        let state = SqliteState::open(conn, &rules, &cfg.state)?;
+        let state = SqliteState::open(conn, &rules, &cfg.state)?.with_lateness(cfg.time.lateness);
         Ok((state, positions, lock))
     })();
     // The lock is held until the process exits.

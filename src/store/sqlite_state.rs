@@ -79,12 +79,23 @@ pub struct SqliteState {
     /// (clock, largest event seq) checkpoints: events up to that seq are forgotten once
     /// the clock is `retention` past the checkpoint.
     event_marks: std::collections::VecDeque<(Instant, i64)>,
+    /// Large single moves of the clock, (from, by): an instance whose deadline such a move
+    /// passed closes at the clock it moved to, however far past its deadline, and is
+    /// remembered from there; the events stored before the move are kept that much longer.
+    jumps: std::collections::VecDeque<(Instant, i64)>,
+    /// The engine's `lateness`: a trigger stored at clock C may be timed up to C + lateness,
+    /// and so its deadlines.
+    lateness: i64,
     /// How long any instance can need its events: the longest chain of `within`s plus
     /// dedup or late memory, over all rules, plus an hour.
     retention: i64,
     /// Early correlates looked up while applying this event: (step, time, text).
     early_seen: RefCell<Vec<(usize, Instant, String)>>,
 }
+
+/// A move of the clock larger than this is remembered for keeping events (see `jumps`);
+/// smaller ones are within the hour `retention` adds.
+const JUMP: i64 = 600_000_000_000;
 
 /// Longest event text kept for the timeline.
 const MAX_EVENT_TEXT: usize = 4096;
@@ -211,6 +222,8 @@ impl SqliteState {
             taken_steps: Vec::new(),
             taken_refs: Vec::new(),
             event_marks: Default::default(),
+            jumps: Default::default(),
+            lateness: 0,
             retention: 0,
             early_seen: RefCell::default(),
         };
@@ -526,11 +539,27 @@ impl SqliteState {
         }
         let mut upto = None;
         while let Some(&(at, s)) = self.event_marks.front() {
-            if now.saturating_sub(at) <= self.retention {
+            let slack = self
+                .jumps
+                .iter()
+                .filter(|j| j.0 >= at)
+                .map(|j| j.1)
+                .max()
+                .unwrap_or(0);
+            let keep = self
+                .retention
+                .saturating_add(self.lateness)
+                .saturating_add(slack);
+            if now.saturating_sub(at) <= keep {
                 break;
             }
             upto = Some(s);
             self.event_marks.pop_front();
+        }
+        if let Some(&(front, _)) = self.event_marks.front() {
+            while self.jumps.front().is_some_and(|j| j.0 < front) {
+                self.jumps.pop_front();
+            }
         }
         if let Some(s) = upto {
             self.conn
@@ -541,6 +570,12 @@ impl SqliteState {
     }
 
     /// The flag the WAL checkpointer sets when the writer should start the WAL over.
+    /// Sets the engine's `lateness`, which events are kept that much longer for.
+    pub fn with_lateness(mut self, lateness: i64) -> SqliteState {
+        self.lateness = lateness.max(0);
+        self
+    }
+
     pub fn wal_restart_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.wal_restart)
     }
@@ -986,6 +1021,10 @@ impl State for SqliteState {
     }
 
     fn set_clock(&mut self, clock: Clock) {
+        let by = clock.now.saturating_sub(self.clock.now);
+        if self.clock.now != Instant::MIN && by > JUMP {
+            self.jumps.push_back((self.clock.now, by));
+        }
         if clock != self.clock {
             self.clock = clock;
             self.clock_dirty = true;
