@@ -55,7 +55,7 @@ overview = dashboard("sagawatch-overview", "sagawatch / overview", [
           desc="Messages abandoned after outbox.give_up: each one is an alert or compensation that never arrived."),
     panel(11, "Source lag (bytes behind)", [("sum by (source) (sagawatch_source_lag_bytes)", "{{source}}")], 0, 40, unit="bytes",
           desc="File sources: bytes written but not yet read."),
-    panel(12, "Clock lag", [("max(sagawatch_clock_lag_seconds)", "wall - engine clock")], 12, 40, unit="s",
+    panel(12, "Clock lag", [("max(sagawatch_clock_lag_seconds)", "wall - lateness - engine clock")], 12, 40, unit="s",
           desc="Wall time minus the engine clock: how far behind event time the observer runs."),
     panel(13, "State commit duration", [
         (f"histogram_quantile(0.5, sum by (le) (rate(sagawatch_state_commit_duration_seconds_bucket[{RI}])))", "p50"),
@@ -74,7 +74,8 @@ rule = dashboard("sagawatch-rule", "sagawatch / rule", [
         (f'sum(rate(sagawatch_instances_opened_total{{rule="$rule"}}[{RI}]))', "opened"),
         (f'sum by (outcome) (rate(sagawatch_instances_closed_total{{rule="$rule"}}[{RI}]))', "closed {{outcome}}")], 12, 0, unit="ops"),
     panel(3, "Steps by outcome", [(f'sum by (step, outcome) (rate(sagawatch_steps_total{{rule="$rule"}}[{RI}]))', "{{step}} {{outcome}}")], 0, 8, unit="ops"),
-    panel(4, "Missing ratio by step", [(f'sum by (step) (rate(sagawatch_steps_total{{rule="$rule",outcome="missing"}}[{RI}])) / sum by (step) (rate(sagawatch_steps_total{{rule="$rule"}}[{RI}]))', "{{step}}")], 12, 8, unit="percentunit"),
+    # A late step counts once as missing and once as late: the ratio is of steps decided.
+    panel(4, "Missing ratio by step", [(f'sum by (step) (rate(sagawatch_steps_total{{rule="$rule",outcome="missing"}}[{RI}])) / sum by (step) (rate(sagawatch_steps_total{{rule="$rule",outcome=~"missing|satisfied"}}[{RI}]))', "{{step}}")], 12, 8, unit="percentunit"),
     panel(5, "Step latency p50 / p99 by step", [
         (f'histogram_quantile(0.5, sum by (le, step) (rate(sagawatch_step_latency_seconds_bucket{{rule="$rule"}}[{RI}])))', "{{step}} p50"),
         (f'histogram_quantile(0.99, sum by (le, step) (rate(sagawatch_step_latency_seconds_bucket{{rule="$rule"}}[{RI}])))', "{{step}} p99")], 0, 16, unit="s"),

@@ -602,6 +602,30 @@ fn event_times_at_the_edges_of_the_range_are_handled() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// The lateness the clock keeps back on purpose is not lag: with `clock: wall` the clock
+/// is where it could be, so `sagawatch_clock_lag_seconds` is about 0, not the lateness.
+#[test]
+fn clock_lag_leaves_out_the_lateness() {
+    let mut d = Daemon::new(
+        "token: s3cret\ntime: { clock: wall, lateness: 1h }\nsources:\n  api: { type: http }\nsinks:\n  hook: { type: stdout }\n",
+    );
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    let ev = r#"{"type":"OrderPlaced","order_id":"a"}"#;
+    assert_eq!(
+        http(d.port, "POST", "/v1/events", &auth, ev.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    wait_for(Duration::from_secs(10), "the engine clock to be set", || {
+        (metric(d.port, "sagawatch_engine_clock_seconds")? > 0.0).then_some(())
+    });
+    let lag = metric(d.port, "sagawatch_clock_lag_seconds").unwrap();
+    assert!(lag.abs() < 60.0, "lag {lag}");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// When the clock leaps (the idle fallback after old events, as in the quickstart), the
 /// instances it closes are listed for their dedup memory from the new clock: their trigger
 /// and correlate events stay as long.

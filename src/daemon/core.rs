@@ -707,9 +707,11 @@ impl Core {
         }
         if clock != Instant::MIN {
             self.metrics.engine_clock.set(clock as f64 / 1e9);
+            // Behind where the clock could be: wall time less the lateness it keeps back.
+            let could = wall_nanos().saturating_sub(self.cfg.time.lateness);
             self.metrics
                 .clock_lag
-                .set(wall_nanos().saturating_sub(clock) as f64 / 1e9);
+                .set(could.saturating_sub(clock) as f64 / 1e9);
         }
     }
 }

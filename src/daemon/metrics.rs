@@ -149,7 +149,8 @@ impl Metrics {
                 "sagawatch_step_latency_seconds",
                 "Time from an instance's trigger to the correlate that satisfied a step.",
             )
-            .buckets(prometheus::exponential_buckets(0.01, 4.0, 12).expect("buckets")),
+            // 10 ms to 31 days: windows of days (a 48h shipment) stay measurable.
+            .buckets(prometheus::exponential_buckets(0.01, 4.0, 15).expect("buckets")),
             &["rule", "step"],
         )
         .expect("valid metric");
@@ -162,7 +163,7 @@ impl Metrics {
         };
         let clock_lag = gauge(
             "sagawatch_clock_lag_seconds",
-            "Wall time minus the engine clock.",
+            "Wall time minus lateness minus the engine clock: how far the clock is behind where it could be.",
         );
         let engine_clock = gauge(
             "sagawatch_engine_clock_seconds",
