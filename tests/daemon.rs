@@ -618,9 +618,11 @@ fn clock_lag_leaves_out_the_lateness() {
             .0,
         202
     );
-    wait_for(Duration::from_secs(10), "the engine clock to be set", || {
-        (metric(d.port, "sagawatch_engine_clock_seconds")? > 0.0).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the engine clock to be set",
+        || (metric(d.port, "sagawatch_engine_clock_seconds")? > 0.0).then_some(()),
+    );
     let lag = metric(d.port, "sagawatch_clock_lag_seconds").unwrap();
     assert!(lag.abs() < 60.0, "lag {lag}");
     assert_eq!(d.terminate(), 0);

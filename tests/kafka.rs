@@ -636,6 +636,19 @@ rules:
             (assigned(&consumer) == 3 && series == 3).then_some(())
         },
     );
+    // A record that is not UTF-8 is counted and skipped, as a file's line would be.
+    broker.produce_bytes(
+        "orders",
+        b"{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"\xff\"}",
+    );
+    wait_for(Duration::from_secs(60), "the record rejected", || {
+        let m = r#"sagawatch_events_rejected_total{reason="invalid_json",source="orders"}"#;
+        (metric(consumer.port, m)? == 1.0).then_some(())
+    });
+    assert_eq!(
+        metric(consumer.port, "sagawatch_events_decoded_total").unwrap_or(0.0),
+        0.0
+    );
     consumer.kill();
     // Only a producer here: what its client reports is its own.
     let mut producer = Daemon::with_rules(RULES, &config("{ type: stdin }"));

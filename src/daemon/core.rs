@@ -90,6 +90,9 @@ pub enum Msg {
 pub struct Record {
     pub source: Arc<str>,
     pub text: String,
+    /// False when the payload was not UTF-8: the record is counted and skipped, as a
+    /// file's line would be (its text, with replacement characters, is not read).
+    pub utf8: bool,
     /// The Kafka partition, stored on the state rows the event creates.
     pub part: Option<i32>,
 }
@@ -361,7 +364,20 @@ impl Core {
         // Per-source counts, flushed once per message (sources repeat in runs).
         let mut counts: Vec<(Arc<str>, u64, u64)> = Vec::new();
         for r in records {
-            let ok = self.apply(&r.source, &r.text, r.part, received, (None, None))?;
+            let ok = if r.utf8 {
+                self.apply(&r.source, &r.text, r.part, received, (None, None))?
+            } else {
+                self.reject(
+                    &r.source,
+                    &crate::event::DecodeError::Json("not UTF-8".into()),
+                );
+                tracing::warn!(
+                    source = &*r.source,
+                    partition = r.part,
+                    "skipped a record that is not UTF-8"
+                );
+                false
+            };
             match counts.iter_mut().find(|c| Arc::ptr_eq(&c.0, &r.source)) {
                 Some(c) => {
                     c.1 += 1;

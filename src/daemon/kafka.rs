@@ -444,10 +444,14 @@ impl Ctx {
             return;
         };
         let tp = (topic, m.partition());
-        let record = m.payload().filter(|p| !p.is_empty()).map(|p| Record {
-            source: Arc::clone(source),
-            text: String::from_utf8_lossy(p).into_owned(),
-            part: Some(m.partition()),
+        let record = m.payload().filter(|p| !p.is_empty()).map(|p| {
+            let text = std::str::from_utf8(p).map(str::to_owned);
+            Record {
+                source: Arc::clone(source),
+                utf8: text.is_ok(),
+                text: text.unwrap_or_default(),
+                part: Some(m.partition()),
+            }
         });
         let mut inner = lock(&self.inner);
         if inner.seen.get(&tp).is_some_and(|&seen| m.offset() < seen) {

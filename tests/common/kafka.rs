@@ -185,6 +185,16 @@ impl Broker {
             .expect("all messages acknowledged");
     }
 
+    /// Produces one message whose payload is any bytes (not UTF-8, say).
+    pub fn produce_bytes(&self, topic: &str, payload: &[u8]) {
+        let p: BaseProducer = self.config().set("acks", "all").create().unwrap();
+        p.send(BaseRecord::<[u8], [u8]>::to(topic).payload(payload))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        p.flush(Duration::from_secs(60))
+            .expect("the message acknowledged");
+    }
+
     /// The number of partitions of a topic.
     pub fn partitions(&self, topic: &str) -> i32 {
         let c: BaseConsumer = self.config().create().unwrap();
