@@ -13,6 +13,10 @@ use std::fmt;
 use saphyr_parser::{Event, Parser, ScalarStyle, Span};
 use serde::de::{self, DeserializeOwned, Visitor};
 
+/// Most nodes a file may expand to (aliases included): far beyond any real rules or config
+/// file, far below what would exhaust memory.
+const MAX_NODES: usize = 1_000_000;
+
 /// A position in a source file, both 1-based.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pos {
@@ -157,6 +161,15 @@ impl Node {
         }
     }
 
+    /// How many nodes this one is, itself included.
+    fn count(&self) -> usize {
+        1 + match &self.value {
+            Value::Seq(items) => items.iter().map(Node::count).sum(),
+            Value::Map(entries) => entries.iter().map(|(k, v)| k.count() + v.count()).sum(),
+            _ => 0,
+        }
+    }
+
     /// Converts to JSON (for `where` values and payloads).
     pub fn to_json(&self) -> serde_json::Value {
         if let Some(u) = self.big_uint() {
@@ -235,7 +248,10 @@ pub fn resolve_plain(s: &str) -> Value {
 pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<(Node, Option<Node>)> = Vec::new();
-    let mut anchors: HashMap<usize, Node> = HashMap::new();
+    // Anchored nodes with their size: aliases copy them, and nested aliases could make a
+    // small file expand without bound ("billion laughs"), so the nodes are counted.
+    let mut anchors: HashMap<usize, (Node, usize)> = HashMap::new();
+    let mut nodes = 0usize;
     let mut anchor_of: Vec<usize> = Vec::new();
     let mut root: Option<Node> = None;
     let mut docs = 0;
@@ -268,7 +284,16 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 continue;
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(n) => n.clone(),
+                Some((n, size)) => {
+                    nodes += size;
+                    if nodes > MAX_NODES {
+                        return Err(err(
+                            &span,
+                            format!("aliases expand this file beyond {MAX_NODES} YAML nodes"),
+                        ));
+                    }
+                    n.clone()
+                }
                 None => return Err(err(&span, "unknown alias".into())),
             },
             Event::Scalar(value, style, anchor, tag) => {
@@ -283,8 +308,9 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                     value: v,
                     text: Some(value.into_owned()),
                 };
+                nodes += 1;
                 if anchor > 0 {
-                    anchors.insert(anchor, node.clone());
+                    anchors.insert(anchor, (node.clone(), 1));
                 }
                 node
             }
@@ -303,13 +329,14 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                     None,
                 ));
                 anchor_of.push(anchor);
+                nodes += 1;
                 continue;
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let (node, _) = stack.pop().expect("balanced events");
                 let anchor = anchor_of.pop().unwrap_or(0);
                 if anchor > 0 {
-                    anchors.insert(anchor, node.clone());
+                    anchors.insert(anchor, (node.clone(), node.count()));
                 }
                 node
             }
@@ -1013,6 +1040,27 @@ mod tests {
         assert_eq!(v["b"].as_u64(), Some(u64::MAX));
         assert_eq!(v["c"].as_f64(), Some(1e19));
         assert_eq!(node.to_json(), v);
+    }
+
+    /// Aliases of aliases cannot expand a small file without bound.
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let e = parse(&text, &mut vec![]).unwrap_err();
+        assert!(
+            e.message.contains("beyond 1000000 YAML nodes"),
+            "{}",
+            e.message
+        );
+        // Ordinary aliases are fine.
+        let n = parse("a: &x {k: 1}\nb: *x\n", &mut vec![]).unwrap();
+        assert_eq!(n.get("b").unwrap().to_json(), serde_json::json!({"k": 1}));
     }
 
     #[test]
