@@ -348,9 +348,12 @@ impl FileSource {
                     "file shorter than the stored offset (truncated); reading from the start"
                 );
             } else {
-                tracing::info!(
+                // Rotated while stopped: what the old file got after the stored offset
+                // is under another name now, and is not read.
+                tracing::warn!(
                     source = &*self.name,
-                    "a different file than the stored position (rotated); reading from the start"
+                    stored_offset = p.offset,
+                    "a different file than the stored position (rotated while stopped); reading the new one from its start, lines added to the old one after the stored offset are not read"
                 );
             }
         }
