@@ -673,6 +673,62 @@ fn a_leap_of_the_clock_keeps_the_events_of_the_instances_it_closes() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A restart does not fire what the rules did not: a step that opened already overdue
+/// fires at the next event, as in replay, not when the daemon starts again (its time
+/// decides the dedup memory, and so whether a later trigger opens a new instance).
+#[test]
+fn a_restart_fires_nothing_replay_would_not() {
+    const RULES: &str = r#"
+rules:
+  - name: r
+    trigger: { where: { type: A }, key: k }
+    expect:
+      - { step: s0, where: { type: B }, key: k, within: 10s }
+      - { step: s1, where: { type: C }, key: k, after: s0, within: 2s }
+    on_missing:
+      - compensate: { sink: cmds, payload: { key: "{{key}}" } }
+    dedup: 30s
+"#;
+    let mut d = Daemon::with_rules(
+        RULES,
+        "time: { idle: 0s }\nsources: { ev: { type: file, path: ev.jsonl } }\nsinks: { cmds: { type: stdout } }\n",
+    );
+    let first = [
+        r#"{"time":"2026-01-01T00:00:25Z","type":"B","k":"1"}"#,
+        r#"{"time":"2026-01-01T00:00:30Z","type":"A","k":"1"}"#,
+    ];
+    let then = [
+        r#"{"time":"2026-01-01T00:00:50Z","type":"Z"}"#,
+        r#"{"time":"2026-01-01T00:01:10Z","type":"A","k":"1"}"#,
+        r#"{"time":"2099-01-01T00:00:00Z","type":"FLUSH"}"#,
+    ];
+    write_lines(&d.path("ev.jsonl"), &first.map(String::from));
+    d.start();
+    wait_for(Duration::from_secs(20), "the first part", || {
+        (metric(d.port, "sagawatch_events_decoded_total")? == 2.0).then_some(())
+    });
+    assert_eq!(d.terminate(), 0);
+    d.start();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.path("ev.jsonl"))
+            .unwrap();
+        for l in then {
+            writeln!(f, "{l}").unwrap();
+        }
+    }
+    wait_for(Duration::from_secs(20), "the rest", || {
+        (metric(d.port, "sagawatch_events_decoded_total")? == 3.0).then_some(())
+    });
+    // Replay: s1 goes missing at 00:50 (one compensation); the trigger at 01:10 is within
+    // the 30 s of dedup memory from then, and opens nothing.
+    let compensations = r#"sagawatch_outcomes_total{outcome="compensate",rule="r"}"#;
+    assert_eq!(metric(d.port, compensations), Some(1.0));
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A removed rule's instances wait; when it comes back (by a reload, or across a restart)
 /// a deadline that passed meanwhile is reported missing at once, not at the next event.
 #[test]

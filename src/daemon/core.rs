@@ -695,6 +695,10 @@ impl Core {
     /// Reports at once the deadlines of a rule loaded again (by a reload, or across a
     /// restart) that passed while it was away.
     fn fire_restored(&mut self) -> Result<()> {
+        // Only then: see `Engine::fire_due`.
+        if self.engine.state_mut().take_restored().is_empty() {
+            return Ok(());
+        }
         self.begin()?;
         self.engine.state_mut().set_event(None, None);
         self.engine.fire_due(&mut self.outcomes);

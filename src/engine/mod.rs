@@ -133,9 +133,11 @@ impl<S: State> Engine<S> {
         }
     }
 
-    /// Fires the deadlines the clock has already passed. There are none unless the state
-    /// got deadlines back that passed meanwhile (a removed rule loaded again): these are
-    /// reported missing now, not at the next move of the clock.
+    /// Fires the deadlines the clock has already passed, without moving it: for deadlines
+    /// the state got back that passed meanwhile (a removed rule loaded again), reported
+    /// missing now rather than at the next move of the clock. Only for that: a step that
+    /// opened already overdue otherwise fires at the next event, and firing it here
+    /// instead would change its outcome's time (and the dedup memory that follows).
     pub fn fire_due(&mut self, out: &mut Vec<Outcome>) {
         let now = self.state.clock().now;
         if now != Instant::MIN {

@@ -83,6 +83,8 @@ pub struct SqliteState {
     /// passed closes at the clock it moved to, however far past its deadline, and is
     /// remembered from there; the events stored before the move are kept that much longer.
     jumps: std::collections::VecDeque<(Instant, i64)>,
+    /// Rules loaded again (at open or by the last reload) whose deadlines came back.
+    restored: Vec<String>,
     /// The engine's `lateness`: a trigger stored at clock C may be timed up to C + lateness,
     /// and so its deadlines.
     lateness: i64,
@@ -183,7 +185,7 @@ impl SqliteState {
     /// changed since they were written are dropped (their step vectors no longer fit);
     /// rows of rules that no longer exist are kept but ignored.
     pub fn open(mut conn: Connection, rules: &RuleSet, path: &Path) -> Result<SqliteState> {
-        let dropped = apply_shapes(&mut conn, rules)
+        let (dropped, restored) = apply_shapes(&mut conn, rules)
             .with_context(|| format!("state file {}: reading rule shapes", path.display()))?;
         for (rule, n) in dropped {
             tracing::warn!(
@@ -223,6 +225,7 @@ impl SqliteState {
             taken_refs: Vec::new(),
             event_marks: Default::default(),
             jumps: Default::default(),
+            restored,
             lateness: 0,
             retention: 0,
             early_seen: RefCell::default(),
@@ -320,7 +323,8 @@ impl SqliteState {
     /// Switches to a new rule set (reload): drops rows of rules whose steps changed.
     pub fn set_rules(&mut self, rules: &RuleSet) -> Result<Vec<(String, usize)>> {
         self.flush_meta()?;
-        let dropped = apply_shapes(&mut self.conn, rules)?;
+        let (dropped, restored) = apply_shapes(&mut self.conn, rules)?;
+        self.restored = restored;
         self.load(rules)?;
         Ok(dropped)
     }
@@ -570,6 +574,12 @@ impl SqliteState {
     }
 
     /// The flag the WAL checkpointer sets when the writer should start the WAL over.
+    /// The rules loaded again since the last call whose deadlines came back into the
+    /// index (those that passed meanwhile are due at once).
+    pub fn take_restored(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.restored)
+    }
+
     /// Sets the engine's `lateness`, which events are kept that much longer for.
     pub fn with_lateness(mut self, lateness: i64) -> SqliteState {
         self.lateness = lateness.max(0);
@@ -782,9 +792,14 @@ impl SqliteState {
 /// longer loaded are kept (it may come back) but leave the deadline index, where their
 /// deadlines would never fire and would read as stuck timers; a rule loaded again gets
 /// them back.
-fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<(String, usize)>> {
+/// Also returns the rules loaded again whose deadlines went back into the index.
+#[allow(clippy::type_complexity)]
+fn apply_shapes(
+    conn: &mut Connection,
+    rules: &RuleSet,
+) -> rusqlite::Result<(Vec<(String, usize)>, Vec<String>)> {
     let tx = conn.transaction()?;
-    let mut dropped = Vec::new();
+    let (mut dropped, mut restored) = (Vec::new(), Vec::new());
     let was_loaded: std::collections::HashSet<String> = tx
         .prepare("SELECT rule FROM rule_shapes WHERE loaded")?
         .query_map([], |r| r.get(0))?
@@ -801,6 +816,7 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
         if have.as_deref() == Some(want.as_str()) {
             if !was_loaded.contains(&r.name) {
                 restore_deadlines(&tx, &r.name)?;
+                restored.push(r.name.clone());
                 tx.execute(
                     "UPDATE rule_shapes SET loaded = 1 WHERE rule = ?1",
                     params![r.name],
@@ -838,7 +854,7 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Vec<
         )?;
     }
     tx.commit()?;
-    Ok(dropped)
+    Ok((dropped, restored))
 }
 
 /// Puts the open deadlines of a rule loaded again back into the deadline index.
