@@ -439,3 +439,44 @@ fn replay_skips_a_byte_order_mark() {
     assert!(err.contains("replayed 1 events (0 skipped)"), "{err}");
     assert!(out.contains("\"outcome\":\"opened\""), "{out}");
 }
+
+/// One id never carries two payloads: a trigger repeated with the same time after `dedup`
+/// ran out opens a second instance, whose compensation differs by the trigger field it
+/// renders, and so does its id. Without such a difference the ids agree (same payload).
+#[test]
+fn one_id_never_carries_two_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(
+        &dir,
+        "r.yaml",
+        "rules:\n  - name: r\n    trigger: { where: { type: A }, key: k }\n    expect: [ { step: s0, where: { type: B }, key: k, within: 10s } ]\n    on_missing:\n      - compensate: { sink: cmds, payload: { key: \"{{key}}\", amount: \"{{trigger.amt}}\" } }\n    dedup: 30s\n",
+    );
+    let run = |second_amt: u32| {
+        let events = write(
+            &dir,
+            "e.jsonl",
+            &format!(
+                "{{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"k\":\"1\",\"amt\":1}}\n{{\"time\":\"2026-01-01T00:01:00Z\",\"type\":\"Z\"}}\n{{\"time\":\"2026-01-01T00:02:00Z\",\"type\":\"Z\"}}\n{{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"k\":\"1\",\"amt\":{second_amt}}}\n{{\"time\":\"2099-01-01T00:00:00Z\",\"type\":\"Z\"}}\n"
+            ),
+        );
+        let (code, out, err) = sagawatch(&["replay", "--rules", &rules, &events], None);
+        assert_eq!(code, 0, "{err}");
+        let comps: Vec<(String, String)> = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["outcome"] == "compensate")
+            .map(|v| {
+                (
+                    v["id"].as_str().unwrap().to_string(),
+                    v["payload"].to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(comps.len(), 2, "{out}");
+        comps
+    };
+    let differ = run(2);
+    assert_ne!(differ[0].0, differ[1].0, "{differ:?}");
+    let same = run(1);
+    assert_eq!(same[0], same[1]);
+}

@@ -39,11 +39,26 @@ pub fn match_key<'e>(m: &Matcher, ev: &'e Event<'_>) -> Option<std::borrow::Cow<
 }
 
 /// A stable id for an action of a step of an instance: hex of SHA-256 over its parts.
-pub fn action_id(rule: &str, key: &str, opened_at: Instant, step: &str, action: &str) -> String {
+/// `captures` are the trigger fields the rule's templates read: two instances of one key
+/// with one trigger time (a repeated trigger after `dedup`) share an id only if they
+/// render the same texts and payloads, so one id never carries two payloads.
+pub fn action_id(
+    rule: &str,
+    key: &str,
+    opened_at: Instant,
+    step: &str,
+    action: &str,
+    captures: &[String],
+) -> String {
     let mut h = Sha256::new();
     for part in [rule, key, &opened_at.to_string(), step, action] {
         h.update(part.as_bytes());
         h.update([0u8]);
+    }
+    // Length-prefixed, after the parts above (ids without captures are as they were).
+    for c in captures {
+        h.update((c.len() as u64).to_le_bytes());
+        h.update(c.as_bytes());
     }
     let digest = h.finalize();
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
@@ -540,6 +555,7 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
             inst.opened_at,
             &s.name,
             &i.to_string(),
+            &inst.captures,
         );
         let kind = match action {
             Action::Alert(a) => {
