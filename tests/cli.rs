@@ -84,7 +84,7 @@ fn validate_reports_every_problem_past_missing_fields_and_wrong_types() {
     let f = write(
         &dir,
         "r.yaml",
-        "rules:\n  - name: a\n    expect: [ { step: s, key: k, within: 1m, where: 5 } ]\n    cancel: [ { where: { type: X } }, { key: k, within: 5m } ]\n    dedup: 5\n  - name: b\n    trigger: { key: k }\n    expect: [ { step: s, key: k, within: 1m }, { step: t, key: [k], within: 0s, after: x } ]\n    on_missing: [ { compensate: { payload: {} } } ]\n    late: 3\n",
+        "rules:\n  - name: a\n    expect: [ { step: s, key: k, within: 1m, where: 5 } ]\n    cancel: [ { where: { type: X } }, { key: k, within: 5m } ]\n    dedup: 5\n  - name: b\n    trigger: { key: k }\n    expect: [ { step: s, key: k, within: 1m }, { step: t, key: [k], within: 0s, after: x } ]\n    on_missing: [ { compensate: { payload: {} } } ]\n    late: 3\n  - name: c\n    trigger: { key: k }\n    expect: [ { step: [p], key: k, within: 1m }, { step: q, key: k, within: 1m, after: p } ]\n",
     );
     let (code, out, _) = sagawatch(&["validate", &f], None);
     assert_eq!(code, 1);
@@ -99,6 +99,8 @@ fn validate_reports_every_problem_past_missing_fields_and_wrong_types() {
         "8:88: rules[1].expect[1].after: unknown step \"x\"",
         "9:33: rules[1].on_missing[0].compensate: missing field \"sink\"",
         "10:11: rules[1].late: invalid duration \"3\"",
+        // Not also an unknown step "p" for the `after` naming the broken one.
+        "13:23: rules[2].expect[0].step: expected a string, found a sequence",
     ];
     for w in want {
         assert!(
