@@ -30,10 +30,9 @@ pub struct Rejected {
 }
 
 /// Where each line of a [`Msg::Lines`] starts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub enum LineAt {
     /// Not said (the http source names a bad line in its answer).
-    #[default]
     Unknown,
     /// Byte offsets in a file.
     Offsets(Vec<u64>),

@@ -447,9 +447,12 @@ fn run_with(
     }
 }
 
-async fn reload(cfg: &Arc<Config>, shared: &Arc<server::Shared>) -> Result<(), String> {
+async fn reload(
+    cfg: &Arc<Config>,
+    shared: &Arc<server::Shared>,
+) -> Result<(), server::ReloadError> {
     let result = match cfg.load_rules() {
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(server::ReloadError::Rejected(e.to_string())),
         Ok(set) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let core = shared.core.clone();
@@ -467,7 +470,7 @@ async fn reload(cfg: &Arc<Config>, shared: &Arc<server::Shared>) -> Result<(), S
                     .unwrap_or_else(|_| Err("the core stopped during reload".into()))
             };
             // Valid rules the core could not take: its state failed, and it stops.
-            r.map_err(|e| format!("{}; the daemon stops: {e}", server::RELOAD_STATE_FAILED))
+            r.map_err(server::ReloadError::StateFailed)
         }
     };
     match &result {
@@ -489,10 +492,13 @@ async fn reload(cfg: &Arc<Config>, shared: &Arc<server::Shared>) -> Result<(), S
                 .rules_reloads
                 .with_label_values(&["failure"])
                 .inc();
-            if e.starts_with(server::RELOAD_STATE_FAILED) {
-                tracing::error!(error = %e, "rules reload failed");
-            } else {
-                tracing::error!(error = %e, "rules reload rejected; the previous rules keep running");
+            match e {
+                server::ReloadError::StateFailed(_) => {
+                    tracing::error!(error = %e, "rules reload failed")
+                }
+                server::ReloadError::Rejected(_) => {
+                    tracing::error!(error = %e, "rules reload rejected; the previous rules keep running")
+                }
             }
         }
     }

@@ -22,9 +22,28 @@ use crate::daemon::core::{LineAt, Msg};
 use crate::daemon::metrics::Metrics;
 use crate::event::{DecodeError, Decoder};
 
-/// How a reload's error starts when the rules were valid but the state failed taking them
-/// (the daemon stops): answered 503, not 422.
-pub const RELOAD_STATE_FAILED: &str = "the state failed during the reload";
+/// Why a reload did not take.
+#[derive(Clone, Debug)]
+pub enum ReloadError {
+    /// The rules are invalid: the previous ones keep running (422).
+    Rejected(String),
+    /// Valid rules the state failed to take: the daemon stops (503).
+    StateFailed(String),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Rejected(e) => f.write_str(e),
+            ReloadError::StateFailed(e) => {
+                write!(
+                    f,
+                    "the state failed during the reload; the daemon stops: {e}"
+                )
+            }
+        }
+    }
+}
 
 /// What the handlers share.
 pub struct Shared {
@@ -40,7 +59,7 @@ pub struct Shared {
     pub reload: Arc<Notify>,
     /// Requests waiting for the outcome of the next reload; `None` once shutting down.
     #[allow(clippy::type_complexity)]
-    pub reload_result: tokio::sync::Mutex<Option<Vec<oneshot::Sender<Result<(), String>>>>>,
+    pub reload_result: tokio::sync::Mutex<Option<Vec<oneshot::Sender<Result<(), ReloadError>>>>>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -425,14 +444,13 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             shared.reload.notify_one();
             match rx.await {
                 Ok(Ok(())) => json(StatusCode::OK, serde_json::json!({"status": "reloaded"})),
-                Ok(Err(e)) if e.starts_with(RELOAD_STATE_FAILED) => json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({"error": e}),
-                ),
-                Ok(Err(e)) => json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    serde_json::json!({"error": e}),
-                ),
+                Ok(Err(e)) => {
+                    let status = match e {
+                        ReloadError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                        ReloadError::StateFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    json(status, serde_json::json!({"error": e.to_string()}))
+                }
                 Err(_) => json(
                     StatusCode::SERVICE_UNAVAILABLE,
                     serde_json::json!({"error": "shutting down"}),
