@@ -695,6 +695,12 @@ impl Checker {
         self.root = Some(root);
         let top = YamlPath::default();
 
+        if raw.state.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            self.err(
+                &top.key("state"),
+                "empty path (leave the key out for sagawatch.db beside the config)",
+            );
+        }
         let state = self.resolve(raw.state.as_deref().unwrap_or("sagawatch.db"));
         // Missing: an empty path, which names no rules to check.
         let rules_path = raw
@@ -729,13 +735,28 @@ impl Checker {
                 );
                 None
             }
-            (Some(t), None) if t.is_empty() => {
-                self.err(&top.key("token"), "empty token");
+            (Some(t), None) => self.token(&top.key("token"), t),
+            (None, Some(f)) => self
+                .read_secret(&top.key("token_file"), f)
+                .and_then(|s| self.token(&top.key("token_file"), &String::from_utf8_lossy(&s.0))),
+            (None, None) => {
+                // `token:` with nothing after it (a template rendered without a value, say)
+                // must not read as "no token": that would leave the endpoints open.
+                for key in ["token", "token_file"] {
+                    if self
+                        .root
+                        .as_ref()
+                        .and_then(|r| r.get(key))
+                        .is_some_and(|n| n.value == Value::Null)
+                    {
+                        self.err(
+                            &top.key(key),
+                            "empty (leave the key out to run without a token)",
+                        );
+                    }
+                }
                 None
             }
-            (Some(t), None) => Some(Secret(t.as_bytes().to_vec())),
-            (None, Some(f)) => self.read_secret(&top.key("token_file"), f),
-            (None, None) => None,
         };
 
         let t = raw.time.as_ref();
@@ -1162,6 +1183,24 @@ impl Checker {
         }
     }
 
+    /// A bearer token as configured: surrounding whitespace (the newline a secret file or
+    /// variable often ends with) is not part of it, and it must fit in an HTTP header.
+    fn token(&mut self, path: &YamlPath, text: &str) -> Option<Secret> {
+        let t = text.trim();
+        if t.is_empty() {
+            self.err(path, "empty token");
+            return None;
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            self.err(
+                path,
+                "the token may hold only visible ASCII characters (it is sent in an HTTP header)",
+            );
+            return None;
+        }
+        Some(Secret(t.as_bytes().to_vec()))
+    }
+
     fn read_secret(&mut self, path: &YamlPath, file: &str) -> Option<Secret> {
         let f = self.resolve(file);
         match std::fs::read_to_string(&f) {
@@ -1190,6 +1229,7 @@ mod tests {
             "NO" => Some("false".into()),
             "NUMERIC" => Some("123".into()),
             "NULL" => Some("null".into()),
+            "NL" => Some("abc\n".into()),
             _ => None,
         }
     }
@@ -1215,6 +1255,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn tokens_are_trimmed_and_an_empty_one_is_refused() {
+        let base =
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n";
+        // A variable or secret ending in a newline: the newline is not part of the token.
+        let c = check(&format!("token: ${{NL}}\n{base}")).unwrap();
+        assert_eq!(c.token.as_ref().unwrap().0, b"abc");
+        // Present but empty reads as a mistake, not as "no token" (open endpoints).
+        for empty in ["token:", "token: ~", "token: ''", "token_file:"] {
+            let e = check(&format!("{empty}\n{base}")).unwrap_err();
+            assert!(
+                e.contains("sagawatch.yaml:1:") && e.contains("empty"),
+                "{empty}: {e}"
+            );
+        }
+        let e = check(&format!("token: 'a b'\n{base}")).unwrap_err();
+        assert!(e.contains("visible ASCII"), "{e}");
+        let e = check(&format!("state: ''\n{base}")).unwrap_err();
+        assert!(e.contains("state") && e.contains("empty path"), "{e}");
     }
 
     #[test]

@@ -164,8 +164,13 @@ pub fn check_path(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
+        let what = if dir.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
         bail!(
-            "state file {}: directory {} does not exist",
+            "state file {}: directory {} {what}",
             path.display(),
             dir.display()
         );
