@@ -495,6 +495,29 @@ pub fn load_text(
     }
 }
 
+/// Whether two paths name the same file: the same inode when both exist, else the same
+/// path once `.` and `..` are resolved.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    }
+    fn normal(p: &Path) -> PathBuf {
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+    normal(a) == normal(b)
+}
+
 fn check_text(
     file: &Path,
     text: &str,
@@ -839,9 +862,17 @@ impl Checker {
                 "file" => match &s.path {
                     Some(path) => {
                         let path = self.resolve(path);
+                        if path.is_dir() {
+                            self.err(
+                                &p.key("path"),
+                                format!("{} is a directory, not a file", path.display()),
+                            );
+                        }
                         // Both would apply every event, each under its own name.
                         if let Some(other) = sources.iter().find_map(|o: &Source| match &o.kind {
-                            SourceKind::File { path: p, .. } if *p == path => Some(o.name.clone()),
+                            SourceKind::File { path: p, .. } if same_file(p, &path) => {
+                                Some(o.name.clone())
+                            }
                             _ => None,
                         }) {
                             self.err(
@@ -1357,6 +1388,25 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.lines().count(), 1, "{e}");
+        // The same file however spelt: through `..`, or (when it exists) a link or any
+        // other path to the same inode.
+        let e = check(
+            "rules: rules\nsources:\n  a: { type: file, path: x/../ev.jsonl }\n  b: { type: file, path: ev.jsonl }\n  c: { type: file, path: rules/orders.yaml }\n  d: { type: file, path: 'rules/../rules/./orders.yaml' }\n  e: { type: file, path: rules }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("sources.b.path:") && e.contains("is already source \"a\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("sources.d.path:") && e.contains("is already source \"c\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("sources.e.path:") && e.contains("is a directory"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 3, "{e}");
     }
 
     #[test]

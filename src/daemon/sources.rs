@@ -162,6 +162,8 @@ impl FileSource {
     /// Runs until stopped (or, without `follow`, until the end of the file).
     pub fn run(self) {
         let mut warned_missing = false;
+        // A read error is logged once until a read succeeds again.
+        let mut warned_read = false;
         let mut cur: Option<Open> = None;
         let mut resume = self.start.clone();
         // The start of a line still being written, or the length of an oversized line
@@ -203,6 +205,7 @@ impl FileSource {
             while lines.len() < CHUNK {
                 match next_line(&mut o.reader, &mut partial, &mut skipping) {
                     Ok(Step::Line) => {
+                        warned_read = false;
                         self.skips.push(&mut lines, &partial, consumed);
                         consumed += partial.len() as u64;
                         partial.clear();
@@ -217,7 +220,12 @@ impl FileSource {
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(source = &*self.name, error = %e, "read failed; reopening");
+                        if !warned_read {
+                            tracing::warn!(source = &*self.name, error = %e, "read failed; reopening");
+                            warned_read = true;
+                        }
+                        // A failure that repeats must not spin: retry at the poll rate.
+                        std::thread::sleep(POLL);
                         // Reopen where the last sent line ended (what this chunk read so
                         // far was not sent and is read again).
                         resume = Some(Position {
@@ -337,6 +345,10 @@ impl FileSource {
     fn open(&self, resume: Option<Position>) -> std::io::Result<Open> {
         let mut f = File::open(&self.path)?;
         let meta = f.metadata()?;
+        if meta.is_dir() {
+            // Opening a directory succeeds; every read of it would fail at once.
+            return Err(std::io::Error::other("is a directory, not a file"));
+        }
         let id = file_id(&meta);
         let mut offset = 0;
         if let Some(p) = resume {
