@@ -495,6 +495,14 @@ pub fn load_text(
     }
 }
 
+/// Whether an authority's port (digits after the last colon) is out of range: the URI
+/// parser takes it, and reports no port at all.
+fn bad_port(authority: &str) -> bool {
+    authority.rsplit_once(':').is_some_and(|(_, p)| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_err()
+    })
+}
+
 /// Whether two paths name the same file: the same inode when both exist, else the same
 /// path once `.` and `..` are resolved.
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -664,6 +672,22 @@ impl Checker {
             return hyper::Uri::default();
         };
         match u.parse::<hyper::Uri>() {
+            // The client would connect to port 80 instead.
+            Ok(uri) if uri.authority().is_some_and(|a| bad_port(a.as_str())) => {
+                self.err(
+                    path,
+                    "invalid URL: its port is not a number from 0 to 65535",
+                );
+                hyper::Uri::default()
+            }
+            // The client sends no `Authorization` from them.
+            Ok(uri) if uri.authority().is_some_and(|a| a.as_str().contains('@')) => {
+                self.err(
+                    path,
+                    "credentials in the URL are not sent: give them in `headers` (`Authorization`)",
+                );
+                hyper::Uri::default()
+            }
             Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => uri,
             Ok(uri) if uri.scheme_str() == Some("https") => {
                 self.err(
@@ -1483,6 +1507,23 @@ mod tests {
             for secret in ["T0K3N", "pa55", "pa ss"] {
                 assert!(!e.contains(secret), "{e}");
             }
+        }
+    }
+
+    /// URLs the client would not use as written: a port out of range (it would connect to
+    /// port 80), credentials (it would not send them).
+    #[test]
+    fn urls_the_client_would_misread_are_refused() {
+        for (url, says) in [
+            ("http://127.0.0.1:85136/cmd", "port"),
+            ("http://user:pa55@127.0.0.1:9093/", "credentials"),
+        ] {
+            let e = check(&format!(
+                "rules: rules\nsources: {{ a: {{ type: stdin }} }}\nsinks:\n  am: {{ type: alertmanager, url: '{url}' }}\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("sinks.am.url:") && e.contains(says), "{e}");
+            assert!(!e.contains("pa55"), "{e}");
         }
     }
 }
