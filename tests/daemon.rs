@@ -1219,3 +1219,39 @@ fn a_hanging_receiver_does_not_hold_up_other_sinks() {
     assert!(rx.received().iter().all(|r| r.signed));
     d.kill();
 }
+
+/// `listen: 127.0.0.1:0` takes any free port; the startup log names the one bound, so that
+/// it can be found.
+#[test]
+fn a_listen_port_of_0_is_reported_as_bound() {
+    let d = Daemon::new(&with_port(
+        &hook_config("sources: { in: { type: http } }\n"),
+        free_port(),
+    ));
+    let cfg = std::fs::read_to_string(d.path("sagawatch.yaml")).unwrap();
+    let cfg = cfg.replace(&format!("127.0.0.1:{}", d.port), "127.0.0.1:0");
+    std::fs::write(d.path("sagawatch.yaml"), cfg).unwrap();
+    let log = std::fs::File::create(&d.stderr_path).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .env("SAGAWATCH_LOG", "info")
+        .env("WEBHOOK_SECRET", SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let port = wait_for(Duration::from_secs(30), "the startup line", || {
+        d.stderr().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let listen = v["fields"]["listen"].as_str()?;
+            let port: u16 = listen.rsplit_once(':')?.1.parse().ok()?;
+            Some(port)
+        })
+    });
+    assert_ne!(port, 0, "{}", d.stderr());
+    let (code, _) = http(port, "GET", "/healthz", &[], b"").unwrap();
+    assert_eq!(code, 200);
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success(), "{}", d.stderr());
+}

@@ -357,6 +357,8 @@ fn run_with(
     }
     drop(core_tx);
 
+    // The address bound (`listen` may have asked for port 0: any free one).
+    let listen = listener.local_addr().unwrap_or(cfg.listen);
     let stop_server = Arc::new(Notify::new());
     let server = rt.spawn(server::serve(
         listener,
@@ -366,7 +368,7 @@ fn run_with(
     shared.ready.store(true, Ordering::Relaxed);
     metrics.ready.set(1);
     tracing::info!(
-        listen = %cfg.listen,
+        %listen,
         state = %cfg.state.display(),
         rules = %cfg.rules_path.display(),
         sources = cfg.sources.len(),
