@@ -339,17 +339,55 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
         s.read_to_string(&mut out).unwrap();
         out.to_ascii_lowercase()
     };
-    let head = raw("HEAD /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    let head = raw("HEAD /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.ends_with("\r\n\r\n"), "a body after HEAD: {head}");
-    let not =
-        raw("POST /v1/rules HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+    let not = raw(
+        "POST /v1/rules HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+    );
     assert!(
         not.starts_with("http/1.1 405") && not.contains("allow: get, head"),
         "{not}"
     );
-    let not = raw("GET /v1/events HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    let not = raw("GET /v1/events HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
     assert!(not.contains("allow: post"), "{not}");
+    // What only a web page in a browser sends: a POST from another origin (cross-site
+    // request forgery), a request under a foreign name to a loopback listener (DNS
+    // rebinding).
+    let (st, b) = post(
+        &[auth[0], ("origin", "http://evil.example")],
+        good.as_bytes(),
+    );
+    assert_eq!(st, 403, "{b}");
+    assert!(b.contains("cross-origin"), "{b}");
+    let (st, b) = http(
+        d.port,
+        "POST",
+        "/-/reload",
+        &[auth[0], ("origin", "null")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 403, "{b}");
+    let rebound =
+        raw("GET /v1/rules HTTP/1.1\r\nhost: evil.example:80\r\nconnection: close\r\n\r\n");
+    assert!(rebound.starts_with("http/1.1 403"), "{rebound}");
+    for host in ["127.0.0.1", "localhost:1", "[::1]:9464", "app.localhost"] {
+        let ok = raw(&format!(
+            "GET /v1/rules HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+        ));
+        assert!(ok.starts_with("http/1.1 200"), "{host}: {ok}");
+    }
+    let same = format!("http://127.0.0.1:{}", d.port);
+    let (st, b) = http(
+        d.port,
+        "GET",
+        "/v1/rules",
+        &[("origin", same.as_str())],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200, "{b}");
 
     // A rejected request applies nothing, not even its good lines.
     assert_eq!(metric(d.port, "sagawatch_outcomes_total"), None);
@@ -1034,7 +1072,7 @@ fn sigterm_bounds_in_flight_deliveries_and_idle_connections() {
     d.start();
     // An idle keep-alive connection, as a Prometheus scraper leaves between scrapes.
     let mut idle = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .unwrap();
     let mut buf = [0u8; 256];
     assert!(idle.read(&mut buf).unwrap() > 0);

@@ -354,7 +354,53 @@ fn allowed(path: &str) -> Option<&'static str> {
     }
 }
 
+/// Requests that only a web page in a browser makes: a POST from another origin (cross-site
+/// request forgery: a page anywhere could post events or reload rules), and, on loopback,
+/// a request under a DNS name (DNS rebinding: a page whose name came to resolve to
+/// 127.0.0.1 could read the timeline). Other clients send no `Origin`, and reach a
+/// loopback listener by its address or `localhost`.
+fn cross_site(listen: SocketAddr, req: &Request<Incoming>) -> Option<&'static str> {
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .map(|h| h.to_str().unwrap_or(""));
+    if !matches!(*req.method(), Method::GET | Method::HEAD)
+        && let Some(origin) = req.headers().get(hyper::header::ORIGIN)
+    {
+        let same = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .zip(host)
+            .is_some_and(|(o, h)| o.eq_ignore_ascii_case(h));
+        if !same {
+            return Some("cross-origin request refused");
+        }
+    }
+    if listen.ip().is_loopback()
+        && let Some(h) = host
+    {
+        let name = match h.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => h.rsplit_once(':').map_or(h, |(n, _)| n),
+        };
+        let name = name.to_ascii_lowercase();
+        if !(name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost"))
+        {
+            return Some(
+                "a loopback listener answers only requests to its address or localhost (Host header)",
+            );
+        }
+    }
+    None
+}
+
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
+    if let Some(why) = cross_site(shared.cfg.listen, &req) {
+        return json(StatusCode::FORBIDDEN, serde_json::json!({ "error": why }));
+    }
     let path = req.uri().path().to_string();
     // HEAD is answered as GET; hyper leaves the body out.
     let method = match req.method() {
