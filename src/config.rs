@@ -311,6 +311,14 @@ pub const KAFKA_RESERVED: &[(&str, &str)] = &[
         "co-partitioned topics need the range assignor",
     ),
     ("enable.idempotence", "the producer is always idempotent"),
+    (
+        "acks",
+        "the idempotent producer always waits for all replicas",
+    ),
+    (
+        "request.required.acks",
+        "the idempotent producer always waits for all replicas",
+    ),
 ];
 
 /// The Kafka cluster. Property values may hold secrets: `Debug` prints keys only.
@@ -492,6 +500,24 @@ pub fn load_text(
     match check_text(file, text, env) {
         (Some(c), None) => Ok(c),
         (_, e) => Err(e.unwrap_or(ConfigError { diags: Vec::new() })),
+    }
+}
+
+/// What librdkafka says of one property (an unknown name, a value of the wrong form), so
+/// that `validate` finds it at its place in the config, offline. The value is not repeated:
+/// it may be a password.
+fn kafka_property_problem(key: &str, value: &str) -> Option<String> {
+    match rdkafka::ClientConfig::new()
+        .set(key, value)
+        .create_native_config()
+    {
+        Ok(_) => None,
+        Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, v)) => Some(if v.is_empty() {
+            desc
+        } else {
+            desc.replace(v.as_str(), "(value not shown)")
+        }),
+        Err(e) => Some(e.to_string()),
     }
 }
 
@@ -1204,6 +1230,8 @@ impl Checker {
                         &path.key(section).key(key),
                         format!("sagawatch sets {key}: {why}"),
                     );
+                } else if let Some(why) = kafka_property_problem(key, &props[key]) {
+                    this.err(&path.key(section).key(key), why);
                 }
             }
             props
@@ -1430,6 +1458,24 @@ mod tests {
             e.contains("sources.e.path:") && e.contains("is a directory"),
             "{e}"
         );
+        assert_eq!(e.lines().count(), 3, "{e}");
+    }
+
+    /// librdkafka's own checks of each property run in `validate`, offline, at the
+    /// property's place; values are not repeated (they may be passwords).
+    #[test]
+    fn kafka_properties_are_checked_where_they_are_written() {
+        let e = check(
+            "rules: rules\nkafka:\n  brokers: b:9092\n  properties: { foo.bar: x, sasl.password: hunter2 }\n  consumer: { auto.offset.reset: bogus }\n  producer: { acks: '1', linger.ms: 7 }\nsources: { orders: { type: kafka, topic: t } }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("kafka.properties.foo.bar:") && e.contains("No such configuration property"),
+            "{e}"
+        );
+        assert!(e.contains("kafka.consumer.auto.offset.reset:"), "{e}");
+        assert!(e.contains("kafka.producer.acks:"), "{e}");
+        assert!(!e.contains("bogus") && !e.contains("hunter2"), "{e}");
         assert_eq!(e.lines().count(), 3, "{e}");
     }
 

@@ -283,10 +283,11 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
         .map(|s| s.timeout)
         .max();
     if let Some(t) = sink_timeout {
-        drop(
-            producer(k, t, None)
-                .map_err(|e| CheckError::Config(vec![format!("kafka.producer: {e:#}")]))?,
-        );
+        drop(producer(k, t, None).map_err(|e| {
+            CheckError::Config(vec![format!(
+                "kafka (producer: `kafka.properties` and `kafka.producer`): {e:#}"
+            )])
+        })?);
     }
     let by_source: BTreeMap<String, String> = cfg
         .sources
@@ -299,9 +300,12 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
     if by_source.is_empty() {
         return Ok(());
     }
-    let client: BaseConsumer = consumer_config(k)
-        .create()
-        .map_err(|e| CheckError::Config(vec![format!("kafka.consumer: {}", redacted(&e))]))?;
+    let client: BaseConsumer = consumer_config(k).create().map_err(|e| {
+        CheckError::Config(vec![format!(
+            "kafka (consumer: `kafka.properties` and `kafka.consumer`): {}",
+            redacted(&e)
+        )])
+    })?;
     let deadline = StdInstant::now() + k.connect_timeout;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut problems = Vec::new();
