@@ -118,6 +118,27 @@ impl<'a> Line<'a> {
     }
 }
 
+/// An outcome line held as a JSON value (whose object keys are sorted), as text with its
+/// fields in [`Line`]'s order again; fields `Line` lacks (a resolve's `resolved_by`) last.
+pub fn line_text(v: &serde_json::Value) -> String {
+    let Some(m) = v.as_object() else {
+        return v.to_string();
+    };
+    let known = FIELDS.iter().filter_map(|f| m.get_key_value(*f));
+    let rest = m.iter().filter(|(k, _)| !FIELDS.contains(&k.as_str()));
+    let mut out = String::from("{");
+    for (i, (k, val)) in known.chain(rest).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::Value::String(k.clone()).to_string());
+        out.push(':');
+        out.push_str(&val.to_string());
+    }
+    out.push('}');
+    out
+}
+
 /// The outcome as a JSON value (for comparisons in `test`).
 pub fn to_json(rules: &RuleSet, o: &Outcome) -> serde_json::Value {
     serde_json::to_value(Line::new(rules, o)).unwrap_or_default()
@@ -150,10 +171,16 @@ mod tests {
             sink: Some("s"),
             payload: Some(&payload),
         };
+        let text = serde_json::to_string(&line).unwrap();
         let v = serde_json::to_value(line).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         let mut want = FIELDS.to_vec();
         want.sort_unstable();
         assert_eq!(keys, want);
+        // FIELDS is also the order lines are printed in, held as values or not.
+        assert_eq!(line_text(&v), text);
+        let mut v = v;
+        v["resolved_by"] = "t".into();
+        assert!(line_text(&v).ends_with(r#","resolved_by":"t"}"#));
     }
 }

@@ -858,6 +858,7 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
     // The stdout sink prints exactly replay's alert and compensate lines (in any order;
     // deliveries run concurrently).
     let mut got = std::collections::BTreeMap::new();
+    let mut texts = std::collections::BTreeMap::new();
     let out = std::io::BufReader::new(child.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -873,10 +874,24 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
             .expect("an output line within 60 s");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["outcome"] != "resolved" {
+            texts.insert(v["id"].as_str().unwrap().to_string(), line);
             got.insert(v["id"].as_str().unwrap().to_string(), v);
         }
     }
     assert_eq!(got, want);
+    // Line for line as replay prints them, fields in the same order.
+    let out = std::process::Command::new(BIN)
+        .args(["replay", "--rules"])
+        .arg(d.path("rules"))
+        .arg(d.path("events.jsonl"))
+        .output()
+        .unwrap();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(id) = v["id"].as_str() {
+            assert_eq!(texts.get(id).map(String::as_str), Some(line));
+        }
+    }
     signal(&child, "TERM");
     assert!(child.wait().unwrap().success());
 }
@@ -1262,7 +1277,7 @@ fn a_hanging_receiver_does_not_hold_up_other_sinks() {
 /// it can be found.
 #[test]
 fn a_listen_port_of_0_is_reported_as_bound() {
-    let d = Daemon::new(&with_port(
+    let mut d = Daemon::new(&with_port(
         &hook_config("sources: { in: { type: http } }\n"),
         free_port(),
     ));
@@ -1270,7 +1285,7 @@ fn a_listen_port_of_0_is_reported_as_bound() {
     let cfg = cfg.replace(&format!("127.0.0.1:{}", d.port), "127.0.0.1:0");
     std::fs::write(d.path("sagawatch.yaml"), cfg).unwrap();
     let log = std::fs::File::create(&d.stderr_path).unwrap();
-    let mut child = std::process::Command::new(BIN)
+    let child = std::process::Command::new(BIN)
         .args(["run", "--log-format", "json", "--config"])
         .arg(d.path("sagawatch.yaml"))
         .env("SAGAWATCH_LOG", "info")
@@ -1279,6 +1294,8 @@ fn a_listen_port_of_0_is_reported_as_bound() {
         .stderr(log)
         .spawn()
         .unwrap();
+    // Killed on drop, should an assertion fail.
+    d.child = Some(child);
     let port = wait_for(Duration::from_secs(30), "the startup line", || {
         d.stderr().lines().find_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).ok()?;
@@ -1290,6 +1307,54 @@ fn a_listen_port_of_0_is_reported_as_bound() {
     assert_ne!(port, 0, "{}", d.stderr());
     let (code, _) = http(port, "GET", "/healthz", &[], b"").unwrap();
     assert_eq!(code, 200);
-    signal(&child, "TERM");
-    assert!(child.wait().unwrap().success(), "{}", d.stderr());
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
+/// A reader that stops reading the `stdout` sink (a full pipe blocks every write) holds up
+/// that sink alone: the other sinks deliver, health answers, SIGTERM ends the daemon.
+#[test]
+fn a_stdout_nobody_reads_holds_up_only_its_own_sink() {
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    rx.start();
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nsources: {{ events: {{ type: file, path: events.jsonl }} }}\n\
+         sinks:\n  out: {{ type: stdout }}\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{hook}/hook', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 2s }}\n\
+         alerts: {{ sinks: [out] }}\noutbox: {{ backoff: 50ms, max_backoff: 300ms }}\n"
+    ));
+    // 600 orders never paid (about 200 kB of alert lines, three pipes' worth), then one
+    // a day later that moves the clock past their deadlines.
+    let n = 600;
+    let mut lines: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"time":"{}","type":"OrderPlaced","order_id":"o{i}"}}"#,
+                ts(0)
+            )
+        })
+        .collect();
+    lines.push(format!(
+        r#"{{"time":"{}","type":"OrderPlaced","order_id":"last"}}"#,
+        ts(86_400)
+    ));
+    write_lines(&d.path("events.jsonl"), &lines);
+    let log = std::fs::File::create(&d.stderr_path).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .env("WEBHOOK_SECRET", SECRET)
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Held open, never read.
+    let _stdout = child.stdout.take();
+    d.child = Some(child);
+    wait_for(
+        Duration::from_secs(60),
+        "every compensation to reach the webhook",
+        || (distinct(&rx) >= n).then_some(()),
+    );
+    assert_eq!(http(d.port, "GET", "/healthz", &[], b"").unwrap().0, 200);
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
 }

@@ -34,6 +34,44 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 struct Clients {
     http: HttpClient,
     kafka: Option<crate::daemon::kafka::Producer>,
+    /// With a `stdout` sink, its writer.
+    stdout: Option<StdoutWriter>,
+}
+
+/// A line to print and where to say how it went.
+type StdoutLine = (String, tokio::sync::oneshot::Sender<std::io::Result<()>>);
+
+/// The `stdout` sink's writer: a thread of its own, because a write to a pipe nobody reads
+/// blocks. Then only this sink's deliveries wait (its slots fill, as a hanging receiver's
+/// do), never the runtime serving HTTP, signals and the other sinks. A line is printed
+/// whole and flushed before it counts as delivered.
+#[derive(Clone)]
+struct StdoutWriter(tokio::sync::mpsc::Sender<StdoutLine>);
+
+impl StdoutWriter {
+    fn start() -> std::io::Result<StdoutWriter> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<StdoutLine>(64);
+        std::thread::Builder::new()
+            .name("sink-stdout".into())
+            .spawn(move || {
+                while let Some((line, done)) = rx.blocking_recv() {
+                    let mut out = std::io::stdout().lock();
+                    let r = writeln!(out, "{line}").and_then(|()| out.flush());
+                    let _ = done.send(r);
+                }
+            })?;
+        Ok(StdoutWriter(tx))
+    }
+
+    async fn print(&self, line: String) -> Result<(), Failed> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let gone = || Failed::from("stdout: the writer stopped".to_string());
+        self.0.send((line, done)).await.map_err(|_| gone())?;
+        match result.await {
+            Ok(r) => r.map_err(|e| Failed::from(format!("stdout: {e}"))),
+            Err(_) => Err(gone()),
+        }
+    }
 }
 
 pub struct Dispatcher {
@@ -267,9 +305,20 @@ impl Dispatcher {
             )?),
             _ => None,
         };
+        let stdout = if self
+            .cfg
+            .sinks
+            .iter()
+            .any(|s| matches!(s.kind, SinkKind::Stdout))
+        {
+            Some(StdoutWriter::start()?)
+        } else {
+            None
+        };
         let clients = Clients {
             http: client(),
             kafka,
+            stdout,
         };
         let client = &clients.http;
         let sinks: HashMap<String, Sink> = self
@@ -402,11 +451,19 @@ impl Dispatcher {
                     return Ok(None);
                 }
                 if stop_at.is_none() {
-                    self.resend_alerts(&conn, client, &sinks, &mut last_resend, &mut flight)?;
+                    self.resend_alerts(
+                        &conn,
+                        client,
+                        &sinks,
+                        &mut last_resend,
+                        &mut flight,
+                        &paused,
+                    )?;
                 }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
                     Outbox::purge_done(&conn, before)?;
+                    Outbox::purge_alerts(&conn, wall_ms())?;
                     last_purge = StdInstant::now();
                 }
                 if flight.idle() || last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {
@@ -528,11 +585,16 @@ impl Dispatcher {
         sinks: &HashMap<String, Sink>,
         last: &mut HashMap<String, StdInstant>,
         flight: &mut Flight,
+        paused: &HashMap<String, StdInstant>,
     ) -> Result<()> {
         for s in sinks.values() {
             let SinkKind::Alertmanager { resend, .. } = &s.kind else {
                 continue;
             };
+            // A receiver's Retry-After holds re-sends too.
+            if paused.contains_key(&s.name) {
+                continue;
+            }
             let due = last.get(&s.name).is_none_or(|t| t.elapsed() >= *resend);
             // Not while a resolve to the sink is in flight: the re-send could land after
             // it and fire the resolved alert again.
@@ -590,11 +652,11 @@ async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Fail
         SinkKind::Stdout => {
             let v: serde_json::Value =
                 serde_json::from_str(&p.body).map_err(|e| Failed::from(e.to_string()))?;
-            let line = v.get("data").unwrap_or(&v).to_string();
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{line}")
-                .and_then(|()| out.flush())
-                .map_err(|e| Failed::from(format!("stdout: {e}")))
+            let line = crate::output::line_text(v.get("data").unwrap_or(&v));
+            match &clients.stdout {
+                Some(out) => out.print(line).await,
+                None => Err(Failed::from("no stdout writer".to_string())),
+            }
         }
         SinkKind::Webhook {
             url,
@@ -667,16 +729,28 @@ async fn send(
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        // Only the status counts; the start of the body goes into the error. Reading a
+        // short body to its end lets the connection be used again; a long one is not read
+        // on (a receiver answering with a gigabyte must not cost a gigabyte here).
+        let mut body = resp.into_body();
+        let mut head = Vec::new();
+        let mut read = 0usize;
+        while read < 64 * 1024 {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        read += d.len();
+                        let room = 200usize.saturating_sub(head.len());
+                        head.extend_from_slice(&d[..d.len().min(room)]);
+                    }
+                }
+                _ => break,
+            }
+        }
         if status.is_success() {
             Ok(())
         } else {
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            let text = String::from_utf8_lossy(&head).into_owned();
             Err(Failed {
                 error: format!("HTTP {status}: {text}"),
                 retry_after: wait,

@@ -180,6 +180,14 @@ impl Outbox {
             .execute(params![before_ms])?)
     }
 
+    /// Forgets alerts no late correlate can resolve any more (for every sink: only
+    /// Alertmanager's re-sends read them, but alerts to any sink are recorded).
+    pub fn purge_alerts(conn: &Connection, now_ms: i64) -> Result<usize> {
+        Ok(conn
+            .prepare_cached("DELETE FROM alerts WHERE active_until_ms < ?1")?
+            .execute(params![now_ms])?)
+    }
+
     pub fn record_alert(conn: &Connection, a: &AlertRow) -> Result<()> {
         conn.prepare_cached(
             "INSERT OR REPLACE INTO alerts (id, sink, rule, key, step, body, active_until_ms, fp)
@@ -284,8 +292,7 @@ impl Outbox {
 
     /// Firing alerts of `sink` (for periodic resends); expired ones are forgotten first.
     pub fn active_alerts(conn: &Connection, sink: &str, now_ms: i64) -> Result<Vec<AlertRow>> {
-        conn.prepare_cached("DELETE FROM alerts WHERE active_until_ms < ?1")?
-            .execute(params![now_ms])?;
+        Outbox::purge_alerts(conn, now_ms)?;
         let mut stmt = conn.prepare_cached(
             "SELECT id, rule, key, step, body, active_until_ms, fp FROM alerts WHERE sink = ?1",
         )?;
