@@ -310,6 +310,14 @@ pub const KAFKA_RESERVED: &[(&str, &str)] = &[
         "group.protocol",
         "co-partitioned topics need the range assignor",
     ),
+    (
+        "statistics.interval.ms",
+        "the statistics (every second) drive lag, readiness and the idle clock",
+    ),
+    (
+        "enable.partition.eof",
+        "the end of a partition is known from the statistics",
+    ),
     ("enable.idempotence", "the producer is always idempotent"),
     (
         "acks",

@@ -687,3 +687,66 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
     assert!(body.contains("starting"), "{body}");
     assert!(alive(&mut d));
 }
+
+/// A partition whose end the consumer is never given a message for (here: what a reset to
+/// `latest` skipped; likewise a transaction's commit marker) is not taken for one with
+/// messages still to come: its lag reads 0, events of the other partitions do not wait
+/// for it (`align_wait` is an hour here), and the idle clock still reports a missing step
+/// on a quiet stream.
+#[test]
+fn a_reset_to_latest_leaves_no_phantom_backlog() {
+    const RULES: &str = r#"
+rules:
+  - name: pay
+    trigger: { source: orders, where: { type: OrderPlaced }, key: order_id }
+    expect:
+      - { step: payment, source: payments, where: { type: PaymentCompleted }, key: order_id, within: 2s }
+    on_missing:
+      - alert: { severity: critical, summary: "order {{key}}: {{step}} missing" }
+"#;
+    let broker = Broker::start(false);
+    broker.create_topics(&[("orders", 1), ("payments", 1)]);
+    let old = r#"{"time":"2026-01-01T00:00:00Z","type":"PaymentCompleted","order_id":"old"}"#;
+    broker.produce(&[
+        ("payments", "old", old, None),
+        ("payments", "old", old, None),
+        ("payments", "old", old, None),
+    ]);
+    let mut d = Daemon::with_rules(
+        RULES,
+        &format!(
+            "time: {{ lateness: 0s, idle: 1s }}\nbatch: {{ interval: 50ms }}\nkafka: {{ brokers: '{}', align_wait: 1h, consumer: {{ auto.offset.reset: latest }} }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\nsinks:\n  out: {{ type: stdout }}\n",
+            broker.brokers()
+        ),
+    );
+    d.start();
+    wait_for(Duration::from_secs(60), "both partitions assigned", || {
+        (assigned(&d) == 2).then_some(())
+    });
+    let lag = |topic: &str| {
+        metric(
+            d.port,
+            &format!("sagawatch_kafka_consumer_lag{{partition=\"0\",topic=\"{topic}\"}}"),
+        )
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the skipped messages' lag to read 0",
+        || (lag("payments") == Some(0.0)).then_some(()),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let placed = format!(
+        r#"{{"time":"{}","type":"OrderPlaced","order_id":"o1"}}"#,
+        sagawatch::time::format_rfc3339(now)
+    );
+    broker.produce(&[("orders", "o1", placed.as_str(), None)]);
+    wait_for(
+        Duration::from_secs(30),
+        "the idle clock to report the payment missing",
+        || (metric(d.port, "sagawatch_steps_total{outcome=\"missing\"") == Some(1.0)).then_some(()),
+    );
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}

@@ -148,14 +148,15 @@ fn base_config(k: &KafkaConfig, props: &[(String, String)]) -> ClientConfig {
 
 fn consumer_config(k: &KafkaConfig) -> ClientConfig {
     let mut c = base_config(k, &k.consumer);
-    c.set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "1000")
-        .set("enable.partition.eof", "false");
+    c.set("auto.offset.reset", "earliest");
     for (key, v) in &k.consumer {
         c.set(key, v);
     }
     // Set last: correctness depends on them (validation refuses them in properties).
-    c.set("group.id", &k.group)
+    // Statistics drive lag, readiness and the idle clock.
+    c.set("statistics.interval.ms", "1000")
+        .set("enable.partition.eof", "false")
+        .set("group.id", &k.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("partition.assignment.strategy", "range");
@@ -401,6 +402,11 @@ struct Inner {
     start: HashMap<Tp, i64>,
     /// High watermarks and low/committed offsets from the last statistics.
     hi: HashMap<Tp, (i64, i64)>,
+    /// Partitions whose fetcher, at the last statistics, had reached the high watermark
+    /// with nothing prefetched: what lies below the watermark past the last message
+    /// received is nothing the consumer is given (transaction markers, or what a reset to
+    /// `latest` skipped), and must not read as messages still to come.
+    drained: std::collections::HashSet<Tp>,
     /// Since when a partition known to have older events held the others back.
     blocked_since: Option<StdInstant>,
     gave_up_waiting: bool,
@@ -488,7 +494,7 @@ impl Ctx {
             .or_else(|| inner.start.get(tp))
             .copied()
             .unwrap_or(base);
-        hi > at
+        hi > at && !inner.drained.contains(tp)
     }
 
     /// Assigned partitions with nothing held that are known to have more: the ones whose
@@ -874,10 +880,27 @@ impl ClientContext for Ctx {
                     part.lo_offset.max(0)
                 };
                 inner.hi.insert(tp.clone(), (part.hi_offset, base));
+                let drained = part.fetch_state == "active"
+                    && part.next_offset >= part.hi_offset
+                    && part.fetchq_cnt == 0;
+                if drained {
+                    inner.drained.insert(tp.clone());
+                } else {
+                    inner.drained.remove(&tp);
+                }
                 // Lag from the offset committed in the state file; for a partition
-                // nothing was consumed from yet, from where reading will start.
+                // nothing was consumed from yet, from where reading will start. None once
+                // the fetcher is at the end and all it gave is committed.
                 let from = inner.committed.get(&tp).copied().unwrap_or(base);
-                let lag = (part.hi_offset - from).max(0);
+                let all_committed = inner
+                    .seen
+                    .get(&tp)
+                    .is_none_or(|s| inner.committed.get(&tp).is_some_and(|c| c >= s));
+                let lag = if drained && all_committed {
+                    0
+                } else {
+                    (part.hi_offset - from).max(0)
+                };
                 backlog |= lag > 0;
                 self.metrics
                     .kafka_lag

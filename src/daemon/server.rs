@@ -397,6 +397,17 @@ fn cross_site(listen: SocketAddr, req: &Request<Incoming>) -> Option<&'static st
     None
 }
 
+/// Why the daemon is not ready to consume (the body of a 503 from `/readyz`), if it is not.
+fn not_ready(shared: &Shared) -> Option<String> {
+    if let Some(p) = shared.kafka.as_ref().and_then(|k| k.problem()) {
+        Some(format!("not ready: {p}\n"))
+    } else if shared.ready.load(Ordering::Relaxed) && !shared.core_down.load(Ordering::Relaxed) {
+        None
+    } else {
+        Some("not ready\n".into())
+    }
+}
+
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     if let Some(why) = cross_site(shared.cfg.listen, &req) {
         return json(StatusCode::FORBIDDEN, serde_json::json!({ "error": why }));
@@ -409,6 +420,11 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     };
     match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
+            // `sagawatch_ready` says what /readyz would.
+            shared
+                .metrics
+                .ready
+                .set(i64::from(not_ready(&shared).is_none()));
             let mut r = text(StatusCode::OK, shared.metrics.render());
             r.headers_mut().insert(
                 "content-type",
@@ -429,18 +445,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
                 text(StatusCode::OK, "ok\n")
             }
         }
-        (&Method::GET, "/readyz") => {
-            let kafka = shared.kafka.as_ref().and_then(|k| k.problem());
-            if let Some(p) = kafka {
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {p}\n"))
-            } else if shared.ready.load(Ordering::Relaxed)
-                && !shared.core_down.load(Ordering::Relaxed)
-            {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            }
-        }
+        (&Method::GET, "/readyz") => match not_ready(&shared) {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+        },
         (&Method::POST, "/v1/events") => events(shared, req).await,
         (&Method::GET, p) if p.starts_with("/v1/instances/") => instance(shared, p).await,
         (&Method::GET, "/ui" | "/ui/") => {
