@@ -750,3 +750,50 @@ rules:
     );
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
 }
+
+/// A reload is held to the startup check: rules that correlate topics of different
+/// partition counts are rejected (422), and the old ones keep running.
+#[test]
+fn a_reload_refuses_rules_over_topics_that_are_not_co_partitioned() {
+    let rules = |step_source: &str| {
+        format!(
+            r#"
+rules:
+  - name: pay
+    trigger: {{ source: orders, where: {{ type: OrderPlaced }}, key: order_id }}
+    expect:
+      - {{ step: payment, source: {step_source}, where: {{ type: PaymentCompleted }}, key: order_id, within: 1h }}
+    on_missing:
+      - alert: {{ severity: critical, summary: "order {{{{key}}}}: {{{{step}}}} missing" }}
+"#
+        )
+    };
+    let broker = Broker::start(false);
+    broker.create_topics(&[("orders", 1), ("payments", 1), ("audit", 2)]);
+    let mut d = Daemon::with_rules(
+        &rules("payments"),
+        &format!(
+            "kafka: {{ brokers: '{}' }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  audit: {{ type: kafka }}\nsinks:\n  out: {{ type: stdout }}\n",
+            broker.brokers()
+        ),
+    );
+    d.start();
+    wait_for(Duration::from_secs(60), "the partitions assigned", || {
+        (assigned(&d) == 4).then_some(())
+    });
+    std::fs::write(d.path("rules/checkout.yaml"), rules("audit")).unwrap();
+    let (st, b) = http(d.port, "POST", "/-/reload", &[], b"").unwrap();
+    assert_eq!(st, 422, "{b}");
+    assert!(
+        b.contains("different partition counts: audit (2), orders (1)"),
+        "{b}"
+    );
+    assert_eq!(
+        metric(d.port, "sagawatch_rules_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    std::fs::write(d.path("rules/checkout.yaml"), rules("payments")).unwrap();
+    let (st, b) = http(d.port, "POST", "/-/reload", &[], b"").unwrap();
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}

@@ -273,8 +273,11 @@ pub enum CheckError {
 /// Checks at startup that every Kafka topic exists and that the topics each rule
 /// correlates have equal partition counts (co-partitioning: the same key lands in the
 /// same partition number of each topic, so one instance sees all of a saga).
-pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
-    let Some(k) = &cfg.kafka else { return Ok(()) };
+/// On success, the partition count of each source topic (for checking reloaded rules).
+pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckError> {
+    let Some(k) = &cfg.kafka else {
+        return Ok(Partitions::new());
+    };
     // librdkafka rejects unknown or invalid properties when a client is created: do it
     // now, so a typo stops startup instead of the outbox dispatcher later.
     let sink_timeout = cfg
@@ -290,16 +293,9 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
             )])
         })?);
     }
-    let by_source: BTreeMap<String, String> = cfg
-        .sources
-        .iter()
-        .filter_map(|s| match &s.kind {
-            SourceKind::Kafka { topic } => Some((s.name.clone(), topic.clone())),
-            _ => None,
-        })
-        .collect();
+    let by_source = kafka_sources(cfg);
     if by_source.is_empty() {
-        return Ok(());
+        return Ok(Partitions::new());
     }
     let client: BaseConsumer = consumer_config(k).create().map_err(|e| {
         CheckError::Config(vec![format!(
@@ -308,7 +304,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
         )])
     })?;
     let deadline = StdInstant::now() + k.connect_timeout;
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut counts = Partitions::new();
     let mut problems = Vec::new();
     for (source, topic) in &by_source {
         let md = loop {
@@ -329,7 +325,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
         );
         match md.topics().iter().find(|t| t.name() == topic) {
             Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                counts.insert(topic.as_str(), t.partitions().len());
+                counts.insert(topic.clone(), t.partitions().len());
             }
             Some(t)
                 if t.error().map(RDKafkaErrorCode::from)
@@ -346,6 +342,33 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
             None => problems.push(missing),
         }
     }
+    problems.extend(copartitioning(cfg, rules, &counts));
+    if problems.is_empty() {
+        Ok(counts)
+    } else {
+        Err(CheckError::Config(problems))
+    }
+}
+
+/// Partition counts by topic.
+pub type Partitions = BTreeMap<String, usize>;
+
+/// Kafka topics by source name.
+fn kafka_sources(cfg: &Config) -> BTreeMap<String, String> {
+    cfg.sources
+        .iter()
+        .filter_map(|s| match &s.kind {
+            SourceKind::Kafka { topic } => Some((s.name.clone(), topic.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Rules that correlate topics of different partition counts (startup refuses them, and
+/// so does a reload).
+pub fn copartitioning(cfg: &Config, rules: &RuleSet, counts: &Partitions) -> Vec<String> {
+    let by_source = kafka_sources(cfg);
+    let mut problems = Vec::new();
     for rule in &rules.rules {
         let mut topics: Vec<&str> = topics_of(&rule.trigger, &by_source);
         for s in &rule.steps {
@@ -358,7 +381,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
         topics.dedup();
         let known: Vec<(&str, usize)> = topics
             .iter()
-            .filter_map(|t| counts.get(t).map(|n| (*t, *n)))
+            .filter_map(|t| counts.get(*t).map(|n| (*t, *n)))
             .collect();
         if known.windows(2).any(|w| w[0].1 != w[1].1) {
             let list: Vec<String> = known.iter().map(|(t, n)| format!("{t} ({n})")).collect();
@@ -371,11 +394,7 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<(), CheckError> {
             ));
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CheckError::Config(problems))
-    }
+    problems
 }
 
 type Tp = (Arc<str>, i32);

@@ -183,8 +183,8 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             return 1;
         }
     };
-    match checked {
-        Ok(()) => {}
+    let partitions = match checked {
+        Ok(p) => p,
         Err(kafka::CheckError::Unreachable(e)) => {
             say(&format!("error: {e}"));
             return 1;
@@ -195,8 +195,16 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             }
             return EXIT_CONFIG;
         }
-    }
-    match run_with(cfg, rules, state, positions, listener, &rt, hup) {
+    };
+    match run_with(
+        cfg,
+        rules,
+        (state, positions),
+        listener,
+        &rt,
+        hup,
+        partitions,
+    ) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "stopped");
@@ -211,11 +219,12 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
 fn run_with(
     cfg: Arc<Config>,
     rules: Arc<crate::rules::RuleSet>,
-    state: SqliteState,
-    positions: Vec<Option<store::Position>>,
+    // The state and the stored source positions, read from it.
+    (state, positions): (SqliteState, Vec<Option<store::Position>>),
     listener: tokio::net::TcpListener,
     rt: &tokio::runtime::Runtime,
     mut hup: tokio::signal::unix::Signal,
+    partitions: kafka::Partitions,
 ) -> Result<i32> {
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.prepare(&cfg);
@@ -398,7 +407,7 @@ fn run_with(
                 _ = core_done.notified() => { return Ok(true) }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading rules");
-                    let _ = reload(&cfg, &shared).await;
+                    let _ = reload(&cfg, &shared, &partitions).await;
                 }
                 _ = shared.reload.notified() => {
                     // Taken first: a request arriving during this reload waits for the
@@ -410,7 +419,7 @@ fn run_with(
                         .as_mut()
                         .map(std::mem::take)
                         .unwrap_or_default();
-                    let r = reload(&cfg, &shared).await;
+                    let r = reload(&cfg, &shared, &partitions).await;
                     for tx in waiting {
                         let _ = tx.send(r.clone());
                     }
@@ -452,9 +461,19 @@ fn run_with(
 async fn reload(
     cfg: &Arc<Config>,
     shared: &Arc<server::Shared>,
+    partitions: &kafka::Partitions,
 ) -> Result<(), server::ReloadError> {
-    let result = match cfg.load_rules() {
-        Err(e) => Err(server::ReloadError::Rejected(e.to_string())),
+    // Checked as at startup, with the partition counts found then.
+    let checked = cfg.load_rules().map_err(|e| e.to_string()).and_then(|set| {
+        let problems = kafka::copartitioning(cfg, &set, partitions);
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(problems.join("\n"))
+        }
+    });
+    let result = match checked {
+        Err(e) => Err(server::ReloadError::Rejected(e)),
         Ok(set) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let core = shared.core.clone();
