@@ -473,6 +473,11 @@ fn topics_with_different_partition_counts_are_refused_at_startup() {
         "{err}"
     );
     assert!(err.contains("kafka topic \"nope\" does not exist"), "{err}");
+    // A sink's topic too: missing, it would only show as retried deliveries.
+    assert!(
+        err.contains("sinks.commands: kafka topic \"commands\" does not exist"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 
     // An unknown librdkafka property stops startup too, named where it is written.

@@ -14,7 +14,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
@@ -286,16 +286,39 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckEr
         .filter(|s| matches!(s.kind, crate::config::SinkKind::Kafka { .. }))
         .map(|s| s.timeout)
         .max();
+    let deadline = StdInstant::now() + k.connect_timeout;
+    let mut problems = Vec::new();
     if let Some(t) = sink_timeout {
-        drop(producer(k, t, None).map_err(|e| {
+        let p = producer(k, t, None).map_err(|e| {
             CheckError::Config(vec![format!(
                 "kafka (producer: `kafka.properties` and `kafka.producer`): {e:#}"
             )])
-        })?);
+        })?;
+        // A sink topic that does not exist would only show as retried deliveries.
+        for s in &cfg.sinks {
+            let crate::config::SinkKind::Kafka { topic } = &s.kind else {
+                continue;
+            };
+            let md = metadata(p.client(), topic, deadline, k)?;
+            if !md
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            {
+                problems.push(format!(
+                    "sinks.{}: kafka topic {topic:?} does not exist (sagawatch does not create topics)",
+                    s.name
+                ));
+            }
+        }
     }
     let by_source = kafka_sources(cfg);
     if by_source.is_empty() {
-        return Ok(Partitions::new());
+        return if problems.is_empty() {
+            Ok(Partitions::new())
+        } else {
+            Err(CheckError::Config(problems))
+        };
     }
     let client: BaseConsumer = consumer_config(k).create().map_err(|e| {
         CheckError::Config(vec![format!(
@@ -303,23 +326,9 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckEr
             redacted(&e)
         )])
     })?;
-    let deadline = StdInstant::now() + k.connect_timeout;
     let mut counts = Partitions::new();
-    let mut problems = Vec::new();
     for (source, topic) in &by_source {
-        let md = loop {
-            let left = deadline.saturating_duration_since(StdInstant::now());
-            match client.fetch_metadata(Some(topic), left.max(Duration::from_millis(100))) {
-                Ok(md) => break md,
-                Err(e) if StdInstant::now() >= deadline => {
-                    return Err(CheckError::Unreachable(format!(
-                        "kafka: no broker of {} answered within {:?}: {e}",
-                        k.brokers, k.connect_timeout
-                    )));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        };
+        let md = metadata(client.client(), topic, deadline, k)?;
         let missing = format!(
             "sources.{source}: kafka topic {topic:?} does not exist (sagawatch does not create topics)"
         );
@@ -347,6 +356,28 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckEr
         Ok(counts)
     } else {
         Err(CheckError::Config(problems))
+    }
+}
+
+/// A topic's metadata, asked again until a broker answers or `deadline` passes.
+fn metadata<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    deadline: StdInstant,
+    k: &KafkaConfig,
+) -> Result<rdkafka::metadata::Metadata, CheckError> {
+    loop {
+        let left = deadline.saturating_duration_since(StdInstant::now());
+        match client.fetch_metadata(Some(topic), left.max(Duration::from_millis(100))) {
+            Ok(md) => return Ok(md),
+            Err(e) if StdInstant::now() >= deadline => {
+                return Err(CheckError::Unreachable(format!(
+                    "kafka: no broker of {} answered within {:?}: {e}",
+                    k.brokers, k.connect_timeout
+                )));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
     }
 }
 
