@@ -643,10 +643,21 @@ rules:
         "orders",
         b"{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"\xff\"}",
     );
-    wait_for(Duration::from_secs(60), "the record rejected", || {
+    // So is one with an empty value; the log says where each was.
+    broker.produce_bytes("orders", b"");
+    wait_for(Duration::from_secs(60), "the records rejected", || {
         let m = r#"sagawatch_events_rejected_total{reason="invalid_json",source="orders"}"#;
-        (metric(consumer.port, m)? == 1.0).then_some(())
+        (metric(consumer.port, m)? == 2.0).then_some(())
     });
+    let log = consumer.stderr();
+    let skipped: Vec<&str> = log.lines().filter(|l| l.contains("skipped a")).collect();
+    assert_eq!(skipped.len(), 2, "{log}");
+    assert!(
+        skipped
+            .iter()
+            .all(|l| l.contains("partition=") && l.contains("offset=")),
+        "{log}"
+    );
     assert_eq!(
         metric(consumer.port, "sagawatch_events_decoded_total").unwrap_or(0.0),
         0.0

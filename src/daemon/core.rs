@@ -94,6 +94,8 @@ pub struct Record {
     pub utf8: bool,
     /// The Kafka partition, stored on the state rows the event creates.
     pub part: Option<i32>,
+    /// The Kafka offset, for the log of a bad record.
+    pub offset: Option<i64>,
 }
 
 pub fn wall_nanos() -> Instant {
@@ -337,6 +339,7 @@ impl Core {
                 self.reject(source, &e);
                 tracing::warn!(
                     source = &**source,
+                    partition = part,
                     offset,
                     line = line_no,
                     error = %e,
@@ -364,7 +367,8 @@ impl Core {
         let mut counts: Vec<(Arc<str>, u64, u64)> = Vec::new();
         for r in records {
             let ok = if r.utf8 {
-                self.apply(&r.source, &r.text, r.part, received, (None, None))?
+                let offset = r.offset.and_then(|o| u64::try_from(o).ok());
+                self.apply(&r.source, &r.text, r.part, received, (offset, None))?
             } else {
                 self.reject(
                     &r.source,
@@ -373,6 +377,7 @@ impl Core {
                 tracing::warn!(
                     source = &*r.source,
                     partition = r.part,
+                    offset = r.offset,
                     "skipped a record that is not UTF-8"
                 );
                 false

@@ -504,14 +504,15 @@ impl Ctx {
             return;
         };
         let tp = (topic, m.partition());
-        let record = m.payload().filter(|p| !p.is_empty()).map(|p| {
-            let text = std::str::from_utf8(p).map(str::to_owned);
-            Record {
-                source: Arc::clone(source),
-                utf8: text.is_ok(),
-                text: text.unwrap_or_default(),
-                part: Some(m.partition()),
-            }
+        // An empty value (or none: a tombstone) is no event either: counted and logged
+        // like any other record that is not one.
+        let text = std::str::from_utf8(m.payload().unwrap_or_default()).map(str::to_owned);
+        let record = Some(Record {
+            source: Arc::clone(source),
+            utf8: text.is_ok(),
+            text: text.unwrap_or_default(),
+            part: Some(m.partition()),
+            offset: Some(m.offset()),
         });
         let mut inner = lock(&self.inner);
         if inner.seen.get(&tp).is_some_and(|&seen| m.offset() < seen) {
