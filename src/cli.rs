@@ -172,10 +172,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Command::Inspect { config, rule, key } => {
-            let cfg = match crate::config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
+            // Only the state path is needed: problems elsewhere (a secret from an
+            // environment this shell lacks, say) do not stop a read of the state.
+            let cfg = match crate::config::check_file(&config) {
+                (Some(c), None) => c,
+                (Some(c), Some(e)) if !e.diags.iter().any(|d| d.diag.path == "state") => c,
+                (_, e) => {
+                    eprintln!("{}", e.map(|e| e.to_string()).unwrap_or_default());
                     return Ok(EXIT_CONFIG);
                 }
             };

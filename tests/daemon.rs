@@ -988,6 +988,39 @@ fn instance_timeline_over_http_and_inspect() {
     );
     let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cli, v);
+    // inspect needs only the state path: a secret this shell lacks does not stop it, a
+    // state path it cannot know does.
+    let cfg = std::fs::read_to_string(d.path("sagawatch.yaml")).unwrap();
+    let inspect = |cfg: &str| {
+        std::fs::write(d.path("other.yaml"), cfg).unwrap();
+        std::process::Command::new(BIN)
+            .args(["inspect", "--config"])
+            .arg(d.path("other.yaml"))
+            .args(["checkout", "o/1"])
+            .env_remove("SAGAWATCH_TEST_UNSET")
+            .output()
+            .unwrap()
+    };
+    let out = inspect(&cfg.replace(
+        "sinks: { hook: { type: stdout } }",
+        "sinks:\n  hook: { type: stdout }\n  w: { type: webhook, url: 'http://127.0.0.1:9/', secrets: ['${SAGAWATCH_TEST_UNSET}'] }",
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        v
+    );
+    let out = inspect(&cfg.replace("state: state.db", "state: ${SAGAWATCH_TEST_UNSET}/s.db"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SAGAWATCH_TEST_UNSET"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(d.terminate(), 0);
 }
 
