@@ -31,6 +31,9 @@ pub struct RawConfig {
     /// File holding the bearer token (alternative to `token`).
     #[serde(default)]
     pub token_file: Option<String>,
+    /// Host names a loopback listener answers to besides IP addresses and `localhost`.
+    #[serde(default)]
+    pub allowed_hosts: Option<Vec<String>>,
     #[serde(default)]
     pub time: Option<RawTime>,
     #[serde(default)]
@@ -57,6 +60,7 @@ impl RawConfig {
             listen,
             token,
             token_file,
+            allowed_hosts,
             time,
             batch,
             sources,
@@ -70,6 +74,7 @@ impl RawConfig {
         self.listen = self.listen.take().or(listen);
         self.token = self.token.take().or(token);
         self.token_file = self.token_file.take().or(token_file);
+        self.allowed_hosts = self.allowed_hosts.take().or(allowed_hosts);
         self.time = self.time.take().or(time);
         self.batch = self.batch.take().or(batch);
         self.sources.extend(sources);
@@ -362,6 +367,9 @@ pub struct Config {
     pub rules_path: PathBuf,
     pub listen: SocketAddr,
     pub token: Option<Secret>,
+    /// Host names (lowercase, without a trailing dot) a loopback listener answers to
+    /// besides IP addresses and `localhost`; `*` for any.
+    pub allowed_hosts: Vec<String>,
     pub time: TimeConfig,
     pub batch_events: usize,
     pub batch_interval: std::time::Duration,
@@ -797,6 +805,22 @@ impl Checker {
                 format!("{} does not exist", rules_path.display()),
             );
         }
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in raw.allowed_hosts.iter().flatten().enumerate() {
+            let name = h.trim_end_matches('.').to_ascii_lowercase();
+            if name != "*"
+                && (name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+            {
+                self.err(
+                    &top.key("allowed_hosts").index(i),
+                    format!("{h:?} is not a host name (or `*`)"),
+                );
+            }
+            allowed_hosts.push(name);
+        }
         let listen_text = raw.listen.as_deref().unwrap_or("127.0.0.1:9464");
         let listen = match listen_text.parse::<SocketAddr>() {
             Ok(a) => a,
@@ -1193,6 +1217,7 @@ impl Checker {
             rules_path,
             listen,
             token,
+            allowed_hosts,
             time,
             batch_events: batch_events as usize,
             batch_interval,
@@ -1365,6 +1390,13 @@ mod tests {
         }
         let e = check(&format!("token: 'a b'\n{base}")).unwrap_err();
         assert!(e.contains("visible ASCII"), "{e}");
+        let c = check(&format!("allowed_hosts: [Proxy.Example., '*']\n{base}")).unwrap();
+        assert_eq!(c.allowed_hosts, ["proxy.example", "*"]);
+        let e = check(&format!("allowed_hosts: [ok, 'a b']\n{base}")).unwrap_err();
+        assert!(
+            e.contains("allowed_hosts[1]") && e.contains("not a host name"),
+            "{e}"
+        );
         let e = check(&format!("state: ''\n{base}")).unwrap_err();
         assert!(e.contains("state") && e.contains("empty path"), "{e}");
     }

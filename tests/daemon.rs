@@ -276,7 +276,7 @@ fn receiver_outage_loses_nothing() {
 #[test]
 fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     let mut d = Daemon::new(
-        "token: s3cret\nsources:\n  api: { type: http, max_body: 4096 }\nsinks:\n  out: { type: stdout }\n  hook: { type: stdout }\n",
+        "token: s3cret\nallowed_hosts: [proxy.example]\nsources:\n  api: { type: http, max_body: 4096 }\nsinks:\n  out: { type: stdout }\n  hook: { type: stdout }\n",
     );
     d.start();
     let auth = [("authorization", "Bearer s3cret")];
@@ -372,7 +372,15 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     let rebound =
         raw("GET /v1/rules HTTP/1.1\r\nhost: evil.example:80\r\nconnection: close\r\n\r\n");
     assert!(rebound.starts_with("http/1.1 403"), "{rebound}");
-    for host in ["127.0.0.1", "localhost:1", "[::1]:9464", "app.localhost"] {
+    for host in [
+        "127.0.0.1",
+        "localhost:1",
+        "[::1]:9464",
+        "app.localhost",
+        "localhost.",
+        // A reverse proxy that passes the client's Host on.
+        "Proxy.Example:8443",
+    ] {
         let ok = raw(&format!(
             "GET /v1/rules HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
         ));
@@ -391,7 +399,8 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
 
     // A rejected request applies nothing, not even its good lines.
     assert_eq!(metric(d.port, "sagawatch_outcomes_total"), None);
-    let (st, b) = post(&auth, good.as_bytes());
+    // A same-origin POST is a POST like any other.
+    let (st, b) = post(&[auth[0], ("origin", "http://127.0.0.1")], good.as_bytes());
     assert_eq!((st, b.as_str()), (202, r#"{"accepted":1}"#));
     assert_eq!(
         metric(d.port, "sagawatch_outcomes_total{outcome=\"opened\""),
@@ -1306,16 +1315,17 @@ fn a_hanging_receiver_does_not_hold_up_other_sinks() {
     d.kill();
 }
 
-/// `listen: 127.0.0.1:0` takes any free port; the startup log names the one bound, so that
-/// it can be found.
+/// `listen: …:0` takes any free port; the startup log names the one bound, so that it can
+/// be found.
 #[test]
-fn a_listen_port_of_0_is_reported_as_bound() {
+fn a_listen_port_of_0_is_reported_as_bound_and_loopback_is_guarded_on_any_address() {
     let mut d = Daemon::new(&with_port(
         &hook_config("sources: { in: { type: http } }\n"),
         free_port(),
     ));
     let cfg = std::fs::read_to_string(d.path("sagawatch.yaml")).unwrap();
-    let cfg = cfg.replace(&format!("127.0.0.1:{}", d.port), "127.0.0.1:0");
+    // A wildcard address: loopback connections come in on it too.
+    let cfg = cfg.replace(&format!("127.0.0.1:{}", d.port), "0.0.0.0:0");
     std::fs::write(d.path("sagawatch.yaml"), cfg).unwrap();
     let log = std::fs::File::create(&d.stderr_path).unwrap();
     let child = std::process::Command::new(BIN)
@@ -1340,6 +1350,13 @@ fn a_listen_port_of_0_is_reported_as_bound() {
     assert_ne!(port, 0, "{}", d.stderr());
     let (code, _) = http(port, "GET", "/healthz", &[], b"").unwrap();
     assert_eq!(code, 200);
+    // Over loopback, a foreign Host is refused (DNS rebinding) whatever the listener.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /v1/rules HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
 }
 

@@ -196,10 +196,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
                 };
                 let shared = Arc::clone(&shared);
                 let mut closing = closing.clone();
+                let local = stream.local_addr().unwrap_or(shared.cfg.listen);
                 conns.spawn(async move {
                     let svc = service_fn(move |req| {
                         let shared = Arc::clone(&shared);
-                        async move { Ok::<_, Infallible>(route(shared, req).await) }
+                        async move { Ok::<_, Infallible>(route(shared, local, req).await) }
                     });
                     let conn = http1_builder().serve_connection(io(stream), svc);
                     tokio::pin!(conn);
@@ -355,11 +356,17 @@ fn allowed(path: &str) -> Option<&'static str> {
 }
 
 /// Requests that only a web page in a browser makes: a POST from another origin (cross-site
-/// request forgery: a page anywhere could post events or reload rules), and, on loopback,
-/// a request under a DNS name (DNS rebinding: a page whose name came to resolve to
-/// 127.0.0.1 could read the timeline). Other clients send no `Origin`, and reach a
-/// loopback listener by its address or `localhost`.
-fn cross_site(listen: SocketAddr, req: &Request<Incoming>) -> Option<&'static str> {
+/// request forgery: a page anywhere could post events or reload rules), and, over a
+/// loopback connection, a request under a DNS name (DNS rebinding: a page whose name came
+/// to resolve to 127.0.0.1 could read the timeline). Other clients send no `Origin`, and
+/// reach loopback by its address, `localhost` or a name in `allowed_hosts` (a reverse
+/// proxy that passes the client's `Host` on). `local` is the address the connection
+/// came in on: a wildcard listener takes loopback connections too.
+fn cross_site(
+    local: SocketAddr,
+    allowed: &[String],
+    req: &Request<Incoming>,
+) -> Option<&'static str> {
     let host = req
         .headers()
         .get(hyper::header::HOST)
@@ -377,20 +384,28 @@ fn cross_site(listen: SocketAddr, req: &Request<Incoming>) -> Option<&'static st
             return Some("cross-origin request refused");
         }
     }
-    if listen.ip().is_loopback()
+    let loopback = match local.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        ip => ip.is_loopback(),
+    };
+    if loopback
         && let Some(h) = host
+        && !allowed.iter().any(|a| a == "*")
     {
         let name = match h.strip_prefix('[') {
             Some(v6) => v6.split(']').next().unwrap_or(""),
             None => h.rsplit_once(':').map_or(h, |(n, _)| n),
         };
-        let name = name.to_ascii_lowercase();
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
         if !(name.parse::<std::net::IpAddr>().is_ok()
             || name == "localhost"
-            || name.ends_with(".localhost"))
+            || name.ends_with(".localhost")
+            || allowed.contains(&name))
         {
             return Some(
-                "a loopback listener answers only requests to its address or localhost (Host header)",
+                "over loopback, only requests to an IP address, localhost or a name in `allowed_hosts` are answered (Host header)",
             );
         }
     }
@@ -408,8 +423,8 @@ fn not_ready(shared: &Shared) -> Option<String> {
     }
 }
 
-async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
-    if let Some(why) = cross_site(shared.cfg.listen, &req) {
+async fn route(shared: Arc<Shared>, local: SocketAddr, req: Request<Incoming>) -> Resp {
+    if let Some(why) = cross_site(local, &shared.cfg.allowed_hosts, &req) {
         return json(StatusCode::FORBIDDEN, serde_json::json!({ "error": why }));
     }
     let path = req.uri().path().to_string();
