@@ -528,21 +528,38 @@ fn kafka_property_problem(key: &str, value: &str) -> Option<String> {
         .create_native_config()
     {
         Ok(_) => None,
-        Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, v)) => Some(if v.is_empty() {
-            desc
-        } else {
-            desc.replace(v.as_str(), "(value not shown)")
-        }),
+        Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, v)) => {
+            Some(crate::config::without_value(&desc, &v))
+        }
         Err(e) => Some(e.to_string()),
+    }
+}
+
+/// librdkafka's description of a property problem without the value (it may be a
+/// password): its quoted form, as librdkafka writes it, and any other occurrence of a
+/// value long enough not to garble the words around it.
+pub fn without_value(desc: &str, value: &str) -> String {
+    if value.is_empty() {
+        return desc.to_string();
+    }
+    let d = desc.replace(&format!("\"{value}\""), "(value not shown)");
+    if value.len() >= 4 {
+        d.replace(value, "(value not shown)")
+    } else {
+        d
     }
 }
 
 /// Whether an authority's port (digits after the last colon) is out of range: the URI
 /// parser takes it, and reports no port at all.
 fn bad_port(authority: &str) -> bool {
-    authority.rsplit_once(':').is_some_and(|(_, p)| {
-        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_err()
-    })
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // After an IPv6 literal's closing bracket, if any.
+    let rest = host_port
+        .rfind(']')
+        .map_or(host_port, |i| &host_port[i + 1..]);
+    rest.rsplit_once(':')
+        .is_some_and(|(_, p)| !p.is_empty() && p.parse::<u16>().is_err())
 }
 
 /// Whether two paths name the same file: the same inode when both exist, else the same
@@ -1506,7 +1523,7 @@ mod tests {
     #[test]
     fn kafka_properties_are_checked_where_they_are_written() {
         let e = check(
-            "rules: rules\nkafka:\n  brokers: b:9092\n  properties: { foo.bar: x, sasl.password: hunter2 }\n  consumer: { auto.offset.reset: bogus }\n  producer: { acks: '1', linger.ms: 7 }\nsources: { orders: { type: kafka, topic: t } }\n",
+            "rules: rules\nkafka:\n  brokers: b:9092\n  properties: { foo.bar: x, sasl.password: hunter2, security.protocol: a }\n  consumer: { auto.offset.reset: bogus }\n  producer: { acks: '1', linger.ms: 7 }\nsources: { orders: { type: kafka, topic: t } }\n",
         )
         .unwrap_err();
         assert!(
@@ -1516,7 +1533,14 @@ mod tests {
         assert!(e.contains("kafka.consumer.auto.offset.reset:"), "{e}");
         assert!(e.contains("kafka.producer.acks:"), "{e}");
         assert!(!e.contains("bogus") && !e.contains("hunter2"), "{e}");
-        assert_eq!(e.lines().count(), 3, "{e}");
+        // A short value is taken out where quoted, not out of every word that holds it.
+        assert!(
+            e.contains(
+                "Invalid value (value not shown) for configuration property \"security.protocol\""
+            ),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 4, "{e}");
     }
 
     #[test]
@@ -1602,6 +1626,8 @@ mod tests {
     fn urls_the_client_would_misread_are_refused() {
         for (url, says) in [
             ("http://127.0.0.1:85136/cmd", "port"),
+            ("http://127.0.0.1:9O93/cmd", "port"),
+            ("http://[::1]:70000/", "port"),
             ("http://user:pa55@127.0.0.1:9093/", "credentials"),
         ] {
             let e = check(&format!(

@@ -55,6 +55,11 @@ impl StdoutWriter {
             .name("sink-stdout".into())
             .spawn(move || {
                 while let Some((line, done)) = rx.blocking_recv() {
+                    // Its delivery was given up (the stop's grace period ended): the line
+                    // stays pending and is printed after a restart, not now too.
+                    if done.is_closed() {
+                        continue;
+                    }
                     let mut out = std::io::stdout().lock();
                     let r = writeln!(out, "{line}").and_then(|()| out.flush());
                     let _ = done.send(r);

@@ -186,11 +186,7 @@ impl ClientContext for LogContext {
 fn redacted(e: &KafkaError) -> String {
     match e {
         KafkaError::ClientConfig(_, desc, key, value) => {
-            let desc = if value.is_empty() {
-                desc.clone()
-            } else {
-                desc.replace(value.as_str(), "(value not shown)")
-            };
+            let desc = crate::config::without_value(desc, value);
             format!("client config error: {desc} (property {key:?}; values are never logged)")
         }
         other => other.to_string(),
@@ -437,8 +433,7 @@ type Inflight = (oneshot::Receiver<Result<usize, Rejected>>, Vec<(Tp, i64)>);
 struct Held {
     ts: i64,
     offset: i64,
-    /// `None` for a tombstone or empty message: no event, but its offset moves on.
-    record: Option<Record>,
+    record: Record,
 }
 
 #[derive(Default)]
@@ -507,13 +502,13 @@ impl Ctx {
         // An empty value (or none: a tombstone) is no event either: counted and logged
         // like any other record that is not one.
         let text = std::str::from_utf8(m.payload().unwrap_or_default()).map(str::to_owned);
-        let record = Some(Record {
+        let record = Record {
             source: Arc::clone(source),
             utf8: text.is_ok(),
             text: text.unwrap_or_default(),
             part: Some(m.partition()),
             offset: Some(m.offset()),
-        });
+        };
         let mut inner = lock(&self.inner);
         if inner.seen.get(&tp).is_some_and(|&seen| m.offset() < seen) {
             return; // delivered again (after a seek): already held or released
@@ -599,11 +594,9 @@ impl Ctx {
             };
             inner.held_count -= 1;
             inner.next.insert(tp, h.offset + 1);
-            if let Some(r) = h.record {
-                inner.batch.push(r);
-                if inner.batch.len() >= MAX_BATCH {
-                    break;
-                }
+            inner.batch.push(h.record);
+            if inner.batch.len() >= MAX_BATCH {
+                break;
             }
         }
     }
