@@ -14,7 +14,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
@@ -282,69 +282,47 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckEr
         .filter(|s| matches!(s.kind, crate::config::SinkKind::Kafka { .. }))
         .map(|s| s.timeout)
         .max();
-    let deadline = StdInstant::now() + k.connect_timeout;
-    let mut problems = Vec::new();
     if let Some(t) = sink_timeout {
-        let p = producer(k, t, None).map_err(|e| {
+        drop(producer(k, t, None).map_err(|e| {
             CheckError::Config(vec![format!(
                 "kafka (producer: `kafka.properties` and `kafka.producer`): {e:#}"
             )])
-        })?;
-        // A sink topic that does not exist would only show as retried deliveries.
-        for s in &cfg.sinks {
-            let crate::config::SinkKind::Kafka { topic } = &s.kind else {
-                continue;
-            };
-            let md = metadata(p.client(), topic, deadline, k)?;
-            if !md
-                .topics()
-                .iter()
-                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-            {
-                problems.push(format!(
-                    "sinks.{}: kafka topic {topic:?} does not exist (sagawatch does not create topics)",
-                    s.name
-                ));
-            }
+        })?);
+    }
+    // Every topic sagawatch reads or writes must exist: a missing sink topic would only
+    // show as retried deliveries. Asked through a consumer, which never creates topics
+    // (a producer's metadata request may, on brokers that create topics on demand).
+    let mut topics: Vec<(String, String)> = kafka_sources(cfg)
+        .into_iter()
+        .map(|(source, topic)| (format!("sources.{source}"), topic))
+        .collect();
+    for s in &cfg.sinks {
+        if let crate::config::SinkKind::Kafka { topic } = &s.kind {
+            topics.push((format!("sinks.{}", s.name), topic.clone()));
         }
     }
-    let by_source = kafka_sources(cfg);
-    if by_source.is_empty() {
-        return if problems.is_empty() {
-            Ok(Partitions::new())
-        } else {
-            Err(CheckError::Config(problems))
-        };
+    let mut counts = Partitions::new();
+    let mut problems = Vec::new();
+    if topics.is_empty() {
+        return Ok(counts);
     }
-    let client: BaseConsumer = consumer_config(k).create().map_err(|e| {
+    let mut config = consumer_config(k);
+    config.set("allow.auto.create.topics", "false");
+    let client: BaseConsumer = config.create().map_err(|e| {
         CheckError::Config(vec![format!(
             "kafka (consumer: `kafka.properties` and `kafka.consumer`): {}",
             redacted(&e)
         )])
     })?;
-    let mut counts = Partitions::new();
-    for (source, topic) in &by_source {
-        let md = metadata(client.client(), topic, deadline, k)?;
-        let missing = format!(
-            "sources.{source}: kafka topic {topic:?} does not exist (sagawatch does not create topics)"
-        );
-        match md.topics().iter().find(|t| t.name() == topic) {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                counts.insert(topic.clone(), t.partitions().len());
+    let deadline = StdInstant::now() + k.connect_timeout;
+    for (at, topic) in &topics {
+        match partitions(client.client(), topic, deadline, k)? {
+            Ok(n) => {
+                if at.starts_with("sources.") {
+                    counts.insert(topic.clone(), n);
+                }
             }
-            Some(t)
-                if t.error().map(RDKafkaErrorCode::from)
-                    == Some(RDKafkaErrorCode::UnknownTopicOrPartition) =>
-            {
-                problems.push(missing)
-            }
-            Some(t) => problems.push(format!(
-                "sources.{source}: kafka topic {topic:?} is not usable: {}",
-                t.error()
-                    .map(|e| RDKafkaErrorCode::from(e).to_string())
-                    .unwrap_or_else(|| "it has no partitions".into())
-            )),
-            None => problems.push(missing),
+            Err(why) => problems.push(format!("{at}: kafka topic {topic:?} {why}")),
         }
     }
     problems.extend(copartitioning(cfg, rules, &counts));
@@ -355,17 +333,39 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckEr
     }
 }
 
-/// A topic's metadata, asked again until a broker answers or `deadline` passes.
-fn metadata<C: ClientContext>(
+/// A topic's partition count, or why it cannot be used, asked again until a broker answers
+/// for it (a passing error, such as a leader being elected, is asked about again) or
+/// `deadline` passes.
+fn partitions<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     topic: &str,
     deadline: StdInstant,
     k: &KafkaConfig,
-) -> Result<rdkafka::metadata::Metadata, CheckError> {
+) -> Result<Result<usize, String>, CheckError> {
     loop {
         let left = deadline.saturating_duration_since(StdInstant::now());
         match client.fetch_metadata(Some(topic), left.max(Duration::from_millis(100))) {
-            Ok(md) => return Ok(md),
+            Ok(md) => {
+                let t = md.topics().iter().find(|t| t.name() == topic);
+                let error = t.and_then(|t| t.error()).map(RDKafkaErrorCode::from);
+                match (t, error) {
+                    (Some(t), None) if !t.partitions().is_empty() => {
+                        return Ok(Ok(t.partitions().len()));
+                    }
+                    (None, _) | (_, Some(RDKafkaErrorCode::UnknownTopicOrPartition)) => {
+                        return Ok(Err(
+                            "does not exist (sagawatch does not create topics)".into()
+                        ));
+                    }
+                    _ if StdInstant::now() >= deadline => {
+                        return Ok(Err(format!(
+                            "is not usable: {}",
+                            error.map_or_else(|| "it has no partitions".into(), |e| e.to_string())
+                        )));
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
             Err(e) if StdInstant::now() >= deadline => {
                 return Err(CheckError::Unreachable(format!(
                     "kafka: no broker of {} answered within {:?}: {e}",
@@ -447,11 +447,13 @@ struct Inner {
     start: HashMap<Tp, i64>,
     /// High watermarks and low/committed offsets from the last statistics.
     hi: HashMap<Tp, (i64, i64)>,
-    /// Partitions whose fetcher, at the last statistics, had reached the high watermark
-    /// with nothing prefetched: what lies below the watermark past the last message
-    /// received is nothing the consumer is given (transaction markers, or what a reset to
-    /// `latest` skipped), and must not read as messages still to come.
-    drained: std::collections::HashSet<Tp>,
+    /// Partitions whose fetcher had reached the high watermark with nothing prefetched,
+    /// by how many statistics in a row said so: what lies below the watermark past the
+    /// last message received is then nothing the consumer is given (transaction markers,
+    /// or what a reset to `latest` skipped), and must not read as messages still to come.
+    /// Trusted from the second reading on (the first after an assignment may still show
+    /// the fetch position from before it); forgotten at every rebalance.
+    drained: HashMap<Tp, u8>,
     /// Since when a partition known to have older events held the others back.
     blocked_since: Option<StdInstant>,
     gave_up_waiting: bool,
@@ -540,7 +542,12 @@ impl Ctx {
             .or_else(|| inner.start.get(tp))
             .copied()
             .unwrap_or(base);
-        hi > at && !inner.drained.contains(tp)
+        hi > at && !Self::drained(inner, tp)
+    }
+
+    /// Whether the fetcher of a partition is known to have nothing more to deliver.
+    fn drained(inner: &Inner, tp: &Tp) -> bool {
+        inner.drained.get(tp).is_some_and(|&n| n >= 2)
     }
 
     /// Assigned partitions with nothing held that are known to have more: the ones whose
@@ -759,6 +766,7 @@ impl Ctx {
             }
             inner.seen.remove(tp);
             inner.start.remove(tp);
+            inner.drained.remove(tp);
             inner.assigned.remove(tp);
             inner.mirrored.remove(tp);
             let labels = [&*tp.0, &tp.1.to_string()];
@@ -831,6 +839,7 @@ impl Ctx {
         }
         for (t, p) in &parts {
             if let Some(ta) = self.topic_arc(t) {
+                inner.drained.remove(&(Arc::clone(&ta), *p));
                 inner.assigned.insert((ta, *p));
             }
         }
@@ -928,10 +937,12 @@ impl ClientContext for Ctx {
                     && part.next_offset >= part.hi_offset
                     && part.fetchq_cnt == 0;
                 if drained {
-                    inner.drained.insert(tp.clone());
+                    let n = inner.drained.entry(tp.clone()).or_default();
+                    *n = n.saturating_add(1);
                 } else {
                     inner.drained.remove(&tp);
                 }
+                let drained = Self::drained(&inner, &tp);
                 // Lag from the offset committed in the state file; for a partition
                 // nothing was consumed from yet, from where reading will start. None once
                 // the fetcher is at the end and all it gave is committed.
