@@ -140,6 +140,8 @@ struct Flight {
     /// Deliveries in flight by sink.
     sinks: HashMap<String, usize>,
     resending: HashMap<Id, String>,
+    /// Retry-After answers to re-sends, by sink: they hold the sink like any other.
+    held: Vec<(String, Duration)>,
 }
 
 impl Flight {
@@ -218,6 +220,9 @@ impl Flight {
             Ok((_, Done::Delivery(p, r))) => out.push((p, r)),
             Ok((_, Done::Resend(sink, Err(e)))) => {
                 tracing::warn!(sink, error = %e.error, "re-sending firing alerts failed");
+                if let Some(d) = e.retry_after {
+                    self.held.push((sink, d));
+                }
             }
             Ok((_, Done::Resend(_, Ok(())))) => {}
             Err(e) if e.is_panic() => {
@@ -375,6 +380,11 @@ impl Dispatcher {
                         Outbox::record(&tx, p.seq, &d, wall_ms())?;
                     }
                     tx.commit()?;
+                }
+                for (sink, d) in flight.held.drain(..) {
+                    let until = StdInstant::now() + d;
+                    let e = paused.entry(sink).or_insert(until);
+                    *e = (*e).max(until);
                 }
                 paused.retain(|_, t| *t > StdInstant::now());
                 // Past the grace period nothing more starts.
@@ -596,8 +606,12 @@ impl Dispatcher {
             let SinkKind::Alertmanager { resend, .. } = &s.kind else {
                 continue;
             };
-            // A receiver's Retry-After holds re-sends too.
-            if paused.contains_key(&s.name) {
+            // A receiver's Retry-After holds re-sends too, but not so long that
+            // Alertmanager lets the firing alerts end (each re-send sets their endsAt four
+            // intervals ahead).
+            if paused.contains_key(&s.name)
+                && last.get(&s.name).is_some_and(|t| t.elapsed() < *resend * 3)
+            {
                 continue;
             }
             let due = last.get(&s.name).is_none_or(|t| t.elapsed() >= *resend);
