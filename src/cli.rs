@@ -173,12 +173,28 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Inspect { config, rule, key } => {
             // Only the state path is needed: problems elsewhere (a secret from an
-            // environment this shell lacks, say) do not stop a read of the state.
-            let cfg = match crate::config::check_file(&config) {
-                (Some(c), None) => c,
-                (Some(c), Some(e)) if !e.diags.iter().any(|d| d.diag.path == "state") => c,
-                (_, e) => {
-                    eprintln!("{}", e.map(|e| e.to_string()).unwrap_or_default());
+            // environment this shell lacks, say) are warnings, not a stop. What decides
+            // which state is read does stop it: the `state` key, and an unknown top-level
+            // key (a misspelt `state` would have the default read instead).
+            let (cfg, problems) = crate::config::check_file(&config);
+            let diags = problems.map(|e| e.diags).unwrap_or_default();
+            let decisive = |d: &crate::rules::FileDiag| {
+                d.diag.path == "state"
+                    || (d.file == config
+                        && !d.diag.path.contains(['.', '['])
+                        && d.diag.message.starts_with("unknown field"))
+            };
+            let cfg = match cfg {
+                Some(c) if !diags.iter().any(decisive) => {
+                    for d in &diags {
+                        eprintln!("warning: {d}");
+                    }
+                    c
+                }
+                _ => {
+                    for d in &diags {
+                        eprintln!("{d}");
+                    }
                     return Ok(EXIT_CONFIG);
                 }
             };

@@ -1023,6 +1023,14 @@ fn instance_timeline_over_http_and_inspect() {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
         v
     );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("warning: "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A misspelt `state` would read the default file instead: refused.
+    let out = inspect(&cfg.replace("state: state.db", "stat: state.db"));
+    assert_eq!(out.status.code(), Some(2));
     let out = inspect(&cfg.replace("state: state.db", "state: ${SAGAWATCH_TEST_UNSET}/s.db"));
     assert_eq!(out.status.code(), Some(2));
     assert!(
