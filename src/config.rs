@@ -539,6 +539,7 @@ fn kafka_property_problem(key: &str, value: &str) -> Option<String> {
 /// password): its quoted form, as librdkafka writes it, and any other occurrence of a
 /// value long enough not to garble the words around it.
 pub fn without_value(desc: &str, value: &str) -> String {
+    let desc = desc.trim_end();
     if value.is_empty() {
         return desc.to_string();
     }
@@ -961,11 +962,15 @@ impl Checker {
                 "file" => match &s.path {
                     Some(path) => {
                         let path = self.resolve(path);
-                        if path.is_dir() {
-                            self.err(
-                                &p.key("path"),
-                                format!("{} is a directory, not a file", path.display()),
-                            );
+                        // A FIFO would block the source's open (and its shutdown) until a
+                        // writer came; a directory fails every read.
+                        if path.exists() && !path.is_file() {
+                            let what = if path.is_dir() {
+                                "a directory, not a file"
+                            } else {
+                                "not a regular file"
+                            };
+                            self.err(&p.key("path"), format!("{} is {what}", path.display()));
                         }
                         // Both would apply every event, each under its own name.
                         if let Some(other) = sources.iter().find_map(|o: &Source| match &o.kind {
@@ -1335,6 +1340,10 @@ impl Checker {
     }
 
     fn read_secret(&mut self, path: &YamlPath, file: &str) -> Option<Secret> {
+        if file.trim().is_empty() {
+            self.err(path, "empty path");
+            return None;
+        }
         let f = self.resolve(file);
         match std::fs::read_to_string(&f) {
             Ok(s) if s.trim().is_empty() => {
@@ -1398,7 +1407,13 @@ mod tests {
         let c = check(&format!("token: ${{NL}}\n{base}")).unwrap();
         assert_eq!(c.token.as_ref().unwrap().0, b"abc");
         // Present but empty reads as a mistake, not as "no token" (open endpoints).
-        for empty in ["token:", "token: ~", "token: ''", "token_file:"] {
+        for empty in [
+            "token:",
+            "token: ~",
+            "token: ''",
+            "token_file:",
+            "token_file: ''",
+        ] {
             let e = check(&format!("{empty}\n{base}")).unwrap_err();
             assert!(
                 e.contains("sagawatch.yaml:1:") && e.contains("empty"),
@@ -1516,6 +1531,25 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.lines().count(), 3, "{e}");
+        // A FIFO: opening it would block the source, and its shutdown, until a writer came.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("ff");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let e = check(&format!(
+            "rules: rules\nsources:\n  a: {{ type: file, path: '{}' }}\n",
+            fifo.display()
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("sources.a.path:") && e.contains("not a regular file"),
+            "{e}"
+        );
     }
 
     /// librdkafka's own checks of each property run in `validate`, offline, at the

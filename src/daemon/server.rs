@@ -377,7 +377,10 @@ fn cross_site(
         let same = origin
             .to_str()
             .ok()
-            .and_then(|o| o.strip_prefix("http://"))
+            .and_then(|o| {
+                o.strip_prefix("http://")
+                    .or_else(|| o.strip_prefix("https://"))
+            })
             .zip(host)
             .is_some_and(|(o, h)| o.eq_ignore_ascii_case(h));
         if !same {

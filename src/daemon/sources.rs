@@ -343,12 +343,13 @@ impl FileSource {
     }
 
     fn open(&self, resume: Option<Position>) -> std::io::Result<Open> {
+        // Before the open: opening a FIFO blocks until a writer comes (and so would the
+        // shutdown); opening a directory succeeds, and every read of it fails.
+        if !std::fs::metadata(&self.path)?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
         let mut f = File::open(&self.path)?;
         let meta = f.metadata()?;
-        if meta.is_dir() {
-            // Opening a directory succeeds; every read of it would fail at once.
-            return Err(std::io::Error::other("is a directory, not a file"));
-        }
         let id = file_id(&meta);
         let mut offset = 0;
         if let Some(p) = resume {
