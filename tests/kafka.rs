@@ -708,9 +708,10 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
 /// `latest` skipped; likewise a transaction's commit marker) is not taken for one with
 /// messages still to come: its lag reads 0, events of the other partitions do not wait
 /// for it (`align_wait` is an hour here), and the idle clock still reports a missing step
-/// on a quiet stream.
+/// on a quiet stream. Where such a partition starts is stored, so a restart does not skip
+/// what reached it meanwhile.
 #[test]
-fn a_reset_to_latest_leaves_no_phantom_backlog() {
+fn a_reset_to_latest_leaves_no_phantom_backlog_and_is_not_repeated_at_restart() {
     const RULES: &str = r#"
 rules:
   - name: pay
@@ -763,6 +764,37 @@ rules:
         Duration::from_secs(30),
         "the idle clock to report the payment missing",
         || (metric(d.port, "sagawatch_steps_total{outcome=\"missing\"") == Some(1.0)).then_some(()),
+    );
+    // Where the partition that gave nothing starts is stored too: what reaches it while
+    // the daemon is stopped is read after the restart, not skipped by `latest` again.
+    wait_for(
+        Duration::from_secs(30),
+        "the payments position stored",
+        || {
+            (metric(
+                d.port,
+                "sagawatch_kafka_committed_offset{partition=\"0\",topic=\"payments\"}",
+            ) == Some(3.0))
+            .then_some(())
+        },
+    );
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+    let paid = format!(
+        r#"{{"time":"{}","type":"PaymentCompleted","order_id":"o2"}}"#,
+        sagawatch::time::format_rfc3339(now)
+    );
+    broker.produce(&[("payments", "o2", paid.as_str(), None)]);
+    d.start();
+    wait_for(
+        Duration::from_secs(30),
+        "the payment sent meanwhile read",
+        || {
+            (metric(
+                d.port,
+                "sagawatch_events_received_total{source=\"payments\"}",
+            ) == Some(1.0))
+            .then_some(())
+        },
     );
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
 }

@@ -943,6 +943,19 @@ impl ClientContext for Ctx {
                     inner.drained.remove(&tp);
                 }
                 let drained = Self::drained(&inner, &tp);
+                // A partition that has given nothing since its assignment, with its fetcher
+                // at the end: its position is stored too (with the next batch), so that a
+                // restart reads on from here instead of resolving `auto.offset.reset` again
+                // (with `latest`, what came while the daemon was stopped was skipped).
+                if drained
+                    && part.next_offset >= 0
+                    && !inner.seen.contains_key(&tp)
+                    && !inner.start.contains_key(&tp)
+                    && !inner.committed.contains_key(&tp)
+                    && !inner.next.contains_key(&tp)
+                {
+                    inner.next.insert(tp.clone(), part.next_offset);
+                }
                 // Lag from the offset committed in the state file; for a partition
                 // nothing was consumed from yet, from where reading will start. None once
                 // the fetcher is at the end and all it gave is committed.
