@@ -294,6 +294,8 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
         Some(0.0)
     );
     assert_eq!(metric(d.port, "sagawatch_kafka_up"), None);
+    // Read at each scrape from what /readyz answers.
+    assert_eq!(metric(d.port, "sagawatch_ready"), Some(1.0));
     // A second daemon on the same state file is refused.
     let (code, err) = run_to_exit(&d.path("sagawatch.yaml"));
     assert_eq!(code, Some(2), "{err}");

@@ -375,7 +375,6 @@ fn run_with(
         Arc::clone(&stop_server),
     ));
     shared.ready.store(true, Ordering::Relaxed);
-    metrics.ready.set(1);
     tracing::info!(
         %listen,
         state = %cfg.state.display(),
@@ -432,7 +431,6 @@ fn run_with(
     // waiting (and any from now on) are answered 503 instead of hanging.
     rt.block_on(shared.reload_result.lock()).take();
     shared.ready.store(false, Ordering::Relaxed);
-    metrics.ready.set(0);
     stop_sources.store(true, Ordering::Relaxed);
     stop_server.notify_one();
     let _ = rt.block_on(server);
