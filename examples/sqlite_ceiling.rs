@@ -1,9 +1,9 @@
 //! What SQLite alone can do with the instance table's access pattern, without sagawatch
 //! around it: the ceiling any design that updates each instance row in place runs into.
-//! `cargo run --release --example sqlite_ceiling -- [ROWS] [DIR]` creates a WAL-mode file
+//! `cargo run --release --example sqlite_ceiling -- [ROWS] [DIR] [BATCH]` creates a WAL-mode file
 //! with the instance table's shape (text (rule, key) primary key, five partial indexes),
 //! inserts ROWS rows (default 1M) with increasing keys, then makes 2×ROWS read-and-update
-//! passes over random keys among the 200k most recent, each batch of 20k sorted by key and
+//! passes over random keys among the 200k most recent, each batch of BATCH (default 20k) sorted by key and
 //! committed (as the daemon's write-back does), half of them moving the indexed deadline
 //! and half closing the row. Prints the rates.
 use std::time::Instant;
@@ -36,7 +36,7 @@ fn main() {
     )
     .expect("schema");
     let rule = "order-fulfilment";
-    let batch = 20_000;
+    let batch: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(20_000);
 
     let t = Instant::now();
     c.execute_batch("BEGIN").expect("begin");
