@@ -166,6 +166,38 @@ fn bad_lines_are_logged_with_their_offset() {
     }
 }
 
+/// A source of garbage does not flood the log: each source logs 10 bad lines per window,
+/// and says how many more it skipped (at the latest when it stops); all are counted.
+#[test]
+fn bad_lines_are_logged_at_a_bounded_rate() {
+    let mut d = Daemon::new(
+        "sources: { events: { type: file, path: events.jsonl } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    let mut bytes = Vec::new();
+    for _ in 0..50 {
+        bytes.extend_from_slice(b"{bad\n");
+    }
+    for _ in 0..30 {
+        bytes.extend_from_slice(b"\xff\xfe\n");
+    }
+    std::fs::write(d.path("events.jsonl"), &bytes).unwrap();
+    d.start();
+    wait_for(Duration::from_secs(30), "the file to be read", || {
+        (metric(d.port, "sagawatch_events_received_total")? == 80.0).then_some(())
+    });
+    assert_eq!(
+        metric(d.port, "sagawatch_events_rejected_total"),
+        Some(80.0)
+    );
+    assert_eq!(d.terminate(), 0);
+    let err = d.stderr();
+    let count = |s: &str| err.lines().filter(|l| l.contains(s)).count();
+    assert_eq!(count("skipped a bad line"), 10, "{err}");
+    assert_eq!(count("skipped a line that is not UTF-8"), 10, "{err}");
+    assert_eq!(count("skipped 40 more bad lines"), 1, "{err}");
+    assert_eq!(count("skipped 20 more bad lines"), 1, "{err}");
+}
+
 #[test]
 fn http_source_delivers_what_replay_reports() {
     let Hooked {

@@ -11,6 +11,7 @@ use anyhow::Result;
 use tokio::sync::oneshot;
 
 use crate::config::{ClockMode, Config, SinkKind};
+use crate::daemon::bad_log::BadLog;
 use crate::daemon::dispatch;
 use crate::daemon::metrics::Metrics;
 use crate::engine::Engine;
@@ -135,6 +136,7 @@ pub struct Core {
     /// With Kafka sources: whether events wait in Kafka (then the stream is not idle).
     kafka: Option<Arc<crate::daemon::kafka::Health>>,
     children: Children,
+    bad_log: BadLog,
 }
 
 /// Which per-rule counter a metric child is.
@@ -187,6 +189,7 @@ impl Core {
             wrote_outbox: false,
             kafka: None,
             children: Children::default(),
+            bad_log: BadLog::new(),
         };
         core.publish_gauges();
         core
@@ -244,6 +247,7 @@ impl Core {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.idle_tick()?;
+            self.bad_log.flush(false);
             let full = self.batch_events >= self.cfg.batch_events;
             let old = self
                 .batch_started
@@ -337,14 +341,16 @@ impl Core {
             }
             Err(e) => {
                 self.reject(source, &e);
-                tracing::warn!(
-                    source = &**source,
-                    partition = part,
-                    offset,
-                    line = line_no,
-                    error = %e,
-                    "skipped a bad line"
-                );
+                if self.bad_log.allow(source) {
+                    tracing::warn!(
+                        source = &**source,
+                        partition = part,
+                        offset,
+                        line = line_no,
+                        error = %e,
+                        "skipped a bad line"
+                    );
+                }
                 false
             }
         };
@@ -374,12 +380,14 @@ impl Core {
                     &r.source,
                     &crate::event::DecodeError::Json("not UTF-8".into()),
                 );
-                tracing::warn!(
-                    source = &*r.source,
-                    partition = r.part,
-                    offset = r.offset,
-                    "skipped a record that is not UTF-8"
-                );
+                if self.bad_log.allow(&r.source) {
+                    tracing::warn!(
+                        source = &*r.source,
+                        partition = r.part,
+                        offset = r.offset,
+                        "skipped a record that is not UTF-8"
+                    );
+                }
                 false
             };
             match counts.iter_mut().find(|c| Arc::ptr_eq(&c.0, &r.source)) {

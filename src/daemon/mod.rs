@@ -2,6 +2,7 @@
 //! outbox dispatcher and the HTTP server together, and runs the lifecycle (SIGHUP and
 //! `/-/reload` reload rules; SIGTERM/SIGINT stop intake, commit, drain, exit 0).
 
+pub mod bad_log;
 pub mod core;
 pub mod dispatch;
 pub mod kafka;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
+use crate::daemon::bad_log::BadLog;
 use crate::daemon::core::{LineAt, Msg};
 use crate::store::Position;
 
@@ -57,6 +58,7 @@ pub struct Skips {
     pub received: prometheus::IntCounter,
     pub oversized: prometheus::IntCounter,
     pub not_utf8: prometheus::IntCounter,
+    pub log: BadLog,
 }
 
 impl Skips {
@@ -71,6 +73,7 @@ impl Skips {
             not_utf8: metrics
                 .events_rejected
                 .with_label_values(&[name, "invalid_json"]),
+            log: BadLog::new(),
         }
     }
 
@@ -84,9 +87,12 @@ impl Skips {
     }
 
     /// `at`: where the line starts (see [`Skips::place`]).
-    fn oversized(&self, bytes: u64, at: u64) {
+    fn oversized(&mut self, bytes: u64, at: u64) {
         self.received.inc();
         self.oversized.inc();
+        if !self.log.allow(&self.name) {
+            return;
+        }
         let (offset, line) = self.place(at);
         tracing::warn!(
             source = &*self.name,
@@ -99,7 +105,7 @@ impl Skips {
 
     /// Adds a line's text and where it starts, unless it is blank; a line that is not
     /// UTF-8 is skipped (its bytes would otherwise become a key no event could ever match).
-    fn push(&self, lines: &mut Lines, raw: &[u8], at: u64) {
+    fn push(&mut self, lines: &mut Lines, raw: &[u8], at: u64) {
         // A byte order mark at the start of the input is not part of its first line.
         let first = at == u64::from(self.by_line);
         let raw = match raw.strip_prefix(crate::event::BOM) {
@@ -112,13 +118,15 @@ impl Skips {
             None => {
                 self.received.inc();
                 self.not_utf8.inc();
-                let (offset, line) = self.place(at);
-                tracing::warn!(
-                    source = &*self.name,
-                    offset,
-                    line,
-                    "skipped a line that is not UTF-8"
-                );
+                if self.log.allow(&self.name) {
+                    let (offset, line) = self.place(at);
+                    tracing::warn!(
+                        source = &*self.name,
+                        offset,
+                        line,
+                        "skipped a line that is not UTF-8"
+                    );
+                }
             }
         }
     }
@@ -160,7 +168,7 @@ struct Open {
 
 impl FileSource {
     /// Runs until stopped (or, without `follow`, until the end of the file).
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut warned_missing = false;
         // A read error is logged once until a read succeeds again.
         let mut warned_read = false;
@@ -173,6 +181,7 @@ impl FileSource {
         // The path names a new file: the old one is read to its end first.
         let mut rotated = false;
         while !self.stop.load(Ordering::Relaxed) {
+            self.skips.log.flush(false);
             if cur.is_none() {
                 // The stored position is used until a file is open: a failed attempt
                 // must not make a later one start the same file from its beginning.
@@ -439,7 +448,7 @@ fn push_line(lines: &mut Vec<String>, raw: &[u8]) -> Option<bool> {
 /// Reads stdin to its end. Lines read are sent before any read that may block, so none
 /// waits on input that has not come.
 pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, skips: Skips) {
-    let skips = Skips {
+    let mut skips = Skips {
         by_line: true,
         ..skips
     };
