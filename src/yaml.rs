@@ -632,6 +632,13 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
             Value::Int(i) => visitor.visit_i64(*i),
             Value::Float(f) => match self.node.big_uint() {
                 Some(u) => visitor.visit_u64(u),
+                // JSON has none: a `where` value or a payload would silently become null.
+                None if !f.is_finite() => {
+                    return Err(self.report(format!(
+                        "{} is not a number JSON can hold (no infinity or NaN)",
+                        self.node.as_text().unwrap_or("this value")
+                    )));
+                }
                 None => visitor.visit_f64(*f),
             },
             Value::Str(s) => visitor.visit_borrowed_str(s),

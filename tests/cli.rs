@@ -111,6 +111,44 @@ fn validate_reports_every_problem_past_missing_fields_and_wrong_types() {
     assert_eq!(out.lines().count(), want.len(), "{out}");
 }
 
+/// JSON has no infinity or NaN: such a `where` value or payload value would silently be
+/// `null` (and match a present null), so it is refused where it is written.
+#[test]
+fn validate_refuses_numbers_json_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        &dir,
+        "r.yaml",
+        &format!(
+            "{RULE}    cancel: [ {{ where: {{ v: .inf, w: 1e400 }}, key: id }} ]\n    on_missing: [ {{ compensate: {{ sink: s, payload: {{ n: .nan }} }} }} ]\n"
+        ),
+    );
+    let (code, out, _) = sagawatch(&["validate", &f], None);
+    assert_eq!(code, 1, "{out}");
+    for w in [
+        "6:29: rules[0].cancel[0].where.v: .inf is not a number JSON can hold",
+        "6:38: rules[0].cancel[0].where.w: 1e400 is not a number JSON can hold",
+        "7:58: rules[0].on_missing[0].compensate.payload.n: .nan is not a number JSON can hold",
+    ] {
+        assert!(
+            out.contains(&format!("{f}:{w}")),
+            "missing {w:?} in:\n{out}"
+        );
+    }
+    assert_eq!(out.lines().count(), 3, "{out}");
+}
+
+/// A directory's hidden files are not rules (an editor's lock or backup of one).
+#[test]
+fn hidden_files_in_a_rules_directory_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "a.yaml", RULE);
+    write(&dir, ".a.yaml", "not: [rules");
+    let (code, out, _) = sagawatch(&["validate", &dir.path().display().to_string()], None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: 1 rule(s)"), "{out}");
+}
+
 #[test]
 fn validate_reports_duplicates_cycles_templates_and_names() {
     let dir = tempfile::tempdir().unwrap();

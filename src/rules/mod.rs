@@ -104,7 +104,7 @@ pub fn split_path(p: &str) -> Result<Vec<String>, String> {
 }
 
 /// The rule files of a rules path: the file itself, or the `*.yaml`/`*.yml` files of a
-/// directory in name order.
+/// directory in name order, hidden ones (`.name`) left out.
 pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
     let fail = |message: String| RulesError {
         diags: vec![FileDiag {
@@ -127,7 +127,12 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
             .map_err(|e| fail(format!("cannot list rules: {e}")))?
             .path();
         let is_yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        if is_yaml && p.is_file() {
+        // Hidden files are not rules, as a shell's `*.yaml` would not list them (editor
+        // backups and locks, `.#orders.yaml`).
+        let hidden = p
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        if is_yaml && !hidden && p.is_file() {
             files.push(p);
         }
     }

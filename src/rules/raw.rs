@@ -29,7 +29,8 @@ pub struct RawRule {
     /// Default `24h`.
     #[serde(default)]
     pub dedup: Option<String>,
-    /// How long after a deadline a late correlate is still reported as `late`.
+    /// How long after a missed deadline a correlate is still reported as `late`: while the
+    /// clock (which `lateness` holds back) is at most deadline + late.
     /// Default `24h`.
     #[serde(default)]
     pub late: Option<String>,
