@@ -1450,3 +1450,53 @@ fn a_stdout_nobody_reads_holds_up_only_its_own_sink() {
     assert_eq!(http(d.port, "GET", "/healthz", &[], b"").unwrap().0, 200);
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
 }
+
+/// Messages kept for a sink that is no longer configured wait as much as any: they count
+/// in the backlog gauge under that sink's name.
+#[test]
+fn the_backlog_counts_messages_kept_for_a_removed_sink() {
+    let down = free_port();
+    let rules = RULES.replace("sink: hook", "sink: old");
+    let mut d = Daemon::with_rules(
+        &rules,
+        &format!(
+            "time: {{ idle: 0s }}\nsources: {{ events: {{ type: file, path: events.jsonl }} }}\n\
+             sinks:\n  out: {{ type: stdout }}\n  old: {{ type: webhook, url: 'http://127.0.0.1:{down}/x', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 1s }}\n\
+             alerts: {{ sinks: [out] }}\n"
+        ),
+    );
+    write_lines(
+        &d.path("events.jsonl"),
+        &[
+            r#"{"time":"2026-01-01T00:00:00Z","type":"OrderPlaced","order_id":"a"}"#.into(),
+            r#"{"time":"2026-01-01T01:00:00Z","type":"Tick"}"#.into(),
+        ],
+    );
+    d.start();
+    let old = r#"sagawatch_outbox_backlog{sink="old"}"#;
+    wait_for(
+        Duration::from_secs(30),
+        "a message for the old sink",
+        || (metric(d.port, old)? == 1.0).then_some(()),
+    );
+    assert_eq!(d.terminate(), 0);
+    std::fs::write(
+        d.path("rules/checkout.yaml"),
+        RULES.replace("sink: hook", "sink: out"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(d.path("sagawatch.yaml")).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("old:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(d.path("sagawatch.yaml"), cfg).unwrap();
+    d.start();
+    wait_for(
+        Duration::from_secs(30),
+        "the kept message in the backlog",
+        || (metric(d.port, old)? == 1.0).then_some(()),
+    );
+    assert_eq!(d.terminate(), 0);
+}

@@ -640,6 +640,8 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Every configured sink's backlog, and that of sinks no longer configured whose
+    /// messages are kept until they are again (they wait as much as any).
     fn publish(&self, conn: &Connection) -> Result<()> {
         let stats = Outbox::stats(conn)?;
         for s in &self.cfg.sinks {
@@ -653,6 +655,14 @@ impl Dispatcher {
                 .outbox_backlog
                 .with_label_values(&[&s.name])
                 .set(n);
+        }
+        for (sink, n) in &stats.pending {
+            if !self.cfg.sinks.iter().any(|s| s.name == *sink) {
+                self.metrics
+                    .outbox_backlog
+                    .with_label_values(&[sink])
+                    .set(*n);
+            }
         }
         Ok(())
     }

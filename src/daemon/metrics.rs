@@ -96,7 +96,7 @@ impl Metrics {
         let source_lag_bytes = IntGaugeVec::new(
             Opts::new(
                 "sagawatch_source_lag_bytes",
-                "Bytes of a file source not yet committed (file size minus stored offset).",
+                "Bytes of a file source not yet read (file size minus the offset read to).",
             ),
             &["source"],
         )

@@ -15,8 +15,10 @@ use crate::daemon::bad_log::BadLog;
 use crate::daemon::core::{LineAt, Msg};
 use crate::store::Position;
 
-/// Lines per message to the core.
+/// Lines per message to the core, and bytes: what the core's queue holds (64 messages)
+/// stays small with long lines too.
 const CHUNK: usize = 1000;
+const CHUNK_BYTES: usize = 256 << 10;
 /// How often a followed file is checked for growth or rotation at its end.
 const POLL: Duration = Duration::from_millis(100);
 /// The longest line accepted; longer ones are skipped with a warning.
@@ -113,7 +115,10 @@ impl Skips {
             _ => raw,
         };
         match push_line(&mut lines.text, raw) {
-            Some(true) => lines.at.push(at),
+            Some(true) => {
+                lines.at.push(at);
+                lines.bytes += raw.len();
+            }
             Some(false) => {}
             None => {
                 self.received.inc();
@@ -137,11 +142,13 @@ impl Skips {
 struct Lines {
     text: Vec<String>,
     at: Vec<u64>,
+    bytes: usize,
 }
 
 impl Lines {
-    fn len(&self) -> usize {
-        self.text.len()
+    /// Whether they make a whole message.
+    fn full(&self) -> bool {
+        self.text.len() >= CHUNK || self.bytes >= CHUNK_BYTES
     }
 
     fn is_empty(&self) -> bool {
@@ -150,6 +157,7 @@ impl Lines {
 
     /// Takes them for a message: `by_line` says what `at` holds.
     fn take(&mut self, by_line: bool) -> (Vec<String>, LineAt) {
+        self.bytes = 0;
         let at = std::mem::take(&mut self.at);
         let at = if by_line {
             LineAt::Numbers(at)
@@ -211,7 +219,7 @@ impl FileSource {
             let mut lines = Lines::default();
             let mut consumed = o.offset;
             let mut eof = false;
-            while lines.len() < CHUNK {
+            while !lines.full() {
                 match next_line(&mut o.reader, &mut partial, &mut skipping) {
                     Ok(Step::Line) => {
                         warned_read = false;
@@ -473,7 +481,7 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
         }
     };
     while !stop.load(Ordering::Relaxed) {
-        if (reader.buffer().is_empty() || lines.len() >= CHUNK) && !send(&mut lines) {
+        if (reader.buffer().is_empty() || lines.full()) && !send(&mut lines) {
             return;
         }
         let step = next_line(&mut reader, &mut partial, &mut skipping).unwrap_or_else(|e| {
@@ -566,6 +574,43 @@ mod tests {
             }
         }
         (got, pos)
+    }
+
+    /// Messages are bounded in bytes as well as in lines: the core's queue of them must
+    /// not hold gigabytes when lines are long.
+    #[test]
+    fn long_lines_make_small_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(100 << 10));
+        std::fs::write(&path, line.repeat(20)).unwrap();
+        let (tx, rx) = sync_channel(64);
+        let src = FileSource {
+            name: Arc::from("f"),
+            path,
+            follow: false,
+            start: None,
+            tx,
+            stop: Arc::new(AtomicBool::new(false)),
+            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
+            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+        };
+        src.run();
+        let mut sizes = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Lines { lines, .. } = m {
+                sizes.push(lines.iter().map(String::len).sum::<usize>());
+            }
+        }
+        assert_eq!(
+            sizes.iter().sum::<usize>(),
+            20 * (line.len() - 1),
+            "{sizes:?}"
+        );
+        assert!(
+            sizes.iter().all(|&n| n < CHUNK_BYTES + line.len()),
+            "{sizes:?}"
+        );
     }
 
     /// A rotated file is read to its end, last unterminated line included, before the new
