@@ -1072,6 +1072,18 @@ fn instance_timeline_over_http_and_inspect() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A late correlate is shown with its step, and when it came.
+    let late =
+        r#"{"time":"2026-03-02T09:30:00Z","type":"PaymentCompleted","order_id":"o/1","n":3}"#;
+    let (st, _) = http(d.port, "POST", "/v1/events", &[], late.as_bytes()).unwrap();
+    assert_eq!(st, 202);
+    let (st, body) = http(d.port, "GET", "/v1/instances/checkout/o%2F1", &[], b"").unwrap();
+    assert_eq!(st, 200, "{body}");
+    let t: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(t["steps"][0]["status"], "late", "{body}");
+    assert_eq!(t["steps"][0]["deadline"], "2026-03-02T09:15:00Z");
+    assert_eq!(t["steps"][0]["late_at"], "2026-03-02T09:30:00Z");
+    assert_eq!(t["steps"][0]["event"]["n"], 3);
     assert_eq!(d.terminate(), 0);
 }
 

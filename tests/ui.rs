@@ -131,6 +131,7 @@ fn the_ui_lists_instances_and_a_click_shows_the_timeline() {
     for ev in [
         r#"{"time":"2026-03-02T09:00:00Z","type":"OrderPlaced","order_id":"o-1"}"#,
         r#"{"time":"2026-03-02T09:01:00Z","type":"OrderPlaced","order_id":"o-2"}"#,
+        r#"{"time":"2026-03-02T09:02:00Z","type":"OrderPlaced","order_id":".."}"#,
         r#"{"time":"2026-03-02T09:15:30Z","type":"PaymentCompleted","order_id":"o-2"}"#,
     ] {
         assert_eq!(
@@ -224,5 +225,13 @@ fn the_ui_lists_instances_and_a_click_shows_the_timeline() {
         "#/instance/checkout/o-1",
         "the click navigated"
     );
+    // A key a URL path cannot carry, even encoded: the browser collapses `..`.
+    ws.eval("location.hash = '#/instance/checkout/..'");
+    wait_for(Duration::from_secs(30), "the timeline of key ..", || {
+        let t = ws.eval("document.querySelector('#timeline')?.innerText ?? null");
+        t.as_str()
+            .is_some_and(|t| t.contains("checkout / .. — open"))
+            .then_some(())
+    });
     assert_eq!(d.terminate(), 0);
 }

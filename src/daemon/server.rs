@@ -468,7 +468,10 @@ async fn route(shared: Arc<Shared>, local: SocketAddr, req: Request<Incoming>) -
             Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
         },
         (&Method::POST, "/v1/events") => events(shared, req).await,
-        (&Method::GET, p) if p.starts_with("/v1/instances/") => instance(shared, p).await,
+        (&Method::GET, p) if p.starts_with("/v1/instances/") => {
+            let q = req.uri().query().unwrap_or("").to_string();
+            instance(shared, p, &q).await
+        }
         (&Method::GET, "/ui" | "/ui/") => {
             let mut r = Response::new(Full::new(Bytes::from_static(UI.as_bytes())));
             r.headers_mut().insert(
@@ -633,16 +636,22 @@ async fn list(shared: Arc<Shared>, query: &str) -> Resp {
 }
 
 /// `GET /v1/instances/{rule}/{key}`: the instance's timeline from the state file.
-async fn instance(shared: Arc<Shared>, path: &str) -> Resp {
+/// `/v1/instances/{rule}/{key}`, or `/v1/instances/{rule}?key=KEY`: browsers collapse a
+/// key `.` or `..` out of a path, even URL-encoded, but leave a query alone.
+async fn instance(shared: Arc<Shared>, path: &str, query: &str) -> Resp {
     let rest = &path["/v1/instances/".len()..];
-    let Some((rule, key)) = rest
-        .split_once('/')
-        .and_then(|(r, k)| Some((percent_decode(r)?, percent_decode(k)?)))
-        .filter(|(r, k)| !r.is_empty() && !k.is_empty())
-    else {
+    let in_query = || {
+        let v = query.split('&').find_map(|p| p.strip_prefix("key="))?;
+        Some((percent_decode(rest)?, percent_decode(&v.replace('+', " "))?))
+    };
+    let Some((rule, key)) = match rest.split_once('/') {
+        Some((r, k)) => percent_decode(r).zip(percent_decode(k)),
+        None => in_query(),
+    }
+    .filter(|(r, k)| !r.is_empty() && !k.is_empty()) else {
         return json(
             StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "use /v1/instances/{rule}/{key} (key URL-encoded)"}),
+            serde_json::json!({"error": "use /v1/instances/{rule}/{key} (key URL-encoded) or /v1/instances/{rule}?key={key}"}),
         );
     };
     let r = from_state(&shared, StatusCode::INTERNAL_SERVER_ERROR, move |conn| {

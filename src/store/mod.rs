@@ -392,20 +392,21 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
         return Ok(None);
     };
     let refs = sqlite_state::decode_refs(refs.as_deref().unwrap_or_default());
-    let event = |i: usize| -> Result<Option<serde_json::Value>> {
+    // An event referenced by the row, with its event time.
+    let event = |i: usize| -> Result<Option<(i64, serde_json::Value)>> {
         let Some(&seq) = refs.get(i).filter(|&&s| s != 0) else {
             return Ok(None);
         };
-        let text: Option<String> = conn
+        let row: Option<(i64, String)> = conn
             .query_row(
-                "SELECT text FROM events WHERE seq = ?1",
+                "SELECT time, text FROM events WHERE seq = ?1",
                 params![seq],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(text.map(|t| serde_json::from_str(&t).unwrap_or_else(|_| t.into())))
+        Ok(row.map(|(time, t)| (time, serde_json::from_str(&t).unwrap_or_else(|_| t.into()))))
     };
-    let trigger = event(0)?;
+    let trigger = event(0)?.map(|(_, e)| e);
     let mut step_events = Vec::new();
     for i in 0..steps.len() / 9 {
         step_events.push(event(i + 1)?);
@@ -431,11 +432,19 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
             match s.status {
                 Satisfied => {
                     v["satisfied_at"] = rfc(s.at);
-                    if let Some(Some(e)) = step_events.get(i) {
+                    if let Some(Some((_, e))) = step_events.get(i) {
                         v["event"] = e.clone();
                     }
                 }
-                Open | Missing | Late | Cancelled => v["deadline"] = rfc(s.at),
+                Late => {
+                    v["deadline"] = rfc(s.at);
+                    // The late correlate (none for rows from before it was kept).
+                    if let Some(Some((time, e))) = step_events.get(i) {
+                        v["late_at"] = rfc(*time);
+                        v["event"] = e.clone();
+                    }
+                }
+                Open | Missing | Cancelled => v["deadline"] = rfc(s.at),
                 Pending => {}
             }
             v

@@ -491,7 +491,7 @@ impl SqliteState {
     }
 
     /// The event references of a row being put: the taken refs plus the trigger of a new
-    /// instance and the correlate of every step this put newly satisfied.
+    /// instance and the correlate of every step this put newly satisfied or made late.
     fn refs_for(&mut self, inst: &Instance) -> rusqlite::Result<Vec<i64>> {
         let fresh = !self.taken_existed || self.taken_opened != Some(inst.opened_at);
         let mut refs = std::mem::take(&mut self.taken_refs);
@@ -506,6 +506,11 @@ impl SqliteState {
         }
         for i in 0..inst.steps.len() {
             let s = inst.steps[i];
+            // A step turns late only at its late correlate: the event at hand.
+            if s.status == StepStatus::Late && self.taken_steps.get(i) != Some(&StepStatus::Late) {
+                refs[i + 1] = self.current_event_seq()?;
+                continue;
+            }
             if s.status != StepStatus::Satisfied
                 || self.taken_steps.get(i) == Some(&StepStatus::Satisfied)
             {
