@@ -88,7 +88,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: crate::daemon::LogFormat,
     },
-    /// Run rule unit tests (YAML). Exit 1 if any fails.
+    /// Run rule unit tests (YAML). Exit 1 if any fails (an invalid test file, or invalid
+    /// rules, fail too), 2 if a path does not exist.
     Test {
         /// Test files or directories of them.
         #[arg(value_name = "PATH", required = true)]
