@@ -1512,3 +1512,31 @@ fn the_backlog_counts_messages_kept_for_a_removed_sink() {
     );
     assert_eq!(d.terminate(), 0);
 }
+
+/// A request waiting for its batch when SIGTERM comes is answered 202 once the batch is
+/// committed at the stop, even when `batch.interval` is longer than the shutdown grace.
+#[test]
+fn sigterm_answers_requests_waiting_for_their_batch() {
+    let mut d = Daemon::new(
+        "time: { idle: 0s }\nbatch: { interval: 1h }\nsources: { api: { type: http } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    d.start();
+    let port = d.port;
+    let post = std::thread::spawn(move || {
+        let ev = r#"{"time":"2026-03-02T09:00:00Z","type":"OrderPlaced","order_id":"o-1"}"#;
+        http(port, "POST", "/v1/events", &[], ev.as_bytes())
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "the event in the open batch",
+        || (metric(d.port, "sagawatch_events_received_total")? == 1.0).then_some(()),
+    );
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+    let (st, body) = post.join().unwrap().expect("an answer");
+    assert_eq!(st, 202, "{body}");
+    // Committed: the restarted daemon has the instance.
+    d.start();
+    let (st, body) = http(d.port, "GET", "/v1/instances/checkout/o-1", &[], b"").unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(d.terminate(), 0);
+}

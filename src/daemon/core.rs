@@ -82,6 +82,9 @@ pub enum Msg {
         rules: Arc<RuleSet>,
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// The daemon is stopping: commit now, and from now on after every message, so that
+    /// requests still waiting for their batch are answered within the shutdown grace.
+    Stopping,
     /// Commit and stop.
     Shutdown,
 }
@@ -137,6 +140,8 @@ pub struct Core {
     kafka: Option<Arc<crate::daemon::kafka::Health>>,
     children: Children,
     bad_log: BadLog,
+    /// Set by `Msg::Stopping`: every message is its own batch.
+    stopping: bool,
 }
 
 /// Which per-rule counter a metric child is.
@@ -190,6 +195,7 @@ impl Core {
             kafka: None,
             children: Children::default(),
             bad_log: BadLog::new(),
+            stopping: false,
         };
         core.publish_gauges();
         core
@@ -240,6 +246,7 @@ impl Core {
                     let _ = done.send(r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
                     r?;
                 }
+                Ok(Msg::Stopping) => self.stopping = true,
                 Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     self.commit()?;
                     return Ok(());
@@ -248,7 +255,8 @@ impl Core {
             }
             self.idle_tick()?;
             self.bad_log.flush(false);
-            let full = self.batch_events >= self.cfg.batch_events;
+            let full = self.batch_events >= self.cfg.batch_events
+                || (self.stopping && self.batch_started.is_some());
             let old = self
                 .batch_started
                 .is_some_and(|t| t.elapsed() >= self.cfg.batch_interval);

@@ -434,6 +434,9 @@ fn run_with(
     shared.ready.store(false, Ordering::Relaxed);
     stop_sources.store(true, Ordering::Relaxed);
     stop_server.notify_one();
+    // Requests waiting for their batch are answered now, not after `batch.interval`
+    // (which may be longer than the server's grace for open requests).
+    let _ = shared.core.send(core::Msg::Stopping);
     let _ = rt.block_on(server);
     for t in source_threads {
         let _ = t.join();
