@@ -172,6 +172,53 @@ struct Open {
     reader: BufReader<File>,
     id: String,
     offset: u64,
+    /// (bytes, hash) of the file's first bytes up to the offset stored last.
+    print: Option<(u64, String)>,
+}
+
+/// How many of a file's first bytes tell it apart beside its inode: a file deleted and
+/// another created while the daemon was stopped may get the same inode number.
+const PRINT_BYTES: u64 = 256;
+
+impl Open {
+    /// The position to store for `offset`: the file's id, and a hash of its first bytes
+    /// up to the offset (at most `PRINT_BYTES`; they do not change as the file grows).
+    fn position(&mut self, offset: u64) -> Position {
+        let n = offset.min(PRINT_BYTES);
+        if self.print.as_ref().map(|p| p.0) != Some(n) {
+            self.print = (n > 0)
+                .then(|| prefix_print(self.reader.get_ref(), n).map(|h| (n, h)))
+                .flatten();
+        }
+        let file_id = match &self.print {
+            Some((n, h)) => format!("{}:{n}:{h}", self.id),
+            None => self.id.clone(),
+        };
+        Position { file_id, offset }
+    }
+}
+
+/// The hex of the first 8 bytes of SHA-256 over a file's first `n` bytes.
+fn prefix_print(f: &File, n: u64) -> Option<String> {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; usize::try_from(n).ok()?];
+    f.read_exact_at(&mut buf, 0).ok()?;
+    let d = sha2::Sha256::digest(&buf);
+    Some(d[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A stored file id: the file's `dev:ino`, and the print of its first bytes if stored
+/// with one (positions stored before prints were kept have none).
+fn split_print(file_id: &str) -> (&str, Option<(u64, &str)>) {
+    let mut parts = file_id.rsplitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(n), Some(id)) if id.contains(':') => match n.parse() {
+            Ok(n) => (id, Some((n, h))),
+            Err(_) => (file_id, None),
+        },
+        _ => (file_id, None),
+    }
 }
 
 impl FileSource {
@@ -245,10 +292,8 @@ impl FileSource {
                         std::thread::sleep(POLL);
                         // Reopen where the last sent line ended (what this chunk read so
                         // far was not sent and is read again).
-                        resume = Some(Position {
-                            file_id: o.id.clone(),
-                            offset: o.offset,
-                        });
+                        let at = o.offset;
+                        resume = Some(o.position(at));
                         cur = None;
                         break;
                     }
@@ -265,10 +310,7 @@ impl FileSource {
                     source: Arc::clone(&self.name),
                     lines,
                     at,
-                    position: Some(Position {
-                        file_id: o.id.clone(),
-                        offset: consumed,
-                    }),
+                    position: Some(o.position(consumed)),
                     atomic: false,
                     done: None,
                 };
@@ -296,10 +338,7 @@ impl FileSource {
                         source: Arc::clone(&self.name),
                         lines,
                         at,
-                        position: Some(Position {
-                            file_id: o.id.clone(),
-                            offset: end,
-                        }),
+                        position: Some(o.position(end)),
                         atomic: false,
                         done: None,
                     });
@@ -341,10 +380,7 @@ impl FileSource {
                         source: Arc::clone(&self.name),
                         lines: Vec::new(),
                         at: LineAt::Unknown,
-                        position: Some(Position {
-                            file_id: o.id.clone(),
-                            offset: 0,
-                        }),
+                        position: Some(o.position(0)),
                         atomic: false,
                         done: None,
                     };
@@ -370,20 +406,26 @@ impl FileSource {
         let id = file_id(&meta);
         let mut offset = 0;
         if let Some(p) = resume {
-            if p.file_id == id && p.offset <= meta.len() {
+            let (stored, print) = split_print(&p.file_id);
+            // The same inode, and the same first bytes: the same file.
+            let same = stored == id
+                && print.is_none_or(|(n, h)| {
+                    n <= meta.len() && prefix_print(&f, n).is_some_and(|x| x == h)
+                });
+            if same && p.offset <= meta.len() {
                 offset = p.offset;
-            } else if p.file_id == id {
+            } else if stored == id && p.offset > meta.len() {
                 tracing::info!(
                     source = &*self.name,
                     "file shorter than the stored offset (truncated); reading from the start"
                 );
             } else {
-                // Rotated while stopped: what the old file got after the stored offset
-                // is under another name now, and is not read.
+                // Rotated while stopped (what the old file got after the stored offset is
+                // under another name now, and is not read), or deleted and created again.
                 tracing::warn!(
                     source = &*self.name,
                     stored_offset = p.offset,
-                    "a different file than the stored position (rotated while stopped); reading the new one from its start, lines added to the old one after the stored offset are not read"
+                    "a different file than the stored position (rotated or replaced while stopped); reading the new one from its start, lines added to the old one after the stored offset are not read"
                 );
             }
         }
@@ -392,6 +434,7 @@ impl FileSource {
             reader: BufReader::with_capacity(1 << 16, f),
             id,
             offset,
+            print: None,
         })
     }
 }
@@ -576,6 +619,59 @@ mod tests {
         (got, pos)
     }
 
+    /// Reads a file to its end from `start`: its lines and the last position sent.
+    fn read_from(path: &std::path::Path, start: Option<Position>) -> (Vec<String>, Position) {
+        let (tx, rx) = sync_channel(64);
+        FileSource {
+            name: Arc::from("f"),
+            path: path.to_path_buf(),
+            follow: false,
+            start,
+            tx,
+            stop: Arc::new(AtomicBool::new(false)),
+            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
+            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+        }
+        .run();
+        let (mut lines, mut pos) = (Vec::new(), None);
+        while let Ok(m) = rx.try_recv() {
+            if let Msg::Lines {
+                lines: l, position, ..
+            } = m
+            {
+                lines.extend(l);
+                pos = position.or(pos);
+            }
+        }
+        (lines, pos.expect("a position"))
+    }
+
+    /// A file replaced while stopped by one that got the same inode (here: rewritten in
+    /// place, as copytruncate does) is told apart by its first bytes and read from its
+    /// start; the same file, grown, resumes at the stored offset.
+    #[test]
+    fn a_file_replaced_under_the_same_inode_is_read_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":2}\n").unwrap();
+        let (_, pos) = read_from(&path, None);
+        assert_eq!(pos.offset, 16);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"{\"n\":3}\n").unwrap();
+        let (lines, grown) = read_from(&path, Some(pos));
+        assert_eq!(lines, [r#"{"n":3}"#]);
+        // Rewritten in place while stopped: the same inode, longer than the offset.
+        std::fs::write(&path, "{\"m\":1}\n{\"m\":2}\n{\"m\":3}\n{\"m\":4}\n").unwrap();
+        let (lines, _) = read_from(&path, Some(grown));
+        assert_eq!(
+            lines,
+            [r#"{"m":1}"#, r#"{"m":2}"#, r#"{"m":3}"#, r#"{"m":4}"#]
+        );
+    }
+
     /// Messages are bounded in bytes as well as in lines: the core's queue of them must
     /// not hold gigabytes when lines are long.
     #[test]
@@ -639,13 +735,8 @@ mod tests {
         let (got, pos) = lines_until(&rx, 3);
         assert_eq!(got, [r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]);
         let new_id = file_id(&std::fs::metadata(&path).unwrap());
-        assert_eq!(
-            pos,
-            Some(Position {
-                file_id: new_id.clone(),
-                offset: 16
-            })
-        );
+        let pos = pos.unwrap();
+        assert_eq!((split_print(&pos.file_id).0, pos.offset), (&*new_id, 16));
         // Truncated: the position goes back to 0 before anything new is read.
         std::fs::OpenOptions::new()
             .write(true)
