@@ -773,6 +773,13 @@ fn resolved(alert_body: &str, late: &Outcome) -> String {
     v["timestamp"] = format_rfc3339(late.at).into();
     if let Some(d) = v.get_mut("data").and_then(|d| d.as_object_mut()) {
         d.insert("outcome".into(), "resolved".into());
+        // Its own id (as its webhook-id), so that a receiver deduplicating on ids does
+        // not take it for the alert; `alert_id` names the alert it resolves.
+        if let Some(id) = d.get("id").and_then(|i| i.as_str()).map(str::to_string) {
+            d.insert("id".into(), format!("{id}-resolved").into());
+            d.insert("alert_id".into(), id.into());
+        }
+        d.insert("at".into(), format_rfc3339(late.at).into());
         if let Some(t) = late.time {
             d.insert("resolved_by".into(), format_rfc3339(t).into());
         }

@@ -524,7 +524,14 @@ pub fn assert_matches_replay(
     for (id, bodies) in &ids {
         let v: serde_json::Value = serde_json::from_str(bodies.iter().next().unwrap()).unwrap();
         match v["type"].as_str().unwrap() {
-            "sagawatch.alert.resolved" => resolved += 1,
+            "sagawatch.alert.resolved" => {
+                // Its own id, as in its webhook-id; the alert it ends in `alert_id`.
+                assert_eq!(v["data"]["id"].as_str(), Some(id.as_str()), "{v}");
+                let alert = v["data"]["alert_id"].as_str().unwrap_or_default();
+                assert_eq!(format!("{alert}-resolved"), *id);
+                assert!(want.contains_key(alert), "resolves an unknown alert: {v}");
+                resolved += 1;
+            }
             _ => {
                 fired.insert(id.clone(), v["data"].clone());
             }
