@@ -727,7 +727,9 @@ pub fn split_body(
             .count();
         body_error(line, format!("not UTF-8: {e}"), "invalid_json")
     })?;
-    let trimmed = text.trim_start();
+    // A byte order mark before the body is not part of it (as at the start of a file).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let trimmed = text.trim_ascii_start();
     if trimmed.is_empty() {
         return Err(body_error(1, "empty body", "invalid_json"));
     }
@@ -769,7 +771,7 @@ pub fn split_body(
     }
     let (mut lines, mut at) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
-        let l = line.trim();
+        let l = line.trim_ascii();
         if l.is_empty() {
             continue;
         }
@@ -962,6 +964,32 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= limit);
         drop(client);
+    }
+
+    /// As `replay` and the file source read them: a byte order mark first is not part of
+    /// the body, and only ASCII whitespace makes a blank line (a no-break space is text).
+    #[test]
+    fn a_bom_is_skipped_and_only_ascii_whitespace_is_blank() {
+        for body in [
+            &b"\xEF\xBB\xBF{\"a\":1}"[..],
+            b"\xEF\xBB\xBF[{\"a\":1}]",
+            b"\xEF\xBB\xBF{\"a\":1}\n{\"b\":2}",
+        ] {
+            assert!(
+                split_body(body).is_ok(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let e = split_body(b"{\"a\":1}\n\xC2\xA0\n{\"b\":2}").unwrap_err();
+        assert_eq!((e.line, e.reason), (2, "invalid_json"));
+        assert_eq!(
+            split_body(b"{\"a\":1}\n \t\r\n{\"b\":2}")
+                .unwrap()
+                .lines
+                .len(),
+            2
+        );
     }
 
     #[test]

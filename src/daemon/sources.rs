@@ -489,7 +489,8 @@ fn next_line(
 /// UTF-8 (not added).
 fn push_line(lines: &mut Vec<String>, raw: &[u8]) -> Option<bool> {
     let text = std::str::from_utf8(raw).ok()?;
-    let t = text.trim();
+    // ASCII whitespace only, as `replay` reads blank lines: a no-break space is text.
+    let t = text.trim_ascii();
     if !t.is_empty() {
         lines.push(t.to_string());
     }
@@ -617,6 +618,17 @@ mod tests {
             }
         }
         (got, pos)
+    }
+
+    /// Only ASCII whitespace makes a blank line, as `replay` reads them: a line of a
+    /// no-break space is a (bad) line, not skipped unseen.
+    #[test]
+    fn only_ascii_whitespace_is_blank() {
+        let mut lines = Vec::new();
+        assert_eq!(push_line(&mut lines, b" \t\r"), Some(false));
+        assert_eq!(push_line(&mut lines, "\u{a0}".as_bytes()), Some(true));
+        assert_eq!(push_line(&mut lines, b" {} \r"), Some(true));
+        assert_eq!(lines, ["\u{a0}", "{}"]);
     }
 
     /// Reads a file to its end from `start`: its lines and the last position sent.
