@@ -467,7 +467,14 @@ fn expand(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Strin
                 .or(default.map(String::from))
             {
                 Some(v) => out.push_str(&v),
-                None => return Err(format!("environment variable {name} is not set")),
+                None => {
+                    let why = if env(name).is_some() {
+                        "is empty"
+                    } else {
+                        "is not set"
+                    };
+                    return Err(format!("environment variable {name} {why}"));
+                }
             }
             rest = &r[end + 1..];
         } else {
@@ -930,7 +937,7 @@ impl Checker {
         );
 
         let mut sources = Vec::new();
-        let mut http_sources = 0;
+        let (mut http_sources, mut stdin_sources) = (0, 0);
         for (name, s) in &raw.sources {
             let p = top.key("sources").key(name);
             if !rules::valid_name(name) {
@@ -994,7 +1001,16 @@ impl Checker {
                         continue;
                     }
                 },
-                "stdin" => SourceKind::Stdin,
+                "stdin" => {
+                    stdin_sources += 1;
+                    if stdin_sources > 1 {
+                        self.err(
+                            &p,
+                            "only one stdin source: the process has one standard input",
+                        );
+                    }
+                    SourceKind::Stdin
+                }
                 "http" => {
                     http_sources += 1;
                     if http_sources > 1 {
@@ -1125,11 +1141,22 @@ impl Checker {
                         headers,
                     }
                 }
-                "alertmanager" => SinkKind::Alertmanager {
-                    url: self.url(&p.key("url"), s.url.as_deref()),
-                    resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
-                    headers,
-                },
+                "alertmanager" => {
+                    let url = self.url(&p.key("url"), s.url.as_deref());
+                    // `/api/v2/alerts` goes after the base URL's path: a query would end
+                    // up in the middle.
+                    if url.query().is_some() {
+                        self.err(
+                            &p.key("url"),
+                            "Alertmanager's base URL takes no query (`?…`): /api/v2/alerts is appended to it",
+                        );
+                    }
+                    SinkKind::Alertmanager {
+                        url,
+                        resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
+                        headers,
+                    }
+                }
                 "kafka" => {
                     let Some(topic) = s.topic.clone() else {
                         self.err(&p, "missing field `topic`");
@@ -1372,6 +1399,7 @@ mod tests {
             "NUMERIC" => Some("123".into()),
             "NULL" => Some("null".into()),
             "NL" => Some("abc\n".into()),
+            "EMPTY" => Some(String::new()),
             _ => None,
         }
     }
@@ -1433,6 +1461,19 @@ mod tests {
         assert!(e.contains("state") && e.contains("empty path"), "{e}");
     }
 
+    /// One process has one standard input: a second stdin source would never read a
+    /// line. An Alertmanager URL's query would end up before the API path.
+    #[test]
+    fn one_stdin_source_and_an_alertmanager_url_without_query() {
+        let e = check("rules: rules\nsources: { a: { type: stdin }, b: { type: stdin } }\nsinks: { out: { type: stdout } }\n").unwrap_err();
+        assert!(e.contains("sources.b: only one stdin source"), "{e}");
+        let e = check("rules: rules\nsources: { a: { type: stdin } }\nsinks: { am: { type: alertmanager, url: 'http://127.0.0.1:9093/x?q=1' } }\n").unwrap_err();
+        assert!(
+            e.contains("sinks.am.url: Alertmanager's base URL takes no query"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn interpolated_numbers_and_booleans_serve_where_expected() {
         let c = check(
@@ -1453,6 +1494,9 @@ mod tests {
             check("rules: rules\nlisten: ${NOPE}\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n").unwrap_err();
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(e.contains("NOPE is not set"), "{e}");
+        let e =
+            check("rules: rules\nlisten: ${EMPTY}\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n").unwrap_err();
+        assert!(e.contains("EMPTY is empty"), "{e}");
     }
 
     /// A missing required field, or a value of the wrong type, does not hide the problems
