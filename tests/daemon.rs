@@ -898,9 +898,9 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
             writeln!(stdin, "{l}").unwrap();
         }
     }
-    // The stdout sink prints exactly replay's alert and compensate lines (in any order;
-    // deliveries run concurrently).
+    // The stdout sink prints exactly replay's alert and compensate lines, in its order.
     let mut got = std::collections::BTreeMap::new();
+    let mut order = Vec::new();
     let mut texts = std::collections::BTreeMap::new();
     let out = std::io::BufReader::new(child.stdout.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
@@ -917,11 +917,13 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
             .expect("an output line within 60 s");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["outcome"] != "resolved" {
+            order.push(v["id"].as_str().unwrap().to_string());
             texts.insert(v["id"].as_str().unwrap().to_string(), line);
             got.insert(v["id"].as_str().unwrap().to_string(), v);
         }
     }
     assert_eq!(got, want);
+    let mut replay_order = Vec::new();
     // Line for line as replay prints them, fields in the same order.
     let out = std::process::Command::new(BIN)
         .args(["replay", "--rules"])
@@ -933,8 +935,10 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         if let Some(id) = v["id"].as_str() {
             assert_eq!(texts.get(id).map(String::as_str), Some(line));
+            replay_order.push(id.to_string());
         }
     }
+    assert_eq!(order, replay_order);
     signal(&child, "TERM");
     assert!(child.wait().unwrap().success());
 }

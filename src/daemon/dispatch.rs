@@ -45,12 +45,18 @@ type StdoutLine = (String, tokio::sync::oneshot::Sender<std::io::Result<()>>);
 /// blocks. Then only this sink's deliveries wait (its slots fill, as a hanging receiver's
 /// do), never the runtime serving HTTP, signals and the other sinks. A line is printed
 /// whole and flushed before it counts as delivered.
+/// Lines are queued in outbox order by the dispatcher itself (the delivery tasks, which
+/// run concurrently, only wait for them), so they print in that order; the queue holds at
+/// most the sink's deliveries in flight.
 #[derive(Clone)]
-struct StdoutWriter(tokio::sync::mpsc::Sender<StdoutLine>);
+struct StdoutWriter(tokio::sync::mpsc::UnboundedSender<StdoutLine>);
+
+/// A line queued for printing: its result to come.
+type Queued = Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>, Failed>;
 
 impl StdoutWriter {
     fn start() -> std::io::Result<StdoutWriter> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<StdoutLine>(64);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StdoutLine>();
         std::thread::Builder::new()
             .name("sink-stdout".into())
             .spawn(move || {
@@ -68,15 +74,27 @@ impl StdoutWriter {
         Ok(StdoutWriter(tx))
     }
 
-    async fn print(&self, line: String) -> Result<(), Failed> {
+    /// Queues the line of an outbox message's body (its `data`, as `replay` prints it).
+    fn queue(&self, body: &str) -> Queued {
+        let v: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| Failed::from(e.to_string()))?;
+        let line = crate::output::line_text(v.get("data").unwrap_or(&v));
         let (done, result) = tokio::sync::oneshot::channel();
-        let gone = || Failed::from("stdout: the writer stopped".to_string());
-        self.0.send((line, done)).await.map_err(|_| gone())?;
-        match result.await {
+        self.0.send((line, done)).map_err(|_| gone())?;
+        Ok(result)
+    }
+
+    /// Waits until a queued line is printed and flushed.
+    async fn printed(queued: Queued) -> Result<(), Failed> {
+        match queued?.await {
             Ok(r) => r.map_err(|e| Failed::from(format!("stdout: {e}"))),
             Err(_) => Err(gone()),
         }
     }
+}
+
+fn gone() -> Failed {
+    Failed::from("stdout: the writer stopped".to_string())
 }
 
 pub struct Dispatcher {
@@ -419,9 +437,12 @@ impl Dispatcher {
                             }
                             waiting = true;
                             let lane = Lane::of(&p);
+                            // The stdout sink prints in the order lines are queued (below):
+                            // messages of a lane may be in flight together.
+                            let queued_in_order = matches!(s.kind, SinkKind::Stdout);
                             let mut held = flight.sink_len(&s.name) >= bound
                                 || blocked.get(&lane.name).is_some_and(|&q| q < p.seq)
-                                || !flight.may_start(&lane)
+                                || (!queued_in_order && !flight.may_start(&lane))
                                 || (lane.resolve && flight.resending(&s.name));
                             // Outside Alertmanager lanes (kept in order by superseding), a
                             // message also waits for an older pending one of its lane (one
@@ -431,6 +452,7 @@ impl Dispatcher {
                                 && p.fp.is_none()
                                 && let Some(head) = Outbox::lane_head(&conn, &p)?
                                 && head.seq != p.seq
+                                && !(queued_in_order && flight.has(head.seq))
                             {
                                 held = true;
                                 if head.next_ms <= now && !seen.contains(&head.seq) {
@@ -445,8 +467,16 @@ impl Dispatcher {
                             let client = clients.clone();
                             let sink = s.clone();
                             let message = p.clone();
+                            // Queued here, in outbox order: the tasks run concurrently.
+                            let queued = match (&s.kind, &clients.stdout) {
+                                (SinkKind::Stdout, Some(out)) => Some(out.queue(&p.body)),
+                                _ => None,
+                            };
                             let task = flight.tasks.spawn(async move {
-                                let r = deliver(&client, &sink, &p).await;
+                                let r = match queued {
+                                    Some(q) => StdoutWriter::printed(q).await,
+                                    None => deliver(&client, &sink, &p).await,
+                                };
                                 Done::Delivery(p, r)
                             });
                             flight.start(task.id(), message, &s.name, lane);
@@ -678,15 +708,10 @@ async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Fail
                 .map_err(Failed::from),
             None => Err(Failed::from("no kafka producer".to_string())),
         },
-        SinkKind::Stdout => {
-            let v: serde_json::Value =
-                serde_json::from_str(&p.body).map_err(|e| Failed::from(e.to_string()))?;
-            let line = crate::output::line_text(v.get("data").unwrap_or(&v));
-            match &clients.stdout {
-                Some(out) => out.print(line).await,
-                None => Err(Failed::from("no stdout writer".to_string())),
-            }
-        }
+        SinkKind::Stdout => match &clients.stdout {
+            Some(out) => StdoutWriter::printed(out.queue(&p.body)).await,
+            None => Err(Failed::from("no stdout writer".to_string())),
+        },
         SinkKind::Webhook {
             url,
             secrets,
