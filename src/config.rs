@@ -1129,7 +1129,8 @@ impl Checker {
                             }
                         }
                     }
-                    if secrets.is_empty() {
+                    // (Not also when the ones given were refused above.)
+                    if s.secrets.is_empty() && s.secret_files.is_empty() {
                         self.err(
                             &p,
                             "a webhook sink needs `secrets` or `secret_files` to sign with",

@@ -713,8 +713,8 @@ impl Validator {
                     {
                         cx.err(
                             &p,
-                            "this alert would go nowhere: name its `sinks`, or set `alerts.sinks` \
-                             in the config (it defaults to the stdout sinks, and there are none)",
+                            "this alert would go nowhere: name its `sinks`, or list sinks in the \
+                             config's `alerts.sinks` (empty, or unset without a stdout sink)",
                         );
                     }
                     for (j, s) in sinks.iter().enumerate() {
