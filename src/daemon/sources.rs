@@ -631,8 +631,11 @@ mod tests {
         assert_eq!(lines, ["\u{a0}", "{}"]);
     }
 
-    /// Reads a file to its end from `start`: its lines and the last position sent.
-    fn read_from(path: &std::path::Path, start: Option<Position>) -> (Vec<String>, Position) {
+    /// Reads a file to its end from `start`: the messages sent, (lines, position).
+    fn read_messages(
+        path: &std::path::Path,
+        start: Option<Position>,
+    ) -> Vec<(Vec<String>, Option<Position>)> {
         let (tx, rx) = sync_channel(64);
         FileSource {
             name: Arc::from("f"),
@@ -645,15 +648,22 @@ mod tests {
             skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
         }
         .run();
+        rx.try_iter()
+            .filter_map(|m| match m {
+                Msg::Lines {
+                    lines, position, ..
+                } => Some((lines, position)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Reads a file to its end from `start`: its lines and the last position sent.
+    fn read_from(path: &std::path::Path, start: Option<Position>) -> (Vec<String>, Position) {
         let (mut lines, mut pos) = (Vec::new(), None);
-        while let Ok(m) = rx.try_recv() {
-            if let Msg::Lines {
-                lines: l, position, ..
-            } = m
-            {
-                lines.extend(l);
-                pos = position.or(pos);
-            }
+        for (l, p) in read_messages(path, start) {
+            lines.extend(l);
+            pos = p.or(pos);
         }
         (lines, pos.expect("a position"))
     }
@@ -692,24 +702,10 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(100 << 10));
         std::fs::write(&path, line.repeat(20)).unwrap();
-        let (tx, rx) = sync_channel(64);
-        let src = FileSource {
-            name: Arc::from("f"),
-            path,
-            follow: false,
-            start: None,
-            tx,
-            stop: Arc::new(AtomicBool::new(false)),
-            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
-            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
-        };
-        src.run();
-        let mut sizes = Vec::new();
-        while let Ok(m) = rx.try_recv() {
-            if let Msg::Lines { lines, .. } = m {
-                sizes.push(lines.iter().map(String::len).sum::<usize>());
-            }
-        }
+        let sizes: Vec<usize> = read_messages(&path, None)
+            .iter()
+            .map(|(lines, _)| lines.iter().map(String::len).sum())
+            .collect();
         assert_eq!(
             sizes.iter().sum::<usize>(),
             20 * (line.len() - 1),
