@@ -1088,6 +1088,23 @@ fn instance_timeline_over_http_and_inspect() {
     assert_eq!(t["steps"][0]["deadline"], "2026-03-02T09:15:00Z");
     assert_eq!(t["steps"][0]["late_at"], "2026-03-02T09:30:00Z");
     assert_eq!(t["steps"][0]["event"]["n"], 3);
+    // So is one remembered as early that turns out late when its step opens.
+    for ev in [
+        r#"{"time":"2026-03-02T09:40:00Z","type":"PaymentCompleted","order_id":"e","n":4}"#,
+        r#"{"time":"2026-03-02T09:20:00Z","type":"OrderPlaced","order_id":"e"}"#,
+    ] {
+        assert_eq!(
+            http(d.port, "POST", "/v1/events", &[], ev.as_bytes())
+                .unwrap()
+                .0,
+            202
+        );
+    }
+    let (_, body) = http(d.port, "GET", "/v1/instances/checkout/e", &[], b"").unwrap();
+    let t: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(t["steps"][0]["status"], "late", "{body}");
+    assert_eq!(t["steps"][0]["late_at"], "2026-03-02T09:40:00Z", "{body}");
+    assert_eq!(t["steps"][0]["event"]["n"], 4, "{body}");
     assert_eq!(d.terminate(), 0);
 }
 

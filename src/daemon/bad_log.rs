@@ -40,6 +40,10 @@ impl BadLog {
     /// Whether a bad line of `source` may be logged now; counts it if not.
     pub fn allow(&mut self, source: &Arc<str>) -> bool {
         self.flush(false);
+        if self.by_source.is_empty() {
+            // The first bad line after a quiet time opens a window.
+            self.since = Instant::now();
+        }
         let i = match self.by_source.iter().position(|s| s.0 == *source) {
             Some(i) => i,
             None => {

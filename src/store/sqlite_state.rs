@@ -506,21 +506,19 @@ impl SqliteState {
         }
         for i in 0..inst.steps.len() {
             let s = inst.steps[i];
-            // A step turns late only at its late correlate: the event at hand.
-            if s.status == StepStatus::Late && self.taken_steps.get(i) != Some(&StepStatus::Late) {
-                refs[i + 1] = self.current_event_seq()?;
+            let newly = |status| s.status == status && self.taken_steps.get(i) != Some(&status);
+            let late = newly(StepStatus::Late);
+            if !late && !newly(StepStatus::Satisfied) {
                 continue;
             }
-            if s.status != StepStatus::Satisfied
-                || self.taken_steps.get(i) == Some(&StepStatus::Satisfied)
-            {
-                continue;
-            }
+            // The correlate that satisfied the step, or made it late: the event at hand, or
+            // one remembered as early, read when the step opened (its time is then the
+            // satisfaction time; a late one's is after the deadline, which a late step keeps).
             let early = self
                 .early_seen
                 .borrow()
                 .iter()
-                .find(|(step, t, _)| *step == i && *t == s.at)
+                .find(|(step, t, _)| *step == i && if late { *t > s.at } else { *t == s.at })
                 .map(|(_, t, e)| (*t, e.clone()));
             refs[i + 1] = match early {
                 Some((t, text)) => self.append_event(t, &text)?,
