@@ -36,7 +36,11 @@ fn main() {
     )
     .expect("schema");
     let rule = "order-fulfilment";
-    let batch: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let batch: usize = args
+        .get(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000)
+        .max(1);
 
     let t = Instant::now();
     c.execute_batch("BEGIN").expect("begin");

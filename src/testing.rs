@@ -85,6 +85,12 @@ pub fn test_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?;
         for e in entries {
             let p = e?.path();
+            // Hidden files and directories are left out, as in a rules directory.
+            if p.file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+            {
+                continue;
+            }
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {

@@ -641,7 +641,11 @@ async fn list(shared: Arc<Shared>, query: &str) -> Resp {
 async fn instance(shared: Arc<Shared>, path: &str, query: &str) -> Resp {
     let rest = &path["/v1/instances/".len()..];
     let in_query = || {
-        let v = query.split('&').find_map(|p| p.strip_prefix("key="))?;
+        // The last one counts, as in the listing.
+        let v = query
+            .split('&')
+            .filter_map(|p| p.strip_prefix("key="))
+            .last()?;
         Some((percent_decode(rest)?, percent_decode(&v.replace('+', " "))?))
     };
     let Some((rule, key)) = match rest.split_once('/') {
