@@ -642,10 +642,7 @@ async fn instance(shared: Arc<Shared>, path: &str, query: &str) -> Resp {
     let rest = &path["/v1/instances/".len()..];
     let in_query = || {
         // The last one counts, as in the listing.
-        let v = query
-            .split('&')
-            .filter_map(|p| p.strip_prefix("key="))
-            .last()?;
+        let v = query.rsplit('&').find_map(|p| p.strip_prefix("key="))?;
         Some((percent_decode(rest)?, percent_decode(&v.replace('+', " "))?))
     };
     let Some((rule, key)) = match rest.split_once('/') {
