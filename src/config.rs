@@ -738,6 +738,11 @@ impl Checker {
             self.err(&path.parent(), "missing field `url`");
             return hyper::Uri::default();
         };
+        if u.contains('#') {
+            // The client drops it: what the writer meant by it does not happen.
+            self.err(path, "a URL fragment (`#…`) is never sent: leave it out");
+            return hyper::Uri::default();
+        }
         match u.parse::<hyper::Uri>() {
             // The client would connect to port 80 instead.
             Ok(uri) if uri.authority().is_some_and(|a| bad_port(a.as_str())) => {
@@ -1473,6 +1478,8 @@ mod tests {
             e.contains("sinks.am.url: Alertmanager's base URL takes no query"),
             "{e}"
         );
+        let e = check("rules: rules\nsources: { a: { type: stdin } }\nsinks: { am: { type: alertmanager, url: 'http://127.0.0.1:9093/x#f' } }\n").unwrap_err();
+        assert!(e.contains("sinks.am.url: a URL fragment"), "{e}");
     }
 
     #[test]

@@ -297,11 +297,26 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 None => return Err(err(&span, "unknown alias".into())),
             },
             Event::Scalar(value, style, anchor, tag) => {
-                let forced_str = tag.as_ref().is_some_and(|t| t.suffix == "str");
-                let v = if style == ScalarStyle::Plain && !forced_str {
-                    resolve_plain(&value)
-                } else {
-                    Value::Str(value.to_string())
+                let v = match tag.as_ref().map(|t| t.suffix.as_str()) {
+                    Some("str") => Value::Str(value.to_string()),
+                    // A core-schema type asked for: the text must be one (quoted or not).
+                    Some(kind @ ("int" | "float" | "bool" | "null")) => {
+                        match (kind, resolve_plain(&value)) {
+                            ("float", Value::Int(i)) => Value::Float(i as f64),
+                            ("int", v @ Value::Int(_))
+                            | ("float", v @ Value::Float(_))
+                            | ("bool", v @ Value::Bool(_))
+                            | ("null", v @ Value::Null) => v,
+                            _ => {
+                                return Err(err(
+                                    &span,
+                                    format!("{value:?} is not a valid !!{kind}"),
+                                ));
+                            }
+                        }
+                    }
+                    _ if style == ScalarStyle::Plain => resolve_plain(&value),
+                    _ => Value::Str(value.to_string()),
                 };
                 let node = Node {
                     pos: pos_of(&span),
@@ -1023,6 +1038,35 @@ mod tests {
         let e = parse("a: [1, 2\nb: 3\n", &mut diags).unwrap_err();
         assert!(e.message.starts_with("invalid YAML"));
         assert!(e.pos.line >= 1);
+    }
+
+    /// A core-schema tag asks for that type: the text must be one (else an error, not a
+    /// string in its place: `!!float nan` would never match a number).
+    #[test]
+    fn core_schema_tags_ask_for_their_type() {
+        let mut diags = vec![];
+        let n = parse(
+            "a: !!float 1\nb: !!int \"3\"\nc: !!str 5\nd: !!bool true\n",
+            &mut diags,
+        )
+        .unwrap();
+        assert_eq!(
+            n.to_json(),
+            serde_json::json!({"a": 1, "b": 3, "c": "5", "d": true})
+        );
+        for bad in [
+            "a: !!float nan\n",
+            "a: !!int 1.5\n",
+            "a: !!bool yes\n",
+            "a: !!null 0\n",
+        ] {
+            let e = parse(bad, &mut diags).unwrap_err();
+            assert!(
+                e.message.contains("is not a valid !!"),
+                "{bad}: {}",
+                e.message
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@ const BURST: u32 = 10;
 const WINDOW: Duration = Duration::from_secs(10);
 
 pub struct BadLog {
+    /// What the lines are, for the summary: "lines that are not events", say.
+    what: &'static str,
     since: Instant,
     /// (source, logged, not logged) in this window.
     by_source: Vec<(Arc<str>, u32, u64)>,
@@ -23,15 +25,10 @@ impl Drop for BadLog {
     }
 }
 
-impl Default for BadLog {
-    fn default() -> Self {
-        BadLog::new()
-    }
-}
-
 impl BadLog {
-    pub fn new() -> BadLog {
+    pub fn new(what: &'static str) -> BadLog {
         BadLog {
+            what,
             since: Instant::now(),
             by_source: Vec::new(),
         }
@@ -73,7 +70,8 @@ impl BadLog {
                 tracing::warn!(
                     source = &*source,
                     not_logged = skipped,
-                    "skipped {skipped} more bad lines in the last {secs}s without logging each"
+                    "skipped {skipped} more {} in the last {secs}s without logging each",
+                    self.what
                 );
             }
         }
@@ -87,7 +85,7 @@ mod tests {
 
     #[test]
     fn each_source_logs_a_burst_per_window() {
-        let mut log = BadLog::new();
+        let mut log = BadLog::new("bad lines");
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         let allowed = (0..25).filter(|_| log.allow(&a)).count();
         assert_eq!(allowed, BURST as usize);

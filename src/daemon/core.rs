@@ -194,7 +194,7 @@ impl Core {
             wrote_outbox: false,
             kafka: None,
             children: Children::default(),
-            bad_log: BadLog::new(),
+            bad_log: BadLog::new("lines that are not events"),
             stopping: false,
         };
         core.publish_gauges();

@@ -75,7 +75,7 @@ impl Skips {
             not_utf8: metrics
                 .events_rejected
                 .with_label_values(&[name, "invalid_json"]),
-            log: BadLog::new(),
+            log: BadLog::new("oversized or non-UTF-8 lines"),
         }
     }
 
