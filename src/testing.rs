@@ -86,9 +86,7 @@ pub fn test_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
         for e in entries {
             let p = e?.path();
             // Hidden files and directories are left out, as in a rules directory.
-            if p.file_name()
-                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
-            {
+            if crate::rules::hidden(&p) {
                 continue;
             }
             if p.is_dir() {

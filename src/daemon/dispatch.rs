@@ -45,6 +45,7 @@ type StdoutLine = (String, tokio::sync::oneshot::Sender<std::io::Result<()>>);
 /// blocks. Then only this sink's deliveries wait (its slots fill, as a hanging receiver's
 /// do), never the runtime serving HTTP, signals and the other sinks. A line is printed
 /// whole and flushed before it counts as delivered.
+///
 /// Lines are queued in outbox order by the dispatcher itself (the delivery tasks, which
 /// run concurrently, only wait for them), so they print in that order; the queue holds at
 /// most the sink's deliveries in flight.

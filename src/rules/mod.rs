@@ -103,6 +103,13 @@ pub fn split_path(p: &str) -> Result<Vec<String>, String> {
     Ok(segs)
 }
 
+/// Whether a directory entry is hidden (`.name`): not rules nor tests, as a shell's
+/// `*.yaml` would not list it (editor backups and locks, macOS `._` files).
+pub fn hidden(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+}
+
 /// The rule files of a rules path: the file itself, or the `*.yaml`/`*.yml` files of a
 /// directory in name order, hidden ones (`.name`) left out.
 pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
@@ -127,12 +134,7 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
             .map_err(|e| fail(format!("cannot list rules: {e}")))?
             .path();
         let is_yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        // Hidden files are not rules, as a shell's `*.yaml` would not list them (editor
-        // backups and locks, `.#orders.yaml`).
-        let hidden = p
-            .file_name()
-            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
-        if is_yaml && !hidden && p.is_file() {
+        if is_yaml && !hidden(&p) && p.is_file() {
             files.push(p);
         }
     }
