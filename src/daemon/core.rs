@@ -769,6 +769,7 @@ fn envelope(kind: &str, at: Instant, data: &serde_json::Value) -> String {
 /// The resolve message for a firing alert's body, resolved by a late correlate.
 fn resolved(alert_body: &str, late: &Outcome) -> String {
     let mut v: serde_json::Value = serde_json::from_str(alert_body).unwrap_or_default();
+    let fired = v.get("timestamp").cloned();
     v["type"] = "sagawatch.alert.resolved".into();
     v["timestamp"] = format_rfc3339(late.at).into();
     if let Some(d) = v.get_mut("data").and_then(|d| d.as_object_mut()) {
@@ -778,6 +779,10 @@ fn resolved(alert_body: &str, late: &Outcome) -> String {
         if let Some(id) = d.get("id").and_then(|i| i.as_str()).map(str::to_string) {
             d.insert("id".into(), format!("{id}-resolved").into());
             d.insert("alert_id".into(), id.into());
+        }
+        // When the alert fired: Alertmanager's `startsAt` for the resolve too.
+        if let Some(t) = fired {
+            d.insert("alert_at".into(), t);
         }
         d.insert("at".into(), format_rfc3339(late.at).into());
         if let Some(t) = late.time {

@@ -856,7 +856,13 @@ pub fn alertmanager_alert(body: &str, kind: &str, resend: Duration) -> Option<se
         ann.insert("description".into(), desc.into());
     }
     let now = crate::daemon::core::wall_nanos();
-    Some(am_alert(labels, ann, v.get("timestamp"), kind, resend, now))
+    // A resolve starts when its alert fired (`alert_at`), so that an Alertmanager which
+    // lost the alert meanwhile still shows when the step went missing.
+    let starts = match d.get("alert_at") {
+        Some(t) if kind == "resolve" => Some(t),
+        _ => v.get("timestamp"),
+    };
+    Some(am_alert(labels, ann, starts, kind, resend, now))
 }
 
 /// The alert at wall time `now`. `startsAt` is the body's timestamp (event time), but
@@ -920,6 +926,17 @@ mod tests {
                 assert_eq!(at("startsAt"), crate::time::parse_rfc3339(want).unwrap());
             }
         }
+    }
+
+    /// A resolve starts when its alert fired, not when it was resolved.
+    #[test]
+    fn a_resolve_starts_when_its_alert_fired() {
+        let body = r#"{"timestamp":"2026-01-01T11:30:00Z","data":{"rule":"r","step":"s",
+            "alert_at":"2026-01-01T11:00:00Z"}}"#;
+        let resend = Duration::from_secs(60);
+        let starts = |kind| alertmanager_alert(body, kind, resend).unwrap()["startsAt"].clone();
+        assert_eq!(starts("resolve"), "2026-01-01T11:00:00Z");
+        assert_eq!(starts("alert"), "2026-01-01T11:30:00Z");
     }
 
     #[test]
