@@ -441,6 +441,48 @@ fn validate_config_reports_config_and_rules_problems_in_one_run() {
     assert!(!err.contains("unknown sink \"hook\""), "{err}");
 }
 
+/// What librdkafka checks only across properties, when a client is created, `validate`
+/// finds too, offline (no broker runs here): SASL without a mechanism means GSSAPI, which
+/// this build lacks; a CA file that is not there. Secrets are not repeated; a config
+/// with a mechanism the build has passes.
+#[test]
+fn validate_config_checks_kafka_clients_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    std::fs::write(
+        dir.path().join("rules/r.yaml"),
+        "rules:\n  - name: r\n    trigger: { source: orders, key: id }\n    expect:\n      - { step: s, key: id, within: 1m }\n    on_missing:\n      - compensate: { sink: cmds, payload: { k: '{{key}}' } }\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("c.yaml");
+    let check = |props: &str| {
+        std::fs::write(
+            &cfg,
+            format!("rules: rules\nkafka:\n  brokers: 127.0.0.1:1\n  properties: {{ security.protocol: SASL_SSL, sasl.username: u, sasl.password: hunter2secret{props} }}\nsources: {{ orders: {{ type: kafka, topic: orders }} }}\nsinks: {{ cmds: {{ type: kafka, topic: cmds }} }}\n"),
+        )
+        .unwrap();
+        sagawatch(&["validate", "--config", &cfg.display().to_string()], None)
+    };
+    let (code, _, err) = check("");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("c.yaml: kafka (`kafka.properties`, both clients): Client creation error: No provider for SASL mechanism GSSAPI"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, _, err) =
+        check(", sasl.mechanism: SCRAM-SHA-512, ssl.ca.location: /nonexistent/ca.pem");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("ssl.ca.location failed"), "{err}");
+    let (code, out, err) = check(", sasl.mechanism: SCRAM-SHA-512");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("c.yaml: ok (1 sources, 1 sinks, 1 rules)"),
+        "{out}"
+    );
+    assert!(!format!("{out}{err}").contains("hunter2"));
+}
+
 /// Output into a pipe closed early (`| head`) ends the command quietly, as replay does:
 /// no panic, no backtrace. 3000 problems are more than a pipe holds, so the write fails.
 #[test]

@@ -202,6 +202,12 @@ pub fn producer(
     delivery_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
 ) -> Result<Producer> {
+    producer_config(k, delivery_timeout)
+        .create_with_context(LogContext(metrics))
+        .map_err(|e| anyhow::anyhow!("kafka: cannot create the producer: {}", redacted(&e)))
+}
+
+fn producer_config(k: &KafkaConfig, delivery_timeout: Duration) -> ClientConfig {
     let mut c = base_config(k, &k.producer);
     c.set("linger.ms", "5").set(
         "message.timeout.ms",
@@ -211,8 +217,7 @@ pub fn producer(
         c.set(key, v);
     }
     c.set("enable.idempotence", "true");
-    c.create_with_context(LogContext(metrics))
-        .map_err(|e| anyhow::anyhow!("kafka: cannot create the producer: {}", redacted(&e)))
+    c
 }
 
 /// Sends one outbox message as a command: key = correlation key, headers = idempotency
@@ -264,6 +269,52 @@ pub enum CheckError {
     Unreachable(String),
     /// Missing topics or topics one rule correlates with different partition counts.
     Config(Vec<String>),
+}
+
+/// Creates the clients `run` would, without brokers (so without a connection), so that
+/// `validate` sees librdkafka's checks across properties offline: a SASL mechanism this
+/// build lacks (GSSAPI, the default), a TLS file that is not there. Property by property
+/// checks are the config's own; these need the whole set.
+pub fn check_clients(cfg: &Config) -> Vec<String> {
+    let Some(k) = &cfg.kafka else {
+        return Vec::new();
+    };
+    let offline = KafkaConfig {
+        brokers: String::new(),
+        ..k.clone()
+    };
+    let sinks = cfg
+        .sinks
+        .iter()
+        .filter(|s| matches!(s.kind, crate::config::SinkKind::Kafka { .. }));
+    let producer = sinks.clone().map(|s| s.timeout).max().and_then(|t| {
+        producer_config(&offline, t)
+            .create::<rdkafka::producer::BaseProducer>()
+            .err()
+            .map(|e| redacted(&e))
+    });
+    let consumer = if sinks.count() > 0 || !kafka_sources(cfg).is_empty() {
+        consumer_config(&offline)
+            .create::<BaseConsumer>()
+            .err()
+            .map(|e| redacted(&e))
+    } else {
+        None
+    };
+    match (producer, consumer) {
+        // Most such problems are in the shared properties: say it once.
+        (Some(p), Some(c)) if p == c => {
+            vec![format!("kafka (`kafka.properties`, both clients): {p}")]
+        }
+        (p, c) => {
+            p.map(|p| format!("kafka (producer: `kafka.properties` and `kafka.producer`): {p}"))
+                .into_iter()
+                .chain(c.map(|c| {
+                    format!("kafka (consumer: `kafka.properties` and `kafka.consumer`): {c}")
+                }))
+                .collect()
+        }
+    }
 }
 
 /// Checks at startup that every Kafka topic exists and that the topics each rule

@@ -74,6 +74,14 @@ pub fn validate(path: &Path) -> i32 {
         eprintln!("{e}");
     }
     let Some(cfg) = cfg else { return 1 };
+    let mut failed = config_error.is_some();
+    if !failed {
+        // The clients only once every property passed: each is reported once, at its place.
+        for p in kafka::check_clients(&cfg) {
+            eprintln!("error: {}: {p}", path.display());
+            failed = true;
+        }
+    }
     if !cfg.rules_path.exists() {
         return 1; // reported with the config's problems
     }
@@ -82,7 +90,7 @@ pub fn validate(path: &Path) -> i32 {
             eprintln!("{e}");
             1
         }
-        Ok(_) if config_error.is_some() => 1,
+        Ok(_) if failed => 1,
         Ok(set) => {
             writeln!(
                 std::io::stdout(),
