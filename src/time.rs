@@ -24,8 +24,10 @@ impl Duration {
     /// Parses `500ms`, `90s`, `15m`, `48h`, `7d` and combinations in descending unit order
     /// such as `1h30m`. The result must be positive.
     pub fn parse(text: &str) -> Result<Duration, String> {
-        let nanos = Duration::parse_span(text)?;
-        if nanos <= 0 {
+        let t = text.trim();
+        // "-1s" is no more allowed than "0s", and said the same way.
+        let nanos = Duration::parse_span(t.strip_prefix('-').unwrap_or(t))?;
+        if nanos <= 0 || t.starts_with('-') {
             return Err(format!("duration {:?} must be positive", text.trim()));
         }
         Ok(Duration {
@@ -42,7 +44,7 @@ impl Duration {
             return Err("empty duration (expected e.g. 500ms, 90s, 15m, 48h, 7d, 1h30m)".into());
         }
         if t.starts_with('-') {
-            return Err(format!("duration {t:?} must be positive"));
+            return Err(format!("duration {t:?} must not be negative"));
         }
         let bytes = t.as_bytes();
         let mut i = 0;
@@ -372,6 +374,16 @@ mod tests {
         ] {
             assert!(Duration::parse(s).is_err(), "{s}");
         }
+        // Where zero is allowed, a negative span is refused as negative.
+        assert_eq!(
+            Duration::parse("-5m").unwrap_err(),
+            "duration \"-5m\" must be positive"
+        );
+        assert_eq!(
+            Duration::parse_span("-5m").unwrap_err(),
+            "duration \"-5m\" must not be negative"
+        );
+        assert_eq!(Duration::parse_span("0s"), Ok(0));
     }
 
     #[test]

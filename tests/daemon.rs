@@ -611,7 +611,10 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
         ),
     );
     assert_eq!(code, Some(2));
-    assert!(err.contains(&format!("listen 127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("c.yaml: listen 127.0.0.1:{port}: ")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -674,7 +674,8 @@ rules:
     });
 }
 
-/// While the startup check waits for brokers, the listener answers: alive, not ready.
+/// While the startup check waits for brokers, the listener answers: alive, not ready,
+/// and scraped (`sagawatch_ready` 0: a failed scrape would read as the daemon down).
 #[test]
 fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
     let nobody = free_port();
@@ -701,6 +702,7 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
     let (status, body) = http(port, "GET", "/readyz", &[], b"").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("starting"), "{body}");
+    assert_eq!(metric(port, "sagawatch_ready"), Some(0.0));
     assert!(alive(&mut d));
 }
 

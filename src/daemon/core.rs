@@ -701,7 +701,7 @@ impl Core {
             tracing::warn!(
                 rule,
                 dropped = n,
-                "rule steps changed; its open instances were dropped"
+                "rule steps changed; its stored instances were dropped"
             );
         }
         self.decoder = Decoder::new(&rules, &self.cfg.time.field);

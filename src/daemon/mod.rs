@@ -177,12 +177,18 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
     let listener = match rt.block_on(server::bind(cfg.listen)) {
         Ok(l) => l,
         Err(e) => {
-            say(&format!("error: {e:#}"));
+            say(&format!("error: {}: {e:#}", path.display()));
             return EXIT_CONFIG;
         }
     };
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics.prepare(&cfg);
     let (starting_stop, starting_rx) = tokio::sync::oneshot::channel();
-    let starting = rt.spawn(server::serve_starting(listener, starting_rx));
+    let starting = rt.spawn(server::serve_starting(
+        listener,
+        starting_rx,
+        Arc::clone(&metrics),
+    ));
     let checked = kafka::check_topics(&cfg, &rules);
     let _ = starting_stop.send(());
     let listener = match rt.block_on(starting) {
@@ -213,6 +219,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         &rt,
         hup,
         partitions,
+        metrics,
     ) {
         Ok(code) => code,
         Err(e) => {
@@ -234,9 +241,8 @@ fn run_with(
     rt: &tokio::runtime::Runtime,
     mut hup: tokio::signal::unix::Signal,
     partitions: kafka::Partitions,
+    metrics: Arc<metrics::Metrics>,
 ) -> Result<i32> {
-    let metrics = Arc::new(metrics::Metrics::new());
-    metrics.prepare(&cfg);
     let has_kafka_source = cfg
         .sources
         .iter()

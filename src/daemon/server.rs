@@ -77,6 +77,18 @@ fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     r
 }
 
+/// `/metrics` in Prometheus' text format.
+fn metrics_page(m: &Metrics) -> Resp {
+    let mut r = text(StatusCode::OK, m.render());
+    r.headers_mut().insert(
+        "content-type",
+        "text/plain; version=0.0.4; charset=utf-8"
+            .parse()
+            .expect("header"),
+    );
+    r
+}
+
 fn json(status: StatusCode, v: serde_json::Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
@@ -138,11 +150,16 @@ fn io(stream: tokio::net::TcpStream) -> TokioIo<WriteDeadline<tokio::net::TcpStr
 }
 
 /// Answers on the listener while the daemon starts (the Kafka topic check can wait for
-/// brokers up to `kafka.connect_timeout`): `/healthz` 200 (alive), everything else 503,
-/// one request per connection. Returns the listener once `stop` fires, for the real
-/// server. Without it, probes met a refused connection, and a liveness probe could
+/// brokers up to `kafka.connect_timeout`): `/healthz` 200 (alive), `/metrics` (with
+/// `sagawatch_ready` 0, so a scrape does not fail and mark the daemon down), everything
+/// else 503, one request per connection. Returns the listener once `stop` fires, for the
+/// real server. Without it, probes met a refused connection, and a liveness probe could
 /// restart a daemon that was only waiting for its brokers.
-pub async fn serve_starting(listener: TcpListener, mut stop: oneshot::Receiver<()>) -> TcpListener {
+pub async fn serve_starting(
+    listener: TcpListener,
+    mut stop: oneshot::Receiver<()>,
+    metrics: Arc<Metrics>,
+) -> TcpListener {
     loop {
         tokio::select! {
             _ = &mut stop => return listener,
@@ -151,16 +168,23 @@ pub async fn serve_starting(listener: TcpListener, mut stop: oneshot::Receiver<(
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 };
+                let metrics = Arc::clone(&metrics);
                 tokio::spawn(async move {
-                    let svc = service_fn(|req: Request<Incoming>| async move {
-                        let (status, body) = match req.uri().path() {
-                            "/healthz" => (StatusCode::OK, "starting\n"),
-                            _ => (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "not ready: starting (checking the kafka topics)\n",
-                            ),
-                        };
-                        Ok::<_, Infallible>(text(status, body))
+                    let svc = service_fn(|req: Request<Incoming>| {
+                        let metrics = Arc::clone(&metrics);
+                        async move {
+                            Ok::<_, Infallible>(match req.uri().path() {
+                                "/healthz" => text(StatusCode::OK, "starting\n"),
+                                "/metrics" => {
+                                    metrics.ready.set(0);
+                                    metrics_page(&metrics)
+                                }
+                                _ => text(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "not ready: starting (checking the kafka topics)\n",
+                                ),
+                            })
+                        }
                     });
                     let _ = http1_builder()
                         .keep_alive(false)
@@ -443,14 +467,7 @@ async fn route(shared: Arc<Shared>, local: SocketAddr, req: Request<Incoming>) -
                 .metrics
                 .ready
                 .set(i64::from(not_ready(&shared).is_none()));
-            let mut r = text(StatusCode::OK, shared.metrics.render());
-            r.headers_mut().insert(
-                "content-type",
-                "text/plain; version=0.0.4; charset=utf-8"
-                    .parse()
-                    .expect("header"),
-            );
-            r
+            metrics_page(&shared.metrics)
         }
         (&Method::GET, "/healthz") => {
             // Liveness: a Kafka outage is reported, but a restart would not help.
