@@ -215,11 +215,10 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         cfg,
         rules,
         (state, positions),
-        listener,
+        (listener, metrics),
         &rt,
         hup,
         partitions,
-        metrics,
     ) {
         Ok(code) => code,
         Err(e) => {
@@ -237,11 +236,11 @@ fn run_with(
     rules: Arc<crate::rules::RuleSet>,
     // The state and the stored source positions, read from it.
     (state, positions): (SqliteState, Vec<Option<store::Position>>),
-    listener: tokio::net::TcpListener,
+    // The listener and the metrics it served while the daemon started.
+    (listener, metrics): (tokio::net::TcpListener, Arc<metrics::Metrics>),
     rt: &tokio::runtime::Runtime,
     mut hup: tokio::signal::unix::Signal,
     partitions: kafka::Partitions,
-    metrics: Arc<metrics::Metrics>,
 ) -> Result<i32> {
     let has_kafka_source = cfg
         .sources
