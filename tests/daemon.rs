@@ -1119,6 +1119,75 @@ fn instance_timeline_over_http_and_inspect() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// The read API runs at most a few queries at once, each on a kept connection: many
+/// concurrent listings neither open a connection each (each with its page cache, on a
+/// thread of its own) nor fail.
+#[test]
+fn concurrent_reads_share_a_bounded_set_of_connections() {
+    let mut d = Daemon::new(
+        "batch: { interval: 20ms }\nsources: { api: { type: http } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    d.start();
+    let mut body = String::new();
+    for i in 0..20_000 {
+        body.push_str(&format!(
+            "{{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o{i}\"}}\n"
+        ));
+    }
+    assert_eq!(
+        http(d.port, "POST", "/v1/events", &[], body.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    let pid = d.child.as_ref().unwrap().id();
+    // File descriptors on the state file: the core's, the dispatcher's, the
+    // checkpointer's, and the readers'.
+    let state_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
+                    .filter(|p| p.to_string_lossy().ends_with("state.db"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let port = d.port;
+    let peak = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(state_fds());
+            }
+            peak
+        });
+        let readers: Vec<_> = (0..48)
+            .map(|_| {
+                s.spawn(move || {
+                    http(port, "GET", "/v1/instances?status=open&limit=1000", &[], b"")
+                        .unwrap()
+                })
+            })
+            .collect();
+        for r in readers {
+            let (st, b) = r.join().unwrap();
+            assert_eq!(st, 200, "{b}");
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&b).unwrap()["items"]
+                    .as_array()
+                    .unwrap()
+                    .len(),
+                1000
+            );
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().unwrap()
+    });
+    assert!(peak <= 3 + 4, "{peak} connections on the state file");
+    assert_eq!(d.terminate(), 0);
+}
+
 #[test]
 fn instance_listing_pages_through_the_status_indexes() {
     let mut d = Daemon::new(

@@ -211,7 +211,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    match run_with(
+    let code = match run_with(
         cfg,
         rules,
         (state, positions),
@@ -228,7 +228,11 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             }
             1
         }
-    }
+    };
+    // A timeline API query still running on the blocking pool holds nothing the exit
+    // needs (everything is committed): do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
 }
 
 fn run_with(
@@ -263,6 +267,7 @@ fn run_with(
         core_down: AtomicBool::new(false),
         reload: Arc::new(Notify::new()),
         reload_result: tokio::sync::Mutex::new(Some(Vec::new())),
+        readers: server::Readers::default(),
     });
 
     let wal_restart = state.wal_restart_flag();
@@ -281,6 +286,10 @@ fn run_with(
             .name("sagawatch-core".into())
             .spawn(move || {
                 let r = c.run(core_rx);
+                if let Err(e) = &r {
+                    // Now, not after the shutdown that follows.
+                    tracing::error!(error = format!("{e:#}"), "core stopped; shutting down");
+                }
                 shared.core_down.store(true, Ordering::Relaxed);
                 done.notify_one();
                 r

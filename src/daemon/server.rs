@@ -60,6 +60,30 @@ pub struct Shared {
     /// Requests waiting for the outcome of the next reload; `None` once shutting down.
     #[allow(clippy::type_complexity)]
     pub reload_result: tokio::sync::Mutex<Option<Vec<oneshot::Sender<Result<(), ReloadError>>>>>,
+    pub readers: Readers,
+}
+
+/// Queries of the read API (timeline, listings, rules) running at once; more wait.
+const READERS: usize = 4;
+/// A read API query still running after this is interrupted (503): a reader holds a
+/// snapshot of the state file, which keeps the WAL from starting over while it runs.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The read API's connections: at most `READERS` queries at once, each connection kept
+/// for the next. Unbounded, every request opened a connection of its own (with its page
+/// cache) on a thread of its own: 200 concurrent listings took 3 GB.
+pub struct Readers {
+    permits: tokio::sync::Semaphore,
+    idle: std::sync::Mutex<Vec<rusqlite::Connection>>,
+}
+
+impl Default for Readers {
+    fn default() -> Readers {
+        Readers {
+            permits: tokio::sync::Semaphore::new(READERS),
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -571,14 +595,61 @@ async fn from_state<F>(
 where
     F: FnOnce(&rusqlite::Connection) -> anyhow::Result<serde_json::Value> + Send + 'static,
 {
+    let readers = &shared.readers;
+    let Ok(_permit) = readers.permits.acquire().await else {
+        return Err(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"));
+    };
+    let idle = readers.idle.lock().ok().and_then(|mut v| v.pop());
     let state = shared.cfg.state.clone();
-    let r = tokio::task::spawn_blocking(move || f(&crate::store::open(&state)?)).await;
+    let interrupt = Arc::new(std::sync::Mutex::new(None));
+    let handle = Arc::clone(&interrupt);
+    let mut task = tokio::task::spawn_blocking(move || {
+        let conn = match idle {
+            Some(c) => c,
+            None => match crate::store::open(&state) {
+                Ok(c) => c,
+                Err(e) => return (None, Err(e)),
+            },
+        };
+        if let Ok(mut h) = handle.lock() {
+            *h = Some(conn.get_interrupt_handle());
+        }
+        let r = f(&conn);
+        (Some(conn), r)
+    });
+    let mut timed_out = false;
+    let r = tokio::select! {
+        r = &mut task => r,
+        _ = tokio::time::sleep(READ_TIMEOUT) => {
+            timed_out = true;
+            if let Ok(h) = interrupt.lock()
+                && let Some(h) = h.as_ref()
+            {
+                h.interrupt();
+            }
+            task.await
+        }
+    };
     match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(json(
-            err_status,
-            serde_json::json!({"error": format!("{e:#}")}),
-        )),
+        Ok((conn, r)) => {
+            if let (Some(c), Ok(mut idle)) = (conn, readers.idle.lock()) {
+                idle.push(c);
+            }
+            match r {
+                Ok(v) => Ok(v),
+                Err(_) if timed_out => Err(json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({"error": format!(
+                        "the query took longer than {}s; ask for a smaller page",
+                        READ_TIMEOUT.as_secs()
+                    )}),
+                )),
+                Err(e) => Err(json(
+                    err_status,
+                    serde_json::json!({"error": format!("{e:#}")}),
+                )),
+            }
+        }
         Err(e) => Err(json(
             StatusCode::INTERNAL_SERVER_ERROR,
             serde_json::json!({"error": e.to_string()}),

@@ -284,6 +284,9 @@ pub fn checkpoint_loop(
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
     }
+    // A reader still running (a timeline API query) would hold the exit for the whole busy
+    // timeout: the WAL is recovered at the next start anyway.
+    let _ = conn.busy_timeout(StdDuration::from_millis(500));
     let _ = checkpoint("TRUNCATE");
     Ok(())
 }
@@ -771,6 +774,51 @@ mod tests {
                 step: 0
             }]
         );
+    }
+
+    /// A reader that holds an old snapshot (a long timeline API request) defers the WAL's
+    /// restart; it neither fails the writer's commit nor holds it for the busy timeout.
+    #[test]
+    fn a_reader_defers_the_wal_restart_without_failing_the_commit() {
+        use crate::engine::state::{Instance, State, Steps};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = open(&path).unwrap();
+        migrate(&mut conn, &path).unwrap();
+        writer_settings(&conn).unwrap();
+        let mut st = SqliteState::open(conn, &rule_set(&["a"]), &path).unwrap();
+        let put = |st: &mut SqliteState, key: &str| {
+            st.begin().unwrap();
+            st.take(0, key);
+            st.put(
+                0,
+                key,
+                Some(Instance {
+                    opened_at: 0,
+                    closed_at: None,
+                    expires_at: 0,
+                    steps: Steps::pending(1),
+                    captures: Box::new([]),
+                }),
+            );
+        };
+        put(&mut st, "k1");
+        st.commit().unwrap();
+        let reader = open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM instances", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        put(&mut st, "k2");
+        st.wal_restart_flag()
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        st.commit().unwrap();
+        assert!(t.elapsed() < StdDuration::from_secs(5), "{:?}", t.elapsed());
+        put(&mut st, "k3");
+        st.commit().unwrap();
+        reader.execute_batch("COMMIT").unwrap();
     }
 
     /// Every listing reads its status index in order: no scan of the instances, no sort.

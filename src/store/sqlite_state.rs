@@ -381,10 +381,26 @@ impl SqliteState {
         self.in_tx = false;
         self.rows.evict();
         if self.wal_restart.swap(false, Ordering::Relaxed) {
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
+            self.restart_wal();
         }
         Ok(())
+    }
+
+    /// Starts the WAL over, if no reader (a timeline API request, say) still needs its
+    /// frames. Readers may hold a snapshot for a while: then the WAL grows on, and the
+    /// checkpointer asks again on its next pass. Waiting for them would stall intake, and
+    /// failing would stop the daemon, for nothing the WAL itself needs.
+    fn restart_wal(&mut self) {
+        let _ = self.conn.busy_timeout(std::time::Duration::from_millis(50));
+        let r = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+        let _ = self.conn.busy_timeout(std::time::Duration::from_secs(10));
+        match r {
+            Ok(0) => {}
+            Ok(_) => tracing::debug!("WAL restart deferred: a reader still uses the WAL"),
+            Err(e) => tracing::debug!(error = %e, "WAL restart deferred"),
+        }
     }
 
     /// Writes the held rows, purges what expired and commits.
