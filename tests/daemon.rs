@@ -1119,6 +1119,22 @@ fn instance_timeline_over_http_and_inspect() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// The state file holds event contents and outbox bodies: it and its companions are for
+/// the daemon's user only, whatever the umask.
+#[test]
+fn state_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d =
+        Daemon::new("sources: { api: { type: http } }\nsinks: { hook: { type: stdout } }\n");
+    // The umask the daemon inherits from this test process is the usual 022 or laxer.
+    d.start();
+    for f in ["state.db", "state.db-wal", "state.db-shm", "state.db.lock"] {
+        let mode = std::fs::metadata(d.path(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{f}: {mode:o}");
+    }
+    assert_eq!(d.terminate(), 0);
+}
+
 /// The read API runs at most a few queries at once, each on a kept connection: many
 /// concurrent listings neither open a connection each (each with its page cache, on a
 /// thread of its own) nor fail.
@@ -1165,8 +1181,14 @@ fn concurrent_reads_share_a_bounded_set_of_connections() {
         let readers: Vec<_> = (0..48)
             .map(|_| {
                 s.spawn(move || {
-                    http(port, "GET", "/v1/instances?status=open&limit=1000", &[], b"")
-                        .unwrap()
+                    http(
+                        port,
+                        "GET",
+                        "/v1/instances?status=open&limit=1000",
+                        &[],
+                        b"",
+                    )
+                    .unwrap()
                 })
             })
             .collect();

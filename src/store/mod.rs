@@ -7,6 +7,7 @@ mod outbox;
 mod rows;
 mod sqlite_state;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration as StdDuration;
 
@@ -144,6 +145,7 @@ pub fn lock(path: &Path) -> Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .with_context(|| format!("state file {}: cannot open its lock file", path.display()))?;
     match file.try_lock() {
@@ -188,6 +190,21 @@ pub fn check_path(path: &Path) -> Result<()> {
 /// Opens (creating if needed) the state file with the settings every connection uses.
 pub fn open(path: &Path) -> Result<Connection> {
     check_path(path)?;
+    // The state holds every event's contents and the outbox bodies: a new file is for its
+    // owner only, whatever the umask (SQLite gives `-wal` and `-shm` the database file's
+    // mode). An existing file keeps the mode it was given.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("state file {}: cannot create", path.display()));
+        }
+    }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
