@@ -1135,6 +1135,48 @@ fn state_files_are_private() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// Event bodies are read a few at a time: many large requests at once do not all sit in
+/// memory together (each is up to `max_body`, and its lines again).
+#[test]
+fn concurrent_large_posts_are_read_a_few_at_a_time() {
+    let mut d = Daemon::new(
+        "sources: { api: { type: http, max_body: 16777216 } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    d.start();
+    let pid = d.child.as_ref().unwrap().id();
+    let peak_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let before = peak_kib();
+    // 12 MiB of events whose last line is bad: each is read and split whole, then
+    // refused (400), so nothing reaches the state.
+    let mut body = String::new();
+    while body.len() < 12 << 20 {
+        body.push_str(r#"{"time":"2026-03-02T09:00:00Z","type":"Noise","padding":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#);
+        body.push('\n');
+    }
+    body.push_str("not json\n");
+    let port = d.port;
+    std::thread::scope(|s| {
+        let posts: Vec<_> = (0..16)
+            .map(|_| s.spawn(|| http(port, "POST", "/v1/events", &[], body.as_bytes()).unwrap()))
+            .collect();
+        for p in posts {
+            let (st, b) = p.join().unwrap();
+            assert_eq!(st, 400, "{b}");
+        }
+    });
+    let grew_mib = (peak_kib() - before) / 1024;
+    // All 16 at once grew it by 490 MiB here, 2 at once by about 110.
+    assert!(grew_mib < 250, "peak RSS grew {grew_mib} MiB");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// The read API runs at most a few queries at once, each on a kept connection: many
 /// concurrent listings neither open a connection each (each with its page cache, on a
 /// thread of its own) nor fail.

@@ -268,6 +268,7 @@ fn run_with(
         reload: Arc::new(Notify::new()),
         reload_result: tokio::sync::Mutex::new(Some(Vec::new())),
         readers: server::Readers::default(),
+        ingest: tokio::sync::Semaphore::new(server::INGEST_BODIES),
     });
 
     let wal_restart = state.wal_restart_flag();

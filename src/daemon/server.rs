@@ -61,7 +61,15 @@ pub struct Shared {
     #[allow(clippy::type_complexity)]
     pub reload_result: tokio::sync::Mutex<Option<Vec<oneshot::Sender<Result<(), ReloadError>>>>>,
     pub readers: Readers,
+    /// `POST /v1/events` bodies being read and split at once.
+    pub ingest: tokio::sync::Semaphore,
 }
+
+/// Event bodies read and split at once; more requests wait before their bodies are read.
+/// One in flight takes about 4.5 times its size (the body, its lines, copies while read):
+/// up to about 100 MiB with the default `max_body` (10 MiB). The core applies one
+/// request at a time anyway.
+pub const INGEST_BODIES: usize = 2;
 
 /// Queries of the read API (timeline, listings, rules) running at once; more wait.
 const READERS: usize = 4;
@@ -142,7 +150,10 @@ fn authorized(token: &Option<Secret>, req: &Request<Incoming>) -> bool {
     // difference is nor whether the lengths match.
     use sha2::{Digest, Sha256};
     let (a, b) = (Sha256::digest(got.as_bytes()), Sha256::digest(&want.0));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn unauthorized() -> Resp {
@@ -921,6 +932,14 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     {
         return too_large();
     }
+    // Bodies in memory at once are bounded (each up to `max_body`, and its lines again);
+    // more requests wait here, before their bodies are read.
+    let Ok(permit) = shared.ingest.acquire().await else {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "not accepting events (shutting down)"}),
+        );
+    };
     // A body trickled in slower than this holds a connection slot: cut it.
     let read = tokio::time::timeout(
         BODY_TIMEOUT,
@@ -949,14 +968,30 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     };
     // Each event's time is checked here too, so that the first bad line is the one named
     // whatever is wrong with it (the core refuses the whole request for any of them).
-    let decoder = Decoder::time_only(&shared.cfg.time.field);
+    // Off the async threads: a large body takes long enough to hold up other requests
+    // (health probes among them).
+    let field = shared.cfg.time.field.clone();
     let wall = matches!(shared.cfg.time.clock, ClockMode::Wall);
-    let check = |line: &str| {
-        decoder
-            .decode_at(line.as_bytes(), None, wall.then_some(0))
-            .map(drop)
+    let split = tokio::task::spawn_blocking(move || {
+        let decoder = Decoder::time_only(&field);
+        let check = |line: &str| {
+            decoder
+                .decode_at(line.as_bytes(), None, wall.then_some(0))
+                .map(drop)
+        };
+        split_body(&body, check)
+    })
+    .await;
+    let split = match split {
+        Ok(s) => s,
+        Err(e) => {
+            return json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": e.to_string()}),
+            );
+        }
     };
-    let mut body = match split_body(&body, check) {
+    let mut body = match split {
         Ok(b) => b,
         Err(e) => {
             shared
@@ -983,6 +1018,8 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let sent = tokio::task::spawn_blocking(move || core.send(msg).is_ok())
         .await
         .unwrap_or(false);
+    // The core has the lines now; waiting for their commit holds no body.
+    drop(permit);
     if !sent {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
