@@ -22,12 +22,19 @@ pub enum Field<'a> {
     Json(serde_json::Value),
 }
 
+/// The longest correlation key, in bytes. A key is stored several times over (the row, its
+/// indexes, every alert and payload that renders it), so an 8 MB key from upstream data
+/// cost a quarter of a gigabyte of state; a longer value is no key.
+pub const MAX_KEY_BYTES: usize = 1024;
+
 impl Field<'_> {
-    /// The correlation key this field stands for: a non-empty string, or an integer as its
-    /// decimal text. Anything else is no key.
+    /// The correlation key this field stands for: a non-empty string of at most
+    /// [`MAX_KEY_BYTES`], or an integer as its decimal text. Anything else is no key.
     pub fn key(&self) -> Option<Cow<'_, str>> {
         match self {
-            Field::Str(s) if !s.is_empty() => Some(Cow::Borrowed(s.as_ref())),
+            Field::Str(s) if !s.is_empty() && s.len() <= MAX_KEY_BYTES => {
+                Some(Cow::Borrowed(s.as_ref()))
+            }
             Field::Int(i) => Some(Cow::Owned(i.to_string())),
             Field::UInt(u) => Some(Cow::Owned(u.to_string())),
             _ => None,
@@ -639,6 +646,9 @@ rules:
         assert_eq!(Field::Str("x".into()).key().unwrap(), "x");
         assert_eq!(Field::Int(-3).key().unwrap(), "-3");
         assert!(Field::Str("".into()).key().is_none());
+        let long = "k".repeat(MAX_KEY_BYTES);
+        assert_eq!(Field::Str(long.as_str().into()).key().unwrap(), long);
+        assert!(Field::Str(format!("{long}k").into()).key().is_none());
         assert!(Field::Float(1.0).key().is_none());
         assert!(Field::Bool(true).key().is_none());
         assert!(Field::Null.key().is_none());
