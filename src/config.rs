@@ -401,15 +401,17 @@ pub type ConfigError = RulesError;
 
 /// Replaces `${NAME}` (and `${NAME:-default}`) in every string scalar with the environment
 /// variable; `$$` is a literal `$`. A variable that is unset and has no default is an error
-/// at the scalar's position.
+/// at the scalar's position. Each value taken from the environment is added to `from_env`
+/// with its `${NAME}`, so that messages can leave it out.
 pub fn interpolate(
     node: &mut Node,
     path: &YamlPath,
     env: &dyn Fn(&str) -> Option<String>,
     diags: &mut Vec<Diag>,
+    from_env: &mut Vec<(String, String)>,
 ) {
     match &mut node.value {
-        Value::Str(s) if s.contains('$') => match expand(s, env) {
+        Value::Str(s) if s.contains('$') => match expand(s, env, from_env) {
             Ok(v) => {
                 // A value that reads as a number or boolean serves where one is expected
                 // (`concurrency: ${N}`); its text still serves where a string is. Never
@@ -428,20 +430,24 @@ pub fn interpolate(
         },
         Value::Seq(items) => {
             for (i, n) in items.iter_mut().enumerate() {
-                interpolate(n, &path.index(i), env, diags);
+                interpolate(n, &path.index(i), env, diags, from_env);
             }
         }
         Value::Map(entries) => {
             for (k, v) in entries.iter_mut() {
                 let key = k.text.clone().unwrap_or_default();
-                interpolate(v, &path.key(&key), env, diags);
+                interpolate(v, &path.key(&key), env, diags, from_env);
             }
         }
         _ => {}
     }
 }
 
-fn expand(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+fn expand(
+    s: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    from_env: &mut Vec<(String, String)>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -462,10 +468,11 @@ fn expand(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, Strin
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid variable name {name:?} in ${{...}}"));
             }
-            match env(name)
-                .filter(|v| !v.is_empty())
-                .or(default.map(String::from))
-            {
+            let set = env(name).filter(|v| !v.is_empty());
+            if let Some(v) = &set {
+                from_env.push((v.clone(), format!("${{{name}}}")));
+            }
+            match set.or(default.map(String::from)) {
                 Some(v) => out.push_str(&v),
                 None => {
                     let why = if env(name).is_some() {
@@ -558,6 +565,21 @@ pub fn without_value(desc: &str, value: &str) -> String {
     }
 }
 
+/// `message` with every value of `from_env` (as written, or escaped as `{:?}` quotes it)
+/// replaced by its `${NAME}`. Values shorter than 4 bytes stay: replacing them would
+/// garble the words around them, and they are no secrets.
+fn without_env_values(message: &str, from_env: &[(String, String)]) -> String {
+    let mut m = message.to_string();
+    for (value, name) in from_env.iter().filter(|(v, _)| v.len() >= 4) {
+        let escaped = value.escape_debug().to_string();
+        m = m.replace(value.as_str(), name);
+        if escaped != *value {
+            m = m.replace(&escaped, name);
+        }
+    }
+    m
+}
+
 /// Whether an authority's port (digits after the last colon) is out of range: the URI
 /// parser takes it, and reports no port at all.
 fn bad_port(authority: &str) -> bool {
@@ -604,9 +626,17 @@ fn check_text(
         diags: Vec::new(),
         root: None,
         unknown: Vec::new(),
+        from_env: Vec::new(),
     };
     let cfg = v.check(text, env);
     let unknown: Vec<_> = std::mem::take(&mut v.unknown);
+    // A message quoting a value (`listen: "…" is not an address`) names the variable it
+    // came from instead: a secret put under the wrong key must not reach the log.
+    v.from_env
+        .sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+    for d in &mut v.diags {
+        d.message = without_env_values(&d.message, &v.from_env);
+    }
     if v.diags.is_empty()
         && let Some(c) = cfg
     {
@@ -644,6 +674,8 @@ struct Checker {
     root: Option<Node>,
     /// Where `${...}` could not be expanded.
     unknown: Vec<Pos>,
+    /// Values taken from the environment, with their `${NAME}`: secrets, often.
+    from_env: Vec<(String, String)>,
 }
 
 impl Checker {
@@ -793,7 +825,13 @@ impl Checker {
             }
         };
         let before = self.diags.len();
-        interpolate(&mut root, &YamlPath::default(), env, &mut self.diags);
+        interpolate(
+            &mut root,
+            &YamlPath::default(),
+            env,
+            &mut self.diags,
+            &mut self.from_env,
+        );
         self.unknown = self.diags[before..].iter().map(|d| d.pos).collect();
         let raw: Option<RawConfig> = yaml::from_node(&root, &YamlPath::default(), &mut self.diags);
         // After a section failed to read, the others are still checked, without the
@@ -1406,6 +1444,7 @@ mod tests {
             "NULL" => Some("null".into()),
             "NL" => Some("abc\n".into()),
             "EMPTY" => Some(String::new()),
+            "PW" => Some("S3cr3t\"pw".into()),
             _ => None,
         }
     }
@@ -1431,6 +1470,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A secret under the wrong key is not quoted back: the message names its variable.
+    #[test]
+    fn messages_name_the_variable_instead_of_quoting_its_value() {
+        let e = check(
+            "rules: rules\nlisten: '${PW}'\ntoken_file: 'no/such/${PW}'\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("listen: \"${PW}\" is not an IP:port address"),
+            "{e}"
+        );
+        assert!(e.contains("no/such/${PW}"), "{e}");
+        assert!(!e.contains("S3cr3t"), "{e}");
+        // Short values are left: replacing them would garble the message.
+        let e =
+            check("rules: rules\nsources: { a: { type: stdin } }\nbatch: { events: 'x${N}' }\n")
+                .unwrap_err();
+        assert!(e.contains("x3"), "{e}");
     }
 
     #[test]
