@@ -112,6 +112,9 @@ pub struct Dispatcher {
 /// How often the backlog gauges are refreshed while deliveries are in flight.
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
+/// Lines the stdout sink may have queued and not yet printed.
+const STDOUT_IN_FLIGHT: usize = 1024;
+
 /// What a finished task reports.
 enum Done {
     Delivery(Pending, Result<(), Failed>),
@@ -421,7 +424,13 @@ impl Dispatcher {
                     if paused.contains_key(&s.name) {
                         continue;
                     }
-                    let bound = self.cfg.outbox.concurrency;
+                    // The stdout sink's lines are queued in order for one writer thread:
+                    // many in flight cost nothing, and a few made a burst of alerts print
+                    // at the pace of one dispatcher round (with its commit) per few lines.
+                    let bound = match s.kind {
+                        SinkKind::Stdout => self.cfg.outbox.concurrency.max(STDOUT_IN_FLIGHT),
+                        _ => self.cfg.outbox.concurrency,
+                    };
                     let mut limit = bound * 2 + flight.sink_len(&s.name);
                     let mut seen: HashSet<i64> = HashSet::new();
                     // Lanes holding a message back, with the oldest one held: a message
