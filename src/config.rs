@@ -571,10 +571,12 @@ pub fn without_value(desc: &str, value: &str) -> String {
 fn without_env_values(message: &str, from_env: &[(String, String)]) -> String {
     let mut m = message.to_string();
     for (value, name) in from_env.iter().filter(|(v, _)| v.len() >= 4) {
-        let escaped = value.escape_debug().to_string();
+        // As `{:?}` writes it, without its quotes (`str::escape_debug` escapes `'` too).
+        let quoted = format!("{value:?}");
+        let escaped = &quoted[1..quoted.len() - 1];
         m = m.replace(value.as_str(), name);
-        if escaped != *value {
-            m = m.replace(&escaped, name);
+        if escaped != value {
+            m = m.replace(escaped, name);
         }
     }
     m
@@ -1444,7 +1446,7 @@ mod tests {
             "NULL" => Some("null".into()),
             "NL" => Some("abc\n".into()),
             "EMPTY" => Some(String::new()),
-            "PW" => Some("S3cr3t\"pw".into()),
+            "PW" => Some("S3cr3t'\"pw".into()),
             _ => None,
         }
     }

@@ -26,8 +26,12 @@ impl Duration {
     pub fn parse(text: &str) -> Result<Duration, String> {
         let t = text.trim();
         // "-1s" is no more allowed than "0s", and said the same way.
-        let nanos = Duration::parse_span(t.strip_prefix('-').unwrap_or(t))?;
-        if nanos <= 0 || t.starts_with('-') {
+        let nanos = if t.starts_with('-') {
+            0
+        } else {
+            Duration::parse_span(t)?
+        };
+        if nanos <= 0 {
             return Err(format!("duration {:?} must be positive", text.trim()));
         }
         Ok(Duration {
@@ -384,6 +388,11 @@ mod tests {
             "duration \"-5m\" must not be negative"
         );
         assert_eq!(Duration::parse_span("0s"), Ok(0));
+        // The message quotes what was written.
+        assert_eq!(
+            Duration::parse("--1s").unwrap_err(),
+            "duration \"--1s\" must be positive"
+        );
     }
 
     #[test]

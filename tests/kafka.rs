@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::kafka::{Broker, Consumed};
@@ -703,6 +704,15 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("starting"), "{body}");
     assert_eq!(metric(port, "sagawatch_ready"), Some(0.0));
+    // Refused as the running daemon would refuse it: a DNS name over loopback, a POST.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    let (status, _) = http(port, "POST", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 405);
     assert!(alive(&mut d));
 }
 

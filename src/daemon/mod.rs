@@ -188,6 +188,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         listener,
         starting_rx,
         Arc::clone(&metrics),
+        cfg.allowed_hosts.clone().into(),
     ));
     let checked = kafka::check_topics(&cfg, &rules);
     let _ = starting_stop.send(());
