@@ -568,18 +568,32 @@ pub fn without_value(desc: &str, value: &str) -> String {
 /// `message` with every value of `from_env` (as written, or escaped as `{:?}` quotes it)
 /// replaced by its `${NAME}`. Values shorter than 4 bytes stay: replacing them would
 /// garble the words around them, and they are no secrets.
+/// One pass, longest value first, so that a value inside another variable's name is not
+/// replaced within the `${NAME}` just put in.
 fn without_env_values(message: &str, from_env: &[(String, String)]) -> String {
-    let mut m = message.to_string();
+    // Each value as written and as `{:?}` writes it, without its quotes
+    // (`str::escape_debug` escapes `'` too).
+    let mut forms: Vec<(String, &str)> = Vec::new();
     for (value, name) in from_env.iter().filter(|(v, _)| v.len() >= 4) {
-        // As `{:?}` writes it, without its quotes (`str::escape_debug` escapes `'` too).
         let quoted = format!("{value:?}");
-        let escaped = &quoted[1..quoted.len() - 1];
-        m = m.replace(value.as_str(), name);
-        if escaped != value {
-            m = m.replace(escaped, name);
-        }
+        forms.push((quoted[1..quoted.len() - 1].to_string(), name));
+        forms.push((value.clone(), name));
     }
-    m
+    forms.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    'scan: while let Some(c) = rest.chars().next() {
+        for (value, name) in &forms {
+            if let Some(after) = rest.strip_prefix(value.as_str()) {
+                out.push_str(name);
+                rest = after;
+                continue 'scan;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// Whether an authority's port (digits after the last colon) is out of range: the URI
@@ -1447,6 +1461,7 @@ mod tests {
             "NL" => Some("abc\n".into()),
             "EMPTY" => Some(String::new()),
             "PW" => Some("S3cr3t'\"pw".into()),
+            "PWNAME" => Some("{PW}".into()),
             _ => None,
         }
     }
@@ -1487,6 +1502,12 @@ mod tests {
         );
         assert!(e.contains("no/such/${PW}"), "{e}");
         assert!(!e.contains("S3cr3t"), "{e}");
+        // A value inside another variable's name is not replaced in the name put in.
+        let e = check(
+            "rules: rules\nlisten: '${PW}'\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\nalerts: { sinks: ['${PWNAME}'] }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("listen: \"${PW}\""), "{e}");
         // Short values are left: replacing them would garble the message.
         let e =
             check("rules: rules\nsources: { a: { type: stdin } }\nbatch: { events: 'x${N}' }\n")
