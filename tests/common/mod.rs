@@ -530,7 +530,10 @@ pub fn assert_matches_replay(
                 let alert = v["data"]["alert_id"].as_str().unwrap_or_default();
                 assert_eq!(format!("{alert}-resolved"), *id);
                 assert!(want.contains_key(alert), "resolves an unknown alert: {v}");
-                assert_eq!(v["data"]["alert_at"], want[alert]["at"], "{v}");
+                // (Callers that leave decision times out compare no times.)
+                if !want[alert]["at"].is_null() {
+                    assert_eq!(v["data"]["alert_at"], want[alert]["at"], "{v}");
+                }
                 resolved += 1;
             }
             _ => {
