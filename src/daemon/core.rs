@@ -64,6 +64,9 @@ pub enum Msg {
         position: Option<Position>,
         atomic: bool,
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
+        /// What the sender holds until the core has applied the lines: the HTTP source's
+        /// share of its memory bound.
+        hold: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// Records from several sources at once (Kafka), each with the partition it came
     /// from; bad ones are counted and skipped. `positions` (key, position) are stored with
@@ -227,7 +230,11 @@ impl Core {
                     position,
                     atomic,
                     done,
-                }) => self.lines(&source, &lines, &at, position, atomic, done)?,
+                    hold,
+                }) => {
+                    self.lines(&source, &lines, &at, position, atomic, done)?;
+                    drop(hold);
+                }
                 Ok(Msg::Records {
                     records,
                     positions,

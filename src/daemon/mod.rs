@@ -268,8 +268,8 @@ fn run_with(
         core_down: AtomicBool::new(false),
         reload: Arc::new(Notify::new()),
         reload_result: tokio::sync::Mutex::new(Some(Vec::new())),
-        readers: server::Readers::default(),
-        ingest: tokio::sync::Semaphore::new(server::INGEST_BODIES),
+        readers: Arc::default(),
+        ingest: Arc::new(tokio::sync::Semaphore::new(server::ingest_budget(&cfg))),
     });
 
     let wal_restart = state.wal_restart_flag();

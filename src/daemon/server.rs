@@ -61,16 +61,34 @@ pub struct Shared {
     /// Requests waiting for the outcome of the next reload; `None` once shutting down.
     #[allow(clippy::type_complexity)]
     pub reload_result: tokio::sync::Mutex<Option<Vec<oneshot::Sender<Result<(), ReloadError>>>>>,
-    pub readers: Readers,
-    /// `POST /v1/events` bodies being read and split at once.
-    pub ingest: tokio::sync::Semaphore,
+    pub readers: Arc<Readers>,
+    /// Bytes of `POST /v1/events` bodies held at once, from before they are read until
+    /// the core has applied their events: see [`ingest_budget`].
+    pub ingest: Arc<tokio::sync::Semaphore>,
 }
 
-/// Event bodies read and split at once; more requests wait before their bodies are read.
-/// One in flight takes a few times its size (the body, its lines, copies while read):
-/// about 130 MiB for two of 12 MiB, measured. The core applies one request at a time
-/// anyway.
-pub const INGEST_BODIES: usize = 2;
+/// The ingest budget, in body bytes: two bodies of `max_body`. A body holds its share
+/// (its `Content-Length`, or `max_body` when sent chunked) from before it is read until
+/// the core has applied it, so small requests pass while a large one is read, and at
+/// most about two full-size bodies, with their lines, are in memory (one takes a few
+/// times its size: about 130 MiB for two of 12 MiB, measured).
+pub fn ingest_budget(cfg: &Config) -> usize {
+    let max_body = cfg
+        .sources
+        .iter()
+        .find_map(|s| match s.kind {
+            SourceKind::Http { max_body } => Some(max_body),
+            _ => None,
+        })
+        .unwrap_or(0);
+    max_body
+        .saturating_mul(2)
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
+        .min(u32::MAX as usize)
+}
+
+/// How long a request waits for its share of the ingest budget before a 503.
+const INGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Queries of the read API (timeline, listings, rules) running at once; more wait.
 const READERS: usize = 4;
@@ -80,16 +98,18 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The read API's connections: at most `READERS` queries at once, each connection kept
 /// for the next. Unbounded, every request opened a connection of its own (with its page
-/// cache) on a thread of its own: 200 concurrent listings took 3 GB.
+/// cache) on a thread of its own: 200 concurrent listings took 3 GB. A query holds its
+/// permit on the blocking thread that runs it, so a client that goes away mid-request
+/// frees its slot only when the query ends.
 pub struct Readers {
-    permits: tokio::sync::Semaphore,
+    permits: Arc<tokio::sync::Semaphore>,
     idle: std::sync::Mutex<Vec<rusqlite::Connection>>,
 }
 
 impl Default for Readers {
     fn default() -> Readers {
         Readers {
-            permits: tokio::sync::Semaphore::new(READERS),
+            permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
             idle: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -628,61 +648,46 @@ async fn from_state<F>(
 where
     F: FnOnce(&rusqlite::Connection) -> anyhow::Result<serde_json::Value> + Send + 'static,
 {
-    let readers = &shared.readers;
-    let Ok(_permit) = readers.permits.acquire().await else {
+    let Ok(permit) = Arc::clone(&shared.readers.permits).acquire_owned().await else {
         return Err(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"));
     };
-    let idle = readers.idle.lock().ok().and_then(|mut v| v.pop());
+    let readers = Arc::clone(&shared.readers);
     let state = shared.cfg.state.clone();
-    let interrupt = Arc::new(std::sync::Mutex::new(None));
-    let handle = Arc::clone(&interrupt);
-    let mut task = tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let idle = readers.idle.lock().ok().and_then(|mut v| v.pop());
         let conn = match idle {
             Some(c) => c,
             None => match crate::store::open(&state) {
                 Ok(c) => c,
-                Err(e) => return (None, Err(e)),
+                Err(e) => return (Err(e), false),
             },
         };
-        if let Ok(mut h) = handle.lock() {
-            *h = Some(conn.get_interrupt_handle());
-        }
+        // SQLite asks every 10k steps whether to go on: past the deadline it stops the
+        // query (an interrupt from outside is lost between two statements).
+        let deadline = std::time::Instant::now() + READ_TIMEOUT;
+        let _ = conn.progress_handler(10_000, Some(move || std::time::Instant::now() > deadline));
         let r = f(&conn);
-        (Some(conn), r)
+        let _ = conn.progress_handler(0, None::<fn() -> bool>);
+        let timed_out = r.is_err() && std::time::Instant::now() > deadline;
+        if let Ok(mut idle) = readers.idle.lock() {
+            idle.push(conn);
+        }
+        (r, timed_out)
     });
-    let mut timed_out = false;
-    let r = tokio::select! {
-        r = &mut task => r,
-        _ = tokio::time::sleep(READ_TIMEOUT) => {
-            timed_out = true;
-            if let Ok(h) = interrupt.lock()
-                && let Some(h) = h.as_ref()
-            {
-                h.interrupt();
-            }
-            task.await
-        }
-    };
-    match r {
-        Ok((conn, r)) => {
-            if let (Some(c), Ok(mut idle)) = (conn, readers.idle.lock()) {
-                idle.push(c);
-            }
-            match r {
-                Ok(v) => Ok(v),
-                Err(_) if timed_out => Err(json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({"error": format!(
-                        "the query took longer than {}s; ask for a smaller page",
-                        READ_TIMEOUT.as_secs()
-                    )}),
-                )),
-                Err(e) => Err(json(
-                    err_status,
-                    serde_json::json!({"error": format!("{e:#}")}),
-                )),
-            }
-        }
+    match task.await {
+        Ok((Ok(v), _)) => Ok(v),
+        Ok((Err(_), true)) => Err(json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": format!(
+                "the query took longer than {}s; ask for a smaller page",
+                READ_TIMEOUT.as_secs()
+            )}),
+        )),
+        Ok((Err(e), false)) => Err(json(
+            err_status,
+            serde_json::json!({"error": format!("{e:#}")}),
+        )),
         Err(e) => Err(json(
             StatusCode::INTERNAL_SERVER_ERROR,
             serde_json::json!({"error": e.to_string()}),
@@ -952,22 +957,36 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             serde_json::json!({"error": format!("body larger than {max_body} bytes")}),
         )
     };
-    if let Some(len) = req
+    let length = req
         .headers()
         .get("content-length")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && len > max_body
-    {
+        .and_then(|v| v.parse::<usize>().ok());
+    if length.is_some_and(|len| len > max_body) {
         return too_large();
     }
-    // Bodies in memory at once are bounded (each up to `max_body`, and its lines again);
-    // more requests wait here, before their bodies are read.
-    let Ok(permit) = shared.ingest.acquire().await else {
-        return json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": "not accepting events (shutting down)"}),
-        );
+    // The body's share of the ingest budget, taken before it is read.
+    let share = length
+        .unwrap_or(max_body)
+        .clamp(1, ingest_budget(&shared.cfg).max(1)) as u32;
+    let acquire = Arc::clone(&shared.ingest).acquire_many_owned(share);
+    let permit = match tokio::time::timeout(INGEST_WAIT, acquire).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "not accepting events (shutting down)"}),
+            );
+        }
+        Err(_) => {
+            let mut r = json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "busy: other requests' bodies fill the ingest budget; retry"}),
+            );
+            r.headers_mut()
+                .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+            return r;
+        }
     };
     // A body trickled in slower than this holds a connection slot: cut it.
     let read = tokio::time::timeout(
@@ -1001,6 +1020,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     // (health probes among them).
     let field = shared.cfg.time.field.clone();
     let wall = matches!(shared.cfg.time.clock, ClockMode::Wall);
+    // The permit goes along: a client gone meanwhile frees it only when the split ends.
     let split = tokio::task::spawn_blocking(move || {
         let decoder = Decoder::time_only(&field);
         let check = |line: &str| {
@@ -1008,10 +1028,10 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
                 .decode_at(line.as_bytes(), None, wall.then_some(0))
                 .map(drop)
         };
-        split_body(&body, check)
+        (split_body(&body, check), permit)
     })
     .await;
-    let split = match split {
+    let (split, permit) = match split {
         Ok(s) => s,
         Err(e) => {
             return json(
@@ -1042,13 +1062,12 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         position: None,
         atomic: true,
         done: Some(tx),
+        hold: Some(permit),
     };
     let core = shared.core.clone();
     let sent = tokio::task::spawn_blocking(move || core.send(msg).is_ok())
         .await
         .unwrap_or(false);
-    // The core has the lines now; waiting for their commit holds no body.
-    drop(permit);
     if !sent {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -313,6 +313,7 @@ impl FileSource {
                     position: Some(o.position(consumed)),
                     atomic: false,
                     done: None,
+                    hold: None,
                 };
                 if self.tx.send(msg).is_err() {
                     return;
@@ -341,6 +342,7 @@ impl FileSource {
                         position: Some(o.position(end)),
                         atomic: false,
                         done: None,
+                        hold: None,
                     });
                 }
                 if let Ok(m) = o.reader.get_ref().metadata() {
@@ -383,6 +385,7 @@ impl FileSource {
                         position: Some(o.position(0)),
                         atomic: false,
                         done: None,
+                        hold: None,
                     };
                     if self.tx.send(msg).is_err() {
                         return;
@@ -521,6 +524,7 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
                 position: None,
                 atomic: false,
                 done: None,
+                hold: None,
             })
             .is_ok()
         }

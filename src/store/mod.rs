@@ -187,6 +187,9 @@ pub fn check_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How long a connection waits for a lock another one holds before SQLITE_BUSY.
+pub const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+
 /// Opens (creating if needed) the state file with the settings every connection uses.
 pub fn open(path: &Path) -> Result<Connection> {
     check_path(path)?;
@@ -212,7 +215,7 @@ pub fn open(path: &Path) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .with_context(|| format!("state file {}: cannot open", path.display()))?;
-    conn.busy_timeout(StdDuration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // Room for the writer's statements, including one UPDATE per changed-column set.
     conn.set_prepared_statement_cache_capacity(64);
     let mode: String = conn
@@ -836,6 +839,12 @@ mod tests {
         put(&mut st, "k3");
         st.commit().unwrap();
         reader.execute_batch("COMMIT").unwrap();
+        // The writer waits for locks as long as before.
+        let ms: i64 = st
+            .conn()
+            .query_row("PRAGMA busy_timeout", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ms, BUSY_TIMEOUT.as_millis() as i64);
     }
 
     /// Every listing reads its status index in order: no scan of the instances, no sort.

@@ -395,11 +395,19 @@ impl SqliteState {
         let r = self
             .conn
             .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
-        let _ = self.conn.busy_timeout(std::time::Duration::from_secs(10));
+        let _ = self.conn.busy_timeout(super::BUSY_TIMEOUT);
         match r {
             Ok(0) => {}
             Ok(_) => tracing::debug!("WAL restart deferred: a reader still uses the WAL"),
-            Err(e) => tracing::debug!(error = %e, "WAL restart deferred"),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                tracing::debug!(error = %e, "WAL restart deferred")
+            }
+            Err(e) => tracing::warn!(error = %e, "WAL restart failed; deferred"),
         }
     }
 
