@@ -669,7 +669,16 @@ where
         let _ = conn.progress_handler(10_000, Some(move || std::time::Instant::now() > deadline));
         let r = f(&conn);
         let _ = conn.progress_handler(0, None::<fn() -> bool>);
-        let timed_out = r.is_err() && std::time::Instant::now() > deadline;
+        // Stopped by the handler: SQLite says "interrupted" (any other error is itself).
+        let timed_out = r.as_ref().is_err_and(|e| {
+            e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<rusqlite::Error>(),
+                    Some(rusqlite::Error::SqliteFailure(f, _))
+                        if f.code == rusqlite::ErrorCode::OperationInterrupted
+                )
+            })
+        });
         if let Ok(mut idle) = readers.idle.lock() {
             idle.push(conn);
         }
@@ -1055,7 +1064,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         }
     };
     let (tx, rx) = oneshot::channel();
-    let msg = Msg::Lines {
+    let mut msg = Msg::Lines {
         source: Arc::from(name.as_str()),
         lines: std::mem::take(&mut body.lines),
         at: LineAt::Unknown,
@@ -1064,10 +1073,20 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         done: Some(tx),
         hold: Some(permit),
     };
-    let core = shared.core.clone();
-    let sent = tokio::task::spawn_blocking(move || core.send(msg).is_ok())
-        .await
-        .unwrap_or(false);
+    // Into the core's queue without holding a blocking thread while it is full (a busy
+    // core would otherwise park one per waiting request, and the read API needs them).
+    let mut pause = std::time::Duration::from_millis(1);
+    let sent = loop {
+        match shared.core.try_send(msg) {
+            Ok(()) => break true,
+            Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                msg = m;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(20));
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => break false,
+        }
+    };
     if !sent {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
