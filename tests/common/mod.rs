@@ -156,12 +156,28 @@ pub fn replay_args(rules: &Path, args: &[&str]) -> (BTreeMap<String, serde_json:
     (actions, late)
 }
 
+/// A port free to bind on loopback now, for a server a test starts next. Taken below the
+/// kernel's ephemeral range (32768 and up by default), in turn from a start that differs
+/// per process: a port the kernel hands out for `:0` may, once released, go to a client
+/// connection of a daemon in a test running alongside before the server binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on loopback between {LOW} and {}", LOW + SPAN);
 }
 
 /// A request the receiver got.
