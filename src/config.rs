@@ -183,6 +183,10 @@ pub struct RawSink {
     /// Extra HTTP headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// `webhook`, `alertmanager` with an `https://` URL: a PEM file of CA certificates to
+    /// trust besides the system's (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// `kafka`: the topic compensation commands are produced to.
     #[serde(default)]
     pub topic: Option<String>,
@@ -260,11 +264,13 @@ pub enum SinkKind {
         url: hyper::Uri,
         secrets: Vec<Secret>,
         headers: Vec<(String, String)>,
+        ca: Vec<String>,
     },
     Alertmanager {
         url: hyper::Uri,
         resend: std::time::Duration,
         headers: Vec<(String, String)>,
+        ca: Vec<String>,
     },
     Kafka {
         topic: String,
@@ -274,6 +280,14 @@ pub enum SinkKind {
 impl SinkKind {
     pub fn takes_payloads(&self) -> bool {
         !matches!(self, SinkKind::Alertmanager { .. })
+    }
+
+    /// The CA certificates (PEM, one each) an HTTP sink trusts besides the system's.
+    pub fn ca(&self) -> &[String] {
+        match self {
+            SinkKind::Webhook { ca, .. } | SinkKind::Alertmanager { ca, .. } => ca,
+            _ => &[],
+        }
     }
 }
 
@@ -808,12 +822,9 @@ impl Checker {
                 );
                 hyper::Uri::default()
             }
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => uri,
-            Ok(uri) if uri.scheme_str() == Some("https") => {
-                self.err(
-                    path,
-                    "https is not supported yet: put a TLS-terminating proxy on loopback in front of the receiver",
-                );
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() =>
+            {
                 uri
             }
             // The value itself is not repeated: a URL may hold credentials or a token.
@@ -822,7 +833,10 @@ impl Checker {
                     Some(scheme) => format!("its scheme is {scheme:?}"),
                     None => "it has no scheme".into(),
                 };
-                self.err(path, format!("not an http:// URL with a host: {what}"));
+                self.err(
+                    path,
+                    format!("not an http:// or https:// URL with a host: {what}"),
+                );
                 hyper::Uri::default()
             }
             Err(e) => {
@@ -1137,8 +1151,15 @@ impl Checker {
                 );
             }
             let allowed: &[&str] = match s.kind.as_str() {
-                "webhook" => &["url", "secrets", "secret_files", "timeout", "headers"],
-                "alertmanager" => &["url", "timeout", "resend", "headers"],
+                "webhook" => &[
+                    "url",
+                    "secrets",
+                    "secret_files",
+                    "timeout",
+                    "headers",
+                    "ca_file",
+                ],
+                "alertmanager" => &["url", "timeout", "resend", "headers", "ca_file"],
                 "kafka" => &["topic", "timeout"],
                 _ => &[],
             };
@@ -1150,6 +1171,7 @@ impl Checker {
                 ("resend", s.resend.is_some()),
                 ("headers", !s.headers.is_empty()),
                 ("topic", s.topic.is_some()),
+                ("ca_file", s.ca_file.is_some()),
             ] {
                 if set && !allowed.contains(&field) {
                     self.err(&p.key(field), format!("not a setting of a {} sink", s.kind));
@@ -1195,10 +1217,12 @@ impl Checker {
                             "a webhook sink needs `secrets` or `secret_files` to sign with",
                         );
                     }
+                    let ca = self.ca(&p, &url, s.ca_file.as_deref());
                     SinkKind::Webhook {
                         url,
                         secrets,
                         headers,
+                        ca,
                     }
                 }
                 "alertmanager" => {
@@ -1211,10 +1235,12 @@ impl Checker {
                             "Alertmanager's base URL takes no query (`?…`): /api/v2/alerts is appended to it",
                         );
                     }
+                    let ca = self.ca(&p, &url, s.ca_file.as_deref());
                     SinkKind::Alertmanager {
                         url,
                         resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
                         headers,
+                        ca,
                     }
                 }
                 "kafka" => {
@@ -1424,6 +1450,66 @@ impl Checker {
             return None;
         }
         Some(Secret(t.as_bytes().to_vec()))
+    }
+
+    /// The certificates of a sink's `ca_file`, each checked, as PEM blocks.
+    fn ca(&mut self, sink: &YamlPath, url: &hyper::Uri, file: Option<&str>) -> Vec<String> {
+        let Some(file) = file else {
+            return Vec::new();
+        };
+        let path = sink.key("ca_file");
+        if url.scheme_str() == Some("http") {
+            self.err(
+                &path,
+                "only an https:// URL uses a CA file: this sink's URL is http://",
+            );
+            return Vec::new();
+        }
+        if file.trim().is_empty() {
+            self.err(&path, "empty path");
+            return Vec::new();
+        }
+        let f = self.resolve(file);
+        let text = match std::fs::read(&f) {
+            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+            Err(e) => {
+                self.err(&path, format!("cannot read {}: {e}", f.display()));
+                return Vec::new();
+            }
+        };
+        const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+        const END: &str = "-----END CERTIFICATE-----";
+        let mut certs = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find(BEGIN) {
+            let Some(len) = rest[start..].find(END) else {
+                break;
+            };
+            let pem = &rest[start..start + len + END.len()];
+            rest = &rest[start + len + END.len()..];
+            if let Err(e) = native_tls::Certificate::from_pem(pem.as_bytes()) {
+                self.err(
+                    &path,
+                    format!(
+                        "{}: certificate {} is not valid: {e}",
+                        f.display(),
+                        certs.len() + 1
+                    ),
+                );
+                return Vec::new();
+            }
+            certs.push(format!("{pem}\n"));
+        }
+        if certs.is_empty() {
+            self.err(
+                &path,
+                format!(
+                    "{}: no PEM certificate in it (`{BEGIN}` … `{END}`)",
+                    f.display()
+                ),
+            );
+        }
+        certs
     }
 
     fn read_secret(&mut self, path: &YamlPath, file: &str) -> Option<Secret> {
@@ -1786,6 +1872,63 @@ mod tests {
                 assert!(!e.contains(secret), "{e}");
             }
         }
+    }
+
+    /// `https://` URLs are taken; a `ca_file` must hold PEM certificates and goes with
+    /// `https://` only, each problem named with the file.
+    #[test]
+    fn https_urls_and_ca_files() {
+        let sink = |extra: &str| {
+            check(&format!(
+                "rules: rules\nsources: {{ a: {{ type: stdin }} }}\nsinks:\n  am: {{ type: alertmanager, url: 'https://am.example:9093/'{extra} }}\n"
+            ))
+        };
+        let c = sink("").unwrap();
+        assert!(c.sinks[0].kind.ca().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let (empty, junk, cut) = (
+            dir.path().join("empty.pem"),
+            dir.path().join("junk.pem"),
+            dir.path().join("cut.pem"),
+        );
+        std::fs::write(&empty, "").unwrap();
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(&cut, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        for (file, says) in [
+            (&missing, "cannot read"),
+            (&empty, "no PEM certificate"),
+            (&cut, "no PEM certificate"),
+            (&junk, "certificate 1 is not valid"),
+        ] {
+            let e = sink(&format!(", ca_file: '{}'", file.display())).unwrap_err();
+            assert!(e.contains("sinks.am.ca_file:"), "{e}");
+            assert!(
+                e.contains(&file.display().to_string()) && e.contains(says),
+                "{e}"
+            );
+        }
+        let e = check(&format!(
+            "rules: rules\nsources: {{ a: {{ type: stdin }} }}\nsinks:\n  h: {{ type: webhook, url: 'http://127.0.0.1:9/', secrets: [s3cr3t-s3cr3t], ca_file: '{}' }}\n",
+            junk.display()
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("sinks.h.ca_file: only an https:// URL uses a CA file"),
+            "{e}"
+        );
+        let e = check(
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks:\n  o: { type: stdout, ca_file: x.pem }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("sinks.o.ca_file: not a setting of a stdout sink"),
+            "{e}"
+        );
     }
 
     /// URLs the client would not use as written: a port out of range (it would connect to

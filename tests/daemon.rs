@@ -1790,3 +1790,61 @@ fn sigterm_answers_requests_waiting_for_their_batch() {
     assert_eq!(st, 200, "{body}");
     assert_eq!(d.terminate(), 0);
 }
+
+/// Webhooks over HTTPS: the receiver's certificate is verified, here against the sink's
+/// `ca_file`; a sink without it does not trust the test CA, so its deliveries fail (and
+/// are retried) with the reason in the timeline, and the receiver never sees them.
+#[test]
+fn https_webhooks_verify_the_receiver_certificate() {
+    let (ca, identity) = test_pki();
+    let port = free_port();
+    let mut rx = Receiver::new(port);
+    rx.start_tls(identity);
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], ca_file: ca.pem }}\n  \
+         untrusted: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
+         alerts: {{ sinks: [hook, untrusted] }}\noutbox: {{ backoff: 50ms, max_backoff: 300ms }}\n"
+    ));
+    std::fs::write(d.path("ca.pem"), &ca).unwrap();
+    d.start();
+    let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    // The alert and the compensation, signed, over TLS.
+    wait_for(Duration::from_secs(30), "both messages over https", || {
+        (rx.received().len() >= 2).then_some(())
+    });
+    let got = rx.received();
+    assert!(got.iter().all(|r| r.signed), "{got:?}");
+    assert!(
+        got.iter().any(|r| r.body.contains("alert.firing")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|r| r.body.contains("CancelOrder")),
+        "{got:?}"
+    );
+    // The other sink's alert: refused by its own certificate check, kept and retried.
+    let error = wait_for(
+        Duration::from_secs(30),
+        "the untrusted sink's error",
+        || {
+            let (st, b) = http(d.port, "GET", "/v1/instances/checkout/o-1", &[], b"").ok()?;
+            assert_eq!(st, 200, "{b}");
+            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+            let a = v["actions"]
+                .as_array()?
+                .iter()
+                .find(|a| a["sink"] == "untrusted")?
+                .clone();
+            assert_eq!(a["delivery"], "pending", "{a}");
+            let e = a["last_error"].as_str()?.to_string();
+            (a["attempts"].as_i64()? >= 2).then_some(e)
+        },
+    );
+    assert!(error.contains("certificate verify failed"), "{error}");
+    assert!(rx.tls_failures.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    assert_eq!(rx.received().len(), 2);
+    assert_eq!(d.terminate(), 0);
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant as StdInstant};
 use anyhow::Result;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -27,12 +28,15 @@ use crate::daemon::metrics::Metrics;
 use crate::sign;
 use crate::store::{self, Delivery, Outbox, Pending};
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// What deliveries go through: the HTTP client and, with `kafka` sinks, the producer.
+/// What deliveries go through: the HTTP clients and, with `kafka` sinks, the producer.
 #[derive(Clone)]
 struct Clients {
+    /// For HTTP sinks that trust the system's CAs only.
     http: HttpClient,
+    /// For those with a `ca_file` of their own, by sink name.
+    http_ca: Arc<HashMap<String, HttpClient>>,
     kafka: Option<crate::daemon::kafka::Producer>,
     /// With a `stdout` sink, its writer.
     stdout: Option<StdoutWriter>,
@@ -259,13 +263,31 @@ impl Flight {
     }
 }
 
-fn client() -> HttpClient {
+impl Clients {
+    fn http_for(&self, sink: &Sink) -> &HttpClient {
+        self.http_ca.get(&sink.name).unwrap_or(&self.http)
+    }
+}
+
+/// An HTTP client for `http://` and `https://` URLs. `https` verifies the receiver's
+/// certificate and name against the system's CAs (OpenSSL's; `SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` apply) and the PEM certificates in `ca`, with TLS 1.2 at least.
+fn client(ca: &[String]) -> Result<HttpClient> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
+    http.enforce_http(false);
+    let mut tls = native_tls::TlsConnector::builder();
+    tls.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
+    for pem in ca {
+        tls.add_root_certificate(native_tls::Certificate::from_pem(pem.as_bytes())?);
+    }
+    let tls = tls
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?;
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(http)
+        .build(HttpsConnector::from((http, tls.into()))))
 }
 
 /// A pseudo-random factor in [0.5, 1.0) for backoff jitter (no crate needed for that).
@@ -347,12 +369,18 @@ impl Dispatcher {
         } else {
             None
         };
+        let mut http_ca = HashMap::new();
+        for s in &self.cfg.sinks {
+            if !s.kind.ca().is_empty() {
+                http_ca.insert(s.name.clone(), client(s.kind.ca())?);
+            }
+        }
         let clients = Clients {
-            http: client(),
+            http: client(&[])?,
+            http_ca: Arc::new(http_ca),
             kafka,
             stdout,
         };
-        let client = &clients.http;
         let sinks: HashMap<String, Sink> = self
             .cfg
             .sinks
@@ -508,7 +536,7 @@ impl Dispatcher {
                 if stop_at.is_none() {
                     self.resend_alerts(
                         &conn,
-                        client,
+                        &clients,
                         &sinks,
                         &mut last_resend,
                         &mut flight,
@@ -636,7 +664,7 @@ impl Dispatcher {
     fn resend_alerts(
         &self,
         conn: &Connection,
-        client: &HttpClient,
+        clients: &Clients,
         sinks: &HashMap<String, Sink>,
         last: &mut HashMap<String, StdInstant>,
         flight: &mut Flight,
@@ -670,7 +698,7 @@ impl Dispatcher {
                 .filter_map(|a| alertmanager_alert(&a.body, "alert", *resend))
                 .collect();
             let body = serde_json::Value::Array(alerts).to_string();
-            let (client, sink) = (client.clone(), s.clone());
+            let (client, sink) = (clients.http_for(s).clone(), s.clone());
             let task = flight.tasks.spawn(async move {
                 let r = post_alertmanager(&client, &sink, body).await;
                 Done::Resend(sink.name, r)
@@ -710,7 +738,7 @@ impl Dispatcher {
 
 /// Delivers one message to one sink.
 async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Failed> {
-    let client = &clients.http;
+    let client = clients.http_for(sink);
     match &sink.kind {
         SinkKind::Kafka { topic } => match &clients.kafka {
             Some(producer) => crate::daemon::kafka::send(producer, topic, p, sink.timeout)
@@ -726,6 +754,7 @@ async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Fail
             url,
             secrets,
             headers,
+            ..
         } => {
             let ts = wall_ms() / 1000;
             let sig = sign::signature(secrets, &p.id, ts, p.body.as_bytes());

@@ -195,6 +195,8 @@ pub struct Receiver {
     pub got: Arc<Mutex<Vec<Received>>>,
     running: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
     pub requests: Arc<AtomicUsize>,
+    /// With TLS: connections whose handshake failed.
+    pub tls_failures: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -204,16 +206,27 @@ impl Receiver {
             got: Arc::default(),
             running: None,
             requests: Arc::default(),
+            tls_failures: Arc::default(),
         }
     }
 
     pub fn start(&mut self) {
+        self.start_with(None);
+    }
+
+    /// Serves HTTPS with this identity.
+    pub fn start_tls(&mut self, identity: native_tls::Identity) {
+        self.start_with(Some(native_tls::TlsAcceptor::new(identity).unwrap()));
+    }
+
+    fn start_with(&mut self, tls: Option<native_tls::TlsAcceptor>) {
         let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, got, requests) = (
+        let (s, got, requests, tls_failures) = (
             Arc::clone(&stop),
             Arc::clone(&self.got),
             Arc::clone(&self.requests),
+            Arc::clone(&self.tls_failures),
         );
         let h = std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -224,7 +237,20 @@ impl Receiver {
                 let got = Arc::clone(&got);
                 let requests = Arc::clone(&requests);
                 let s = Arc::clone(&s);
-                std::thread::spawn(move || serve_conn(conn, &got, &requests, &s));
+                let tls = tls.clone();
+                let tls_failures = Arc::clone(&tls_failures);
+                std::thread::spawn(move || {
+                    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                    match tls {
+                        None => serve_conn(conn, &got, &requests, &s),
+                        Some(tls) => match tls.accept(conn) {
+                            Ok(conn) => serve_conn(conn, &got, &requests, &s),
+                            Err(_) => {
+                                tls_failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                        },
+                    }
+                });
             }
         });
         self.running = Some((stop, h));
@@ -250,14 +276,12 @@ impl Drop for Receiver {
 }
 
 fn serve_conn(
-    conn: TcpStream,
+    conn: impl Read + Write,
     got: &Mutex<Vec<Received>>,
     requests: &AtomicUsize,
     stop: &AtomicBool,
 ) {
     let secret: Secret = sign::parse_secret(SECRET).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();
@@ -306,10 +330,88 @@ fn serve_conn(
             signed,
         });
         let resp = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
-        if w.write_all(resp.as_bytes()).is_err() {
+        if r.get_mut().write_all(resp.as_bytes()).is_err() {
             return;
         }
     }
+}
+
+/// A test CA (its certificate, PEM) and a server identity it signed for `127.0.0.1` and
+/// `localhost`, both valid from a day ago for a day.
+pub fn test_pki() -> (String, native_tls::Identity) {
+    use openssl::asn1::Asn1Time;
+    use openssl::bn::BigNum;
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+    use openssl::x509::extension::{
+        BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+    };
+    use openssl::x509::{X509, X509NameBuilder};
+    let key = || {
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+    };
+    let name = |cn: &str| {
+        let mut n = X509NameBuilder::new().unwrap();
+        n.append_entry_by_text("CN", cn).unwrap();
+        n.build()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let cert = |serial: u32, subject: &str| {
+        let mut b = X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        let serial = BigNum::from_u32(serial).unwrap().to_asn1_integer().unwrap();
+        b.set_serial_number(&serial).unwrap();
+        b.set_subject_name(&name(subject)).unwrap();
+        b.set_not_before(&Asn1Time::from_unix(now - 86_400).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::from_unix(now + 86_400).unwrap())
+            .unwrap();
+        b
+    };
+    let ca_key = key();
+    let mut ca = cert(1, "sagawatch test CA");
+    ca.set_issuer_name(&name("sagawatch test CA")).unwrap();
+    ca.set_pubkey(&ca_key).unwrap();
+    ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+        .unwrap();
+    ca.append_extension(
+        KeyUsage::new()
+            .critical()
+            .key_cert_sign()
+            .crl_sign()
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    ca.sign(&ca_key, MessageDigest::sha256()).unwrap();
+    let ca = ca.build();
+    let server_key = key();
+    let mut server = cert(2, "127.0.0.1");
+    server.set_issuer_name(ca.subject_name()).unwrap();
+    server.set_pubkey(&server_key).unwrap();
+    let san = SubjectAlternativeName::new()
+        .ip("127.0.0.1")
+        .dns("localhost")
+        .build(&server.x509v3_context(Some(&ca), None))
+        .unwrap();
+    server.append_extension(san).unwrap();
+    server
+        .append_extension(ExtendedKeyUsage::new().server_auth().build().unwrap())
+        .unwrap();
+    server.sign(&ca_key, MessageDigest::sha256()).unwrap();
+    let server = server.build();
+    let identity = native_tls::Identity::from_pkcs8(
+        &server.to_pem().unwrap(),
+        &server_key.private_key_to_pem_pkcs8().unwrap(),
+    )
+    .unwrap();
+    (String::from_utf8(ca.to_pem().unwrap()).unwrap(), identity)
 }
 
 /// A minimal HTTP/1.1 request; returns (status, body).
