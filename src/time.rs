@@ -207,13 +207,17 @@ fn digits(b: &[u8], at: usize, n: usize) -> Option<i64> {
 }
 
 /// Whether `s` is a valid RFC 3339 timestamp that [`parse_rfc3339`] refuses only for its
-/// range (the same date in the year 2000 parses).
+/// range (the same date parses in a year of the range that is a leap year if its own is:
+/// 29 February of 2023 is no date at all).
 pub fn rfc3339_out_of_range(s: &str) -> bool {
+    let Some(year) = digits(s.as_bytes(), 0, 4) else {
+        return false;
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let stand_in = if leap { "2000" } else { "2001" };
     parse_rfc3339(s).is_none()
-        && s.len() > 4
         && s.is_char_boundary(4)
-        && s.as_bytes()[..4].iter().all(u8::is_ascii_digit)
-        && parse_rfc3339(&format!("2000{}", &s[4..])).is_some()
+        && parse_rfc3339(&format!("{stand_in}{}", &s[4..])).is_some()
 }
 
 /// Parses an RFC 3339 timestamp (`2026-01-02T03:04:05.678Z`, `...+02:00`; `t`, `z` and a
@@ -275,7 +279,12 @@ pub fn parse_rfc3339(s: &str) -> Option<Instant> {
     };
     let days = days_from_civil(year, month, day);
     let secs = days * SECS_PER_DAY + hour * 3600 + minute * 60 + second - offset_secs;
-    secs.checked_mul(NANOS_PER_SEC)?.checked_add(frac)
+    // In i128: the earliest instant is whole seconds below i64::MIN nanoseconds plus a
+    // fraction above it. i64::MIN itself stands for "before any event" in the engine.
+    (i128::from(secs) * i128::from(NANOS_PER_SEC) + i128::from(frac))
+        .try_into()
+        .ok()
+        .filter(|&t| t != i64::MIN)
 }
 
 /// Formats an instant as RFC 3339 in UTC, with as many fraction digits (0, 3, 6 or 9) as
@@ -317,9 +326,39 @@ mod tests {
             "1969-12-31T23:59:59.999Z",
             "2024-02-29T12:00:00.000001Z",
             "2262-04-11T23:47:16.854775807Z",
+            "1677-09-21T00:12:43.145224193Z",
         ] {
             let t = parse_rfc3339(s).unwrap();
             assert_eq!(format_rfc3339(t), s);
+        }
+        assert_eq!(
+            parse_rfc3339("1677-09-21T00:12:43.145224193Z"),
+            Some(i64::MIN + 1)
+        );
+        assert_eq!(parse_rfc3339("1677-09-21T00:12:43.145224192Z"), None);
+        assert_eq!(parse_rfc3339("2262-04-11T23:47:16.854775808Z"), None);
+    }
+
+    /// Out of range only what would parse in range: not a day the calendar lacks.
+    #[test]
+    fn out_of_range_is_told_from_no_such_date() {
+        for s in [
+            "2263-01-01T00:00:00Z",
+            "1600-02-29T00:00:00Z",
+            "1677-09-21T00:12:43.145224192Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            assert!(rfc3339_out_of_range(s), "{s}");
+        }
+        for s in [
+            "2023-02-29T00:00:00Z",
+            "2300-02-29T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-01-02T03:04:05Z",
+            "20x6-01-02T03:04:05Z",
+            "",
+        ] {
+            assert!(!rfc3339_out_of_range(s), "{s}");
         }
     }
 
