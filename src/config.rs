@@ -183,8 +183,8 @@ pub struct RawSink {
     /// Extra HTTP headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// `webhook`, `alertmanager` with an `https://` URL: a PEM file of CA certificates to
-    /// trust besides the system's (a private CA).
+    /// `webhook`, `alertmanager` with an `https://` URL: a PEM file of the CA certificates
+    /// to trust instead of the system's (a private CA).
     #[serde(default)]
     pub ca_file: Option<String>,
     /// `kafka`: the topic compensation commands are produced to.
@@ -282,7 +282,7 @@ impl SinkKind {
         !matches!(self, SinkKind::Alertmanager { .. })
     }
 
-    /// The CA certificates (PEM, one each) an HTTP sink trusts besides the system's.
+    /// The CA certificates (PEM, one each) an HTTP sink trusts instead of the system's.
     pub fn ca(&self) -> &[String] {
         match self {
             SinkKind::Webhook { ca, .. } | SinkKind::Alertmanager { ca, .. } => ca,
@@ -1477,36 +1477,62 @@ impl Checker {
                 return Vec::new();
             }
         };
+        let name = f.display();
+        // A key here usually means the wrong file was given (a server's certificate and
+        // key instead of the CA that signed it); never a reason to read on.
+        if text.contains("PRIVATE KEY-----") {
+            self.err(
+                &path,
+                format!("{name} holds a private key: give a file of CA certificates only"),
+            );
+            return Vec::new();
+        }
         const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
         const END: &str = "-----END CERTIFICATE-----";
+        let now = openssl::asn1::Asn1Time::days_from_now(0).ok();
         let mut certs = Vec::new();
         let mut rest = text.as_str();
         while let Some(start) = rest.find(BEGIN) {
-            let Some(len) = rest[start..].find(END) else {
-                break;
-            };
-            let pem = &rest[start..start + len + END.len()];
-            rest = &rest[start + len + END.len()..];
-            if let Err(e) = native_tls::Certificate::from_pem(pem.as_bytes()) {
+            let n = certs.len() + 1;
+            let body = &rest[start + BEGIN.len()..];
+            // Its own END, before the next BEGIN: a cut certificate must not swallow the
+            // next one (and pass as the first).
+            let next = body.find(BEGIN);
+            let Some(len) = body.find(END).filter(|&e| next.is_none_or(|b| e < b)) else {
                 self.err(
                     &path,
-                    format!(
-                        "{}: certificate {} is not valid: {e}",
-                        f.display(),
-                        certs.len() + 1
-                    ),
+                    format!("{name}: certificate {n} has no `{END}` line (cut short?)"),
                 );
                 return Vec::new();
+            };
+            let pem = format!("{BEGIN}{}{END}\n", &body[..len]);
+            rest = &body[len + END.len()..];
+            match openssl::x509::X509::from_pem(pem.as_bytes()) {
+                Err(_) => {
+                    self.err(
+                        &path,
+                        format!("{name}: certificate {n} is not a valid X.509 certificate"),
+                    );
+                    return Vec::new();
+                }
+                Ok(c) => {
+                    if let Some(now) = &now
+                        && c.not_after().compare(now).ok() == Some(std::cmp::Ordering::Less)
+                    {
+                        self.err(
+                            &path,
+                            format!("{name}: certificate {n} expired on {}", c.not_after()),
+                        );
+                        return Vec::new();
+                    }
+                }
             }
-            certs.push(format!("{pem}\n"));
+            certs.push(pem);
         }
         if certs.is_empty() {
             self.err(
                 &path,
-                format!(
-                    "{}: no PEM certificate in it (`{BEGIN}` … `{END}`)",
-                    f.display()
-                ),
+                format!("{name}: no PEM certificate in it (`{BEGIN}` … `{END}`)"),
             );
         }
         certs
@@ -1874,6 +1900,31 @@ mod tests {
         }
     }
 
+    /// A self-signed certificate (PEM) that ends `days` from now.
+    fn self_signed(days: i64) -> String {
+        use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "test CA").unwrap();
+        let name = name.build();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut b = x509::X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&Asn1Time::from_unix(now - 3 * 86_400).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::from_unix(now + days * 86_400).unwrap())
+            .unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        String::from_utf8(b.build().to_pem().unwrap()).unwrap()
+    }
+
     /// `https://` URLs are taken; a `ca_file` must hold PEM certificates and goes with
     /// `https://` only, each problem named with the file.
     #[test]
@@ -1899,11 +1950,41 @@ mod tests {
         .unwrap();
         std::fs::write(&cut, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
         let missing = dir.path().join("missing.pem");
+        let (good, expired) = (self_signed(1), self_signed(-1));
+        let (two, merged, keyed, old) = (
+            dir.path().join("two.pem"),
+            dir.path().join("merged.pem"),
+            dir.path().join("keyed.pem"),
+            dir.path().join("old.pem"),
+        );
+        std::fs::write(&two, format!("{good}{}", self_signed(2))).unwrap();
+        std::fs::write(
+            &merged,
+            format!("-----BEGIN CERTIFICATE-----\nMIIB\n{good}"),
+        )
+        .unwrap();
+        std::fs::write(
+            &keyed,
+            format!("{good}-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"),
+        )
+        .unwrap();
+        std::fs::write(&old, format!("{good}{expired}")).unwrap();
+        let c = sink(&format!(", ca_file: '{}'", two.display())).unwrap();
+        assert_eq!(c.sinks[0].kind.ca().len(), 2);
         for (file, says) in [
+            (
+                &merged,
+                "certificate 1 has no `-----END CERTIFICATE-----` line",
+            ),
+            (&keyed, "holds a private key"),
+            (&old, "certificate 2 expired on"),
             (&missing, "cannot read"),
             (&empty, "no PEM certificate"),
-            (&cut, "no PEM certificate"),
-            (&junk, "certificate 1 is not valid"),
+            (
+                &cut,
+                "certificate 1 has no `-----END CERTIFICATE-----` line",
+            ),
+            (&junk, "certificate 1 is not a valid X.509 certificate"),
         ] {
             let e = sink(&format!(", ca_file: '{}'", file.display())).unwrap_err();
             assert!(e.contains("sinks.am.ca_file:"), "{e}");

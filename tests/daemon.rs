@@ -1843,8 +1843,81 @@ fn https_webhooks_verify_the_receiver_certificate() {
             (a["attempts"].as_i64()? >= 2).then_some(e)
         },
     );
-    assert!(error.contains("certificate verify failed"), "{error}");
+    // OpenSSL's reason, once (the TLS error repeats its cause's text).
+    assert_eq!(
+        error.matches("certificate verify failed").count(),
+        1,
+        "{error}"
+    );
+    assert!(
+        error.contains("(unable to get local issuer certificate)"),
+        "{error}"
+    );
     assert!(rx.tls_failures.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     assert_eq!(rx.received().len(), 2);
+    assert_eq!(d.terminate(), 0);
+}
+
+/// A sink's `ca_file` replaces the system's CAs, as in Prometheus' TLS settings: here the
+/// "system" store (`SSL_CERT_FILE`) holds the CA that signed the receiver, which the sink
+/// without `ca_file` trusts and the one whose `ca_file` names another CA does not.
+#[test]
+fn a_ca_file_replaces_the_system_cas() {
+    let (system_ca, identity) = test_pki();
+    let (other_ca, _) = test_pki();
+    let port = free_port();
+    let mut rx = Receiver::new(port);
+    rx.start_tls(identity);
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  sys: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n  \
+         hook: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], ca_file: other.pem }}\n\
+         alerts: {{ sinks: [sys, hook] }}\noutbox: {{ backoff: 50ms, max_backoff: 300ms }}\n"
+    ));
+    std::fs::write(d.path("system.pem"), &system_ca).unwrap();
+    std::fs::write(d.path("other.pem"), &other_ca).unwrap();
+    std::fs::create_dir(d.path("no-certs")).unwrap();
+    d.env = vec![
+        (
+            "SSL_CERT_FILE".into(),
+            d.path("system.pem").display().to_string(),
+        ),
+        (
+            "SSL_CERT_DIR".into(),
+            d.path("no-certs").display().to_string(),
+        ),
+    ];
+    d.start();
+    let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    wait_for(Duration::from_secs(30), "the alert through sys", || {
+        (!rx.received().is_empty()).then_some(())
+    });
+    // hook's alert: refused, as its own CA did not sign the receiver's certificate, and
+    // retried (its compensation waits behind it, in order).
+    wait_for(Duration::from_secs(30), "hook's failed attempts", || {
+        let (_, b) = http(d.port, "GET", "/v1/instances/checkout/o-1", &[], b"").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&b).ok()?;
+        let hook: Vec<&serde_json::Value> = v["actions"]
+            .as_array()?
+            .iter()
+            .filter(|a| a["sink"] == "hook")
+            .collect();
+        let alert = hook.iter().find(|a| a["kind"] == "alert")?;
+        (hook.len() == 2
+            && hook.iter().all(|a| a["delivery"] == "pending")
+            && alert["attempts"].as_i64()? >= 2
+            && alert["last_error"]
+                .as_str()?
+                .contains("unable to get local issuer certificate"))
+        .then_some(())
+    });
+    let got = rx.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].signed && got[0].body.contains("alert.firing"),
+        "{got:?}"
+    );
     assert_eq!(d.terminate(), 0);
 }

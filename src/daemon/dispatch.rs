@@ -270,8 +270,8 @@ impl Clients {
 }
 
 /// An HTTP client for `http://` and `https://` URLs. `https` verifies the receiver's
-/// certificate and name against the system's CAs (OpenSSL's; `SSL_CERT_FILE` and
-/// `SSL_CERT_DIR` apply) and the PEM certificates in `ca`, with TLS 1.2 at least.
+/// certificate and name, with TLS 1.2 at least, against the PEM certificates in `ca`
+/// only, or without any against the system's CAs (OpenSSL's store).
 fn client(ca: &[String]) -> Result<HttpClient> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -279,6 +279,9 @@ fn client(ca: &[String]) -> Result<HttpClient> {
     http.enforce_http(false);
     let mut tls = native_tls::TlsConnector::builder();
     tls.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
+    // As a ca_file in Prometheus' and Alertmanager's TLS settings: these CAs, not the
+    // system's besides (a public CA could otherwise vouch for an internal name).
+    tls.disable_built_in_roots(!ca.is_empty());
     for pem in ca {
         tls.add_root_certificate(native_tls::Certificate::from_pem(pem.as_bytes())?);
     }
@@ -369,11 +372,24 @@ impl Dispatcher {
         } else {
             None
         };
+        // One client (its CA store and connection pool) per set of CAs, shared by the
+        // sinks that trust the same.
+        let mut by_ca: HashMap<&[String], HttpClient> = HashMap::new();
         let mut http_ca = HashMap::new();
         for s in &self.cfg.sinks {
-            if !s.kind.ca().is_empty() {
-                http_ca.insert(s.name.clone(), client(s.kind.ca())?);
+            let ca = s.kind.ca();
+            if ca.is_empty() {
+                continue;
             }
+            let c = match by_ca.get(ca) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = client(ca)?;
+                    by_ca.insert(ca, c.clone());
+                    c
+                }
+            };
+            http_ca.insert(s.name.clone(), c);
         }
         let clients = Clients {
             http: client(&[])?,
@@ -810,8 +826,12 @@ async fn send(
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
+                // (TLS errors repeat their cause's text in their own.)
+                let text = s.to_string();
+                if !msg.contains(&text) {
+                    msg.push_str(": ");
+                    msg.push_str(&text);
+                }
                 src = s.source();
             }
             Failed::from(msg)

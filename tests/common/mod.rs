@@ -374,9 +374,12 @@ pub fn test_pki() -> (String, native_tls::Identity) {
             .unwrap();
         b
     };
+    // Each CA a name of its own: OpenSSL finds an issuer by name.
+    static CAS: AtomicUsize = AtomicUsize::new(0);
+    let ca_name = format!("sagawatch test CA {}", CAS.fetch_add(1, Ordering::Relaxed));
     let ca_key = key();
-    let mut ca = cert(1, "sagawatch test CA");
-    ca.set_issuer_name(&name("sagawatch test CA")).unwrap();
+    let mut ca = cert(1, &ca_name);
+    ca.set_issuer_name(&name(&ca_name)).unwrap();
     ca.set_pubkey(&ca_key).unwrap();
     ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
         .unwrap();
@@ -492,6 +495,8 @@ pub struct Daemon {
     pub port: u16,
     pub child: Option<Child>,
     pub stderr_path: PathBuf,
+    /// Environment variables for the daemon, besides the secret.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -514,6 +519,7 @@ impl Daemon {
             port,
             child: None,
             stderr_path,
+            env: Vec::new(),
         }
     }
 
@@ -531,6 +537,7 @@ impl Daemon {
             .args(["run", "--config"])
             .arg(self.path("sagawatch.yaml"))
             .env("WEBHOOK_SECRET", SECRET)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "SAGAWATCH_LOG",
                 std::env::var("TEST_SAGAWATCH_LOG").unwrap_or_else(|_| "warn".into()),
