@@ -187,6 +187,13 @@ pub struct RawSink {
     /// to trust instead of the system's (a private CA).
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// `webhook`, `alertmanager` with an `https://` URL: a client certificate (PEM, the
+    /// chain after it) for receivers that ask for one, with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// The private key of `cert_file` (PEM, unencrypted).
+    #[serde(default)]
+    pub key_file: Option<String>,
     /// `kafka`: the topic compensation commands are produced to.
     #[serde(default)]
     pub topic: Option<String>,
@@ -219,7 +226,7 @@ pub struct RawOutbox {
 }
 
 /// A secret: never printed.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(pub Vec<u8>);
 
 impl fmt::Debug for Secret {
@@ -264,13 +271,13 @@ pub enum SinkKind {
         url: hyper::Uri,
         secrets: Vec<Secret>,
         headers: Vec<(String, String)>,
-        ca: Vec<String>,
+        tls: Tls,
     },
     Alertmanager {
         url: hyper::Uri,
         resend: std::time::Duration,
         headers: Vec<(String, String)>,
-        ca: Vec<String>,
+        tls: Tls,
     },
     Kafka {
         topic: String,
@@ -282,13 +289,36 @@ impl SinkKind {
         !matches!(self, SinkKind::Alertmanager { .. })
     }
 
-    /// The CA certificates (PEM, one each) an HTTP sink trusts instead of the system's.
-    pub fn ca(&self) -> &[String] {
+    /// An HTTP sink's TLS settings (none for the others).
+    pub fn tls(&self) -> &Tls {
+        const NONE: &Tls = &Tls {
+            ca: Vec::new(),
+            client: None,
+        };
         match self {
-            SinkKind::Webhook { ca, .. } | SinkKind::Alertmanager { ca, .. } => ca,
-            _ => &[],
+            SinkKind::Webhook { tls, .. } | SinkKind::Alertmanager { tls, .. } => tls,
+            _ => NONE,
         }
     }
+}
+
+/// How an HTTP sink speaks TLS, beyond the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tls {
+    /// The CA certificates (PEM, one each) trusted instead of the system's; empty: the
+    /// system's.
+    pub ca: Vec<String>,
+    /// The client certificate to show.
+    pub client: Option<ClientCert>,
+}
+
+/// A client certificate with its key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClientCert {
+    /// PEM: the certificate, then the rest of its chain.
+    pub chain: String,
+    /// PEM, PKCS#8.
+    pub key: Secret,
 }
 
 #[derive(Clone, Debug)]
@@ -1158,8 +1188,18 @@ impl Checker {
                     "timeout",
                     "headers",
                     "ca_file",
+                    "cert_file",
+                    "key_file",
                 ],
-                "alertmanager" => &["url", "timeout", "resend", "headers", "ca_file"],
+                "alertmanager" => &[
+                    "url",
+                    "timeout",
+                    "resend",
+                    "headers",
+                    "ca_file",
+                    "cert_file",
+                    "key_file",
+                ],
                 "kafka" => &["topic", "timeout"],
                 _ => &[],
             };
@@ -1172,6 +1212,8 @@ impl Checker {
                 ("headers", !s.headers.is_empty()),
                 ("topic", s.topic.is_some()),
                 ("ca_file", s.ca_file.is_some()),
+                ("cert_file", s.cert_file.is_some()),
+                ("key_file", s.key_file.is_some()),
             ] {
                 if set && !allowed.contains(&field) {
                     self.err(&p.key(field), format!("not a setting of a {} sink", s.kind));
@@ -1217,12 +1259,12 @@ impl Checker {
                             "a webhook sink needs `secrets` or `secret_files` to sign with",
                         );
                     }
-                    let ca = self.ca(&p, &url, s.ca_file.as_deref());
+                    let tls = self.tls(&p, &url, s);
                     SinkKind::Webhook {
                         url,
                         secrets,
                         headers,
-                        ca,
+                        tls,
                     }
                 }
                 "alertmanager" => {
@@ -1235,12 +1277,12 @@ impl Checker {
                             "Alertmanager's base URL takes no query (`?…`): /api/v2/alerts is appended to it",
                         );
                     }
-                    let ca = self.ca(&p, &url, s.ca_file.as_deref());
+                    let tls = self.tls(&p, &url, s);
                     SinkKind::Alertmanager {
                         url,
                         resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
                         headers,
-                        ca,
+                        tls,
                     }
                 }
                 "kafka" => {
@@ -1452,46 +1494,80 @@ impl Checker {
         Some(Secret(t.as_bytes().to_vec()))
     }
 
-    /// The certificates of a sink's `ca_file`, each checked, as PEM blocks.
-    fn ca(&mut self, sink: &YamlPath, url: &hyper::Uri, file: Option<&str>) -> Vec<String> {
-        let Some(file) = file else {
-            return Vec::new();
-        };
-        let path = sink.key("ca_file");
-        if url.scheme_str() == Some("http") {
-            self.err(
-                &path,
-                "only an https:// URL uses a CA file: this sink's URL is http://",
-            );
-            return Vec::new();
+    /// An HTTP sink's `ca_file`, `cert_file` and `key_file`, each read and checked.
+    fn tls(&mut self, sink: &YamlPath, url: &hyper::Uri, s: &RawSink) -> Tls {
+        let mut tls = Tls::default();
+        for (key, set) in [
+            ("ca_file", s.ca_file.is_some()),
+            ("cert_file", s.cert_file.is_some()),
+            ("key_file", s.key_file.is_some()),
+        ] {
+            if set && url.scheme_str() == Some("http") {
+                self.err(
+                    &sink.key(key),
+                    format!("only an https:// URL uses `{key}`: this sink's URL is http://"),
+                );
+                return tls;
+            }
         }
+        if let Some(file) = &s.ca_file {
+            let path = sink.key("ca_file");
+            if let Some((name, text)) = self.read_pem(&path, file) {
+                // A key here usually means the wrong file was given (a server's
+                // certificate and key instead of the CA that signed it).
+                if text.contains("PRIVATE KEY-----") {
+                    self.err(
+                        &path,
+                        format!("{name} holds a private key: give a file of CA certificates only"),
+                    );
+                } else if let Some(certs) = self.pem_certs(&path, &name, &text) {
+                    tls.ca = certs.into_iter().map(|(pem, _)| pem).collect();
+                }
+            }
+        }
+        match (&s.cert_file, &s.key_file) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => self.err(
+                sink,
+                "`cert_file` and `key_file` go together: the client certificate and its key",
+            ),
+            (Some(cert), Some(key)) => tls.client = self.client_cert(sink, cert, key),
+        }
+        tls
+    }
+
+    /// A PEM file's path as shown and its text.
+    fn read_pem(&mut self, path: &YamlPath, file: &str) -> Option<(String, String)> {
         if file.trim().is_empty() {
-            self.err(&path, "empty path");
-            return Vec::new();
+            self.err(path, "empty path");
+            return None;
         }
         let f = self.resolve(file);
-        let text = match std::fs::read(&f) {
-            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+        match std::fs::read(&f) {
+            Ok(t) => Some((
+                f.display().to_string(),
+                String::from_utf8_lossy(&t).into_owned(),
+            )),
             Err(e) => {
-                self.err(&path, format!("cannot read {}: {e}", f.display()));
-                return Vec::new();
+                self.err(path, format!("cannot read {}: {e}", f.display()));
+                None
             }
-        };
-        let name = f.display();
-        // A key here usually means the wrong file was given (a server's certificate and
-        // key instead of the CA that signed it); never a reason to read on.
-        if text.contains("PRIVATE KEY-----") {
-            self.err(
-                &path,
-                format!("{name} holds a private key: give a file of CA certificates only"),
-            );
-            return Vec::new();
         }
+    }
+
+    /// The certificates of a PEM file, in order, each whole, valid and not expired; at
+    /// least one.
+    fn pem_certs(
+        &mut self,
+        path: &YamlPath,
+        name: &str,
+        text: &str,
+    ) -> Option<Vec<(String, openssl::x509::X509)>> {
         const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
         const END: &str = "-----END CERTIFICATE-----";
         let now = openssl::asn1::Asn1Time::days_from_now(0).ok();
         let mut certs = Vec::new();
-        let mut rest = text.as_str();
+        let mut rest = text;
         while let Some(start) = rest.find(BEGIN) {
             let n = certs.len() + 1;
             let body = &rest[start + BEGIN.len()..];
@@ -1500,42 +1576,85 @@ impl Checker {
             let next = body.find(BEGIN);
             let Some(len) = body.find(END).filter(|&e| next.is_none_or(|b| e < b)) else {
                 self.err(
-                    &path,
+                    path,
                     format!("{name}: certificate {n} has no `{END}` line (cut short?)"),
                 );
-                return Vec::new();
+                return None;
             };
             let pem = format!("{BEGIN}{}{END}\n", &body[..len]);
             rest = &body[len + END.len()..];
-            match openssl::x509::X509::from_pem(pem.as_bytes()) {
-                Err(_) => {
-                    self.err(
-                        &path,
-                        format!("{name}: certificate {n} is not a valid X.509 certificate"),
-                    );
-                    return Vec::new();
-                }
-                Ok(c) => {
-                    if let Some(now) = &now
-                        && c.not_after().compare(now).ok() == Some(std::cmp::Ordering::Less)
-                    {
-                        self.err(
-                            &path,
-                            format!("{name}: certificate {n} expired on {}", c.not_after()),
-                        );
-                        return Vec::new();
-                    }
-                }
+            let Ok(cert) = openssl::x509::X509::from_pem(pem.as_bytes()) else {
+                self.err(
+                    path,
+                    format!("{name}: certificate {n} is not a valid X.509 certificate"),
+                );
+                return None;
+            };
+            if let Some(now) = &now
+                && cert.not_after().compare(now).ok() == Some(std::cmp::Ordering::Less)
+            {
+                self.err(
+                    path,
+                    format!("{name}: certificate {n} expired on {}", cert.not_after()),
+                );
+                return None;
             }
-            certs.push(pem);
+            certs.push((pem, cert));
         }
         if certs.is_empty() {
             self.err(
-                &path,
+                path,
                 format!("{name}: no PEM certificate in it (`{BEGIN}` … `{END}`)"),
             );
+            return None;
         }
-        certs
+        Some(certs)
+    }
+
+    /// A client certificate and its key, which must belong together. The key's text is
+    /// never repeated in a message.
+    fn client_cert(&mut self, sink: &YamlPath, cert: &str, key: &str) -> Option<ClientCert> {
+        let (cert_path, key_path) = (sink.key("cert_file"), sink.key("key_file"));
+        let certs = self
+            .read_pem(&cert_path, cert)
+            .and_then(|(name, text)| self.pem_certs(&cert_path, &name, &text));
+        let (name, text) = self.read_pem(&key_path, key)?;
+        if text.contains("ENCRYPTED") {
+            self.err(
+                &key_path,
+                format!("{name}: the key is encrypted; give it unencrypted (`openssl pkey -in KEY -out PLAIN`) in a file only sagawatch can read"),
+            );
+            return None;
+        }
+        // With a passphrase given (empty), OpenSSL never asks for one on the terminal.
+        let Ok(pkey) = openssl::pkey::PKey::private_key_from_pem_passphrase(text.as_bytes(), b"")
+        else {
+            self.err(
+                &key_path,
+                format!("{name}: no PEM private key in it (PKCS#8, RSA or EC)"),
+            );
+            return None;
+        };
+        let certs = certs?;
+        let matches = certs[0]
+            .1
+            .public_key()
+            .is_ok_and(|public| public.public_eq(&pkey));
+        if !matches {
+            self.err(
+                &key_path,
+                format!("{name}: not the key of the first certificate in {cert}"),
+            );
+            return None;
+        }
+        let Ok(pkcs8) = pkey.private_key_to_pem_pkcs8() else {
+            self.err(&key_path, format!("{name}: the key cannot be used"));
+            return None;
+        };
+        Some(ClientCert {
+            chain: certs.into_iter().map(|(pem, _)| pem).collect(),
+            key: Secret(pkcs8),
+        })
     }
 
     fn read_secret(&mut self, path: &YamlPath, file: &str) -> Option<Secret> {
@@ -1900,6 +2019,25 @@ mod tests {
         }
     }
 
+    /// A self-signed certificate (PEM) for this key, valid for a day.
+    fn cert_for(key: &openssl::pkey::PKeyRef<openssl::pkey::Private>) -> String {
+        use openssl::{asn1::Asn1Time, hash::MessageDigest, x509};
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "client").unwrap();
+        let name = name.build();
+        let mut b = x509::X509::builder().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(key).unwrap();
+        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(key, MessageDigest::sha256()).unwrap();
+        String::from_utf8(b.build().to_pem().unwrap()).unwrap()
+    }
+
     /// A self-signed certificate (PEM) that ends `days` from now.
     fn self_signed(days: i64) -> String {
         use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
@@ -1935,7 +2073,7 @@ mod tests {
             ))
         };
         let c = sink("").unwrap();
-        assert!(c.sinks[0].kind.ca().is_empty());
+        assert_eq!(c.sinks[0].kind.tls(), &Tls::default());
         let dir = tempfile::tempdir().unwrap();
         let (empty, junk, cut) = (
             dir.path().join("empty.pem"),
@@ -1970,7 +2108,7 @@ mod tests {
         .unwrap();
         std::fs::write(&old, format!("{good}{expired}")).unwrap();
         let c = sink(&format!(", ca_file: '{}'", two.display())).unwrap();
-        assert_eq!(c.sinks[0].kind.ca().len(), 2);
+        assert_eq!(c.sinks[0].kind.tls().ca.len(), 2);
         for (file, says) in [
             (
                 &merged,
@@ -1999,7 +2137,7 @@ mod tests {
         ))
         .unwrap_err();
         assert!(
-            e.contains("sinks.h.ca_file: only an https:// URL uses a CA file"),
+            e.contains("sinks.h.ca_file: only an https:// URL uses `ca_file`"),
             "{e}"
         );
         let e = check(
@@ -2010,6 +2148,79 @@ mod tests {
             e.contains("sinks.o.ca_file: not a setting of a stdout sink"),
             "{e}"
         );
+    }
+
+    /// `cert_file` and `key_file`: together, https only, the key unencrypted and the
+    /// certificate's own; traditional RSA keys are taken (converted to PKCS#8).
+    #[test]
+    fn client_certificates() {
+        use openssl::{pkey::PKey, rsa::Rsa};
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let cert = file("c.pem", cert_for(&key).as_bytes());
+        let own = file("own.key", &key.rsa().unwrap().private_key_to_pem().unwrap());
+        let other = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let other = file("other.key", &other.private_key_to_pem_pkcs8().unwrap());
+        let locked = file(
+            "locked.key",
+            &key.private_key_to_pem_pkcs8_passphrase(openssl::symm::Cipher::aes_128_cbc(), b"pw")
+                .unwrap(),
+        );
+        let sink = |url: &str, extra: &str| {
+            check(&format!(
+                "rules: rules\nsources: {{ a: {{ type: stdin }} }}\nsinks:\n  am: {{ type: alertmanager, url: '{url}'{extra} }}\n"
+            ))
+        };
+        let c = sink(
+            "https://am:9093",
+            &format!(", cert_file: '{cert}', key_file: '{own}'"),
+        )
+        .unwrap();
+        let client = c.sinks[0].kind.tls().client.clone().unwrap();
+        assert!(client.chain.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(String::from_utf8_lossy(&client.key.0).starts_with("-----BEGIN PRIVATE KEY-----"));
+        for (url, extra, says) in [
+            (
+                "https://am:9093",
+                format!(", cert_file: '{cert}'"),
+                "sinks.am: `cert_file` and `key_file` go together",
+            ),
+            (
+                "http://am:9093",
+                format!(", cert_file: '{cert}', key_file: '{own}'"),
+                "sinks.am.cert_file: only an https:// URL uses `cert_file`",
+            ),
+            (
+                "https://am:9093",
+                format!(", cert_file: '{cert}', key_file: '{other}'"),
+                "sinks.am.key_file: ",
+            ),
+            (
+                "https://am:9093",
+                format!(", cert_file: '{cert}', key_file: '{locked}'"),
+                "the key is encrypted",
+            ),
+            (
+                "https://am:9093",
+                format!(", cert_file: '{cert}', key_file: '{cert}'"),
+                "no PEM private key in it",
+            ),
+        ] {
+            let e = sink(url, &extra).unwrap_err();
+            assert!(e.contains(says), "{says:?} not in {e}");
+        }
+        let e = sink(
+            "https://am:9093",
+            &format!(", cert_file: '{cert}', key_file: '{other}'"),
+        )
+        .unwrap_err();
+        assert!(e.contains("not the key of the first certificate"), "{e}");
+        assert!(!e.contains("PRIVATE KEY"), "{e}");
     }
 
     /// URLs the client would not use as written: a port out of range (it would connect to

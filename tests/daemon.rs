@@ -1796,17 +1796,18 @@ fn sigterm_answers_requests_waiting_for_their_batch() {
 /// are retried) with the reason in the timeline, and the receiver never sees them.
 #[test]
 fn https_webhooks_verify_the_receiver_certificate() {
-    let (ca, identity) = test_pki();
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(true);
     let port = free_port();
     let mut rx = Receiver::new(port);
-    rx.start_tls(identity);
+    rx.start_tls(&cert, &key, None);
     let mut d = Daemon::new(&format!(
         "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
          sinks:\n  hook: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], ca_file: ca.pem }}\n  \
          untrusted: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
          alerts: {{ sinks: [hook, untrusted] }}\noutbox: {{ backoff: 50ms, max_backoff: 300ms }}\n"
     ));
-    std::fs::write(d.path("ca.pem"), &ca).unwrap();
+    std::fs::write(d.path("ca.pem"), &pki.ca).unwrap();
     d.start();
     let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
     let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
@@ -1863,19 +1864,19 @@ fn https_webhooks_verify_the_receiver_certificate() {
 /// without `ca_file` trusts and the one whose `ca_file` names another CA does not.
 #[test]
 fn a_ca_file_replaces_the_system_cas() {
-    let (system_ca, identity) = test_pki();
-    let (other_ca, _) = test_pki();
+    let (system, other) = (Pki::new(), Pki::new());
+    let (cert, key) = system.issue(true);
     let port = free_port();
     let mut rx = Receiver::new(port);
-    rx.start_tls(identity);
+    rx.start_tls(&cert, &key, None);
     let mut d = Daemon::new(&format!(
         "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
          sinks:\n  sys: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n  \
          hook: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], ca_file: other.pem }}\n\
          alerts: {{ sinks: [sys, hook] }}\noutbox: {{ backoff: 50ms, max_backoff: 300ms }}\n"
     ));
-    std::fs::write(d.path("system.pem"), &system_ca).unwrap();
-    std::fs::write(d.path("other.pem"), &other_ca).unwrap();
+    std::fs::write(d.path("system.pem"), &system.ca).unwrap();
+    std::fs::write(d.path("other.pem"), &other.ca).unwrap();
     std::fs::create_dir(d.path("no-certs")).unwrap();
     d.env = vec![
         (
@@ -1919,5 +1920,58 @@ fn a_ca_file_replaces_the_system_cas() {
         got[0].signed && got[0].body.contains("alert.firing"),
         "{got:?}"
     );
+    assert_eq!(d.terminate(), 0);
+}
+
+/// A receiver that asks for a client certificate gets the one in the sink's `cert_file`
+/// (here with an RSA key in its traditional PEM form, which the client takes as well); a
+/// sink with none cannot deliver there, and keeps its message.
+#[test]
+fn a_client_certificate_is_shown_to_receivers_that_ask() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(true);
+    let rsa = openssl::rsa::Rsa::generate(2048).unwrap();
+    let client_key = openssl::pkey::PKey::from_rsa(rsa.clone()).unwrap();
+    let client_cert = pki.issue_for(false, &client_key);
+    let port = free_port();
+    let mut rx = Receiver::new(port);
+    rx.start_tls(&cert, &key, Some(&pki.ca));
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], ca_file: ca.pem, cert_file: client.pem, key_file: client.key }}\n  \
+         anonymous: {{ type: webhook, url: 'https://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], ca_file: ca.pem }}\n\
+         alerts: {{ sinks: [hook, anonymous] }}\noutbox: {{ backoff: 50ms, max_backoff: 300ms }}\n"
+    ));
+    std::fs::write(d.path("ca.pem"), &pki.ca).unwrap();
+    std::fs::write(d.path("client.pem"), &client_cert).unwrap();
+    let traditional = rsa.private_key_to_pem().unwrap();
+    assert!(traditional.starts_with(b"-----BEGIN RSA PRIVATE KEY-----"));
+    std::fs::write(d.path("client.key"), traditional).unwrap();
+    d.start();
+    let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    wait_for(Duration::from_secs(30), "hook's two messages", || {
+        (rx.received().len() >= 2).then_some(())
+    });
+    wait_for(
+        Duration::from_secs(30),
+        "anonymous's failed attempts",
+        || {
+            let (_, b) = http(d.port, "GET", "/v1/instances/checkout/o-1", &[], b"").ok()?;
+            let v: serde_json::Value = serde_json::from_str(&b).ok()?;
+            let a = v["actions"]
+                .as_array()?
+                .iter()
+                .find(|a| a["sink"] == "anonymous")?
+                .clone();
+            assert_eq!(a["delivery"], "pending", "{a}");
+            (a["attempts"].as_i64()? >= 2 && a["last_error"].is_string()).then_some(())
+        },
+    );
+    assert!(rx.tls_failures.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    let got = rx.received();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|r| r.signed), "{got:?}");
     assert_eq!(d.terminate(), 0);
 }

@@ -22,7 +22,7 @@ use rusqlite::Connection;
 use tokio::sync::Notify;
 use tokio::task::{Id, JoinError, JoinSet};
 
-use crate::config::{Config, OutboxConfig, Sink, SinkKind};
+use crate::config::{Config, OutboxConfig, Sink, SinkKind, Tls};
 use crate::daemon::core::wall_ms;
 use crate::daemon::metrics::Metrics;
 use crate::sign;
@@ -35,8 +35,8 @@ type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 struct Clients {
     /// For HTTP sinks that trust the system's CAs only.
     http: HttpClient,
-    /// For those with a `ca_file` of their own, by sink name.
-    http_ca: Arc<HashMap<String, HttpClient>>,
+    /// For those with TLS settings of their own, by sink name.
+    http_tls: Arc<HashMap<String, HttpClient>>,
     kafka: Option<crate::daemon::kafka::Producer>,
     /// With a `stdout` sink, its writer.
     stdout: Option<StdoutWriter>,
@@ -265,14 +265,15 @@ impl Flight {
 
 impl Clients {
     fn http_for(&self, sink: &Sink) -> &HttpClient {
-        self.http_ca.get(&sink.name).unwrap_or(&self.http)
+        self.http_tls.get(&sink.name).unwrap_or(&self.http)
     }
 }
 
 /// An HTTP client for `http://` and `https://` URLs. `https` verifies the receiver's
-/// certificate and name, with TLS 1.2 at least, against the PEM certificates in `ca`
-/// only, or without any against the system's CAs (OpenSSL's store).
-fn client(ca: &[String]) -> Result<HttpClient> {
+/// certificate and name, with TLS 1.2 at least, against the CAs of `tls` only, or without
+/// any against the system's (OpenSSL's store); and shows its client certificate if asked.
+fn client(tls_settings: &Tls) -> Result<HttpClient> {
+    let ca = &tls_settings.ca;
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_nodelay(true);
@@ -284,6 +285,12 @@ fn client(ca: &[String]) -> Result<HttpClient> {
     tls.disable_built_in_roots(!ca.is_empty());
     for pem in ca {
         tls.add_root_certificate(native_tls::Certificate::from_pem(pem.as_bytes())?);
+    }
+    if let Some(c) = &tls_settings.client {
+        tls.identity(native_tls::Identity::from_pkcs8(
+            c.chain.as_bytes(),
+            &c.key.0,
+        )?);
     }
     let tls = tls
         .build()
@@ -372,28 +379,28 @@ impl Dispatcher {
         } else {
             None
         };
-        // One client (its CA store and connection pool) per set of CAs, shared by the
-        // sinks that trust the same.
-        let mut by_ca: HashMap<&[String], HttpClient> = HashMap::new();
-        let mut http_ca = HashMap::new();
+        // One client (its CA store and connection pool) per TLS setting, shared by the
+        // sinks that have the same.
+        let mut by_tls: HashMap<&Tls, HttpClient> = HashMap::new();
+        let mut http_tls = HashMap::new();
         for s in &self.cfg.sinks {
-            let ca = s.kind.ca();
-            if ca.is_empty() {
+            let tls = s.kind.tls();
+            if *tls == Tls::default() {
                 continue;
             }
-            let c = match by_ca.get(ca) {
+            let c = match by_tls.get(tls) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = client(ca)?;
-                    by_ca.insert(ca, c.clone());
+                    let c = client(tls)?;
+                    by_tls.insert(tls, c.clone());
                     c
                 }
             };
-            http_ca.insert(s.name.clone(), c);
+            http_tls.insert(s.name.clone(), c);
         }
         let clients = Clients {
-            http: client(&[])?,
-            http_ca: Arc::new(http_ca),
+            http: client(&Tls::default())?,
+            http_tls: Arc::new(http_tls),
             kafka,
             stdout,
         };

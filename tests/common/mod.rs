@@ -214,12 +214,26 @@ impl Receiver {
         self.start_with(None);
     }
 
-    /// Serves HTTPS with this identity.
-    pub fn start_tls(&mut self, identity: native_tls::Identity) {
-        self.start_with(Some(native_tls::TlsAcceptor::new(identity).unwrap()));
+    /// Serves HTTPS with this certificate and key (PEM); with `client_ca` (PEM), only to
+    /// clients that show a certificate it signed.
+    pub fn start_tls(&mut self, cert: &str, key: &str, client_ca: Option<&str>) {
+        use openssl::ssl::{SslAcceptor, SslMethod, SslVerifyMode};
+        use openssl::x509::X509;
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        b.set_certificate(&X509::from_pem(cert.as_bytes()).unwrap())
+            .unwrap();
+        b.set_private_key(&openssl::pkey::PKey::private_key_from_pem(key.as_bytes()).unwrap())
+            .unwrap();
+        if let Some(ca) = client_ca {
+            let ca = X509::from_pem(ca.as_bytes()).unwrap();
+            b.cert_store_mut().add_cert(ca.clone()).unwrap();
+            b.add_client_ca(&ca).unwrap();
+            b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+        }
+        self.start_with(Some(Arc::new(b.build())));
     }
 
-    fn start_with(&mut self, tls: Option<native_tls::TlsAcceptor>) {
+    fn start_with(&mut self, tls: Option<Arc<openssl::ssl::SslAcceptor>>) {
         let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (s, got, requests, tls_failures) = (
@@ -336,25 +350,95 @@ fn serve_conn(
     }
 }
 
-/// A test CA (its certificate, PEM) and a server identity it signed for `127.0.0.1` and
-/// `localhost`, both valid from a day ago for a day.
-pub fn test_pki() -> (String, native_tls::Identity) {
-    use openssl::asn1::Asn1Time;
-    use openssl::bn::BigNum;
+/// A test CA that issues server certificates (for `127.0.0.1` and `localhost`) and client
+/// certificates, all valid from a day ago for a day.
+pub struct Pki {
+    /// The CA's certificate, PEM.
+    pub ca: String,
+    cert: openssl::x509::X509,
+    key: openssl::pkey::PKey<openssl::pkey::Private>,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use openssl::x509::extension::{BasicConstraints, KeyUsage};
+        // Each CA a name of its own: OpenSSL finds an issuer by name.
+        static CAS: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("sagawatch test CA {}", CAS.fetch_add(1, Ordering::Relaxed));
+        let key = pki_key();
+        let mut ca = pki_cert(&name, &name);
+        ca.set_pubkey(&key).unwrap();
+        ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        ca.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        ca.sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        let cert = ca.build();
+        Pki {
+            ca: String::from_utf8(cert.to_pem().unwrap()).unwrap(),
+            cert,
+            key,
+        }
+    }
+
+    /// A certificate and its key (PEM, PKCS#8): for a server on loopback, or a client.
+    pub fn issue(&self, server: bool) -> (String, String) {
+        let key = pki_key();
+        (
+            self.issue_for(server, &key),
+            String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap(),
+        )
+    }
+
+    /// A certificate (PEM) for this key.
+    pub fn issue_for(
+        &self,
+        server: bool,
+        key: &openssl::pkey::PKeyRef<openssl::pkey::Private>,
+    ) -> String {
+        use openssl::x509::extension::{ExtendedKeyUsage, SubjectAlternativeName};
+        let mut b = pki_cert(if server { "127.0.0.1" } else { "client" }, "");
+        b.set_issuer_name(self.cert.subject_name()).unwrap();
+        b.set_pubkey(key).unwrap();
+        if server {
+            let san = SubjectAlternativeName::new()
+                .ip("127.0.0.1")
+                .dns("localhost")
+                .build(&b.x509v3_context(Some(&self.cert), None))
+                .unwrap();
+            b.append_extension(san).unwrap();
+            b.append_extension(ExtendedKeyUsage::new().server_auth().build().unwrap())
+                .unwrap();
+        } else {
+            b.append_extension(ExtendedKeyUsage::new().client_auth().build().unwrap())
+                .unwrap();
+        }
+        b.sign(&self.key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        String::from_utf8(b.build().to_pem().unwrap()).unwrap()
+    }
+}
+
+fn pki_key() -> openssl::pkey::PKey<openssl::pkey::Private> {
     use openssl::ec::{EcGroup, EcKey};
-    use openssl::hash::MessageDigest;
-    use openssl::nid::Nid;
-    use openssl::pkey::PKey;
-    use openssl::x509::extension::{
-        BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
-    };
-    use openssl::x509::{X509, X509NameBuilder};
-    let key = || {
-        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-        PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
-    };
+    let group = EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap();
+    openssl::pkey::PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap()
+}
+
+/// A certificate builder with subject `cn` (and issuer `issuer` unless empty), a random
+/// serial, valid from a day ago for a day.
+fn pki_cert(cn: &str, issuer: &str) -> openssl::x509::X509Builder {
+    use openssl::asn1::Asn1Time;
     let name = |cn: &str| {
-        let mut n = X509NameBuilder::new().unwrap();
+        let mut n = openssl::x509::X509NameBuilder::new().unwrap();
         n.append_entry_by_text("CN", cn).unwrap();
         n.build()
     };
@@ -362,59 +446,23 @@ pub fn test_pki() -> (String, native_tls::Identity) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let cert = |serial: u32, subject: &str| {
-        let mut b = X509::builder().unwrap();
-        b.set_version(2).unwrap();
-        let serial = BigNum::from_u32(serial).unwrap().to_asn1_integer().unwrap();
-        b.set_serial_number(&serial).unwrap();
-        b.set_subject_name(&name(subject)).unwrap();
-        b.set_not_before(&Asn1Time::from_unix(now - 86_400).unwrap())
-            .unwrap();
-        b.set_not_after(&Asn1Time::from_unix(now + 86_400).unwrap())
-            .unwrap();
-        b
-    };
-    // Each CA a name of its own: OpenSSL finds an issuer by name.
-    static CAS: AtomicUsize = AtomicUsize::new(0);
-    let ca_name = format!("sagawatch test CA {}", CAS.fetch_add(1, Ordering::Relaxed));
-    let ca_key = key();
-    let mut ca = cert(1, &ca_name);
-    ca.set_issuer_name(&name(&ca_name)).unwrap();
-    ca.set_pubkey(&ca_key).unwrap();
-    ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+    let mut b = openssl::x509::X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    let mut serial = openssl::bn::BigNum::new().unwrap();
+    serial
+        .rand(64, openssl::bn::MsbOption::MAYBE_ZERO, false)
         .unwrap();
-    ca.append_extension(
-        KeyUsage::new()
-            .critical()
-            .key_cert_sign()
-            .crl_sign()
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
-    ca.sign(&ca_key, MessageDigest::sha256()).unwrap();
-    let ca = ca.build();
-    let server_key = key();
-    let mut server = cert(2, "127.0.0.1");
-    server.set_issuer_name(ca.subject_name()).unwrap();
-    server.set_pubkey(&server_key).unwrap();
-    let san = SubjectAlternativeName::new()
-        .ip("127.0.0.1")
-        .dns("localhost")
-        .build(&server.x509v3_context(Some(&ca), None))
+    b.set_serial_number(&serial.to_asn1_integer().unwrap())
         .unwrap();
-    server.append_extension(san).unwrap();
-    server
-        .append_extension(ExtendedKeyUsage::new().server_auth().build().unwrap())
+    b.set_subject_name(&name(cn)).unwrap();
+    if !issuer.is_empty() {
+        b.set_issuer_name(&name(issuer)).unwrap();
+    }
+    b.set_not_before(&Asn1Time::from_unix(now - 86_400).unwrap())
         .unwrap();
-    server.sign(&ca_key, MessageDigest::sha256()).unwrap();
-    let server = server.build();
-    let identity = native_tls::Identity::from_pkcs8(
-        &server.to_pem().unwrap(),
-        &server_key.private_key_to_pem_pkcs8().unwrap(),
-    )
-    .unwrap();
-    (String::from_utf8(ca.to_pem().unwrap()).unwrap(), identity)
+    b.set_not_after(&Asn1Time::from_unix(now + 86_400).unwrap())
+        .unwrap();
+    b
 }
 
 /// A minimal HTTP/1.1 request; returns (status, body).
