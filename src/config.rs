@@ -1543,7 +1543,7 @@ impl Checker {
             return None;
         }
         let f = self.resolve(file);
-        match std::fs::read(&f) {
+        match read_limited(&f, 1 << 20) {
             Ok(t) => Some((
                 f.display().to_string(),
                 String::from_utf8_lossy(&t).into_owned(),
@@ -1581,13 +1581,33 @@ impl Checker {
                 );
                 return None;
             };
-            let pem = format!("{BEGIN}{}{END}\n", &body[..len]);
+            let inner = &body[..len];
             rest = &body[len + END.len()..];
-            let Ok(cert) = openssl::x509::X509::from_pem(pem.as_bytes()) else {
+            // Decoded here rather than by OpenSSL's PEM reader, which asks for a passphrase
+            // on the terminal when a block has encryption headers.
+            if inner.contains(':') {
+                self.err(
+                    path,
+                    format!("{name}: certificate {n} has PEM headers (encrypted?): give plain certificates"),
+                );
+                return None;
+            }
+            let b64: String = inner.split_whitespace().collect();
+            let Some(cert) = openssl::base64::decode_block(&b64)
+                .ok()
+                .and_then(|der| openssl::x509::X509::from_der(&der).ok())
+            else {
                 self.err(
                     path,
                     format!("{name}: certificate {n} is not a valid X.509 certificate"),
                 );
+                return None;
+            };
+            let Ok(pem) = cert
+                .to_pem()
+                .map(|p| String::from_utf8_lossy(&p).into_owned())
+            else {
+                self.err(path, format!("{name}: certificate {n} cannot be used"));
                 return None;
             };
             if let Some(now) = &now
@@ -1615,9 +1635,10 @@ impl Checker {
     /// never repeated in a message.
     fn client_cert(&mut self, sink: &YamlPath, cert: &str, key: &str) -> Option<ClientCert> {
         let (cert_path, key_path) = (sink.key("cert_file"), sink.key("key_file"));
-        let certs = self
-            .read_pem(&cert_path, cert)
-            .and_then(|(name, text)| self.pem_certs(&cert_path, &name, &text));
+        let certs = self.read_pem(&cert_path, cert).and_then(|(name, text)| {
+            self.pem_certs(&cert_path, &name, &text)
+                .map(|certs| (name, certs))
+        });
         let (name, text) = self.read_pem(&key_path, key)?;
         if text.contains("ENCRYPTED") {
             self.err(
@@ -1635,7 +1656,7 @@ impl Checker {
             );
             return None;
         };
-        let certs = certs?;
+        let (cert_name, certs) = certs?;
         let matches = certs[0]
             .1
             .public_key()
@@ -1643,7 +1664,27 @@ impl Checker {
         if !matches {
             self.err(
                 &key_path,
-                format!("{name}: not the key of the first certificate in {cert}"),
+                format!("{name}: not the key of the first certificate in {cert_name} (the client's own certificate comes first, its intermediates after it)"),
+            );
+            return None;
+        }
+        // What OpenSSL refuses only when the connection is set up (a key too small for
+        // its security level, a signature by SHA-1) is refused here, by the same check.
+        let usable = openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::tls_client())
+            .and_then(|mut b| {
+                b.set_certificate(&certs[0].1)?;
+                b.set_private_key(&pkey)
+            });
+        if let Err(e) = usable {
+            let why = e
+                .errors()
+                .iter()
+                .filter_map(|e| e.reason())
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.err(
+                &cert_path,
+                format!("{cert_name}: OpenSSL refuses this certificate and key: {why}"),
             );
             return None;
         }
@@ -1663,7 +1704,10 @@ impl Checker {
             return None;
         }
         let f = self.resolve(file);
-        match std::fs::read_to_string(&f) {
+        let text = read_limited(&f, 64 << 10).and_then(|b| {
+            String::from_utf8(b).map_err(|_| std::io::Error::other("not UTF-8 text"))
+        });
+        match text {
             Ok(s) if s.trim().is_empty() => {
                 self.err(path, format!("{} is empty", f.display()));
                 None
@@ -1675,6 +1719,26 @@ impl Checker {
             }
         }
     }
+}
+
+/// Reads a small file named in the config: a regular file (a FIFO would block, a device
+/// might never end) of at most `limit` bytes.
+fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB",
+            limit >> 10
+        )));
+    }
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -2219,8 +2283,59 @@ mod tests {
             &format!(", cert_file: '{cert}', key_file: '{other}'"),
         )
         .unwrap_err();
-        assert!(e.contains("not the key of the first certificate"), "{e}");
+        assert!(
+            e.contains(&format!("not the key of the first certificate in {cert}")),
+            "{e}"
+        );
         assert!(!e.contains("PRIVATE KEY"), "{e}");
+        // What OpenSSL would refuse only when connecting: a key below its security level.
+        let weak = PKey::from_rsa(Rsa::generate(1024).unwrap()).unwrap();
+        let weak_cert = file("weak.pem", cert_for(&weak).as_bytes());
+        let weak_key = file("weak.key", &weak.private_key_to_pem_pkcs8().unwrap());
+        let e = sink(
+            "https://am:9093",
+            &format!(", cert_file: '{weak_cert}', key_file: '{weak_key}'"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("sinks.am.cert_file: ")
+                && e.contains("OpenSSL refuses this certificate and key: ee key too small"),
+            "{e}"
+        );
+        // A certificate block with encryption headers: refused, never a passphrase prompt.
+        let pem = cert_for(&key);
+        let headed = file(
+            "headed.pem",
+            pem.replacen(
+                "-----\n",
+                "-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00112233445566778899AABBCCDDEEFF\n\n",
+                1,
+            )
+            .as_bytes(),
+        );
+        let e = sink("https://am:9093", &format!(", ca_file: '{headed}'")).unwrap_err();
+        assert!(e.contains("certificate 1 has PEM headers"), "{e}");
+        // Only small regular files are read: not a FIFO (it would block), nor a huge file.
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let big = file("big.key", &vec![b'a'; (1 << 20) + 1]);
+        for (f, says) in [
+            (fifo.display().to_string(), "not a regular file"),
+            (big, "larger than 1024 KiB"),
+        ] {
+            let e = sink(
+                "https://am:9093",
+                &format!(", cert_file: '{cert}', key_file: '{f}'"),
+            )
+            .unwrap_err();
+            assert!(e.contains(&format!("cannot read {f}: {says}")), "{e}");
+        }
     }
 
     /// URLs the client would not use as written: a port out of range (it would connect to

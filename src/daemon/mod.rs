@@ -258,6 +258,7 @@ fn run_with(
     let stop_sources = Arc::new(AtomicBool::new(false));
     let stop_dispatch = Arc::new(AtomicBool::new(false));
     let core_done = Arc::new(Notify::new());
+    let dispatcher_done = Arc::new(Notify::new());
 
     let shared = Arc::new(server::Shared {
         kafka: kafka_health.clone(),
@@ -309,11 +310,18 @@ fn run_with(
             grace: SHUTDOWN_GRACE,
         };
         let path = cfg.state.clone();
+        let done = Arc::clone(&dispatcher_done);
         std::thread::Builder::new()
             .name("sagawatch-outbox".into())
             .spawn(move || {
+                // Nothing would be delivered any more while events are still taken and
+                // /readyz says ready: better a visible exit, and a restart.
                 if let Err(e) = d.run(&path) {
-                    tracing::error!(error = format!("{e:#}"), "outbox dispatcher stopped");
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "outbox dispatcher stopped; shutting down"
+                    );
+                    done.notify_one();
                 }
             })
             .context("spawning the outbox dispatcher")?
@@ -421,14 +429,16 @@ fn run_with(
         );
     }
 
-    let core_failed = rt.block_on(async {
+    // Why the daemon stops, when not for a signal.
+    let failed = rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok::<bool, anyhow::Error>(false) }
-                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(false) }
-                _ = core_done.notified() => { return Ok(true) }
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok::<Option<&str>, anyhow::Error>(None) }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(None) }
+                _ = core_done.notified() => { return Ok(Some("the core thread stopped")) }
+                _ = dispatcher_done.notified() => { return Ok(Some("the outbox dispatcher stopped")) }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading rules");
                     let _ = reload(&cfg, &shared, &partitions).await;
@@ -474,10 +484,10 @@ fn run_with(
     let _ = dispatcher.join();
     stop_checkpoint.store(true, Ordering::Relaxed);
     let _ = checkpointer.join();
-    match core_result {
-        Err(e) => Err(e),
-        Ok(()) if core_failed => Err(anyhow::anyhow!("the core thread stopped")),
-        Ok(()) => {
+    match (core_result, failed) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(why)) => Err(anyhow::anyhow!(why)),
+        (Ok(()), None) => {
             tracing::info!("stopped cleanly");
             Ok(0)
         }
