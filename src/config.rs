@@ -1963,13 +1963,7 @@ mod tests {
         // A FIFO: opening it would block the source, and its shutdown, until a writer came.
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("ff");
-        assert!(
-            std::process::Command::new("mkfifo")
-                .arg(&fifo)
-                .status()
-                .unwrap()
-                .success()
-        );
+        mkfifo(&fifo);
         let e = check(&format!(
             "rules: rules\nsources:\n  a: {{ type: file, path: '{}' }}\n",
             fifo.display()
@@ -2081,6 +2075,11 @@ mod tests {
                 assert!(!e.contains(secret), "{e}");
             }
         }
+    }
+
+    fn mkfifo(path: &Path) {
+        let made = std::process::Command::new("mkfifo").arg(path).status();
+        assert!(made.unwrap().success(), "mkfifo {}", path.display());
     }
 
     /// A self-signed certificate (PEM) for this key, valid for a day.
@@ -2317,13 +2316,7 @@ mod tests {
         assert!(e.contains("certificate 1 has PEM headers"), "{e}");
         // Only small regular files are read: not a FIFO (it would block), nor a huge file.
         let fifo = dir.path().join("fifo");
-        assert!(
-            std::process::Command::new("mkfifo")
-                .arg(&fifo)
-                .status()
-                .unwrap()
-                .success()
-        );
+        mkfifo(&fifo);
         let big = file("big.key", &vec![b'a'; (1 << 20) + 1]);
         for (f, says) in [
             (fifo.display().to_string(), "not a regular file"),
