@@ -1496,7 +1496,8 @@ impl Checker {
 
     /// An HTTP sink's `ca_file`, `cert_file` and `key_file`, each read and checked.
     fn tls(&mut self, sink: &YamlPath, url: &hyper::Uri, s: &RawSink) -> Tls {
-        let mut tls = Tls::default();
+        let tls = Tls::default();
+        let mut plain = false;
         for (key, set) in [
             ("ca_file", s.ca_file.is_some()),
             ("cert_file", s.cert_file.is_some()),
@@ -1507,9 +1508,13 @@ impl Checker {
                     &sink.key(key),
                     format!("only an https:// URL uses `{key}`: this sink's URL is http://"),
                 );
-                return tls;
+                plain = true;
             }
         }
+        if plain {
+            return tls;
+        }
+        let mut tls = tls;
         if let Some(file) = &s.ca_file {
             let path = sink.key("ca_file");
             if let Some((name, text)) = self.read_pem(&path, file) {
@@ -1673,7 +1678,13 @@ impl Checker {
         let usable = openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::tls_client())
             .and_then(|mut b| {
                 b.set_certificate(&certs[0].1)?;
-                b.set_private_key(&pkey)
+                b.set_private_key(&pkey)?;
+                // The intermediates sent with it pass the same check (at each handshake).
+                let mut ssl = openssl::ssl::Ssl::new(&b.build())?;
+                for (_, c) in &certs[1..] {
+                    ssl.add_chain_cert(c.clone())?;
+                }
+                Ok(())
             });
         if let Err(e) = usable {
             let why = e
@@ -1733,10 +1744,12 @@ fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
         .take(limit + 1)
         .read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {
-        return Err(std::io::Error::other(format!(
-            "larger than {} KiB",
-            limit >> 10
-        )));
+        let size = if limit >= 1 << 20 {
+            format!("{} MiB", limit >> 20)
+        } else {
+            format!("{} KiB", limit >> 10)
+        };
+        return Err(std::io::Error::other(format!("larger than {size}")));
     }
     Ok(buf)
 }
@@ -2288,7 +2301,8 @@ mod tests {
         );
         assert!(!e.contains("PRIVATE KEY"), "{e}");
         // What OpenSSL would refuse only when connecting: a key below its security level.
-        let weak = PKey::from_rsa(Rsa::generate(1024).unwrap()).unwrap();
+        // (512 bits: under what any security level from 1 up allows.)
+        let weak = PKey::from_rsa(Rsa::generate(512).unwrap()).unwrap();
         let weak_cert = file("weak.pem", cert_for(&weak).as_bytes());
         let weak_key = file("weak.key", &weak.private_key_to_pem_pkcs8().unwrap());
         let e = sink(
@@ -2301,6 +2315,17 @@ mod tests {
                 && e.contains("OpenSSL refuses this certificate and key: ee key too small"),
             "{e}"
         );
+        // And the intermediates sent with the certificate.
+        let chain = file(
+            "chain.pem",
+            format!("{}{}", cert_for(&key), cert_for(&weak)).as_bytes(),
+        );
+        let e = sink(
+            "https://am:9093",
+            &format!(", cert_file: '{chain}', key_file: '{own}'"),
+        )
+        .unwrap_err();
+        assert!(e.contains("ca key too small"), "{e}");
         // A certificate block with encryption headers: refused, never a passphrase prompt.
         let pem = cert_for(&key);
         let headed = file(
@@ -2320,7 +2345,7 @@ mod tests {
         let big = file("big.key", &vec![b'a'; (1 << 20) + 1]);
         for (f, says) in [
             (fifo.display().to_string(), "not a regular file"),
-            (big, "larger than 1024 KiB"),
+            (big, "larger than 1 MiB"),
         ] {
             let e = sink(
                 "https://am:9093",

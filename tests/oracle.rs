@@ -13,6 +13,8 @@ const DIFF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/diff.py");
 
 fn agree(cases: u32, seed: u32, extra: &[&str]) {
     let out = Command::new("python3")
+        // No __pycache__ in the source tree.
+        .arg("-B")
         .arg(DIFF)
         .args([cases.to_string(), seed.to_string()])
         .args(["--bin", BIN])

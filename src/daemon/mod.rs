@@ -315,14 +315,16 @@ fn run_with(
             .name("sagawatch-outbox".into())
             .spawn(move || {
                 // Nothing would be delivered any more while events are still taken and
-                // /readyz says ready: better a visible exit, and a restart.
-                if let Err(e) = d.run(&path) {
-                    tracing::error!(
-                        error = format!("{e:#}"),
-                        "outbox dispatcher stopped; shutting down"
-                    );
-                    done.notify_one();
-                }
+                // /readyz says ready: better a visible exit, and a restart. (Errors in its
+                // loop are retried there; these are the ones it cannot go on from.)
+                let why =
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.run(&path))) {
+                        Ok(Ok(_)) => return,
+                        Ok(Err(e)) => format!("{e:#}"),
+                        Err(_) => "it panicked".to_string(),
+                    };
+                tracing::error!(error = why, "outbox dispatcher stopped; shutting down");
+                done.notify_one();
             })
             .context("spawning the outbox dispatcher")?
     };

@@ -87,13 +87,19 @@ def run_binary(case):
     d = tempfile.mkdtemp(dir=WORK)
     try:
         args = write_case(case, d)
-        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        try:
+            r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return None, 'replay ran longer than 60 s'
         if r.returncode != 0:
             return None, 'exit %d: %s' % (r.returncode, r.stderr[-2000:])
         out = []
         for l in r.stdout.splitlines():
             if l.strip():
-                out.append(json.loads(l))
+                try:
+                    out.append(json.loads(l))
+                except ValueError:
+                    return None, 'not a JSON line: %r' % l[:200]
         return out, r.stderr
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -238,9 +244,12 @@ def dump(case, d, bn=None, mn=None):
         f.write(' '.join(args) + '\n')
     with open(os.path.join(d, 'case.json'), 'w') as f:
         json.dump(case, f, indent=1)
-    r = subprocess.run(args, capture_output=True, text=True)
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        r = '(replay ran longer than 60 s)\n'
     with open(os.path.join(d, 'binary.out'), 'w') as f:
-        f.write(r.stdout)
+        f.write(r)
     try:
         m = run_model(case)
         with open(os.path.join(d, 'model.out'), 'w') as f:
