@@ -2095,32 +2095,12 @@ mod tests {
         assert!(made.unwrap().success(), "mkfifo {}", path.display());
     }
 
-    /// A self-signed certificate (PEM) for this key, valid for a day.
-    fn cert_for(key: &openssl::pkey::PKeyRef<openssl::pkey::Private>) -> String {
+    /// A self-signed certificate (PEM) for this key, valid from three days ago to `days`
+    /// from now.
+    fn cert_until(key: &openssl::pkey::PKeyRef<openssl::pkey::Private>, days: i64) -> String {
         use openssl::{asn1::Asn1Time, hash::MessageDigest, x509};
         let mut name = x509::X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", "client").unwrap();
-        let name = name.build();
-        let mut b = x509::X509::builder().unwrap();
-        b.set_version(2).unwrap();
-        b.set_subject_name(&name).unwrap();
-        b.set_issuer_name(&name).unwrap();
-        b.set_pubkey(key).unwrap();
-        b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
-            .unwrap();
-        b.sign(key, MessageDigest::sha256()).unwrap();
-        String::from_utf8(b.build().to_pem().unwrap()).unwrap()
-    }
-
-    /// A self-signed certificate (PEM) that ends `days` from now.
-    fn self_signed(days: i64) -> String {
-        use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
-        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
-        let mut name = x509::X509NameBuilder::new().unwrap();
-        name.append_entry_by_text("CN", "test CA").unwrap();
+        name.append_entry_by_text("CN", "test").unwrap();
         let name = name.build();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -2130,13 +2110,27 @@ mod tests {
         b.set_version(2).unwrap();
         b.set_subject_name(&name).unwrap();
         b.set_issuer_name(&name).unwrap();
-        b.set_pubkey(&key).unwrap();
+        b.set_pubkey(key).unwrap();
         b.set_not_before(&Asn1Time::from_unix(now - 3 * 86_400).unwrap())
             .unwrap();
         b.set_not_after(&Asn1Time::from_unix(now + days * 86_400).unwrap())
             .unwrap();
-        b.sign(&key, MessageDigest::sha256()).unwrap();
+        b.sign(key, MessageDigest::sha256()).unwrap();
         String::from_utf8(b.build().to_pem().unwrap()).unwrap()
+    }
+
+    fn cert_for(key: &openssl::pkey::PKeyRef<openssl::pkey::Private>) -> String {
+        cert_until(key, 1)
+    }
+
+    /// A self-signed certificate (PEM) for a new EC key, ending `days` from now.
+    fn self_signed(days: i64) -> String {
+        use openssl::{ec, nid::Nid, pkey::PKey};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        cert_until(
+            &PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap(),
+            days,
+        )
     }
 
     /// `https://` URLs are taken; a `ca_file` must hold PEM certificates and goes with
