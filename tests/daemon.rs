@@ -954,6 +954,68 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A clock that jumps past thousands of deadlines at once (an upstream outage, a long
+/// stop) fires them a chunk at a time; every one is reported, once, as replay reports it.
+#[test]
+fn a_mass_expiry_reports_every_deadline_once() {
+    use std::io::BufRead;
+    let d = Daemon::new(
+        "time: { idle: 0s }\nsources: { events: { type: file, path: events.jsonl } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    // 9000 orders within a minute (a third of them paid, so their shipment step opens),
+    // then one event a day later: about 15k deadlines pass at once, several chunks' worth.
+    let mut timed = Vec::new();
+    for i in 0..9000i64 {
+        let t = i / 150;
+        let ev =
+            |t: i64, ty: &str| format!(r#"{{"time":"{}","type":"{ty}","order_id":"o{i}"}}"#, ts(t));
+        timed.push((t, ev(t, "OrderPlaced")));
+        if i % 3 == 0 {
+            timed.push((t + 1, ev(t + 1, "PaymentCompleted")));
+        }
+    }
+    timed.sort_by_key(|(t, _)| *t);
+    let mut lines: Vec<String> = timed.into_iter().map(|(_, l)| l).collect();
+    lines.push(format!(r#"{{"time":"{}","type":"Later"}}"#, ts(86_400)));
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, _) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    assert_eq!(
+        want.len(),
+        2 * 9000,
+        "an alert and a compensation per order"
+    );
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(d.path("sagawatch.yaml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = std::collections::BTreeMap::new();
+    let mut printed = 0;
+    while got.len() < want.len() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("an output line within 60 s");
+        printed += 1;
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        got.insert(v["id"].as_str().unwrap().to_string(), v);
+    }
+    assert_eq!(got, want);
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(printed, want.len(), "nothing printed twice");
+}
+
 #[test]
 fn instance_timeline_over_http_and_inspect() {
     let mut d = Daemon::new(

@@ -122,6 +122,8 @@ const SUSPENDED: StdDuration = StdDuration::from_secs(1);
 
 /// How often the core wakes when nothing arrives, to move the clock and commit.
 const TICK: StdDuration = StdDuration::from_millis(100);
+/// Deadlines fired before their outcomes go to the outbox (see `Core::fire`).
+const FIRE_CHUNK: usize = 4096;
 
 pub struct Core {
     cfg: Arc<Config>,
@@ -351,6 +353,8 @@ impl Core {
                 self.engine
                     .state_mut()
                     .set_event(Some((line, ev.time)), part);
+                self.engine.observe(ev.time);
+                self.fire()?;
                 self.engine.process(&ev, &mut self.outcomes);
                 true
             }
@@ -478,10 +482,22 @@ impl Core {
         if to > self.engine.clock() {
             self.begin()?;
             self.engine.state_mut().set_event(None, None);
-            self.engine.tick(to, &mut self.outcomes);
-            self.drain_outcomes()?;
+            if self.engine.move_clock(to) {
+                self.fire()?;
+            }
         }
         Ok(())
+    }
+
+    /// Fires what the clock has passed, a chunk at a time, each chunk's outcomes into the
+    /// outbox before the next: a clock that jumps past a million deadlines (an outage
+    /// upstream, a long stop) must not hold a million outcomes in memory. It all stays in
+    /// the open batch, so a crash midway leaves none of it committed.
+    fn fire(&mut self) -> Result<()> {
+        while self.engine.fire_some(FIRE_CHUNK, &mut self.outcomes) {
+            self.drain_outcomes()?;
+        }
+        self.drain_outcomes()
     }
 
     /// Turns the engine's outcomes into metrics and outbox rows.
@@ -722,17 +738,16 @@ impl Core {
     /// Reports at once the deadlines of a rule loaded again (by a reload, or across a
     /// restart) that passed while it was away.
     fn fire_restored(&mut self) -> Result<()> {
-        // Only then: see `Engine::fire_due`.
+        // Only then: a step that opened already overdue otherwise fires at the next event,
+        // and firing it here instead would change its outcome's time (and the dedup memory
+        // that follows).
         if self.engine.state_mut().take_restored().is_empty() {
             return Ok(());
         }
         self.begin()?;
         self.engine.state_mut().set_event(None, None);
-        self.engine.fire_due(&mut self.outcomes);
-        if !self.outcomes.is_empty() {
-            self.drain_outcomes()?;
-            self.commit()?;
-        }
+        self.fire()?;
+        self.commit()?;
         Ok(())
     }
 

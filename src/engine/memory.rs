@@ -245,12 +245,16 @@ impl State for MemoryState {
         s.captures = inst.captures;
     }
 
-    fn due(&mut self, before: Instant, out: &mut Vec<Due>) {
+    fn due(&mut self, before: Instant, limit: usize, out: &mut Vec<Due>) -> bool {
         let mut last = None;
+        let mut taken = 0;
         while let Some(&Reverse(entry)) = self.deadlines.peek() {
             let (deadline, slot, step) = entry;
             if deadline >= before {
                 break;
+            }
+            if taken >= limit {
+                return true;
             }
             self.deadlines.pop();
             if last == Some(entry) {
@@ -269,8 +273,10 @@ impl State for MemoryState {
                     key: s.key.to_string_lossy(),
                     step: step as usize,
                 });
+                taken += 1;
             }
         }
+        false
     }
 
     fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)> {

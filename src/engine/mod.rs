@@ -126,37 +126,44 @@ impl<S: State> Engine<S> {
 
     /// Applies one event.
     pub fn process(&mut self, ev: &Event<'_>, out: &mut Vec<Outcome>) {
-        let mut c = self.state.clock();
-        c.max_seen = c.max_seen.max(ev.time);
-        c.now = c.now.max(c.max_seen.saturating_sub(self.lateness));
-        self.state.set_clock(c);
-        self.fire(c.now, out);
+        self.observe(ev.time);
+        self.fire_some(usize::MAX, out);
+        let now = self.state.clock().now;
         let rules = Arc::clone(&self.rules);
         for (rule_ix, rule) in rules.rules.iter().enumerate() {
-            self.apply(rule_ix, rule, ev, c.now, out);
+            self.apply(rule_ix, rule, ev, now, out);
         }
     }
 
-    /// Moves the clock forward to `to` and fires what is due. A tick that does not move the
-    /// clock changes nothing, so timer ticks never change outcomes, only their latency.
-    pub fn tick(&mut self, to: Instant, out: &mut Vec<Outcome>) {
+    /// Moves the clock as an event at `time` does, without firing or applying anything:
+    /// what `process` starts with. A caller that must not hold every outcome of a mass
+    /// expiry at once calls this, then `fire_some` until it returns false (handling the
+    /// outcomes in between), then `process`, which then has nothing left to fire.
+    pub fn observe(&mut self, time: Instant) {
+        let mut c = self.state.clock();
+        c.max_seen = c.max_seen.max(time);
+        c.now = c.now.max(c.max_seen.saturating_sub(self.lateness));
+        self.state.set_clock(c);
+    }
+
+    /// Moves the clock forward to `to`; false when it is there already. A tick that does
+    /// not move the clock changes nothing, so timer ticks never change outcomes, only
+    /// their latency: after `true`, fire with `fire_some` (or call `tick`).
+    pub fn move_clock(&mut self, to: Instant) -> bool {
         let mut c = self.state.clock();
         if to > c.now {
             c.now = to;
             self.state.set_clock(c);
-            self.fire(c.now, out);
+            true
+        } else {
+            false
         }
     }
 
-    /// Fires the deadlines the clock has already passed, without moving it: for deadlines
-    /// the state got back that passed meanwhile (a removed rule loaded again), reported
-    /// missing now rather than at the next move of the clock. Only for that: a step that
-    /// opened already overdue otherwise fires at the next event, and firing it here
-    /// instead would change its outcome's time (and the dedup memory that follows).
-    pub fn fire_due(&mut self, out: &mut Vec<Outcome>) {
-        let now = self.state.clock().now;
-        if now != Instant::MIN {
-            self.fire(now, out);
+    /// Moves the clock forward to `to` and fires what is due (see `move_clock`).
+    pub fn tick(&mut self, to: Instant, out: &mut Vec<Outcome>) {
+        if self.move_clock(to) {
+            self.fire_some(usize::MAX, out);
         }
     }
 
@@ -166,13 +173,24 @@ impl<S: State> Engine<S> {
         if c.max_seen != Instant::MIN {
             c.now = c.now.max(c.max_seen);
             self.state.set_clock(c);
-            self.fire(c.now, out);
+            self.fire_some(usize::MAX, out);
         }
     }
 
-    fn fire(&mut self, clock: Instant, out: &mut Vec<Outcome>) {
+    /// Fires about `limit` of the open steps whose deadline the clock has passed (all of
+    /// them with `usize::MAX`); true when more are due, to be fired by calling again
+    /// before anything else reaches the engine. Firing a step changes only its own row
+    /// and opens no step, so the steps due when a fire starts are exactly those its
+    /// chunks fire, all at the same clock: chunking changes when the caller sees the
+    /// outcomes, not what they are.
+    pub fn fire_some(&mut self, limit: usize, out: &mut Vec<Outcome>) -> bool {
+        let clock = self.state.clock().now;
+        if clock == Instant::MIN {
+            return false;
+        }
         self.due.clear();
-        self.state.due(clock, &mut self.due);
+        let more = self.state.due(clock, limit, &mut self.due);
+        let mut fired = 0;
         if !self.due.is_empty() {
             self.due.sort();
             let due = std::mem::take(&mut self.due);
@@ -197,13 +215,20 @@ impl<S: State> Engine<S> {
                     }) {
                         mark_missing(&cx, inst, d.step, out);
                         close_if_done(&cx, inst, out);
+                        fired += 1;
                     }
                 }
                 self.state.put(d.rule, &d.key, row);
             }
             self.due = due;
         }
-        self.state.purge(clock);
+        // Each chunk that asks for another fires at least one step (open steps only ever
+        // go down here), so a caller's loop ends whatever the state answers.
+        let more = more && fired > 0;
+        if !more {
+            self.state.purge(clock);
+        }
+        more
     }
 
     fn apply(

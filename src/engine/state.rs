@@ -127,8 +127,10 @@ pub trait State {
     fn take(&mut self, rule: usize, key: &str) -> Option<Instance>;
     /// Puts the row back (or removes it with `None`), updating the deadline index.
     fn put(&mut self, rule: usize, key: &str, row: Option<Instance>);
-    /// Appends every open step with `deadline < before`, in any order.
-    fn due(&mut self, before: Instant, out: &mut Vec<Due>);
+    /// Appends open steps with `deadline < before`, in any order: all of them, or, when
+    /// there are more than about `limit`, about `limit` of them (the earliest, loosely) and
+    /// returns true. The caller fires what it got before it asks again.
+    fn due(&mut self, before: Instant, limit: usize, out: &mut Vec<Due>) -> bool;
     /// A remembered early correlate for (rule, key, step): its event time.
     fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)>;
     /// Remembers an early correlate at `time` until the clock passes `expires`.

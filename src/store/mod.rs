@@ -779,12 +779,12 @@ mod tests {
         assert_eq!(st.oldest_deadline().unwrap(), None);
         assert_eq!(listed(st.conn()), 0);
         let mut due = Vec::new();
-        st.due(2_000, &mut due);
+        st.due(2_000, usize::MAX, &mut due);
         assert!(due.is_empty());
         st.set_rules(&rule_set(&["b", "a"])).unwrap();
         assert_eq!(st.oldest_deadline().unwrap(), Some(1_000));
         assert_eq!(listed(st.conn()), 1);
-        st.due(2_000, &mut due);
+        st.due(2_000, usize::MAX, &mut due);
         assert_eq!(
             due,
             [Due {

@@ -267,9 +267,19 @@ impl Rows {
         }
     }
 
-    /// Appends the open steps of changed rows whose deadline is before `before`.
-    pub fn due(&self, before: Instant, out: &mut Vec<crate::engine::state::Due>) {
-        for (_, rule, key) in self.deadlines.range(..(before, 0, Box::<str>::default())) {
+    /// Appends the open steps of changed rows whose deadline is before `before`, from at
+    /// most `limit` rows, earliest first; true when it stopped at `limit` with more due.
+    pub fn due(
+        &self,
+        before: Instant,
+        limit: usize,
+        out: &mut Vec<crate::engine::state::Due>,
+    ) -> bool {
+        let range = self.deadlines.range(..(before, 0, Box::<str>::default()));
+        for (n, (_, rule, key)) in range.enumerate() {
+            if n == limit {
+                return true;
+            }
             let rule = *rule as usize;
             let Some(Some(inst)) = self.young[rule].get(key).map(|e| &e.row) else {
                 continue;
@@ -285,6 +295,7 @@ impl Rows {
                 }
             }
         }
+        false
     }
 
     /// The earliest open deadline at or after `from` among changed rows.
@@ -384,8 +395,9 @@ impl Rows {
         }
     }
 
-    /// After a commit (everything written): once the young generation holds half the
-    /// bound, the old one is dropped and the young one becomes old.
+    /// Once everything is written (at a commit, or a flush within a huge batch) and the
+    /// young generation holds half the bound, the old one is dropped and the young one
+    /// becomes old.
     pub fn evict(&mut self) {
         if self.dirty.is_empty() && count(&self.young) >= self.cap / 2 {
             // Each new map starts at the size the one it follows reached: growing it

@@ -49,6 +49,8 @@ pub struct SqliteState {
     /// Open deadlines in SQLite below this belong to rows changed since (answered from
     /// `rows`): the deadline query need not look below it. Lowered when rows are written.
     sql_floor: Instant,
+    /// The last `due` stopped at its limit: its rows are being fired in chunks.
+    chunked: bool,
     /// The clock of the last `purge`; expired rows are deleted at commit.
     purge_clock: Instant,
     error: Option<rusqlite::Error>,
@@ -210,6 +212,7 @@ impl SqliteState {
             rows: Rows::new(0, ROW_CACHE),
             row_cache: ROW_CACHE,
             sql_floor: Instant::MIN,
+            chunked: false,
             purge_clock: Instant::MIN,
             error: None,
             read_error: RefCell::default(),
@@ -283,6 +286,7 @@ impl SqliteState {
         self.next_purge = Instant::MIN;
         self.rows = Rows::new(self.names.len(), self.row_cache);
         self.sql_floor = Instant::MIN;
+        self.chunked = false;
         self.next_seq = 0;
         self.new_events.clear();
         let mut remembered = HashMap::new();
@@ -703,23 +707,38 @@ impl SqliteState {
             .optional()
     }
 
-    fn try_due(&mut self, before: Instant, out: &mut Vec<Due>) -> rusqlite::Result<()> {
+    fn try_due(
+        &mut self,
+        before: Instant,
+        limit: usize,
+        out: &mut Vec<Due>,
+    ) -> rusqlite::Result<bool> {
+        if std::mem::take(&mut self.chunked) {
+            // The rows the last chunk fired are changed, so stale in SQLite, where they
+            // would come first again: write them (and keep the cache within its bound
+            // through a mass expiry).
+            self.flush_rows()?;
+            self.rows.evict();
+        }
         if self.next_due == Instant::MIN {
             self.next_due = self
                 .min_deadline(Instant::MIN)?
                 .min(self.rows.first_deadline(Instant::MIN));
         }
         if before <= self.next_due {
-            return Ok(());
+            return Ok(false);
         }
-        self.rows.due(before, out);
+        let mut more = self.rows.due(before, limit, out);
         {
-            // Changed rows are answered above; SQLite's version of them is stale.
+            // Changed rows are answered above; SQLite's version of them is stale. Rows
+            // are read as needed (no LIMIT: stale ones do not count towards `limit`).
             let mut stmt = self.conn.prepare_cached(
                 "SELECT rule, key, steps FROM instances
-                 WHERE next_deadline IS NOT NULL AND next_deadline >= ?1 AND next_deadline < ?2",
+                 WHERE next_deadline IS NOT NULL AND next_deadline >= ?1 AND next_deadline < ?2
+                 ORDER BY next_deadline",
             )?;
             let mut rows = stmt.query(params![self.sql_floor, before])?;
+            let mut taken = 0;
             while let Some(r) = rows.next()? {
                 let rule: String = r.get(0)?;
                 let Some(&ix) = self.index.get(rule.as_str()) else {
@@ -729,6 +748,11 @@ impl SqliteState {
                 if self.rows.is_changed(ix, &key) {
                     continue;
                 }
+                if taken == limit {
+                    more = true;
+                    break;
+                }
+                taken += 1;
                 let steps: Vec<u8> = r.get(2)?;
                 for (step, s) in decode_steps(&steps).iter().enumerate() {
                     if s.status == StepStatus::Open && s.at < before {
@@ -742,11 +766,15 @@ impl SqliteState {
                 }
             }
         }
+        if more {
+            self.chunked = true;
+            return Ok(true);
+        }
         self.sql_floor = self.sql_floor.max(before);
         self.next_due = self
             .min_deadline(before)?
             .min(self.rows.first_deadline(before));
-        Ok(())
+        Ok(false)
     }
 
     fn min_deadline(&self, from: Instant) -> rusqlite::Result<Instant> {
@@ -954,15 +982,17 @@ impl State for SqliteState {
         self.taken_steps.clear();
         self.taken_refs.clear();
         if self.rows.dirty() >= self.row_cache {
-            // A huge batch: write what it changed so far (still uncommitted).
+            // A huge batch: write what it changed so far (still uncommitted), and let the
+            // written rows age out, so the cache stays within its bound.
             let r = self.flush_rows();
             self.fail(r);
+            self.rows.evict();
         }
     }
 
-    fn due(&mut self, before: Instant, out: &mut Vec<Due>) {
-        let r = self.try_due(before, out);
-        self.fail(r);
+    fn due(&mut self, before: Instant, limit: usize, out: &mut Vec<Due>) -> bool {
+        let r = self.try_due(before, limit, out);
+        self.fail(r)
     }
 
     fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)> {
