@@ -161,7 +161,7 @@ if "4" in parts:
     rules = """rules:
       - name: mass
         trigger: { where: { type: Opened }, key: id }
-        expect: [ { step: done, where: { type: Done }, key: id, within: 1m } ]
+        expect: [ { step: done, where: { type: Done }, key: id, within: 1h } ]
         on_missing: [ { alert: { severity: warning, summary: "{{key}} missing" } } ]
     """
     d, port = setup("mass", rules, "time: { idle: 0s }\nsources: { events: { type: file, path: events.jsonl } }\n"

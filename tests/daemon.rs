@@ -958,12 +958,24 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
 /// stop) fires them a chunk at a time; every one is reported, once, as replay reports it.
 #[test]
 fn a_mass_expiry_reports_every_deadline_once() {
+    mass_expiry("time: { idle: 0s }", true);
+}
+
+/// The same when the idle fallback moves the clock (to the present, past every deadline):
+/// the chunks are committed as they go; replay gives the same ids (its clock differs).
+#[test]
+fn a_mass_expiry_on_an_idle_stream_reports_every_deadline_once() {
+    mass_expiry("time: { idle: 1s }", false);
+}
+
+fn mass_expiry(time: &str, later_event: bool) {
     use std::io::BufRead;
-    let d = Daemon::new(
-        "time: { idle: 0s }\nsources: { events: { type: file, path: events.jsonl } }\nsinks: { hook: { type: stdout } }\n",
-    );
+    let d = Daemon::new(&format!(
+        "{time}\nsources: {{ events: {{ type: file, path: events.jsonl }} }}\nsinks: {{ hook: {{ type: stdout }} }}\n"
+    ));
     // 9000 orders within a minute (a third of them paid, so their shipment step opens),
-    // then one event a day later: about 15k deadlines pass at once, several chunks' worth.
+    // then (or with the idle fallback) a day later: about 15k deadlines pass at once,
+    // several chunks' worth.
     let mut timed = Vec::new();
     for i in 0..9000i64 {
         let t = i / 150;
@@ -976,9 +988,16 @@ fn a_mass_expiry_reports_every_deadline_once() {
     }
     timed.sort_by_key(|(t, _)| *t);
     let mut lines: Vec<String> = timed.into_iter().map(|(_, l)| l).collect();
-    lines.push(format!(r#"{{"time":"{}","type":"Later"}}"#, ts(86_400)));
+    let later = format!(r#"{{"time":"{}","type":"Later"}}"#, ts(86_400));
+    write_lines(
+        &d.path("replay.jsonl"),
+        &[lines.clone(), vec![later.clone()]].concat(),
+    );
+    if later_event {
+        lines.push(later);
+    }
     write_lines(&d.path("events.jsonl"), &lines);
-    let (want, _) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    let (want, _) = replay(&d.path("rules"), &d.path("replay.jsonl"));
     assert_eq!(
         want.len(),
         2 * 9000,
@@ -1007,7 +1026,12 @@ fn a_mass_expiry_reports_every_deadline_once() {
             .recv_timeout(Duration::from_secs(60))
             .expect("an output line within 60 s");
         printed += 1;
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if !later_event {
+            // Decided at the present, not at the later event's time.
+            assert!(v["at"].as_str().unwrap() > ts(86_400).as_str(), "{v}");
+            v["at"] = want[v["id"].as_str().unwrap()]["at"].clone();
+        }
         got.insert(v["id"].as_str().unwrap().to_string(), v);
     }
     assert_eq!(got, want);

@@ -354,7 +354,7 @@ impl Core {
                     .state_mut()
                     .set_event(Some((line, ev.time)), part);
                 self.engine.observe(ev.time);
-                self.fire()?;
+                self.fire(false)?;
                 self.engine.process(&ev, &mut self.outcomes);
                 true
             }
@@ -483,7 +483,7 @@ impl Core {
             self.begin()?;
             self.engine.state_mut().set_event(None, None);
             if self.engine.move_clock(to) {
-                self.fire()?;
+                self.fire(true)?;
             }
         }
         Ok(())
@@ -491,11 +491,22 @@ impl Core {
 
     /// Fires what the clock has passed, a chunk at a time, each chunk's outcomes into the
     /// outbox before the next: a clock that jumps past a million deadlines (an outage
-    /// upstream, a long stop) must not hold a million outcomes in memory. It all stays in
-    /// the open batch, so a crash midway leaves none of it committed.
-    fn fire(&mut self) -> Result<()> {
+    /// upstream, a long stop) must not hold a million outcomes in memory.
+    ///
+    /// `commit_chunks` commits after each chunk, so a long fire neither holds the write
+    /// lock (the dispatcher's) nor grows the WAL for its whole length, and its alerts
+    /// leave as it goes. Only where the clock moved with wall time: a crash midway then
+    /// fires the rest at the next tick, a little later, as a slower fire would have. A
+    /// fire an event caused stays in that event's batch (the events before it in the
+    /// same source read are not committed without their position), so a crash leaves
+    /// none of it committed and the event is read again.
+    fn fire(&mut self, commit_chunks: bool) -> Result<()> {
         while self.engine.fire_some(FIRE_CHUNK, &mut self.outcomes) {
             self.drain_outcomes()?;
+            if commit_chunks {
+                self.commit()?;
+                self.begin()?;
+            }
         }
         self.drain_outcomes()
     }
@@ -746,7 +757,7 @@ impl Core {
         }
         self.begin()?;
         self.engine.state_mut().set_event(None, None);
-        self.fire()?;
+        self.fire(true)?;
         self.commit()?;
         Ok(())
     }

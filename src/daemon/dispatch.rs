@@ -591,11 +591,25 @@ impl Dispatcher {
                 Ok(Some(w)) => w,
                 Ok(None) => break,
                 Err(e) => {
-                    // A busy or failing state file must not stop deliveries for good.
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "outbox dispatcher: state file error; retrying"
-                    );
+                    // A busy or failing state file must not stop deliveries for good. Busy
+                    // is expected while the core writes a long batch (a mass expiry an
+                    // event caused is one batch): worth a line, not a warning.
+                    let busy = e.chain().any(|c| {
+                        c.downcast_ref::<rusqlite::Error>().is_some_and(|e| {
+                            e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        })
+                    });
+                    if busy {
+                        tracing::info!(
+                            error = format!("{e:#}"),
+                            "outbox dispatcher: state file busy (a long batch being written?); retrying"
+                        );
+                    } else {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "outbox dispatcher: state file error; retrying"
+                        );
+                    }
                     if stop_at.is_some_and(|t| StdInstant::now() >= t) {
                         break;
                     }
