@@ -2,7 +2,7 @@
 import calendar, json, os, shutil, signal, socket, statistics, subprocess, sys, threading, time, urllib.request
 from benchlib import free_port, metric, wait
 
-BIN = os.path.abspath("target/release/sagawatch")
+BIN = os.path.abspath(os.environ.get("SAGAWATCH_BIN", "target/release/sagawatch"))
 bench_dir, runs, open_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
 def ready(port):

@@ -247,14 +247,18 @@ impl State for MemoryState {
 
     fn due(&mut self, before: Instant, limit: usize, out: &mut Vec<Due>) -> bool {
         let mut last = None;
-        let mut taken = 0;
+        let mut more = false;
+        let mut got: Vec<(Due, (Instant, u32, u32))> = Vec::new();
         while let Some(&Reverse(entry)) = self.deadlines.peek() {
             let (deadline, slot, step) = entry;
             if deadline >= before {
                 break;
             }
-            if taken >= limit {
-                return true;
+            // Past the limit, only the rest of the last deadline's steps: those go by rule
+            // and key, which the heap does not order.
+            if got.len() >= limit && got.last().is_some_and(|(d, _)| d.deadline != deadline) {
+                more = true;
+                break;
             }
             self.deadlines.pop();
             if last == Some(entry) {
@@ -267,16 +271,24 @@ impl State for MemoryState {
                     .get(step as usize)
                     .is_some_and(|st| st.status == StepStatus::Open && st.at == deadline);
             if live {
-                out.push(Due {
+                let due = Due {
                     deadline,
                     rule: s.rule as usize,
                     key: s.key.to_string_lossy(),
                     step: step as usize,
-                });
-                taken += 1;
+                };
+                got.push((due, entry));
             }
         }
-        false
+        if got.len() > limit {
+            got.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (_, entry) in got.drain(limit..) {
+                self.deadlines.push(Reverse(entry));
+            }
+            more = true;
+        }
+        out.extend(got.into_iter().map(|(d, _)| d));
+        more
     }
 
     fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)> {

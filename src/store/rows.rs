@@ -34,6 +34,39 @@ const ALL: u16 = (1 << COLS.len()) - 1;
 const REFS: u16 = 1 << 8;
 const PART: u16 = 1 << 9;
 
+/// A row with a due step, placed by its earliest open deadline.
+#[derive(Debug)]
+pub(super) struct DueRow {
+    pub deadline: Instant,
+    pub rule: usize,
+    pub key: String,
+    pub steps: crate::engine::state::Steps,
+}
+
+impl DueRow {
+    fn place(&self) -> (Instant, usize, &str) {
+        (self.deadline, self.rule, &self.key)
+    }
+}
+
+/// Merges two runs of due rows, each in (deadline, rule, key) order, into the first `n` of
+/// both in that order; true when rows were left over.
+pub(super) fn merge_due(a: Vec<DueRow>, b: Vec<DueRow>, n: usize) -> (Vec<DueRow>, bool) {
+    let more = a.len() + b.len() > n;
+    let mut out = Vec::with_capacity(n.min(a.len() + b.len()));
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    while out.len() < n {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.place() <= y.place(),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        out.extend(if take_a { a.next() } else { b.next() });
+    }
+    (out, more)
+}
+
 /// One held row.
 pub(super) struct Entry {
     /// The row as the engine last put it; `None` once deleted.
@@ -267,35 +300,22 @@ impl Rows {
         }
     }
 
-    /// Appends the open steps of changed rows whose deadline is before `before`, from at
-    /// most `limit` rows, earliest first; true when it stopped at `limit` with more due.
-    pub fn due(
-        &self,
-        before: Instant,
-        limit: usize,
-        out: &mut Vec<crate::engine::state::Due>,
-    ) -> bool {
-        let range = self.deadlines.range(..(before, 0, Box::<str>::default()));
-        for (n, (_, rule, key)) in range.enumerate() {
-            if n == limit {
-                return true;
-            }
-            let rule = *rule as usize;
-            let Some(Some(inst)) = self.young[rule].get(key).map(|e| &e.row) else {
-                continue;
-            };
-            for (step, s) in inst.steps.iter().enumerate() {
-                if s.status == StepStatus::Open && s.at < before {
-                    out.push(crate::engine::state::Due {
-                        deadline: s.at,
-                        rule,
-                        key: key.to_string(),
-                        step,
-                    });
-                }
-            }
-        }
-        false
+    /// Up to `n` changed rows with an open deadline before `before`, in the order of (next
+    /// open deadline, rule, key), with their steps.
+    pub fn due_rows(&self, before: Instant, n: usize) -> Vec<DueRow> {
+        self.deadlines
+            .range(..(before, 0, Box::<str>::default()))
+            .filter_map(|(d, rule, key)| {
+                let inst = self.young[*rule as usize].get(key)?.row.as_ref()?;
+                Some(DueRow {
+                    deadline: *d,
+                    rule: *rule as usize,
+                    key: key.to_string(),
+                    steps: inst.steps.clone(),
+                })
+            })
+            .take(n)
+            .collect()
     }
 
     /// The earliest open deadline at or after `from` among changed rows.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::rows::{Rows, next_deadline};
+use super::rows::{DueRow, Rows, next_deadline};
 use crate::engine::state::{Clock, Due, Instance, State, StepState, StepStatus, Steps};
 use crate::rules::RuleSet;
 use crate::time::Instant;
@@ -728,41 +728,30 @@ impl SqliteState {
         if before <= self.next_due {
             return Ok(false);
         }
-        let mut more = self.rows.due(before, limit, out);
-        {
-            // Changed rows are answered above; SQLite's version of them is stale. Rows
-            // are read as needed (no LIMIT: stale ones do not count towards `limit`).
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT rule, key, steps FROM instances
-                 WHERE next_deadline IS NOT NULL AND next_deadline >= ?1 AND next_deadline < ?2
-                 ORDER BY next_deadline",
-            )?;
-            let mut rows = stmt.query(params![self.sql_floor, before])?;
-            let mut taken = 0;
-            while let Some(r) = rows.next()? {
-                let rule: String = r.get(0)?;
-                let Some(&ix) = self.index.get(rule.as_str()) else {
-                    continue;
-                };
-                let key: String = r.get(1)?;
-                if self.rows.is_changed(ix, &key) {
-                    continue;
-                }
-                if taken == limit {
-                    more = true;
-                    break;
-                }
-                taken += 1;
-                let steps: Vec<u8> = r.get(2)?;
-                for (step, s) in decode_steps(&steps).iter().enumerate() {
-                    if s.status == StepStatus::Open && s.at < before {
-                        out.push(Due {
-                            deadline: s.at,
-                            rule: ix,
-                            key: key.clone(),
-                            step,
-                        });
+        // Steps fire in the order of (deadline, rule, key, step), chunks included. A row
+        // is placed by its earliest open deadline, and its steps all come at or after
+        // that place: so the first `limit` rows in that order hold every step before the
+        // place of the last of them, and the others come with later chunks.
+        let n = limit.saturating_add(1);
+        let cached = self.rows.due_rows(before, n);
+        let stored = self.stored_due_rows(before, n)?;
+        let (rows, more) = super::rows::merge_due(cached, stored, limit);
+        let last = rows.last().map(|r| (r.deadline, r.rule, r.key.clone()));
+        for r in rows {
+            for (step, s) in r.steps.iter().enumerate() {
+                let within = match &last {
+                    Some((d, rule, key)) if more => {
+                        (s.at, r.rule, r.key.as_str()) <= (*d, *rule, key.as_str())
                     }
+                    _ => true,
+                };
+                if s.status == StepStatus::Open && s.at < before && within {
+                    out.push(Due {
+                        deadline: s.at,
+                        rule: r.rule,
+                        key: r.key.clone(),
+                        step,
+                    });
                 }
             }
         }
@@ -775,6 +764,81 @@ impl SqliteState {
             .min_deadline(before)?
             .min(self.rows.first_deadline(before));
         Ok(false)
+    }
+
+    /// Up to `n` rows SQLite has (changed rows aside: theirs is stale) with an open
+    /// deadline before `before`, in the order of (earliest open deadline, rule, key). The
+    /// index orders rules by name, so each run of rows sharing a deadline is sorted by
+    /// rule order here; a run longer than `n` (a bulk of triggers with one time) is read
+    /// rule by rule instead.
+    fn stored_due_rows(&self, before: Instant, n: usize) -> rusqlite::Result<Vec<DueRow>> {
+        let mut out: Vec<DueRow> = Vec::new();
+        let mut run: Vec<DueRow> = Vec::new();
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT next_deadline, rule, key, steps FROM instances
+             WHERE next_deadline IS NOT NULL AND next_deadline >= ?1 AND next_deadline < ?2
+             ORDER BY next_deadline",
+        )?;
+        let mut rows = stmt.query(params![self.sql_floor, before])?;
+        let end_run = |run: &mut Vec<DueRow>, out: &mut Vec<DueRow>| {
+            run.sort_unstable_by(|a, b| (a.rule, &a.key).cmp(&(b.rule, &b.key)));
+            out.append(run);
+        };
+        while let Some(r) = rows.next()? {
+            let d: i64 = r.get(0)?;
+            if run.first().is_some_and(|f| f.deadline != d) {
+                end_run(&mut run, &mut out);
+                if out.len() >= n {
+                    break;
+                }
+            }
+            let rule: String = r.get(1)?;
+            let Some(&ix) = self.index.get(rule.as_str()) else {
+                continue;
+            };
+            let key: String = r.get(2)?;
+            if self.rows.is_changed(ix, &key) {
+                continue;
+            }
+            let steps: Vec<u8> = r.get(3)?;
+            run.push(DueRow {
+                deadline: d,
+                rule: ix,
+                key,
+                steps: decode_steps(&steps),
+            });
+            if out.len() + run.len() > n {
+                // The run may be longer than a chunk: read it rule by rule, in key order.
+                run.clear();
+                let mut one = self.conn.prepare_cached(
+                    "SELECT key, steps FROM instances
+                     WHERE next_deadline = ?1 AND rule = ?2 ORDER BY key",
+                )?;
+                'rules: for (ix, name) in self.names.iter().enumerate() {
+                    let mut rows = one.query(params![d, &**name])?;
+                    while let Some(r) = rows.next()? {
+                        let key: String = r.get(0)?;
+                        if self.rows.is_changed(ix, &key) {
+                            continue;
+                        }
+                        if out.len() == n {
+                            break 'rules;
+                        }
+                        let steps: Vec<u8> = r.get(1)?;
+                        out.push(DueRow {
+                            deadline: d,
+                            rule: ix,
+                            key,
+                            steps: decode_steps(&steps),
+                        });
+                    }
+                }
+                return Ok(out);
+            }
+        }
+        end_run(&mut run, &mut out);
+        out.truncate(n);
+        Ok(out)
     }
 
     fn min_deadline(&self, from: Instant) -> rusqlite::Result<Instant> {
