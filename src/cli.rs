@@ -203,7 +203,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 eprintln!("error: state file {} does not exist", cfg.state.display());
                 return Ok(EXIT_CONFIG);
             }
-            let conn = crate::store::open(&cfg.state)?;
+            let conn = match crate::store::open_read_only(&cfg.state) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Ok(EXIT_CONFIG);
+                }
+            };
             match crate::store::timeline(&conn, &rule, &key)? {
                 Some(v) => {
                     writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)?;

@@ -1770,6 +1770,7 @@ mod tests {
             "EMPTY" => Some(String::new()),
             "PW" => Some("S3cr3t'\"pw".into()),
             "PWNAME" => Some("{PW}".into()),
+            "BIG" => Some("99999999999999999999999".into()),
             _ => None,
         }
     }
@@ -1821,6 +1822,19 @@ mod tests {
             check("rules: rules\nsources: { a: { type: stdin } }\nbatch: { events: 'x${N}' }\n")
                 .unwrap_err();
         assert!(e.contains("x3"), "{e}");
+        // Nor is a number serde would show re-rendered (1e23 as 100000000000000000000000.0).
+        let e = check(
+            "rules: rules\nsources: { a: { type: http, max_body: '${BIG}' } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("floating point \"${BIG}\""), "{e}");
+        assert!(!e.contains("00000"), "{e}");
+        // A number written in the file is shown as written.
+        let e = check(
+            "rules: rules\nsources: { a: { type: http, max_body: 1e3 } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("floating point \"1e3\", expected u64"), "{e}");
     }
 
     #[test]

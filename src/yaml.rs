@@ -592,7 +592,14 @@ impl<'a> NodeDe<'a> {
         if e.reported {
             return e;
         }
-        let mut r = self.report(e.message);
+        let mut message = e.message;
+        if let (Value::Float(f), Some(raw)) = (&self.node.value, self.node.as_text()) {
+            // serde shows a float re-rendered (`1e23` as 100000000000000000000000.0): show
+            // it as written, which is also what hides a value from the environment.
+            let shown = de::Unexpected::Float(*f).to_string().replace('`', "\"");
+            message = message.replace(&shown, &format!("floating point \"{raw}\""));
+        }
+        let mut r = self.report(message);
         if let Some(field) = e.missing
             && r.at.is_some()
         {

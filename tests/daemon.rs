@@ -582,6 +582,27 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     assert!(err.contains("garbage.db"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
+    // Another program's database is not taken over.
+    {
+        let c = rusqlite::Connection::open(dir.join("theirs.db")).unwrap();
+        c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+    }
+    let before = std::fs::read(dir.join("theirs.db")).unwrap();
+    let (code, err) = run(
+        dir,
+        "rules: rules\nstate: theirs.db\nsources: { a: { type: stdin } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("theirs.db") && err.contains("not a sagawatch state file"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(dir.join("theirs.db")).unwrap() == before,
+        "theirs.db was changed"
+    );
+
     // A rule naming an unknown source or a sink that takes no payloads.
     let (code, err) = run(
         dir,
@@ -1168,6 +1189,30 @@ fn instance_timeline_over_http_and_inspect() {
     assert_eq!(out.status.code(), Some(2));
     let out = inspect(&cfg.replace("state: state.db", "state: ${SAGAWATCH_TEST_UNSET}/s.db"));
     assert_eq!(out.status.code(), Some(2));
+    // A state path that holds no sagawatch state is a problem with `state` (exit 2), not
+    // an instance that is not there (exit 1); and inspect writes nothing.
+    std::fs::write(d.path("empty.db"), b"").unwrap();
+    std::fs::write(d.path("text.db"), b"not a database\n").unwrap();
+    {
+        let c = rusqlite::Connection::open(d.path("theirs.db")).unwrap();
+        c.execute_batch("CREATE TABLE t (x);").unwrap();
+    }
+    for (state, says) in [
+        ("rules", "not a regular file"),
+        ("empty.db", "not a sagawatch state file"),
+        ("theirs.db", "not a sagawatch state file"),
+        ("text.db", "not a usable SQLite file"),
+    ] {
+        let before = std::fs::read(d.path(state)).ok();
+        let out = inspect(&cfg.replace("state: state.db", &format!("state: {state}")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{state}: {err}");
+        assert!(err.contains(state) && err.contains(says), "{state}: {err}");
+        assert!(
+            std::fs::read(d.path(state)).ok() == before,
+            "{state} changed"
+        );
+    }
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("SAGAWATCH_TEST_UNSET"),
         "{}",

@@ -218,9 +218,28 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Room for the writer's statements, including one UPDATE per changed-column set.
     conn.set_prepared_statement_cache_capacity(64);
+    let unusable = || format!("state file {}: not a usable SQLite file", path.display());
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .with_context(unusable)?;
+    if version == 0 {
+        // A new file is empty; another program's database is not ours to change (not even
+        // to WAL mode).
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 3")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .with_context(unusable)?;
+        if !tables.is_empty() {
+            bail!(
+                "state file {}: not a sagawatch state file (it holds other tables: {})",
+                path.display(),
+                tables.join(", ")
+            );
+        }
+    }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .with_context(|| format!("state file {}: not a usable SQLite file", path.display()))?;
+        .with_context(unusable)?;
     if !mode.eq_ignore_ascii_case("wal") {
         bail!(
             "state file {}: cannot switch to WAL mode (got {mode})",
@@ -237,6 +256,36 @@ pub fn open(path: &Path) -> Result<Connection> {
          PRAGMA temp_store = MEMORY;
          PRAGMA journal_size_limit = 536870912;",
     )?;
+    Ok(conn)
+}
+
+/// Opens an existing state file for reading only (`inspect`): nothing is written to it,
+/// and a file that is not a sagawatch state file (empty, another program's database,
+/// newer) is refused by name.
+pub fn open_read_only(path: &Path) -> Result<Connection> {
+    check_path(path)?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("state file {}: cannot open", path.display()))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .with_context(|| format!("state file {}: not a usable SQLite file", path.display()))?;
+    if version == 0 {
+        bail!(
+            "state file {}: not a sagawatch state file (no sagawatch schema in it)",
+            path.display()
+        );
+    }
+    if version as usize > MIGRATIONS.len() {
+        bail!(
+            "state file {}: schema version {version} is newer than this sagawatch understands ({})",
+            path.display(),
+            MIGRATIONS.len()
+        );
+    }
     Ok(conn)
 }
 
