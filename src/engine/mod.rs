@@ -181,8 +181,8 @@ impl<S: State> Engine<S> {
     /// them with `usize::MAX`); true when more are due, to be fired by calling again
     /// before anything else reaches the engine. Firing a step changes only its own row
     /// and opens no step, so the steps due when a fire starts are exactly those its
-    /// chunks fire, all at the same clock: chunking changes when the caller sees the
-    /// outcomes, not what they are.
+    /// chunks fire, all at the same clock and in the same order: chunking changes when
+    /// the caller sees the outcomes, not what they are.
     pub fn fire_some(&mut self, limit: usize, out: &mut Vec<Outcome>) -> bool {
         let clock = self.state.clock().now;
         if clock == Instant::MIN {

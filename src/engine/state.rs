@@ -128,8 +128,9 @@ pub trait State {
     /// Puts the row back (or removes it with `None`), updating the deadline index.
     fn put(&mut self, rule: usize, key: &str, row: Option<Instance>);
     /// Appends open steps with `deadline < before`, in any order: all of them, or, when
-    /// there are more than about `limit`, about `limit` of them (the earliest, loosely) and
-    /// returns true. The caller fires what it got before it asks again.
+    /// there are more than about `limit`, returns true having appended about `limit` that
+    /// come first in the order of `Due` (deadline, rule, key, step), so that chunks fire
+    /// in the order one fire would. The caller fires what it got before it asks again.
     fn due(&mut self, before: Instant, limit: usize, out: &mut Vec<Due>) -> bool;
     /// A remembered early correlate for (rule, key, step): its event time.
     fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)>;
