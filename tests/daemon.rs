@@ -1040,6 +1040,23 @@ fn mass_expiry(time: &str, later_event: bool) {
             }
         }
     });
+    // An event's fire commits as one batch, so a scrape sees none of its outcomes or all
+    // of them, never the count of a part the state file does not hold yet.
+    let missing = r#"sagawatch_outcomes_total{outcome="missing",rule="checkout"}"#;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraped = {
+        let (done, port) = (std::sync::Arc::clone(&done), d.port);
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(v) = metric(port, missing) {
+                    seen.insert(v as u64);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
     let mut got = std::collections::BTreeMap::new();
     let mut printed = 0;
     while got.len() < want.len() {
@@ -1056,6 +1073,16 @@ fn mass_expiry(time: &str, later_event: bool) {
         got.insert(v["id"].as_str().unwrap().to_string(), v);
     }
     assert_eq!(got, want);
+    let total = metric(d.port, missing).unwrap() as u64;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = scraped.join().unwrap();
+    assert_eq!(total, 9000, "a payment or shipment missing per order");
+    if later_event {
+        assert!(
+            seen.iter().all(|v| [0, total].contains(v)),
+            "scrapes saw uncommitted counts: {seen:?}"
+        );
+    }
     signal(&child, "TERM");
     assert!(child.wait().unwrap().success());
     assert_eq!(printed, want.len(), "nothing printed twice");

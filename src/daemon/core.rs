@@ -162,15 +162,54 @@ enum Slot {
 /// Metric children by (rule index, slot, step index), resolved once: a label lookup hashes
 /// the label strings and takes a lock, too much for every outcome. Cleared on reload (rule
 /// indices change).
+///
+/// Counts wait for their batch's commit: a scrape must not show an outcome that the
+/// state file (the timeline, the outbox) does not hold yet, nor one that a failed commit
+/// took back.
 #[derive(Default)]
 struct Children {
-    counters: std::collections::HashMap<(usize, Slot, usize), prometheus::IntCounter>,
+    /// Each child with the count its uncommitted outcomes add.
+    counters: std::collections::HashMap<(usize, Slot, usize), (prometheus::IntCounter, u64)>,
     latency: std::collections::HashMap<(usize, usize), prometheus::Histogram>,
+    /// Step latencies of uncommitted outcomes.
+    observed: Vec<((usize, usize), f64)>,
 }
 
 impl Children {
     fn count(&mut self, key: (usize, Slot, usize), make: impl FnOnce() -> prometheus::IntCounter) {
-        self.counters.entry(key).or_insert_with(make).inc();
+        self.counters.entry(key).or_insert_with(|| (make(), 0)).1 += 1;
+    }
+
+    fn observe(
+        &mut self,
+        key: (usize, usize),
+        make: impl FnOnce() -> prometheus::Histogram,
+        secs: f64,
+    ) {
+        self.latency.entry(key).or_insert_with(make);
+        self.observed.push((key, secs));
+    }
+
+    /// The batch committed: its counts and latencies go public.
+    fn publish(&mut self) {
+        for (c, n) in self.counters.values_mut() {
+            if *n > 0 {
+                c.inc_by(std::mem::take(n));
+            }
+        }
+        for (key, secs) in self.observed.drain(..) {
+            if let Some(h) = self.latency.get(&key) {
+                h.observe(secs);
+            }
+        }
+    }
+
+    /// The batch did not commit: nothing of it happened.
+    fn discard(&mut self) {
+        for (_, n) in self.counters.values_mut() {
+            *n = 0;
+        }
+        self.observed.clear();
     }
 }
 
@@ -555,13 +594,11 @@ impl Core {
                     });
                     if let Some(t) = o.time {
                         let secs = t.saturating_sub(o.opened_at).max(0) as f64 / 1e9;
-                        self.children
-                            .latency
-                            .entry((r, st))
-                            .or_insert_with(|| {
-                                m.step_latency.with_label_values(&[&rule.name, step])
-                            })
-                            .observe(secs);
+                        self.children.observe(
+                            (r, st),
+                            || m.step_latency.with_label_values(&[&rule.name, step]),
+                            secs,
+                        );
                     }
                 }
                 Kind::Late => self.children.count((r, Slot::Step("late"), st), || {
@@ -699,7 +736,8 @@ impl Core {
         self.batch_events = 0;
         match r {
             Ok(()) => {
-                // Gauges first: whoever is acknowledged sees metrics that include its events.
+                // Metrics first: whoever is acknowledged sees metrics that include its events.
+                self.children.publish();
                 self.publish_gauges();
                 for (d, n) in self.pending_acks.drain(..) {
                     let _ = d.send(Ok(n));
@@ -713,6 +751,7 @@ impl Core {
                 // Nothing of the batch is acknowledged: HTTP callers get an error and
                 // file sources resume from the last committed position after a restart.
                 self.pending_acks.clear();
+                self.children.discard();
                 Err(e)
             }
         }
