@@ -1371,6 +1371,17 @@ impl Checker {
             ),
             retain: self.std_duration(&op.key("retain"), o.and_then(|o| o.retain.as_deref()), "7d"),
         };
+        // Both written, one contradicting the other: which did the writer mean? (With only
+        // `max_backoff` written below the default `backoff`, the maximum caps the first
+        // delay as documented.)
+        if o.is_some_and(|o| o.backoff.is_some() && o.max_backoff.is_some())
+            && outbox.backoff > outbox.max_backoff
+        {
+            self.err(
+                &op.key("backoff"),
+                "longer than outbox.max_backoff: the first retry delay would already be past the maximum",
+            );
+        }
 
         let kafka = raw.kafka.as_ref().map(|k| self.kafka(&top.key("kafka"), k));
 
@@ -2083,6 +2094,27 @@ mod tests {
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
+    }
+
+    #[test]
+    fn a_backoff_past_its_maximum_is_refused_only_when_both_are_written() {
+        let base = "rules: rules\nsources: { orders: { type: stdin } }\nsinks: { out: { type: stdout } }\n";
+        let e = check(&format!(
+            "{base}outbox: {{ backoff: 10s, max_backoff: 2s }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("sagawatch.yaml:4:20: outbox.backoff: longer than outbox.max_backoff"),
+            "{e}"
+        );
+        let c = check(&format!(
+            "{base}outbox: {{ backoff: 2s, max_backoff: 2s }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.outbox.backoff, c.outbox.max_backoff);
+        // The default backoff (1s) under a written maximum: the maximum caps it.
+        let c = check(&format!("{base}outbox: {{ max_backoff: 500ms }}\n")).unwrap();
+        assert_eq!(c.outbox.max_backoff, std::time::Duration::from_millis(500));
     }
 
     /// A URL may hold credentials or a token: a bad one is described, never repeated.

@@ -1550,6 +1550,17 @@ fn instance_listing_pages_through_the_status_indexes() {
     // Opened more than 16 minutes before the clock (09:17:30): o0 and o1.
     assert_eq!(keys(&get("status=open&older_than=16m")), ["o0", "o1"]);
     assert_eq!(keys(&get("status=open&rule=other")), Vec::<String>::new());
+    // A page position in the open order means nothing in the missing order.
+    let (st, b) = http(
+        d.port,
+        "GET",
+        &format!("/v1/instances?status=missing&cursor={cursor}"),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 400, "{b}");
+    assert!(b.contains("cursor of a status=open listing"), "{b}");
     for bad in [
         "status=stuck",
         "limit=0",

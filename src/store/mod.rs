@@ -581,6 +581,15 @@ impl ListStatus {
             _ => None,
         }
     }
+
+    /// The name `parse` reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListStatus::Open => "open",
+            ListStatus::Missing => "missing",
+            ListStatus::Late => "late",
+        }
+    }
 }
 
 /// The listing query of one status: the page after the cursor (?3..?5) of the rows whose
@@ -622,7 +631,8 @@ fn list_sql(status: ListStatus) -> String {
 
 /// A page of instances from the status indexes, and the cursor of the next page.
 /// `older_than` (ns) keeps those whose sort time is more than that before the engine
-/// clock. The cursor is opaque to callers (hex of the last row's sort key).
+/// clock. The cursor is opaque to callers (hex of the status and the last row's sort key);
+/// a cursor of another status's listing is refused.
 pub fn list_instances(
     conn: &Connection,
     status: ListStatus,
@@ -647,11 +657,16 @@ pub fn list_instances(
                 .step_by(2)
                 .map(|i| c.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
                 .collect::<Option<Vec<u8>>>();
-            Some(
-                bytes
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .ok_or_else(|| anyhow::anyhow!("invalid cursor"))?,
-            )
+            let (of, t, r, k): (String, i64, String, String) = bytes
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| anyhow::anyhow!("invalid cursor"))?;
+            // A page position in one status order means nothing in another's.
+            if of != status.name() {
+                anyhow::bail!(
+                    "cursor of a status={of} listing: use it with status={of}, or start this listing without a cursor"
+                );
+            }
+            Some((t, r, k))
         }
     };
     let sql = list_sql(status);
@@ -678,7 +693,7 @@ pub fn list_instances(
         .then(|| rows.last())
         .flatten()
         .map(|(r, k, _, _, t, ..)| {
-            serde_json::to_vec(&(t, r, k))
+            serde_json::to_vec(&(status.name(), t, r, k))
                 .unwrap_or_default()
                 .iter()
                 .map(|b| format!("{b:02x}"))
