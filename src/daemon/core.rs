@@ -173,6 +173,8 @@ struct Children {
     latency: std::collections::HashMap<(usize, usize), prometheus::Histogram>,
     /// Step latencies of uncommitted outcomes.
     observed: Vec<((usize, usize), f64)>,
+    /// Events decoded in the batch, by source.
+    decoded: Vec<(Arc<str>, u64)>,
 }
 
 impl Children {
@@ -190,8 +192,18 @@ impl Children {
         self.observed.push((key, secs));
     }
 
+    fn decoded(&mut self, source: &Arc<str>, n: u64) {
+        match self.decoded.iter_mut().find(|(s, _)| s == source) {
+            Some((_, c)) => *c += n,
+            None => self.decoded.push((Arc::clone(source), n)),
+        }
+    }
+
     /// The batch committed: its counts and latencies go public.
-    fn publish(&mut self) {
+    fn publish(&mut self, m: &Metrics) {
+        for (source, n) in self.decoded.drain(..) {
+            m.events_decoded.with_label_values(&[&source]).inc_by(n);
+        }
         for (c, n) in self.counters.values_mut() {
             if *n > 0 {
                 c.inc_by(std::mem::take(n));
@@ -210,6 +222,7 @@ impl Children {
             *n = 0;
         }
         self.observed.clear();
+        self.decoded.clear();
     }
 }
 
@@ -361,10 +374,7 @@ impl Core {
         if applied > 0 {
             self.last_event = StdInstant::now();
         }
-        self.metrics
-            .events_decoded
-            .with_label_values(&[source])
-            .inc_by(applied as u64);
+        self.children.decoded(source, applied as u64);
         if let Some(p) = position {
             store::save_position(self.engine.state().conn(), source, &p)?;
         }
@@ -462,10 +472,7 @@ impl Core {
                 .events_received
                 .with_label_values(&[&source])
                 .inc_by(n);
-            self.metrics
-                .events_decoded
-                .with_label_values(&[&source])
-                .inc_by(ok);
+            self.children.decoded(&source, ok);
             applied += ok as usize;
         }
         if !records.is_empty() {
@@ -737,7 +744,7 @@ impl Core {
         match r {
             Ok(()) => {
                 // Metrics first: whoever is acknowledged sees metrics that include its events.
-                self.children.publish();
+                self.children.publish(&self.metrics);
                 self.publish_gauges();
                 for (d, n) in self.pending_acks.drain(..) {
                     let _ = d.send(Ok(n));
