@@ -13,6 +13,8 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 # Dashboards are evaluated against the real Prometheus; promtool checks metrics and rules.
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# Sinks behind an HTTP proxy are tested through a real one.
+command -v tinyproxy >/dev/null 2>&1 || need_apt+=(tinyproxy)
 # The /ui page is driven in a real headless browser.
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then

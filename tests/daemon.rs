@@ -2028,6 +2028,125 @@ fn https_webhooks_verify_the_receiver_certificate() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// Sinks reach their receivers through the proxy that `HTTPS_PROXY` and `HTTP_PROXY`
+/// name (a real one, tinyproxy, asking for credentials): HTTPS end to end inside its
+/// `CONNECT` tunnel, plain HTTP through a tunnel too; a host that `NO_PROXY` names is
+/// reached directly. Wrong credentials: deliveries wait, retried, with the proxy's answer
+/// in the timeline. The password shows in no log and no error.
+#[test]
+fn webhooks_go_through_the_proxy_the_environment_names() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(true);
+    let (tls_port, plain_port, direct_port) = (free_port(), free_port(), free_port());
+    let mut secure = Receiver::new(tls_port);
+    secure.start_tls(&cert, &key, None);
+    let mut plain = Receiver::new(plain_port);
+    plain.start();
+    let mut direct = Receiver::new(direct_port);
+    direct.start();
+    let proxy = Proxy::start("sagawatch", "pr0xy-pw");
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'https://127.0.0.1:{tls_port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], ca_file: ca.pem }}\n  \
+         plain: {{ type: webhook, url: 'http://127.0.0.1:{plain_port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n  \
+         direct: {{ type: webhook, url: 'http://localhost:{direct_port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
+         alerts: {{ sinks: [hook, plain, direct] }}\noutbox: {{ backoff: 50ms, max_backoff: 300ms }}\n"
+    ));
+    std::fs::write(d.path("ca.pem"), &pki.ca).unwrap();
+    let through = |pw: &str| format!("http://sagawatch:{pw}@127.0.0.1:{}", proxy.port);
+    d.env = vec![
+        ("https_proxy".into(), through("pr0xy-pw")),
+        ("HTTP_PROXY".into(), through("pr0xy-pw")),
+        ("NO_PROXY".into(), "localhost".into()),
+        ("SAGAWATCH_LOG".into(), "info".into()),
+    ];
+    d.start();
+    let order = |id: &str, minute: u32| {
+        format!(
+            "{{\"time\":\"2026-03-02T{minute:02}:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"{id}\"}}\n\
+             {{\"time\":\"2026-03-02T{minute:02}:16:00Z\",\"type\":\"Heartbeat\"}}"
+        )
+    };
+    let (st, b) = http(
+        d.port,
+        "POST",
+        "/v1/events",
+        &[],
+        order("o-1", 9).as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(st, 202, "{b}");
+    wait_for(Duration::from_secs(30), "every sink's messages", || {
+        let n = (
+            secure.received().len(),
+            plain.received().len(),
+            direct.received().len(),
+        );
+        (n == (2, 1, 1)).then_some(())
+    });
+    for r in [&secure, &plain, &direct] {
+        assert!(r.received().iter().all(|m| m.signed));
+    }
+    let log = proxy.log();
+    assert!(
+        log.contains(&format!("CONNECT 127.0.0.1:{tls_port} ")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("CONNECT 127.0.0.1:{plain_port} ")),
+        "{log}"
+    );
+    assert!(!log.contains(&format!(":{direct_port}")), "{log}");
+    assert_eq!(d.terminate(), 0);
+    let said = d.stderr();
+    assert!(said.contains("delivering through a proxy"), "{said}");
+    assert!(
+        said.contains(&format!("127.0.0.1:{}", proxy.port)),
+        "{said}"
+    );
+
+    // Wrong credentials: the proxy answers 407; the message waits and is retried.
+    d.env[0].1 = through("wr0ng-pw");
+    d.start();
+    let (st, b) = http(
+        d.port,
+        "POST",
+        "/v1/events",
+        &[],
+        order("o-2", 10).as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(st, 202, "{b}");
+    let error = wait_for(Duration::from_secs(30), "the proxy's refusal", || {
+        let (st, b) = http(d.port, "GET", "/v1/instances/checkout/o-2", &[], b"").ok()?;
+        assert_eq!(st, 200, "{b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        let a = v["actions"]
+            .as_array()?
+            .iter()
+            .find(|a| a["sink"] == "hook" && a["kind"] == "alert")?
+            .clone();
+        assert_eq!(a["delivery"], "pending", "{a}");
+        let e = a["last_error"].as_str()?.to_string();
+        (a["attempts"].as_i64()? >= 2).then_some(e)
+    });
+    assert!(
+        error.contains(&format!("proxy 127.0.0.1:{}", proxy.port))
+            && error.contains(&format!(
+                "401 Unauthorized\" to CONNECT 127.0.0.1:{tls_port}"
+            ))
+            && error.contains("check the credentials"),
+        "{error}"
+    );
+    assert_eq!(secure.received().len(), 2, "nothing got past the proxy");
+    assert_eq!(d.terminate(), 0);
+    let said = d.stderr();
+    for secret in ["pr0xy-pw", "wr0ng-pw"] {
+        assert!(!said.contains(secret), "{said}");
+        assert!(!error.contains(secret), "{error}");
+    }
+}
+
 /// A sink's `ca_file` replaces the system's CAs, as in Prometheus' TLS settings: here the
 /// "system" store (`SSL_CERT_FILE`) holds the CA that signed the receiver, which the sink
 /// without `ca_file` trusts and the one whose `ca_file` names another CA does not.

@@ -17,6 +17,7 @@ use hyper::body::Bytes;
 use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Intercept;
 use hyper_util::rt::TokioExecutor;
 use rusqlite::Connection;
 use tokio::sync::Notify;
@@ -25,17 +26,18 @@ use tokio::task::{Id, JoinError, JoinSet};
 use crate::config::{Config, OutboxConfig, Sink, SinkKind, Tls};
 use crate::daemon::core::wall_ms;
 use crate::daemon::metrics::Metrics;
+use crate::daemon::proxy::Route;
 use crate::sign;
 use crate::store::{self, Delivery, Outbox, Pending};
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpClient = Client<HttpsConnector<Route>, Full<Bytes>>;
 
 /// What deliveries go through: the HTTP clients and, with `kafka` sinks, the producer.
 #[derive(Clone)]
 struct Clients {
-    /// For HTTP sinks that trust the system's CAs only.
+    /// For HTTP sinks that trust the system's CAs only, without a proxy.
     http: HttpClient,
-    /// For those with TLS settings of their own, by sink name.
+    /// For those with TLS settings of their own or a proxy, by sink name.
     http_tls: Arc<HashMap<String, HttpClient>>,
     kafka: Option<crate::daemon::kafka::Producer>,
     /// With a `stdout` sink, its writer.
@@ -111,6 +113,8 @@ pub struct Dispatcher {
     pub stop: Arc<AtomicBool>,
     /// How long to keep delivering after `stop`.
     pub grace: Duration,
+    /// The proxy of each HTTP sink that has one.
+    pub proxies: HashMap<String, Intercept>,
 }
 
 /// How often the backlog gauges are refreshed while deliveries are in flight.
@@ -272,7 +276,7 @@ impl Clients {
 /// An HTTP client for `http://` and `https://` URLs. `https` verifies the receiver's
 /// certificate and name, with TLS 1.2 at least, against the CAs of `tls` only, or without
 /// any against the system's (OpenSSL's store); and shows its client certificate if asked.
-fn client(tls_settings: &Tls) -> Result<HttpClient> {
+fn client(tls_settings: &Tls, proxy: Option<&Intercept>) -> Result<HttpClient> {
     let ca = &tls_settings.ca;
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -297,7 +301,7 @@ fn client(tls_settings: &Tls) -> Result<HttpClient> {
         .map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?;
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(HttpsConnector::from((http, tls.into()))))
+        .build(HttpsConnector::from((Route::new(http, proxy), tls.into()))))
 }
 
 /// A pseudo-random factor in [0.5, 1.0) for backoff jitter (no crate needed for that).
@@ -379,27 +383,37 @@ impl Dispatcher {
         } else {
             None
         };
-        // One client (its CA store and connection pool) per TLS setting, shared by the
-        // sinks that have the same.
-        let mut by_tls: HashMap<&Tls, HttpClient> = HashMap::new();
+        // One client (its CA store and connection pool) per TLS setting and proxy, shared
+        // by the sinks that have the same.
+        let mut by_tls: HashMap<(&Tls, Option<String>), HttpClient> = HashMap::new();
         let mut http_tls = HashMap::new();
         for s in &self.cfg.sinks {
             let tls = s.kind.tls();
-            if *tls == Tls::default() {
+            let proxy = self.proxies.get(&s.name);
+            if let Some(p) = proxy {
+                // The URL without credentials (the matcher keeps them apart).
+                tracing::info!(sink = s.name, proxy = %p.uri(), "delivering through a proxy");
+            }
+            if *tls == Tls::default() && proxy.is_none() {
                 continue;
             }
-            let c = match by_tls.get(tls) {
+            // Sinks share a proxy's client when they share its URL and credentials.
+            let id = proxy.map(|p| {
+                let auth = p.basic_auth().map(|a| a.as_bytes().to_vec());
+                format!("{}{auth:?}", p.uri())
+            });
+            let c = match by_tls.get(&(tls, id.clone())) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = client(tls)?;
-                    by_tls.insert(tls, c.clone());
+                    let c = client(tls, proxy)?;
+                    by_tls.insert((tls, id), c.clone());
                     c
                 }
             };
             http_tls.insert(s.name.clone(), c);
         }
         let clients = Clients {
-            http: client(&Tls::default())?,
+            http: client(&Tls::default(), None)?,
             http_tls: Arc::new(http_tls),
             kafka,
             stdout,

@@ -7,6 +7,7 @@ pub mod core;
 pub mod dispatch;
 pub mod kafka;
 pub mod metrics;
+pub mod proxy;
 pub mod server;
 pub mod sources;
 
@@ -75,6 +76,12 @@ pub fn validate(path: &Path) -> i32 {
     }
     let Some(cfg) = cfg else { return 1 };
     let mut failed = config_error.is_some();
+    if let Err(problems) = proxy::resolve(&cfg.sinks, &|n| std::env::var(n).ok()) {
+        for p in &problems {
+            eprintln!("error: {p}");
+        }
+        failed = true;
+    }
     if !failed {
         // The clients only once every property passed: each is reported once, at its place.
         for p in kafka::check_clients(&cfg) {
@@ -151,6 +158,15 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    let proxies = match proxy::resolve(&cfg.sinks, &|n| std::env::var(n).ok()) {
+        Ok(p) => p,
+        Err(problems) => {
+            for p in &problems {
+                say(&format!("error: {p}"));
+            }
+            return EXIT_CONFIG;
+        }
+    };
     let opened = (|| -> Result<_> {
         // The lock first: a second daemon must not touch the file at all.
         store::check_path(&cfg.state)?;
@@ -219,7 +235,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         (listener, metrics),
         &rt,
         hup,
-        partitions,
+        (partitions, proxies),
     ) {
         Ok(code) => code,
         Err(e) => {
@@ -245,7 +261,11 @@ fn run_with(
     (listener, metrics): (tokio::net::TcpListener, Arc<metrics::Metrics>),
     rt: &tokio::runtime::Runtime,
     mut hup: tokio::signal::unix::Signal,
-    partitions: kafka::Partitions,
+    // What the startup checks found: the Kafka partitions, the HTTP sinks' proxies.
+    (partitions, proxies): (
+        kafka::Partitions,
+        std::collections::HashMap<String, hyper_util::client::proxy::matcher::Intercept>,
+    ),
 ) -> Result<i32> {
     let has_kafka_source = cfg
         .sources
@@ -308,6 +328,7 @@ fn run_with(
             wake: Arc::clone(&wake_dispatch),
             stop: Arc::clone(&stop_dispatch),
             grace: SHUTDOWN_GRACE,
+            proxies,
         };
         let path = cfg.state.clone();
         let done = Arc::clone(&dispatcher_done);

@@ -180,6 +180,55 @@ pub fn free_port() -> u16 {
     panic!("no free port on loopback between {LOW} and {}", LOW + SPAN);
 }
 
+/// A real HTTP proxy (tinyproxy) on loopback that asks for `user` and `password` and
+/// logs every request (each `CONNECT host:port`).
+pub struct Proxy {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Proxy {
+    pub fn start(user: &str, password: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = dir.path().join("proxy.log");
+        std::fs::write(
+            dir.path().join("proxy.conf"),
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{}\"\nLogLevel Connect\n\
+                 MaxClients 20\nAllow 127.0.0.1\nBasicAuth {user} {password}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.path().join("proxy.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy (scripts/test.sh installs it)");
+        wait_for(Duration::from_secs(10), "tinyproxy to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Proxy { port, dir, child }
+    }
+
+    /// What the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A request the receiver got.
 #[derive(Clone, Debug)]
 pub struct Received {
@@ -585,11 +634,18 @@ impl Daemon {
             .args(["run", "--config"])
             .arg(self.path("sagawatch.yaml"))
             .env("WEBHOOK_SECRET", SECRET)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "SAGAWATCH_LOG",
                 std::env::var("TEST_SAGAWATCH_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // A proxy of the machine's would carry the deliveries to loopback receivers.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
