@@ -258,36 +258,38 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut failed = 0;
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
+            // Every path first: a missing one stops the run before any test ran.
+            let mut files = Vec::new();
             for p in &paths {
-                let files = match testing::test_files(p) {
-                    Ok(f) => f,
+                match testing::test_files(p) {
+                    Ok(f) => files.extend(f),
                     Err(e) => {
                         eprintln!("error: {e}");
                         return Ok(EXIT_CONFIG);
                     }
-                };
-                for f in files {
-                    match testing::run_file(&f) {
-                        Err(e) => {
-                            writeln!(out, "FAIL {}: cannot run tests:\n{e}", f.display())?;
-                            failed += 1;
-                        }
-                        Ok(results) => {
-                            for r in results {
-                                match r.failure {
-                                    None => {
-                                        passed += 1;
-                                        writeln!(out, "ok   {}: {}", r.file.display(), r.name)?;
-                                    }
-                                    Some(report) => {
-                                        failed += 1;
-                                        writeln!(
-                                            out,
-                                            "FAIL {}: {}\n{report}",
-                                            r.file.display(),
-                                            r.name
-                                        )?;
-                                    }
+                }
+            }
+            for f in files {
+                match testing::run_file(&f) {
+                    Err(e) => {
+                        writeln!(out, "FAIL {}: cannot run tests:\n{e}", f.display())?;
+                        failed += 1;
+                    }
+                    Ok(results) => {
+                        for r in results {
+                            match r.failure {
+                                None => {
+                                    passed += 1;
+                                    writeln!(out, "ok   {}: {}", r.file.display(), r.name)?;
+                                }
+                                Some(report) => {
+                                    failed += 1;
+                                    writeln!(
+                                        out,
+                                        "FAIL {}: {}\n{report}",
+                                        r.file.display(),
+                                        r.name
+                                    )?;
                                 }
                             }
                         }

@@ -173,6 +173,20 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// serde_json's message with a position within the line: the line number is the
+/// caller's to give (serde_json counts the line's own end as a second line).
+fn json_error(e: serde_json::Error) -> DecodeError {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let message = text.strip_suffix(&suffix).unwrap_or(&text);
+    DecodeError::Json(match (e.line(), e.column()) {
+        (0, _) => message.to_string(),
+        (1, c) => format!("{message} at column {c}"),
+        _ if e.is_eof() => format!("{message} at the end of the line"),
+        (_, c) => format!("{message} at column {c} after a line break"),
+    })
+}
+
 impl DecodeError {
     /// The `reason` label of `sagawatch_events_rejected_total`.
     pub fn reason(&self) -> &'static str {
@@ -286,8 +300,8 @@ impl Decoder {
             fields: &mut fields,
         }
         .deserialize(&mut de)
-        .map_err(|e| DecodeError::Json(e.to_string()))?;
-        de.end().map_err(|e| DecodeError::Json(e.to_string()))?;
+        .map_err(json_error)?;
+        de.end().map_err(json_error)?;
         if !is_object {
             return Err(DecodeError::NotObject);
         }

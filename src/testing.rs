@@ -63,6 +63,17 @@ pub struct RawTestEvent {
 }
 
 const TIME_FIELDS: [&str; 4] = ["deadline", "time", "at", "opened_at"];
+/// The outcome kinds: those always reported, then the lifecycle ones.
+const OUTCOMES: [&str; 8] = [
+    "missing",
+    "late",
+    "alert",
+    "compensate",
+    "opened",
+    "satisfied",
+    "closed",
+    "cancelled",
+];
 const DEFAULT_START: &str = "2000-01-01T00:00:00Z";
 
 /// Result of one test.
@@ -171,8 +182,21 @@ pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
     let rules = Arc::new(rules);
     let time_field = raw.time_field.clone().unwrap_or_else(|| "time".into());
     let mut results = Vec::new();
-    for t in &raw.tests {
-        let failure = run_one(&rules, &raw, t, &time_field).err();
+    // A problem of a test is reported where it is written.
+    let at = |path: &YamlPath, message: String| {
+        rules::FileDiag {
+            file: file.to_path_buf(),
+            diag: yaml::Diag {
+                pos: node.locate(path),
+                path: path.to_string(),
+                message,
+            },
+        }
+        .to_string()
+    };
+    for (k, t) in raw.tests.iter().enumerate() {
+        let tp = YamlPath::default().key("tests").index(k);
+        let failure = run_one(&rules, &raw, t, &time_field, &|p, m| at(&p(&tp), m)).err();
         results.push(TestResult {
             file: file.to_path_buf(),
             name: t.name.clone(),
@@ -182,17 +206,29 @@ pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
     Ok(results)
 }
 
+/// Where a problem is: a path below the test, and the message; gives the located text.
+type At<'a> = &'a dyn Fn(&dyn Fn(&YamlPath) -> YamlPath, String) -> String;
+
 fn run_one(
     rules: &Arc<RuleSet>,
     file: &RawTestFile,
     t: &RawTest,
     time_field: &str,
+    at: At<'_>,
 ) -> Result<(), String> {
-    let start = parse_rfc3339(t.start.as_deref().unwrap_or(DEFAULT_START))
-        .ok_or_else(|| format!("start {:?} is not RFC 3339", t.start))?;
-    let lateness = match t.lateness.as_deref().or(file.lateness.as_deref()) {
-        None => 0,
-        Some(l) => Duration::parse_span(l)?,
+    let start_text = t.start.as_deref().unwrap_or(DEFAULT_START);
+    let start = parse_rfc3339(start_text).ok_or_else(|| {
+        at(
+            &|tp| tp.key("start"),
+            format!("{start_text:?} is not an RFC 3339 time"),
+        )
+    })?;
+    let lateness = match (t.lateness.as_deref(), file.lateness.as_deref()) {
+        (None, None) => 0,
+        (Some(l), _) => Duration::parse_span(l).map_err(|e| at(&|tp| tp.key("lateness"), e))?,
+        (None, Some(l)) => {
+            Duration::parse_span(l).map_err(|e| at(&|_| YamlPath::default().key("lateness"), e))?
+        }
     };
     let decoder = Decoder::new(rules, time_field);
     let mut engine =
@@ -200,15 +236,28 @@ fn run_one(
     let mut outcomes = Vec::new();
     let path: Vec<&str> = time_field.split('.').collect();
     for (i, e) in t.events.iter().enumerate() {
+        let here = |k: &'static str| move |tp: &YamlPath| tp.key("events").index(i).key(k);
+        if !e.event.is_object() {
+            return Err(at(
+                &here("event"),
+                "an event is a mapping (a JSON object)".into(),
+            ));
+        }
+        if let Some(s) = e.source.as_deref().filter(|s| !rules::valid_name(s)) {
+            return Err(at(
+                &here("source"),
+                format!("invalid source name {s:?}: use [a-z0-9][a-z0-9_-]*"),
+            ));
+        }
         let mut ev = e.event.clone();
-        if let Some(at) = &e.at {
-            let time = resolve_time(at, start).map_err(|m| format!("events[{i}].at: {m}"))?;
+        if let Some(t) = &e.at {
+            let time = resolve_time(t, start).map_err(|m| at(&here("at"), m))?;
             set_path(&mut ev, &path, format_rfc3339(time).into());
         }
         let line = serde_json::to_vec(&ev).map_err(|m| m.to_string())?;
         let decoded = decoder
             .decode(&line, e.source.as_deref())
-            .map_err(|m| format!("events[{i}]: {m}"))?;
+            .map_err(|m| at(&here("event"), m.to_string()))?;
         engine.process(&decoded, &mut outcomes);
     }
     engine.finish(&mut outcomes);
@@ -218,15 +267,49 @@ fn run_one(
     for (i, exp) in t.expect.iter().enumerate() {
         let mut m = serde_json::Map::new();
         for (k, v) in exp {
+            let here = |tp: &YamlPath| tp.key("expect").index(i).key(k);
             if !output::FIELDS.contains(&k.as_str()) {
-                return Err(format!(
-                    "expect[{i}].{k}: not a field of an outcome{}",
-                    yaml::did_you_mean(k, output::FIELDS)
+                return Err(at(
+                    &here,
+                    format!(
+                        "not a field of an outcome{}",
+                        yaml::did_you_mean(k, output::FIELDS)
+                    ),
                 ));
+            }
+            if k == "outcome" {
+                let kinds = if t.lifecycle {
+                    &OUTCOMES[..]
+                } else {
+                    &OUTCOMES[..4]
+                };
+                match v.as_str() {
+                    Some(o) if kinds.contains(&o) => {}
+                    Some(o) if OUTCOMES.contains(&o) => {
+                        return Err(at(
+                            &here,
+                            format!(
+                                "{o:?} is a lifecycle outcome: reported only with `lifecycle: true`"
+                            ),
+                        ));
+                    }
+                    _ => {
+                        return Err(at(
+                            &here,
+                            format!(
+                                "{v} is not an outcome: one of {}{}",
+                                kinds.join(", "),
+                                v.as_str()
+                                    .map(|o| yaml::did_you_mean(o, kinds.iter().copied()))
+                                    .unwrap_or_default()
+                            ),
+                        ));
+                    }
+                }
             }
             let v = match (TIME_FIELDS.contains(&k.as_str()), v.as_str()) {
                 (true, Some(s)) => {
-                    let t = resolve_time(s, start).map_err(|m| format!("expect[{i}].{k}: {m}"))?;
+                    let t = resolve_time(s, start).map_err(|m| at(&here, m))?;
                     serde_json::Value::String(format_rfc3339(t))
                 }
                 _ => v.clone(),

@@ -356,6 +356,30 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 node
             }
         };
+        // A key written twice: where, as the other diagnostics say it.
+        let dup_at = match stack.split_last() {
+            Some((
+                (
+                    Node {
+                        value: Value::Map(entries),
+                        ..
+                    },
+                    Some(key),
+                ),
+                outer,
+            )) if entries.iter().any(|(k, _)| k.value == key.value) => {
+                let mut path = YamlPath::default();
+                for (node, pending) in outer {
+                    path = match (&node.value, pending) {
+                        (Value::Seq(items), _) => path.index(items.len()),
+                        (_, Some(k)) => path.key(k.as_text().unwrap_or("?")),
+                        _ => path,
+                    };
+                }
+                Some(path.key(key.as_text().unwrap_or("?")).to_string())
+            }
+            _ => None,
+        };
         match stack.last_mut() {
             None => root = Some(complete),
             Some((parent, pending_key)) => match &mut parent.value {
@@ -363,11 +387,10 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 Value::Map(entries) => match pending_key.take() {
                     None => *pending_key = Some(complete),
                     Some(key) => {
-                        let dup = entries.iter().any(|(k, _)| k.value == key.value);
-                        if dup {
+                        if let Some(path) = dup_at {
                             diags.push(Diag {
                                 pos: key.pos,
-                                path: String::new(),
+                                path,
                                 message: format!(
                                     "duplicate key {:?} in this mapping",
                                     key.as_text().unwrap_or("?")

@@ -206,6 +206,25 @@ fn validate_reports_duplicates_cycles_templates_and_names() {
         out.contains("unknown template placeholder \"{{kee}}\" (did you mean \"key\"?)"),
         "{out}"
     );
+    // Every bad placeholder of one string, not only the first.
+    assert!(
+        out.contains(
+            "rules[1].on_missing[0].alert.summary: template placeholder \"{{trigger.}}\": empty dot path"
+        ),
+        "{out}"
+    );
+    // A key written twice says where, as every other problem does.
+    let f = write(
+        &dir,
+        "d.yaml",
+        "rules:\n  - name: d\n    trigger: { key: id, key: id2 }\n    expect: [ { step: s, key: id, within: 1s } ]\n",
+    );
+    let (code, out, _) = sagawatch(&["validate", &f], None);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("d.yaml:3:25: rules[0].trigger.key: duplicate key \"key\" in this mapping"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -227,7 +246,11 @@ fn replay_skips_bad_lines_with_line_numbers() {
     let input = "{\"type\":\"A\",\"id\":\"k\",\"time\":\"2026-01-01T00:00:00Z\"}\nnot json\n[1,2]\n{\"type\":\"B\"}\n\n{\"type\":\"X\",\"time\":\"2026-01-01T00:05:00Z\"}\n";
     let (code, out, err) = sagawatch(&["replay", "--rules", &rules], Some(input));
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("<stdin>:2: invalid JSON"), "{err}");
+    // The position within the line, not serde_json's own line count.
+    assert!(
+        err.contains("<stdin>:2: invalid JSON: expected ident at column 2"),
+        "{err}"
+    );
     assert!(err.contains("<stdin>:3: not a JSON object"), "{err}");
     assert!(err.contains("<stdin>:4: no time field \"time\""), "{err}");
     assert!(err.contains("replayed 2 events (3 skipped)"), "{err}");
@@ -345,6 +368,31 @@ fn test_command_prints_a_diff_and_fails() {
         all.contains("expect[0].stepp: not a field of an outcome (did you mean \"step\"?)"),
         "{all}"
     );
+    // Problems of a test are named where they are written.
+    let t = write(
+        &dir,
+        "t3.yaml",
+        "rules: r.yaml\ntests:\n  - name: start\n    start: soon\n    events: []\n  \
+         - name: outcome\n    events: []\n    expect:\n      - { outcome: mising }\n      - { outcome: opened }\n  \
+         - name: lifecycle\n    events: []\n    expect:\n      - { outcome: opened }\n  \
+         - name: event\n    events:\n      - { at: +0s, source: Bad Name, event: { type: A } }\n      - { at: +0s, event: [1] }\n",
+    );
+    let (code, out, _) = sagawatch(&["test", &t], None);
+    assert_eq!(code, 1, "{out}");
+    for want in [
+        "t3.yaml:4:12: tests[0].start: \"soon\" is not an RFC 3339 time",
+        "t3.yaml:9:20: tests[1].expect[0].outcome: \"mising\" is not an outcome: one of missing, late, alert, compensate (did you mean \"missing\"?)",
+        "t3.yaml:14:20: tests[2].expect[0].outcome: \"opened\" is a lifecycle outcome: reported only with `lifecycle: true`",
+        "t3.yaml:17:28: tests[3].events[0].source: invalid source name \"Bad Name\"",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(out.trim_end().ends_with("0 passed, 4 failed"), "{out}");
+    // A path that does not exist stops the run before any test ran.
+    let (code, out, err) = sagawatch(&["test", &t, "nope.yaml"], None);
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(out, "", "{out}");
+    assert!(err.contains("nope.yaml"), "{err}");
 }
 
 #[test]

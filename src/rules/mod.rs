@@ -657,8 +657,10 @@ impl Validator {
         let mut capture = |p: &str| self.capture(p, captures);
         match Template::parse(text, &mut capture) {
             Ok(t) => t,
-            Err(e) => {
-                cx.err(path, e);
+            Err(es) => {
+                for e in es {
+                    cx.err(path, e);
+                }
                 Template { parts: vec![] }
             }
         }

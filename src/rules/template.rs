@@ -31,11 +31,13 @@ pub struct Vars<'a> {
 
 impl Template {
     /// Parses `text`; `capture` maps a `trigger.PATH` to its capture index (or an error).
+    /// Every bad placeholder is reported, not only the first.
     pub fn parse(
         text: &str,
         mut capture: impl FnMut(&str) -> Result<usize, String>,
-    ) -> Result<Template, String> {
+    ) -> Result<Template, Vec<String>> {
         let mut parts = Vec::new();
+        let mut errors = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find("{{") {
             if open > 0 {
@@ -43,9 +45,12 @@ impl Template {
             }
             let after = &rest[open + 2..];
             let Some(close) = after.find("}}") else {
-                return Err(format!("unclosed \"{{{{\" in template {text:?}"));
+                errors.push(format!("unclosed \"{{{{\" in template {text:?}"));
+                rest = "";
+                break;
             };
             let name = after[..close].trim();
+            rest = &after[close + 2..];
             parts.push(match name {
                 "key" => Part::Key,
                 "rule" => Part::Rule,
@@ -53,24 +58,34 @@ impl Template {
                 "within" => Part::Within,
                 "deadline" => Part::Deadline,
                 _ => match name.strip_prefix("trigger.") {
-                    Some(path) => Part::Trigger(capture(path)?),
+                    Some(path) => match capture(path) {
+                        Ok(i) => Part::Trigger(i),
+                        Err(e) => {
+                            errors.push(format!("template placeholder \"{{{{{name}}}}}\": {e}"));
+                            continue;
+                        }
+                    },
                     None => {
-                        return Err(format!(
+                        errors.push(format!(
                             "unknown template placeholder \"{{{{{name}}}}}\"{} (known: key, rule, step, within, deadline, trigger.PATH)",
                             crate::yaml::did_you_mean(
                                 name,
                                 ["key", "rule", "step", "within", "deadline"]
                             )
                         ));
+                        continue;
                     }
                 },
             });
-            rest = &after[close + 2..];
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_string()));
         }
-        Ok(Template { parts })
+        if errors.is_empty() {
+            Ok(Template { parts })
+        } else {
+            Err(errors)
+        }
     }
 
     pub fn render(&self, v: &Vars<'_>) -> String {
@@ -111,8 +126,8 @@ impl PayloadTemplate {
         match value {
             serde_json::Value::String(s) => match Template::parse(s, &mut *capture) {
                 Ok(t) => PayloadTemplate::Str(t),
-                Err(e) => {
-                    errors.push((at.clone(), e));
+                Err(es) => {
+                    errors.extend(es.into_iter().map(|e| (at.clone(), e)));
                     PayloadTemplate::Other(value.clone())
                 }
             },
@@ -186,7 +201,26 @@ mod tests {
     #[test]
     fn rejects_unknown_and_unclosed() {
         let e = Template::parse("{{kye}}", no_capture).unwrap_err();
-        assert!(e.contains("did you mean \"key\""), "{e}");
+        assert!(e[0].contains("did you mean \"key\""), "{e:?}");
         assert!(Template::parse("{{key", no_capture).is_err());
+        // Every bad placeholder, the unclosed one last.
+        let e = Template::parse("{{kye}} {{key}} {{foo}} {{trigger.}} {{step", |p: &str| {
+            if p.is_empty() {
+                Err("empty dot path".to_string())
+            } else {
+                Ok(0)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(
+            e[1].starts_with("unknown template placeholder \"{{foo}}\""),
+            "{e:?}"
+        );
+        assert_eq!(
+            e[2],
+            "template placeholder \"{{trigger.}}\": empty dot path"
+        );
+        assert!(e[3].starts_with("unclosed"), "{e:?}");
     }
 }
