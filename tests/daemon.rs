@@ -842,6 +842,85 @@ rules:
     assert_eq!(d.terminate(), 0);
 }
 
+/// A reload whose templates read other trigger fields re-captures the open instances
+/// from their stored triggers: an instance opened before renders the new template with
+/// its own trigger's fields (not empty, and not the value of the field that stood at the
+/// same position in the old list), in the daemon and across a restart.
+#[test]
+fn a_reload_that_reads_new_trigger_fields_renders_them_for_open_instances() {
+    let rules = |payload: &str| {
+        format!(
+            "rules:\n  - name: r\n    trigger: {{ where: {{ type: A }}, key: k }}\n    expect:\n      \
+             - {{ step: b, where: {{ type: B }}, key: k, within: 1m }}\n    on_missing:\n      \
+             - compensate: {{ sink: hook, payload: {payload} }}\n"
+        )
+    };
+    let hook = free_port();
+    let mut rx = Receiver::new(hook);
+    rx.start();
+    let mut d = Daemon::with_rules(
+        &rules("{ y: \"{{trigger.y}}\" }"),
+        &with_port(
+            &hook_config("token: s3cret\nsources: { api: { type: http } }\n"),
+            hook,
+        ),
+    );
+    d.start();
+    let auth = [("authorization", "Bearer s3cret")];
+    let post = |port: u16, ev: &str| {
+        let (st, b) = http(port, "POST", "/v1/events", &auth, ev.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+    };
+    post(
+        d.port,
+        r#"{"time":"2026-01-01T09:00:00Z","type":"A","k":"1","x":"ex1","y":"why1","z":"zed1"}"#,
+    );
+    // x is read first now: the old captures' positions mean other fields.
+    std::fs::write(
+        d.path("rules/checkout.yaml"),
+        rules("{ x: \"{{trigger.x}}\", y: \"{{trigger.y}}\", n: \"{{trigger.n.v}}\" }"),
+    )
+    .unwrap();
+    let (st, b) = http(d.port, "POST", "/-/reload", &auth, b"").unwrap();
+    assert_eq!(st, 200, "{b}");
+    post(
+        d.port,
+        r#"{"time":"2026-01-01T09:00:30Z","type":"A","k":"2","x":"ex2","y":"why2","n":{"v":[1]}}"#,
+    );
+    // Across a restart: z is new, x is no longer read.
+    assert_eq!(d.terminate(), 0);
+    std::fs::write(
+        d.path("rules/checkout.yaml"),
+        rules("{ y: \"{{trigger.y}}\", z: \"{{trigger.z}}\", n: \"{{trigger.n.v}}\" }"),
+    )
+    .unwrap();
+    d.start();
+    post(
+        d.port,
+        r#"{"time":"2026-01-01T09:05:00Z","type":"Heartbeat"}"#,
+    );
+    let payloads = wait_for(Duration::from_secs(30), "both compensations", || {
+        let got = rx.received();
+        let mut p: Vec<serde_json::Value> = got
+            .iter()
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                v["data"]["payload"].clone()
+            })
+            .collect();
+        p.sort_by_key(|v| v.to_string());
+        (p.len() >= 2).then_some(p)
+    });
+    assert_eq!(
+        payloads,
+        [
+            serde_json::json!({"n": "", "y": "why1", "z": "zed1"}),
+            serde_json::json!({"n": "[1]", "y": "why2", "z": ""}),
+        ]
+    );
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A removed rule's instances wait; when it comes back (by a reload, or across a restart)
 /// a deadline that passed meanwhile is reported missing at once, not at the next event.
 #[test]

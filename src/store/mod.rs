@@ -132,6 +132,12 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE rule_shapes ADD COLUMN loaded INTEGER NOT NULL DEFAULT 1;
     ",
+    // 9: the trigger fields a rule's stored captures hold, in order (a JSON array of dot
+    // paths; NULL when written before this column: taken to be the rule's at the next
+    // load). A reload whose templates read other fields re-captures the stored instances.
+    "
+    ALTER TABLE rule_shapes ADD COLUMN captures TEXT;
+    ",
 ];
 
 /// Takes the state file for this process: an exclusive lock on `<state>.lock` beside it,

@@ -925,14 +925,26 @@ fn apply_shapes(
         .collect::<rusqlite::Result<_>>()?;
     for r in &rules.rules {
         let want = shape(r);
-        let have: Option<String> = tx
+        let want_captures = capture_paths(rules, r);
+        let (have, have_captures): (Option<String>, Option<String>) = tx
             .query_row(
-                "SELECT steps FROM rule_shapes WHERE rule = ?1",
+                "SELECT steps, captures FROM rule_shapes WHERE rule = ?1",
                 params![r.name],
-                |row| row.get(0),
+                |row| Ok((Some(row.get(0)?), row.get(1)?)),
             )
-            .optional()?;
+            .optional()?
+            .unwrap_or((None, None));
         if have.as_deref() == Some(want.as_str()) {
+            match have_captures {
+                Some(c) if c == want_captures => {}
+                // Recorded before captures were: taken to be these.
+                None => {}
+                Some(c) => recapture(&tx, rules, r, &c)?,
+            }
+            tx.execute(
+                "UPDATE rule_shapes SET captures = ?2 WHERE rule = ?1",
+                params![r.name, want_captures],
+            )?;
             if !was_loaded.contains(&r.name) {
                 restore_deadlines(&tx, &r.name)?;
                 restored.push(r.name.clone());
@@ -954,8 +966,9 @@ fn apply_shapes(
             dropped.push((r.name.clone(), n));
         }
         tx.execute(
-            "INSERT OR REPLACE INTO rule_shapes (rule, steps, loaded) VALUES (?1, ?2, 1)",
-            params![r.name, want],
+            "INSERT OR REPLACE INTO rule_shapes (rule, steps, loaded, captures)
+             VALUES (?1, ?2, 1, ?3)",
+            params![r.name, want, want_captures],
         )?;
     }
     for gone in was_loaded
@@ -974,6 +987,72 @@ fn apply_shapes(
     }
     tx.commit()?;
     Ok((dropped, restored))
+}
+
+/// The dot paths of the trigger fields a rule's templates read, as stored.
+fn capture_paths(rules: &RuleSet, r: &crate::rules::model::Rule) -> String {
+    let paths: Vec<String> = r
+        .captures
+        .iter()
+        .map(|&p| rules.paths[p].join("."))
+        .collect();
+    serde_json::to_string(&paths).unwrap_or_default()
+}
+
+/// Re-captures the stored instances of a rule whose templates now read other trigger
+/// fields than `had` (the stored paths): a field read before keeps its value, a new one
+/// is read from the stored trigger event (empty when that is gone, as an absent field).
+/// Without this, `{{trigger.x}}` of an instance opened before the reload would render
+/// the value of whatever field stood at its position then.
+fn recapture(
+    tx: &rusqlite::Transaction<'_>,
+    rules: &RuleSet,
+    r: &crate::rules::model::Rule,
+    had: &str,
+) -> rusqlite::Result<()> {
+    let had: Vec<String> = serde_json::from_str(had).unwrap_or_default();
+    let want: Vec<String> = r
+        .captures
+        .iter()
+        .map(|&p| rules.paths[p].join("."))
+        .collect();
+    let decoder = crate::event::Decoder::new(rules, "time");
+    let rows: Vec<(String, String, Option<Vec<u8>>)> = tx
+        .prepare("SELECT key, captures, refs FROM instances WHERE rule = ?1")?
+        .query_map(params![r.name], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut trigger = tx.prepare("SELECT text FROM events WHERE seq = ?1")?;
+    let mut set = tx.prepare("UPDATE instances SET captures = ?3 WHERE rule = ?1 AND key = ?2")?;
+    for (key, stored, refs) in rows {
+        let old: Vec<String> = serde_json::from_str(&stored).unwrap_or_default();
+        let text: Option<String> = match decode_refs(refs.as_deref().unwrap_or_default()).first() {
+            Some(&seq) if seq > 0 => trigger.query_row(params![seq], |t| t.get(0)).optional()?,
+            _ => None,
+        };
+        // Decoded with the receipt time standing in: only the fields are wanted.
+        let ev = text
+            .as_deref()
+            .and_then(|t| decoder.decode_at(t.as_bytes(), None, Some(0)).ok());
+        let new: Vec<String> = want
+            .iter()
+            .zip(&r.captures)
+            .map(|(path, &id)| match had.iter().position(|h| h == path) {
+                Some(i) => old.get(i).cloned().unwrap_or_default(),
+                None => ev
+                    .as_ref()
+                    .and_then(|e| e.field(id))
+                    .map(|f| f.to_text())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let new = serde_json::to_string(&new).unwrap_or_default();
+        if new != stored {
+            set.execute(params![r.name, key, new])?;
+        }
+    }
+    Ok(())
 }
 
 /// Puts the open deadlines of a rule loaded again back into the deadline index.
