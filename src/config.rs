@@ -425,9 +425,18 @@ pub struct Config {
     /// What rules may reference: every source and sink the file declares, including those
     /// whose definition has problems (so `validate` reports no follow-on "unknown sink").
     known: Known,
+    /// Values taken from the environment, with the `${NAME}` each came from.
+    from_env: Vec<(String, String)>,
 }
 
 impl Config {
+    /// `message` (about something this config set, found after loading it: an unusable
+    /// state path, say) with each value from the environment named as `${NAME}`, as the
+    /// config's own messages are.
+    pub fn masked(&self, message: &str) -> String {
+        without_env_values(message, &self.from_env)
+    }
+
     /// What rules may reference.
     pub fn known(&self) -> Known {
         self.known.clone()
@@ -698,8 +707,9 @@ fn check_text(
         d.message = without_env_values(&d.message, &v.from_env);
     }
     if v.diags.is_empty()
-        && let Some(c) = cfg
+        && let Some(mut c) = cfg
     {
+        c.from_env = std::mem::take(&mut v.from_env);
         return (Some(c), None);
     }
     let mut diags: Vec<FileDiag> = v
@@ -1225,11 +1235,35 @@ impl Checker {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
+            // Headers the client or the signing sets itself: a second copy would break
+            // the framing (a wrong length), or the signature a receiver verifies.
+            const OWN: [&str; 8] = [
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "connection",
+                "content-type",
+                "webhook-id",
+                "webhook-timestamp",
+                "webhook-signature",
+            ];
+            let mut seen = std::collections::HashSet::new();
             for (k, v) in &headers {
+                let lower = k.to_ascii_lowercase();
                 if hyper::header::HeaderName::from_bytes(k.as_bytes()).is_err()
                     || hyper::header::HeaderValue::from_str(v).is_err()
                 {
                     self.err(&p.key("headers").key(k), "not a valid HTTP header");
+                } else if OWN.contains(&lower.as_str()) {
+                    self.err(
+                        &p.key("headers").key(k),
+                        "set by sagawatch itself for every request: leave it out",
+                    );
+                } else if !seen.insert(lower) {
+                    self.err(
+                        &p.key("headers").key(k),
+                        "given twice (header names are case-insensitive)",
+                    );
                 }
             }
             let kind = match s.kind.as_str() {
@@ -1414,6 +1448,7 @@ impl Checker {
             alert_sinks,
             outbox,
             kafka,
+            from_env: Vec::new(),
         })
     }
 
@@ -2115,6 +2150,21 @@ mod tests {
         // The default backoff (1s) under a written maximum: the maximum caps it.
         let c = check(&format!("{base}outbox: {{ max_backoff: 500ms }}\n")).unwrap();
         assert_eq!(c.outbox.max_backoff, std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn headers_the_sink_sets_itself_are_refused() {
+        let e = check(
+            "rules: rules\nsources: { orders: { type: stdin } }\nsinks:\n  h: { type: webhook, url: 'http://x/', secrets: [s3cr3t-value], headers: { Webhook-Id: x, content-length: '3', X-Team: a, x-team: b } }\n",
+        )
+        .unwrap_err();
+        for want in [
+            "sinks.h.headers.Webhook-Id: set by sagawatch itself",
+            "sinks.h.headers.content-length: set by sagawatch itself",
+            "sinks.h.headers.x-team: given twice",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
     }
 
     /// A URL may hold credentials or a token: a bad one is described, never repeated.

@@ -560,6 +560,18 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
         err.contains("state file") && err.contains("does not exist"),
         "{err}"
     );
+    // Named with the config file and key; a value from the environment as its name.
+    let (code, err) = run(
+        dir,
+        "rules: rules\nstate: ${HOME}/no/such/dir/state.db\nsources: { a: { type: stdin } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    assert_eq!(code, Some(2));
+    let home = std::env::var("HOME").unwrap();
+    assert!(
+        err.contains("c.yaml: state: state file ${HOME}/no/such/dir/state.db")
+            && (home.len() < 4 || !err.contains(&home)),
+        "{err}"
+    );
 
     // A device or a directory is refused before SQLite touches it.
     for path in ["/dev/null", "rules"] {

@@ -183,17 +183,27 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         Ok((state, positions, lock))
     })();
     // The lock is held until the process exits.
+    // Named as the config's own messages are: the file, the key, values from the
+    // environment as `${NAME}`.
     let (state, positions, _lock) = match opened {
         Ok(v) => v,
         Err(e) => {
-            say(&format!("error: {e:#}"));
+            say(&format!(
+                "error: {}: state: {}",
+                path.display(),
+                cfg.masked(&format!("{e:#}"))
+            ));
             return EXIT_CONFIG;
         }
     };
     let listener = match rt.block_on(server::bind(cfg.listen)) {
         Ok(l) => l,
         Err(e) => {
-            say(&format!("error: {}: {e:#}", path.display()));
+            say(&format!(
+                "error: {}: {}",
+                path.display(),
+                cfg.masked(&format!("{e:#}"))
+            ));
             return EXIT_CONFIG;
         }
     };
