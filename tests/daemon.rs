@@ -1665,6 +1665,54 @@ fn instance_listing_pages_through_the_status_indexes() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A SIGTERM while the core applies a large ingest request answers that request once its
+/// events are committed, though that takes longer than the 5 s open requests get: cut
+/// off, its sender would see a failure and send again what was applied.
+#[test]
+fn sigterm_answers_an_ingest_request_the_core_has_taken() {
+    let mut d = Daemon::new(
+        "time: { idle: 0s }\nsources: { api: { type: http, max_body: 67108864 } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    d.start();
+    // Enough triggers that applying them takes the debug build well over 5 s.
+    let n = 200_000;
+    let mut body = String::with_capacity(n * 80);
+    for i in 0..n {
+        body.push_str(&format!(
+            "{{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o{i}\"}}\n"
+        ));
+    }
+    let port = d.port;
+    let post = std::thread::spawn(move || http(port, "POST", "/v1/events", &[], body.as_bytes()));
+    // The core has the request once it counts its lines as received.
+    wait_for(
+        Duration::from_secs(60),
+        "the core to take the request",
+        || (metric(d.port, "sagawatch_events_received_total")? == n as f64).then_some(()),
+    );
+    let stopping = std::time::Instant::now();
+    assert_eq!(d.terminate(), 0);
+    let (st, b) = post
+        .join()
+        .unwrap()
+        .expect("an answer, not a cut connection");
+    assert_eq!(st, 202, "{b}");
+    assert_eq!(b.trim(), format!("{{\"accepted\":{n}}}"));
+    eprintln!("answered {:?} after SIGTERM", stopping.elapsed());
+    // Committed: the restarted daemon has the last one.
+    d.start();
+    let (st, b) = http(
+        d.port,
+        "GET",
+        &format!("/v1/instances/checkout/o{}", n - 1),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// SIGTERM gives deliveries in flight the grace period (5 s), not the sink's timeout, and
 /// an idle keep-alive connection (a scraper's) does not hold the exit up; what was cut
 /// short is still pending after a restart.

@@ -301,6 +301,7 @@ fn run_with(
         reload_result: tokio::sync::Mutex::new(Some(Vec::new())),
         readers: Arc::default(),
         ingest: Arc::new(tokio::sync::Semaphore::new(server::ingest_budget(&cfg))),
+        committing: Default::default(),
     });
 
     let wal_restart = state.wal_restart_flag();

@@ -65,7 +65,39 @@ pub struct Shared {
     /// Bytes of `POST /v1/events` bodies held at once, from before they are read until
     /// the core has applied their events: see [`ingest_budget`].
     pub ingest: Arc<tokio::sync::Semaphore>,
+    /// `POST /v1/events` requests whose events are with the core, waiting for their
+    /// commit: a stop answers them, however long the core takes (within reason).
+    pub committing: Committing,
 }
+
+/// A count of requests waiting for their commit, and a wake-up when it falls.
+#[derive(Default)]
+pub struct Committing {
+    n: std::sync::atomic::AtomicUsize,
+    fell: Notify,
+}
+
+/// One request counted in [`Committing`] while it lives.
+struct Awaiting<'a>(&'a Committing);
+
+impl<'a> Awaiting<'a> {
+    fn new(c: &'a Committing) -> Self {
+        c.n.fetch_add(1, Ordering::SeqCst);
+        Awaiting(c)
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        self.0.n.fetch_sub(1, Ordering::SeqCst);
+        self.0.fell.notify_waiters();
+    }
+}
+
+/// How long a stop waits, beyond the 5 s for open requests, for the commits of events
+/// the core has taken: a large body applied by a busy core is answered, not cut off
+/// after it was committed (its sender would send it again).
+const COMMIT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The ingest budget, in body bytes: two bodies of `max_body`. A body holds its share
 /// (its `Content-Length`, or `max_body` when sent chunked) from before it is read until
@@ -274,7 +306,8 @@ pub async fn serve_starting(
 }
 
 /// Serves until `stop` is notified; then stops accepting, closes idle keep-alive
-/// connections and lets open requests finish (for at most 5 s).
+/// connections and lets open requests finish (for at most 5 s; those waiting for the
+/// commit of their events, for as long as that takes, up to a minute more).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
     let mut conns = tokio::task::JoinSet::new();
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
@@ -320,6 +353,24 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>
     drop(listener);
     let _ = closing_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    // Requests whose events the core has taken are answered once committed; the others
+    // still open (a slow upload, a large response) are cut.
+    let waiting = &shared.committing;
+    let _ = tokio::time::timeout(COMMIT_GRACE, async {
+        loop {
+            let fell = waiting.fell.notified();
+            if waiting.n.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            fell.await;
+        }
+    })
+    .await;
+    // Time to write those answers.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         while conns.join_next().await.is_some() {}
     })
     .await;
@@ -1093,6 +1144,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             serde_json::json!({"error": "not accepting events (shutting down)"}),
         );
     }
+    let _awaiting = Awaiting::new(&shared.committing);
     match rx.await {
         Ok(Ok(n)) => json(StatusCode::ACCEPTED, serde_json::json!({"accepted": n})),
         Ok(Err(r)) => {
