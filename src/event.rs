@@ -173,12 +173,17 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// serde_json's message without its position (`expected value`).
+pub fn json_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
+}
+
 /// serde_json's message with a position within the line: the line number is the
 /// caller's to give (serde_json counts the line's own end as a second line).
 fn json_error(e: serde_json::Error) -> DecodeError {
-    let text = e.to_string();
-    let suffix = format!(" at line {} column {}", e.line(), e.column());
-    let message = text.strip_suffix(&suffix).unwrap_or(&text);
+    let message = json_message(&e);
     DecodeError::Json(match (e.line(), e.column()) {
         (0, _) => message.to_string(),
         (1, c) => format!("{message} at column {c}"),

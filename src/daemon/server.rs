@@ -945,7 +945,8 @@ pub fn split_body(
         });
     }
     // One object, possibly spanning lines.
-    if let Ok(raw) = serde_json::from_str::<&RawValue>(text)
+    let whole = serde_json::from_str::<&RawValue>(text);
+    if let Ok(raw) = whole
         && raw.get().starts_with('{')
     {
         let first = 1 + text.len() - trimmed.len();
@@ -971,10 +972,28 @@ pub fn split_body(
                 at.push(i + 1);
             }
             Ok(_) => return Err(body_error(i + 1, "not a JSON object", "not_object")),
+            // The first line opens an object it does not close: a pretty-printed
+            // object, whose own error (and line) is the one to name.
+            Err(e) if lines.is_empty() && e.is_eof() && whole.is_err() => {
+                let e = whole.err().unwrap_or(e);
+                return Err(body_error(
+                    e.line(),
+                    format!(
+                        "invalid JSON: {} at column {}",
+                        crate::event::json_message(&e),
+                        e.column()
+                    ),
+                    "invalid_json",
+                ));
+            }
             Err(e) => {
                 return Err(body_error(
                     i + 1,
-                    format!("invalid JSON: {e}"),
+                    format!(
+                        "invalid JSON: {} at column {}",
+                        crate::event::json_message(&e),
+                        e.column()
+                    ),
                     "invalid_json",
                 ));
             }
@@ -1183,6 +1202,13 @@ mod tests {
         let e = super::split_body(b"\n{\"a\":1}", check).unwrap_err();
         assert_eq!((e.line, e.reason), (2, "no_time"));
         assert!(super::split_body(format!("{{{t}}}").as_bytes(), check).is_ok());
+        // A pretty-printed object with an error on its fifth line: that line is named.
+        let body = format!("{{\n  {t},\n  \"type\": \"A\",\n  \"k\":\n}}\n");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (5, "invalid JSON: expected value at column 1")
+        );
     }
 
     #[tokio::test]
