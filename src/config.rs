@@ -426,7 +426,19 @@ pub struct Config {
     /// whose definition has problems (so `validate` reports no follow-on "unknown sink").
     known: Known,
     /// Values taken from the environment, with the `${NAME}` each came from.
-    from_env: Vec<(String, String)>,
+    from_env: EnvValues,
+}
+
+/// Values taken from the environment: secrets among them, so `Debug` shows the names.
+#[derive(Clone, Default)]
+struct EnvValues(Vec<(String, String)>);
+
+impl std::fmt::Debug for EnvValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(_, n)| n))
+            .finish()
+    }
 }
 
 impl Config {
@@ -434,7 +446,7 @@ impl Config {
     /// state path, say) with each value from the environment named as `${NAME}`, as the
     /// config's own messages are.
     pub fn masked(&self, message: &str) -> String {
-        without_env_values(message, &self.from_env)
+        without_env_values(message, &self.from_env.0)
     }
 
     /// What rules may reference.
@@ -709,7 +721,7 @@ fn check_text(
     if v.diags.is_empty()
         && let Some(mut c) = cfg
     {
-        c.from_env = std::mem::take(&mut v.from_env);
+        c.from_env = EnvValues(std::mem::take(&mut v.from_env));
         return (Some(c), None);
     }
     let mut diags: Vec<FileDiag> = v
@@ -840,12 +852,14 @@ impl Checker {
             self.err(&path.parent(), "missing field `url`");
             return hyper::Uri::default();
         };
-        if u.contains('#') {
+        let fragment = u.contains('#');
+        if fragment {
             // The client drops it: what the writer meant by it does not happen.
             self.err(path, "a URL fragment (`#…`) is never sent: leave it out");
-            return hyper::Uri::default();
         }
-        match u.parse::<hyper::Uri>() {
+        // The rest is checked too: every problem at once.
+        let u = u.split_once('#').map_or(u, |(before, _)| before);
+        let uri = match u.parse::<hyper::Uri>() {
             // The client would connect to port 80 instead.
             Ok(uri) if uri.authority().is_some_and(|a| bad_port(a.as_str())) => {
                 self.err(
@@ -883,7 +897,8 @@ impl Checker {
                 self.err(path, format!("invalid URL: {e}"));
                 hyper::Uri::default()
             }
-        }
+        };
+        if fragment { hyper::Uri::default() } else { uri }
     }
 
     fn check(&mut self, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Option<Config> {
@@ -1448,7 +1463,7 @@ impl Checker {
             alert_sinks,
             outbox,
             kafka,
-            from_env: Vec::new(),
+            from_env: EnvValues::default(),
         })
     }
 
@@ -1930,6 +1945,12 @@ mod tests {
         );
         let e = check("rules: rules\nsources: { a: { type: stdin } }\nsinks: { am: { type: alertmanager, url: 'http://127.0.0.1:9093/x#f' } }\n").unwrap_err();
         assert!(e.contains("sinks.am.url: a URL fragment"), "{e}");
+        // Every problem of a URL at once.
+        let e = check("rules: rules\nsources: { a: { type: stdin } }\nsinks: { h: { type: webhook, url: 'http://u:pw@127.0.0.1:1/x#f', secrets: [abcd] } }\n").unwrap_err();
+        assert!(
+            e.contains("a URL fragment") && e.contains("credentials in the URL are not sent"),
+            "{e}"
+        );
     }
 
     #[test]
