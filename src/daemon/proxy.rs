@@ -27,18 +27,20 @@ pub fn resolve(
     sinks: &[Sink],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<HashMap<String, Intercept>, Vec<String>> {
-    // The first of each pair that is set, as curl (and the matcher) read them.
+    // The first of each pair that is set: the lowercase name first, as curl reads them.
     let first = |names: [&'static str; 2]| {
         names
             .into_iter()
             .find_map(|n| env(n).filter(|v| !v.trim().is_empty()).map(|v| (n, v)))
     };
-    let https = first(["HTTPS_PROXY", "https_proxy"]);
-    let http = first(["HTTP_PROXY", "http_proxy"]);
-    let all = first(["ALL_PROXY", "all_proxy"]);
-    let no = first(["NO_PROXY", "no_proxy"])
+    let https = first(["https_proxy", "HTTPS_PROXY"]);
+    let http = first(["http_proxy", "HTTP_PROXY"]);
+    let all = first(["all_proxy", "ALL_PROXY"]);
+    let no = first(["no_proxy", "NO_PROXY"])
         .map(|(_, v)| v)
         .unwrap_or_default();
+    // `*` exempts every host (the matcher takes it for names only, not addresses).
+    let everything = no.split(',').any(|e| e.trim() == "*");
     // NO_PROXY alone, against a proxy that always parses.
     let excluded = Matcher::builder().all("http://127.0.0.1:1").no(no).build();
     let (mut found, mut problems) = (HashMap::new(), Vec::new());
@@ -52,31 +54,18 @@ pub fn resolve(
         }
         .or(all.as_ref());
         let Some((name, value)) = var else { continue };
-        if excluded.intercept(url).is_none() {
+        if everything || excluded.intercept(url).is_none() {
             continue;
         }
-        match value.trim().parse::<Uri>() {
-            Ok(p) if p.authority().is_some() && matches!(p.scheme_str(), None | Some("http")) => {
-                let m = Matcher::builder().all(value.trim()).build();
-                match m.intercept(url) {
-                    Some(i) => {
-                        found.insert(s.name.clone(), i);
-                    }
-                    None => problems.push(format!(
-                        "sink {:?}: {name} is not a proxy URL (http://[user:password@]host:port)",
-                        s.name
-                    )),
+        let said = |what: &str| format!("sink {:?}: {name} {what}", s.name);
+        match proxy_url(value.trim()) {
+            Err(what) => problems.push(said(&what)),
+            Ok(()) => match Matcher::builder().all(value.trim()).build().intercept(url) {
+                Some(i) => {
+                    found.insert(s.name.clone(), i);
                 }
-            }
-            Ok(p) if p.authority().is_some() => problems.push(format!(
-                "sink {:?}: {name} names a {} proxy; only http:// proxies (HTTP CONNECT) are supported",
-                s.name,
-                p.scheme_str().unwrap_or_default()
-            )),
-            _ => problems.push(format!(
-                "sink {:?}: {name} is not a proxy URL (http://[user:password@]host:port)",
-                s.name
-            )),
+                None => problems.push(said(NOT_A_PROXY)),
+            },
         }
     }
     if problems.is_empty() {
@@ -84,6 +73,51 @@ pub fn resolve(
     } else {
         Err(problems)
     }
+}
+
+const NOT_A_PROXY: &str = "is not a proxy URL (http://[user:password@]host:port)";
+
+/// Whether `value` is a usable proxy URL; if not, what is wrong, without the value.
+fn proxy_url(value: &str) -> Result<(), String> {
+    let Ok(p) = value.parse::<Uri>() else {
+        return Err(NOT_A_PROXY.into());
+    };
+    let Some(authority) = p.authority() else {
+        return Err(NOT_A_PROXY.into());
+    };
+    match p.scheme_str() {
+        None | Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "names a {other} proxy; only http:// proxies (HTTP CONNECT) are supported"
+            ));
+        }
+    }
+    let (userinfo, host_port) = match authority.as_str().rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority.as_str()),
+    };
+    if host_port.is_empty() || p.host().is_none_or(str::is_empty) {
+        return Err(NOT_A_PROXY.into());
+    }
+    // A proxy's port is not implied (curl would take 1080, a URL's scheme 80).
+    if p.port_u16().is_none_or(|port| port == 0) {
+        return Err("names no port, or one that is not a number from 1 to 65535".into());
+    }
+    // Each `%` starts an escape of two hex digits.
+    if let Some(u) = userinfo {
+        let b = u.as_bytes();
+        let bad = b.iter().enumerate().any(|(i, &c)| {
+            c == b'%'
+                && !b
+                    .get(i + 1..i + 3)
+                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+        });
+        if bad {
+            return Err("has credentials with a bad %-escape (want % and two hex digits)".into());
+        }
+    }
+    Ok(())
 }
 
 /// How a client reaches its receivers: directly, or through a proxy's `CONNECT` tunnel
@@ -307,6 +341,49 @@ mod tests {
         // Not used by any sink: not an error.
         let only_secure = &sinks[..1];
         assert!(resolve(only_secure, &env(&[("HTTP_PROXY", "::bad")])).is_ok());
+        // A port is required and must be one; credentials must decode.
+        for (value, want) in [
+            ("http://127.0.0.1:99999", "names no port"),
+            ("http://proxy.corp", "names no port"),
+            ("http://proxy.corp:0", "names no port"),
+            ("http://u:pa%ZZ@proxy.corp:3128", "bad %-escape"),
+            ("http://u:pa%2@proxy.corp:3128", "bad %-escape"),
+            ("http://:3128", "is not a proxy URL"),
+        ] {
+            let e = resolve(only_secure, &env(&[("HTTPS_PROXY", value)])).unwrap_err();
+            assert!(e[0].contains(want), "{value}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn lowercase_names_win_and_a_star_exempts_addresses_too() {
+        let sinks = [
+            sink("ip", "http://127.0.0.1:9/a"),
+            sink("name", "https://hooks.example/b"),
+        ];
+        let p = resolve(
+            &sinks,
+            &env(&[
+                ("HTTP_PROXY", "http://upper:1"),
+                ("http_proxy", "http://lower:2"),
+                ("HTTPS_PROXY", "http://upper:1"),
+                ("https_proxy", "http://lower:2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(p["ip"].uri().authority().unwrap(), "lower:2");
+        assert_eq!(p["name"].uri().authority().unwrap(), "lower:2");
+        // no_proxy over NO_PROXY; `*` among others, for addresses as for names.
+        let p = resolve(
+            &sinks,
+            &env(&[
+                ("ALL_PROXY", "socks5://not-even-checked:1"),
+                ("NO_PROXY", "nothing.example"),
+                ("no_proxy", "other.example, *"),
+            ]),
+        )
+        .unwrap();
+        assert!(p.is_empty());
     }
 
     #[test]

@@ -645,6 +645,8 @@ impl Daemon {
             .env_remove("http_proxy")
             .env_remove("ALL_PROXY")
             .env_remove("all_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
