@@ -972,23 +972,15 @@ pub fn split_body(
                 at.push(i + 1);
             }
             Ok(_) => return Err(body_error(i + 1, "not a JSON object", "not_object")),
-            // The first line opens an object it does not close: a pretty-printed
-            // object, whose own error (and line) is the one to name.
-            Err(e) if lines.is_empty() && e.is_eof() && whole.is_err() => {
-                let e = whole.err().unwrap_or(e);
-                return Err(body_error(
-                    e.line(),
-                    format!(
-                        "invalid JSON: {} at column {}",
-                        crate::event::json_message(&e),
-                        e.column()
-                    ),
-                    "invalid_json",
-                ));
-            }
             Err(e) => {
+                // The first line opens an object it does not close: a pretty-printed
+                // object, whose own error (and line) is the one to name.
+                let (line, e) = match whole {
+                    Err(w) if lines.is_empty() && e.is_eof() => (w.line(), w),
+                    _ => (i + 1, e),
+                };
                 return Err(body_error(
-                    i + 1,
+                    line,
                     format!(
                         "invalid JSON: {} at column {}",
                         crate::event::json_message(&e),

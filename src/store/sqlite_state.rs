@@ -925,7 +925,8 @@ fn apply_shapes(
         .collect::<rusqlite::Result<_>>()?;
     for r in &rules.rules {
         let want = shape(r);
-        let want_captures = capture_paths(rules, r);
+        let paths = capture_paths(rules, r);
+        let want_captures = serde_json::to_string(&paths).unwrap_or_default();
         let (have, have_captures): (Option<String>, Option<String>) = tx
             .query_row(
                 "SELECT steps, captures FROM rule_shapes WHERE rule = ?1",
@@ -939,7 +940,7 @@ fn apply_shapes(
                 Some(c) if c == want_captures => {}
                 // Recorded before captures were: taken to be these.
                 None => {}
-                Some(c) => recapture(&tx, rules, r, &c)?,
+                Some(c) => recapture(&tx, rules, r, &c, &paths)?,
             }
             tx.execute(
                 "UPDATE rule_shapes SET captures = ?2 WHERE rule = ?1",
@@ -989,18 +990,16 @@ fn apply_shapes(
     Ok((dropped, restored))
 }
 
-/// The dot paths of the trigger fields a rule's templates read, as stored.
-fn capture_paths(rules: &RuleSet, r: &crate::rules::model::Rule) -> String {
-    let paths: Vec<String> = r
-        .captures
+/// The dot paths of the trigger fields a rule's templates read, in capture order.
+fn capture_paths(rules: &RuleSet, r: &crate::rules::model::Rule) -> Vec<String> {
+    r.captures
         .iter()
         .map(|&p| rules.paths[p].join("."))
-        .collect();
-    serde_json::to_string(&paths).unwrap_or_default()
+        .collect()
 }
 
 /// Re-captures the stored instances of a rule whose templates now read other trigger
-/// fields than `had` (the stored paths): a field read before keeps its value, a new one
+/// fields (`want`) than `had` (the stored paths): a field read before keeps its value, a new one
 /// is read from the stored trigger event (empty when that is gone, as an absent field).
 /// Without this, `{{trigger.x}}` of an instance opened before the reload would render
 /// the value of whatever field stood at its position then.
@@ -1009,13 +1008,9 @@ fn recapture(
     rules: &RuleSet,
     r: &crate::rules::model::Rule,
     had: &str,
+    want: &[String],
 ) -> rusqlite::Result<()> {
     let had: Vec<String> = serde_json::from_str(had).unwrap_or_default();
-    let want: Vec<String> = r
-        .captures
-        .iter()
-        .map(|&p| rules.paths[p].join("."))
-        .collect();
     let decoder = crate::event::Decoder::new(rules, "time");
     let rows: Vec<(String, String, Option<Vec<u8>>)> = tx
         .prepare("SELECT key, captures, refs FROM instances WHERE rule = ?1")?
