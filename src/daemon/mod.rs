@@ -393,6 +393,7 @@ fn run_with(
                     stop,
                     lag: metrics.source_lag_bytes.with_label_values(&[&s.name]),
                     skips: sources::Skips::new(&metrics, &s.name),
+                    rotate_wait: sources::ROTATE_WAIT,
                 };
                 source_threads.push(
                     std::thread::Builder::new()

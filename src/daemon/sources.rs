@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::daemon::bad_log::BadLog;
 use crate::daemon::core::{LineAt, Msg};
@@ -23,6 +23,14 @@ const CHUNK_BYTES: usize = 256 << 10;
 const POLL: Duration = Duration::from_millis(100);
 /// The longest line accepted; longer ones are skipped with a warning.
 const MAX_LINE: usize = 4 << 20;
+/// Bytes read (skipped lines included) after which a message goes to the core even with
+/// few lines in it, so a long run of blank or oversized lines stores its position and
+/// looks at the stop flag on the way.
+const SCAN_BYTES: u64 = 8 << 20;
+/// After a rotation, how long the old file must have stopped growing before the new one
+/// is read: a writer may still be finishing lines in the old one until it reopens (after
+/// logrotate's `postrotate`, say, or when a buffered writer flushes).
+pub const ROTATE_WAIT: Duration = Duration::from_secs(2);
 
 /// Identity of a file, so a rotation (a new file under the same name) is noticed.
 pub fn file_id(meta: &std::fs::Metadata) -> String {
@@ -49,6 +57,8 @@ pub struct FileSource {
     pub lag: prometheus::IntGauge,
     /// Counts the lines skipped here.
     pub skips: Skips,
+    /// See [`ROTATE_WAIT`].
+    pub rotate_wait: Duration,
 }
 
 /// The lines a source skips itself (longer than the limit, not UTF-8): counted as
@@ -176,49 +186,115 @@ struct Open {
     print: Option<(u64, String)>,
 }
 
-/// How many of a file's first bytes tell it apart beside its inode: a file deleted and
-/// another created while the daemon was stopped may get the same inode number.
+/// How many of a file's first bytes, and of the bytes just before the stored offset, tell
+/// it apart beside its inode: a file deleted and another created while the daemon was
+/// stopped may get the same inode number, and one rewritten in place keeps it.
 const PRINT_BYTES: u64 = 256;
 
 impl Open {
-    /// The position to store for `offset`: the file's id, and a hash of its first bytes
-    /// up to the offset (at most `PRINT_BYTES`; they do not change as the file grows).
+    /// The position to store for `offset`: the file's id, a hash of its first bytes (at
+    /// most `PRINT_BYTES`; they do not change as the file grows) and one of the
+    /// `PRINT_BYTES` before the offset (nor do they, in a file that is only appended to).
     fn position(&mut self, offset: u64) -> Position {
         let n = offset.min(PRINT_BYTES);
         if self.print.as_ref().map(|p| p.0) != Some(n) {
             self.print = (n > 0)
-                .then(|| prefix_print(self.reader.get_ref(), n).map(|h| (n, h)))
+                .then(|| print_at(self.reader.get_ref(), 0, n).map(|h| (n, h)))
                 .flatten();
         }
-        let file_id = match &self.print {
-            Some((n, h)) => format!("{}:{n}:{h}", self.id),
-            None => self.id.clone(),
+        let tail = print_at(self.reader.get_ref(), offset - n, n);
+        let file_id = match (&self.print, tail) {
+            (Some((n, h)), Some(t)) => format!("{}:{n}:{h}:{t}", self.id),
+            (Some((n, h)), None) => format!("{}:{n}:{h}", self.id),
+            _ => self.id.clone(),
         };
         Position { file_id, offset }
     }
 }
 
-/// The hex of the first 8 bytes of SHA-256 over a file's first `n` bytes.
-fn prefix_print(f: &File, n: u64) -> Option<String> {
+/// The hex of the first 8 bytes of SHA-256 over `n` bytes of a file from `from`.
+fn print_at(f: &File, from: u64, n: u64) -> Option<String> {
     use sha2::Digest;
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0; usize::try_from(n).ok()?];
-    f.read_exact_at(&mut buf, 0).ok()?;
+    f.read_exact_at(&mut buf, from).ok()?;
     let d = sha2::Sha256::digest(&buf);
     Some(d[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A stored file id: the file's `dev:ino`, and the print of its first bytes if stored
-/// with one (positions stored before prints were kept have none).
-fn split_print(file_id: &str) -> (&str, Option<(u64, &str)>) {
-    let mut parts = file_id.rsplitn(3, ':');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(h), Some(n), Some(id)) if id.contains(':') => match n.parse() {
-            Ok(n) => (id, Some((n, h))),
-            Err(_) => (file_id, None),
-        },
-        _ => (file_id, None),
+/// A stored file id, taken apart: `dev:ino`, then (when the offset was past 0) how many
+/// first bytes were hashed and their hash, then the hash of as many bytes before the
+/// offset (positions stored by older versions have fewer parts).
+#[derive(Debug, PartialEq, Eq)]
+struct StoredId<'a> {
+    dev: &'a str,
+    ino: &'a str,
+    head: Option<(u64, &'a str)>,
+    tail: Option<&'a str>,
+}
+
+fn parse_id(file_id: &str) -> Option<StoredId<'_>> {
+    let parts: Vec<&str> = file_id.split(':').collect();
+    let (dev, ino) = (*parts.first()?, *parts.get(1)?);
+    let head = match parts.get(2..4) {
+        Some([n, h]) => Some((n.parse().ok()?, *h)),
+        _ => None,
+    };
+    match parts.len() {
+        2 | 4 | 5 => Some(StoredId {
+            dev,
+            ino,
+            head,
+            tail: parts.get(4).copied(),
+        }),
+        _ => None,
     }
+}
+
+/// Whether a stored position belongs to the file open as `f` (identity `id`, `dev:ino`),
+/// and the offset to resume at if it does. The inode must be the same, and so must the
+/// hashed bytes at the start and before the offset; the device number may differ when
+/// the bytes say it is the same file (it changes when a volume is mounted again, after a
+/// reboot or a container's restart, with LVM, overlay or network file systems).
+fn same_file(f: &File, len: u64, id: &str, stored: &Position) -> Resume {
+    let Some(s) = parse_id(&stored.file_id) else {
+        return Resume::Different;
+    };
+    let Some((dev, ino)) = id.split_once(':') else {
+        return Resume::Different;
+    };
+    if s.ino != ino {
+        return Resume::Different;
+    }
+    if stored.offset > len {
+        return Resume::Shorter;
+    }
+    // (A read that fails proves nothing: the inode decides.)
+    let head = s
+        .head
+        .is_none_or(|(n, h)| n <= len && print_at(f, 0, n).is_none_or(|x| x == h));
+    let n = stored.offset.min(PRINT_BYTES);
+    let tail = s
+        .tail
+        .is_none_or(|t| print_at(f, stored.offset - n, n).is_none_or(|x| x == t));
+    let printed = s.head.is_some() && s.tail.is_some();
+    match (head && tail, s.dev == dev) {
+        (true, true) => Resume::At(stored.offset),
+        // Another device: only the bytes can say it is the same file.
+        (true, false) if printed || stored.offset == 0 => Resume::Moved(stored.offset),
+        _ => Resume::Different,
+    }
+}
+
+/// What [`same_file`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Resume {
+    At(u64),
+    /// The same file, found on another device number.
+    Moved(u64),
+    /// The same inode, shorter than the stored offset.
+    Shorter,
+    Different,
 }
 
 impl FileSource {
@@ -233,8 +309,9 @@ impl FileSource {
         // being skipped.
         let mut partial: Vec<u8> = Vec::new();
         let mut skipping = 0u64;
-        // The path names a new file: the old one is read to its end first.
-        let mut rotated = false;
+        // The path names a new file: the old one is read until it has stopped growing
+        // (since when it has not grown).
+        let mut rotated: Option<Instant> = None;
         while !self.stop.load(Ordering::Relaxed) {
             self.skips.log.flush(false);
             if cur.is_none() {
@@ -246,16 +323,17 @@ impl FileSource {
                         warned_missing = false;
                         partial.clear();
                         skipping = 0;
-                        rotated = false;
+                        rotated = None;
                         cur = Some(o);
                     }
                     Err(e) => {
+                        if !self.follow {
+                            tracing::warn!(source = &*self.name, path = %self.path.display(), error = %e, "cannot open; nothing read from it (follow: false reads a file once, without waiting for it)");
+                            return;
+                        }
                         if !warned_missing {
                             tracing::warn!(source = &*self.name, path = %self.path.display(), error = %e, "cannot open; will retry");
                             warned_missing = true;
-                        }
-                        if !self.follow {
-                            return;
                         }
                         std::thread::sleep(POLL);
                         continue;
@@ -265,8 +343,9 @@ impl FileSource {
             let Some(o) = cur.as_mut() else { continue };
             let mut lines = Lines::default();
             let mut consumed = o.offset;
+            let before = consumed + partial.len() as u64 + skipping;
             let mut eof = false;
-            while !lines.full() {
+            while !lines.full() && consumed - o.offset < SCAN_BYTES {
                 match next_line(&mut o.reader, &mut partial, &mut skipping) {
                     Ok(Step::Line) => {
                         warned_read = false;
@@ -303,6 +382,9 @@ impl FileSource {
             if let Ok(m) = o.reader.get_ref().metadata() {
                 self.lag.set(m.len().saturating_sub(consumed) as i64);
             }
+            if rotated.is_some() && consumed + partial.len() as u64 + skipping != before {
+                rotated = Some(Instant::now());
+            }
             if consumed != o.offset || !lines.is_empty() {
                 o.offset = consumed;
                 let (lines, at) = lines.take(false);
@@ -322,7 +404,13 @@ impl FileSource {
             if !eof {
                 continue;
             }
-            if !self.follow || rotated {
+            if let Some(t) = rotated
+                && t.elapsed() < self.rotate_wait
+            {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            if !self.follow || rotated.is_some() {
                 // A finished file: a last line without a newline is still a line.
                 let last = std::mem::take(&mut partial);
                 let end = o.offset + last.len() as u64 + skipping;
@@ -359,9 +447,14 @@ impl FileSource {
             // At the end: look for truncation or rotation, else wait for more.
             match std::fs::metadata(&self.path) {
                 Ok(m) if file_id(&m) != o.id => {
-                    // Rotated: what was written to the old file since this read reached
-                    // its end is read first, then the new file.
-                    rotated = true;
+                    // Rotated: what is written to the old file until it stops growing is
+                    // read first, then the new file.
+                    tracing::info!(
+                        source = &*self.name,
+                        wait = ?self.rotate_wait,
+                        "file rotated; reading the old one until it has stopped growing"
+                    );
+                    rotated = Some(Instant::now());
                     continue;
                 }
                 Ok(m) if m.len() < o.offset + partial.len() as u64 + skipping => {
@@ -409,28 +502,30 @@ impl FileSource {
         let id = file_id(&meta);
         let mut offset = 0;
         if let Some(p) = resume {
-            let (stored, print) = split_print(&p.file_id);
-            // The same inode, and the same first bytes: the same file.
-            let same = stored == id
-                && print.is_none_or(|(n, h)| {
-                    // (A read that fails proves nothing: the inode decides.)
-                    n <= meta.len() && prefix_print(&f, n).is_none_or(|x| x == h)
-                });
-            if same && p.offset <= meta.len() {
-                offset = p.offset;
-            } else if stored == id && p.offset > meta.len() {
-                tracing::info!(
+            match same_file(&f, meta.len(), &id, &p) {
+                Resume::At(o) => offset = o,
+                Resume::Moved(o) => {
+                    tracing::info!(
+                        source = &*self.name,
+                        stored_offset = o,
+                        "the file's device number changed (a remount, a reboot?); its inode and contents match the stored position, so reading resumes there"
+                    );
+                    offset = o;
+                }
+                Resume::Shorter => tracing::info!(
                     source = &*self.name,
                     "file shorter than the stored offset (truncated); reading from the start"
-                );
-            } else {
-                // Rotated while stopped (what the old file got after the stored offset is
-                // under another name now, and is not read), or deleted and created again.
-                tracing::warn!(
-                    source = &*self.name,
-                    stored_offset = p.offset,
-                    "a different file than the stored position (rotated or replaced while stopped); reading the new one from its start, lines added to the old one after the stored offset are not read"
-                );
+                ),
+                Resume::Different => {
+                    // Rotated while stopped (what the old file got after the stored
+                    // offset is under another name now, and is not read), or deleted and
+                    // created again, or rewritten.
+                    tracing::warn!(
+                        source = &*self.name,
+                        stored_offset = p.offset,
+                        "a different file than the stored position (rotated or replaced while stopped); reading the new one from its start, lines added to the old one after the stored offset are not read"
+                    );
+                }
             }
         }
         f.seek(SeekFrom::Start(offset))?;
@@ -651,6 +746,7 @@ mod tests {
             stop: Arc::new(AtomicBool::new(false)),
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
             skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+            rotate_wait: ROTATE_WAIT,
         }
         .run();
         rx.try_iter()
@@ -699,6 +795,62 @@ mod tests {
         );
     }
 
+    /// The bytes before the stored offset are part of the file's identity: a file
+    /// rewritten in place with the same first bytes (a constant envelope, say) and grown
+    /// past the offset is read from its start, not resumed in the middle of other lines.
+    #[test]
+    fn a_rewrite_with_the_same_first_bytes_is_told_by_the_bytes_before_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let envelope = format!("{{\"specversion\":\"1.0\",\"pad\":\"{}\"", "p".repeat(300));
+        let line = |n: u32| format!("{envelope},\"n\":{n}}}\n");
+        std::fs::write(&path, format!("{}{}", line(1), line(2))).unwrap();
+        let (_, pos) = read_from(&path, None);
+        // Rewritten in place: the same inode and first 256 bytes, other lines, longer.
+        std::fs::write(&path, format!("{}{}{}", line(7), line(8), line(9))).unwrap();
+        let (lines, _) = read_from(&path, Some(pos.clone()));
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        // Appended to instead: resumed at the offset.
+        std::fs::write(&path, format!("{}{}{}", line(1), line(2), line(3))).unwrap();
+        let (lines, _) = read_from(&path, Some(pos));
+        assert_eq!(lines, [line(3).trim_end()]);
+    }
+
+    /// A file whose device number changed (a volume mounted again) but whose inode and
+    /// bytes match the stored position resumes there; without hashed bytes to go by (a
+    /// position stored by an older version), another device means another file.
+    #[test]
+    fn a_changed_device_number_alone_does_not_reread_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":2}\n").unwrap();
+        let (_, pos) = read_from(&path, None);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"n\":3}\n")
+            .unwrap();
+        let stored = parse_id(&pos.file_id).unwrap();
+        let moved = |file_id: String| Position {
+            file_id,
+            offset: pos.offset,
+        };
+        let other_dev = pos.file_id.replacen(stored.dev, "4242", 1);
+        assert_eq!(read_from(&path, Some(moved(other_dev))).0, [r#"{"n":3}"#]);
+        // A position stored before prints were kept, on another device.
+        let bare = format!("4242:{}", stored.ino);
+        assert_eq!(read_from(&path, Some(moved(bare))).0.len(), 3);
+        // One stored with the first bytes' print only (before the bytes before the
+        // offset were printed too), on the same device: resumed.
+        let (n, h) = stored.head.unwrap();
+        let head_only = format!("{}:{}:{n}:{h}", stored.dev, stored.ino);
+        assert_eq!(read_from(&path, Some(moved(head_only))).0, [r#"{"n":3}"#]);
+        // Another inode, the same bytes: another file.
+        let other_ino = format!("{}:1:{n}:{h}:{}", stored.dev, stored.tail.unwrap());
+        assert_eq!(read_from(&path, Some(moved(other_ino))).0.len(), 3);
+    }
+
     /// Messages are bounded in bytes as well as in lines: the core's queue of them must
     /// not hold gigabytes when lines are long.
     #[test]
@@ -722,13 +874,35 @@ mod tests {
         );
     }
 
-    /// A rotated file is read to its end, last unterminated line included, before the new
-    /// one; a truncation stores the offset 0 at once.
+    /// A long run of lines that make no event (blank here) still makes messages, each
+    /// with its position: a restart does not read it all again.
+    #[test]
+    fn a_long_run_of_blank_lines_stores_positions_on_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let blank = format!("{}\n", " ".repeat(1023)).repeat(3 * SCAN_BYTES as usize / 1024);
+        std::fs::write(&path, format!("{blank}{{}}\n")).unwrap();
+        let offsets: Vec<u64> = read_messages(&path, None)
+            .iter()
+            .filter_map(|(_, p)| p.as_ref().map(|p| p.offset))
+            .collect();
+        assert!(offsets.len() >= 3, "{offsets:?}");
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+        assert_eq!(offsets.last(), Some(&(3 * SCAN_BYTES + 3)));
+    }
+
+    /// A rotated file is read until it has stopped growing (its writer may finish a line
+    /// in it after the rename), last unterminated line included, before the new one; a
+    /// truncation stores the offset 0 at once.
     #[test]
     fn rotation_finishes_the_old_file_and_truncation_stores_the_new_offset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
-        std::fs::write(&path, "{\"n\":1}\n{\"n\":2}").unwrap();
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":").unwrap();
+        let mut writer = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         let (tx, rx) = sync_channel(16);
         let stop = Arc::new(AtomicBool::new(false));
         let src = FileSource {
@@ -740,16 +914,28 @@ mod tests {
             stop: Arc::clone(&stop),
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
             skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+            rotate_wait: ROTATE_WAIT,
         };
         let t = std::thread::spawn(move || src.run());
         assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
         std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
         std::fs::write(&path, "{\"n\":3}\n{\"n\":4}\n").unwrap();
-        let (got, pos) = lines_until(&rx, 3);
-        assert_eq!(got, [r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]);
+        // The writer finishes its line in the old file a while after the rotation (the
+        // source polls every 100 ms, so it has seen the new file by then).
+        std::thread::sleep(Duration::from_millis(500));
+        writer.write_all(b"2}\n{\"n\":2.5}").unwrap();
+        let (got, pos) = lines_until(&rx, 4);
+        assert_eq!(
+            got,
+            [r#"{"n":2}"#, r#"{"n":2.5}"#, r#"{"n":3}"#, r#"{"n":4}"#]
+        );
         let new_id = file_id(&std::fs::metadata(&path).unwrap());
         let pos = pos.unwrap();
-        assert_eq!((split_print(&pos.file_id).0, pos.offset), (&*new_id, 16));
+        let stored = parse_id(&pos.file_id).unwrap();
+        assert_eq!(
+            (format!("{}:{}", stored.dev, stored.ino), pos.offset),
+            (new_id, 16)
+        );
         // Truncated: the position goes back to 0 before anything new is read.
         std::fs::OpenOptions::new()
             .write(true)
@@ -795,6 +981,7 @@ mod tests {
             stop: Arc::new(AtomicBool::new(false)),
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
             skips: Skips::new(&metrics, "f"),
+            rotate_wait: ROTATE_WAIT,
         };
         let lag = src.lag.clone();
         let t = std::thread::spawn(move || src.run());
