@@ -2284,6 +2284,47 @@ fn webhooks_go_through_the_proxy_the_environment_names() {
         assert!(!said.contains(secret), "{said}");
         assert!(!error.contains(secret), "{error}");
     }
+
+    // A proxy that takes the connection and never answers CONNECT: the sink's timeout,
+    // naming the proxy it went through.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let config = std::fs::read_to_string(d.path("sagawatch.yaml")).unwrap();
+    std::fs::write(
+        d.path("sagawatch.yaml"),
+        config.replace("ca_file: ca.pem }", "ca_file: ca.pem, timeout: 1s }"),
+    )
+    .unwrap();
+    d.env[0].1 = format!("http://127.0.0.1:{silent_port}");
+    d.start();
+    let (st, b) = http(
+        d.port,
+        "POST",
+        "/v1/events",
+        &[],
+        order("o-3", 11).as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(st, 202, "{b}");
+    let error = wait_for(
+        Duration::from_secs(30),
+        "the silent proxy's timeout",
+        || {
+            let (_, b) = http(d.port, "GET", "/v1/instances/checkout/o-3", &[], b"").ok()?;
+            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+            let a = v["actions"]
+                .as_array()?
+                .iter()
+                .find(|a| a["sink"] == "hook" && a["kind"] == "alert")?
+                .clone();
+            a["last_error"].as_str().map(str::to_string)
+        },
+    );
+    assert_eq!(
+        error,
+        format!("timed out after 1s (through the proxy http://127.0.0.1:{silent_port}/)")
+    );
+    assert_eq!(d.terminate(), 0);
 }
 
 /// A sink's `ca_file` replaces the system's CAs, as in Prometheus' TLS settings: here the

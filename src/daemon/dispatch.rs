@@ -39,6 +39,8 @@ struct Clients {
     http: HttpClient,
     /// For those with TLS settings of their own or a proxy, by sink name.
     http_tls: Arc<HashMap<String, HttpClient>>,
+    /// The proxy (URL without credentials) of each HTTP sink that has one, for messages.
+    via: Arc<HashMap<String, String>>,
     kafka: Option<crate::daemon::kafka::Producer>,
     /// With a `stdout` sink, its writer.
     stdout: Option<StdoutWriter>,
@@ -268,9 +270,19 @@ impl Flight {
 }
 
 impl Clients {
-    fn http_for(&self, sink: &Sink) -> &HttpClient {
-        self.http_tls.get(&sink.name).unwrap_or(&self.http)
+    fn http_for(&self, sink: &Sink) -> Http {
+        Http {
+            client: self.http_tls.get(&sink.name).unwrap_or(&self.http).clone(),
+            via: self.via.get(&sink.name).cloned(),
+        }
     }
+}
+
+/// A sink's HTTP client, and the proxy it goes through, if any.
+#[derive(Clone)]
+struct Http {
+    client: HttpClient,
+    via: Option<String>,
 }
 
 /// An HTTP client for `http://` and `https://` URLs. `https` verifies the receiver's
@@ -387,12 +399,14 @@ impl Dispatcher {
         // by the sinks that have the same.
         let mut by_tls: HashMap<(&Tls, Option<String>), HttpClient> = HashMap::new();
         let mut http_tls = HashMap::new();
+        let mut via = HashMap::new();
         for s in &self.cfg.sinks {
             let tls = s.kind.tls();
             let proxy = self.proxies.get(&s.name);
             if let Some(p) = proxy {
                 // The URL without credentials (the matcher keeps them apart).
                 tracing::info!(sink = s.name, proxy = %p.uri(), "delivering through a proxy");
+                via.insert(s.name.clone(), p.uri().to_string());
             }
             if *tls == Tls::default() && proxy.is_none() {
                 continue;
@@ -415,6 +429,7 @@ impl Dispatcher {
         let clients = Clients {
             http: client(&Tls::default(), None)?,
             http_tls: Arc::new(http_tls),
+            via: Arc::new(via),
             kafka,
             stdout,
         };
@@ -749,9 +764,9 @@ impl Dispatcher {
                 .filter_map(|a| alertmanager_alert(&a.body, "alert", *resend))
                 .collect();
             let body = serde_json::Value::Array(alerts).to_string();
-            let (client, sink) = (clients.http_for(s).clone(), s.clone());
+            let (http, sink) = (clients.http_for(s), s.clone());
             let task = flight.tasks.spawn(async move {
-                let r = post_alertmanager(&client, &sink, body).await;
+                let r = post_alertmanager(&http, &sink, body).await;
                 Done::Resend(sink.name, r)
             });
             flight.resending.insert(task.id(), s.name.clone());
@@ -789,7 +804,7 @@ impl Dispatcher {
 
 /// Delivers one message to one sink.
 async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Failed> {
-    let client = clients.http_for(sink);
+    let http = clients.http_for(sink);
     match &sink.kind {
         SinkKind::Kafka { topic } => match &clients.kafka {
             Some(producer) => crate::daemon::kafka::send(producer, topic, p, sink.timeout)
@@ -824,18 +839,18 @@ async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Fail
             let req = req
                 .body(Full::new(Bytes::from(p.body.clone())))
                 .map_err(|e| Failed::from(e.to_string()))?;
-            send(client, req, sink.timeout).await
+            send(&http, req, sink.timeout).await
         }
         SinkKind::Alertmanager { resend, .. } => {
             let a = alertmanager_alert(&p.body, &p.kind, *resend)
                 .ok_or_else(|| Failed::from("message is not an alert".to_string()))?;
             let body = serde_json::Value::Array(vec![a]).to_string();
-            post_alertmanager(client, sink, body).await
+            post_alertmanager(&http, sink, body).await
         }
     }
 }
 
-async fn post_alertmanager(client: &HttpClient, sink: &Sink, body: String) -> Result<(), Failed> {
+async fn post_alertmanager(http: &Http, sink: &Sink, body: String) -> Result<(), Failed> {
     let SinkKind::Alertmanager { url, headers, .. } = &sink.kind else {
         return Err(Failed::from("not an alertmanager sink".to_string()));
     };
@@ -848,16 +863,16 @@ async fn post_alertmanager(client: &HttpClient, sink: &Sink, body: String) -> Re
     let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| Failed::from(e.to_string()))?;
-    send(client, req, sink.timeout).await
+    send(http, req, sink.timeout).await
 }
 
 async fn send(
-    client: &HttpClient,
+    http: &Http,
     req: hyper::Request<Full<Bytes>>,
     timeout: Duration,
 ) -> Result<(), Failed> {
     let fut = async {
-        let resp = client.request(req).await.map_err(|e| {
+        let resp = http.client.request(req).await.map_err(|e| {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
@@ -907,7 +922,12 @@ async fn send(
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(Failed::from(format!("timed out after {timeout:?}"))),
+        // Through a proxy, the wait may be the proxy's (one that takes the connection and
+        // never answers CONNECT, say): the message names it.
+        Err(_) => Err(Failed::from(match &http.via {
+            Some(p) => format!("timed out after {timeout:?} (through the proxy {p})"),
+            None => format!("timed out after {timeout:?}"),
+        })),
     }
 }
 
