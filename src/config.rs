@@ -508,12 +508,15 @@ pub fn interpolate(
     }
 }
 
+/// `s` with its `${...}` expanded; every variable that is not set (or empty) is named in
+/// the one error.
 fn expand(
     s: &str,
     env: &dyn Fn(&str) -> Option<String>,
     from_env: &mut Vec<(String, String)>,
 ) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
+    let mut missing: Vec<String> = Vec::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
@@ -545,7 +548,7 @@ fn expand(
                     } else {
                         "is not set"
                     };
-                    return Err(format!("environment variable {name} {why}"));
+                    missing.push(format!("environment variable {name} {why}"));
                 }
             }
             rest = &r[end + 1..];
@@ -555,7 +558,11 @@ fn expand(
         }
     }
     out.push_str(rest);
-    Ok(out)
+    if missing.is_empty() {
+        Ok(out)
+    } else {
+        Err(missing.join("; "))
+    }
 }
 
 /// Reads and validates a config file against the process environment.
@@ -638,11 +645,17 @@ pub fn without_value(desc: &str, value: &str) -> String {
 fn without_env_values(message: &str, from_env: &[(String, String)]) -> String {
     // Each value as written and as `{:?}` writes it, without its quotes
     // (`str::escape_debug` escapes `'` too).
+    // Trimmed too: values are trimmed before they are read (a secret from a file often
+    // ends in a newline).
     let mut forms: Vec<(String, &str)> = Vec::new();
-    for (value, name) in from_env.iter().filter(|(v, _)| v.len() >= 4) {
-        let quoted = format!("{value:?}");
-        forms.push((quoted[1..quoted.len() - 1].to_string(), name));
-        forms.push((value.clone(), name));
+    for (value, name) in from_env {
+        for v in [value.as_str(), value.trim()] {
+            if v.len() >= 4 {
+                let quoted = format!("{v:?}");
+                forms.push((quoted[1..quoted.len() - 1].to_string(), name));
+                forms.push((v.to_string(), name));
+            }
+        }
     }
     forms.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
     let mut out = String::with_capacity(message.len());
@@ -659,6 +672,22 @@ fn without_env_values(message: &str, from_env: &[(String, String)]) -> String {
         rest = &rest[c.len_utf8()..];
     }
     out
+}
+
+/// The most deliveries in flight per sink (`outbox.concurrency`).
+const MAX_CONCURRENCY: u64 = 1024;
+
+/// The longest `timeout` of a `kafka` sink: librdkafka's `message.timeout.ms` is a 32-bit
+/// count of milliseconds (about 24.8 days).
+const MAX_KAFKA_TIMEOUT_MS: u128 = i32::MAX as u128;
+
+/// "a" or "an", before a type's name.
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
 }
 
 /// Whether an authority's port (digits after the last colon) is out of range: the URI
@@ -832,7 +861,29 @@ impl Checker {
         match r {
             Ok(n) => n,
             Err(e) => {
-                self.err(path, e);
+                // The parser quotes the part it could not read (`unknown unit "…"`): part of
+                // a value from the environment, which no masking of whole values finds.
+                let masked = without_env_values(&e, &self.from_env);
+                let from_env = self.from_env.iter().find(|(v, _)| {
+                    let v = v.trim();
+                    v.len() >= 4
+                        && t.contains(v)
+                        && v.as_bytes()
+                            .windows(4)
+                            .any(|w| masked.as_bytes().windows(4).any(|m| m == w))
+                });
+                match from_env {
+                    Some((_, name)) => {
+                        let name = name.clone();
+                        self.err(
+                            path,
+                            format!(
+                                "invalid duration from {name} (not shown): a number and a unit, one of ms, s, m, h, d (10s, 1h30m)"
+                            ),
+                        );
+                    }
+                    None => self.err(path, e),
+                }
                 1
             }
         }
@@ -849,7 +900,7 @@ impl Checker {
 
     fn url(&mut self, path: &YamlPath, url: Option<&str>) -> hyper::Uri {
         let Some(u) = url else {
-            self.err(&path.parent(), "missing field `url`");
+            self.err(&path.parent(), "missing field \"url\"");
             return hyper::Uri::default();
         };
         let fragment = u.contains('#');
@@ -918,21 +969,27 @@ impl Checker {
             &mut self.from_env,
         );
         self.unknown = self.diags[before..].iter().map(|d| d.pos).collect();
-        let raw: Option<RawConfig> = yaml::from_node(&root, &YamlPath::default(), &mut self.diags);
-        // After a section failed to read, the others are still checked, without the
-        // problems that only its absence causes (a missing field, an unknown name), and
-        // no config comes out.
-        let (raw, failed) = match raw {
-            Some(raw) => (raw, None),
+        // A value of the wrong type is reported and stands in as an empty one (a key left
+        // out, mostly), so everything else is still checked; what is then said about it
+        // or under it is dropped (below). Only when that cannot get through is each
+        // section read on its own: after a section failed to read, the others are still
+        // checked, without the problems that only its absence causes (a missing field, an
+        // unknown name), and no config comes out.
+        let read: Option<yaml::Read<RawConfig>> =
+            yaml::read_node(&root, &YamlPath::default(), &mut self.diags);
+        let (raw, patched, failed) = match read {
+            Some(r) => (r.value, r.patched, None),
             None => {
                 let (raw, failed) = self.each_section(&root);
-                (raw, Some(failed))
+                (raw, Vec::new(), Some(failed))
             }
         };
+        let checked_from = self.diags.len();
         let broken = |section: &str| {
             failed
                 .as_ref()
                 .is_some_and(|f| f.iter().any(|s| s == section))
+                || patched.iter().any(|p| p.to_string() == section)
         };
         self.root = Some(root);
         let top = YamlPath::default();
@@ -1074,11 +1131,13 @@ impl Checker {
                     format!("invalid source name {name:?}: use [a-z0-9][a-z0-9_-]*"),
                 );
             }
+            // (An unknown type's settings are not judged: its own error says it.)
             let allowed: &[&str] = match s.kind.as_str() {
                 "file" => &["path", "follow"],
                 "http" => &["max_body"],
                 "kafka" => &["topic"],
-                _ => &[],
+                "stdin" => &[],
+                _ => &["path", "follow", "max_body", "topic"],
             };
             for (field, set) in [
                 ("path", s.path.is_some()),
@@ -1089,7 +1148,7 @@ impl Checker {
                 if set && !allowed.contains(&field) {
                     self.err(
                         &p.key(field),
-                        format!("not a setting of a {} source", s.kind),
+                        format!("not a setting of {} {} source", article(&s.kind), s.kind),
                     );
                 }
             }
@@ -1125,7 +1184,7 @@ impl Checker {
                         }
                     }
                     None => {
-                        self.err(&p, "missing field `path`");
+                        self.err(&p, "missing field \"path\"");
                         continue;
                     }
                 },
@@ -1226,7 +1285,20 @@ impl Checker {
                     "key_file",
                 ],
                 "kafka" => &["topic", "timeout"],
-                _ => &[],
+                "stdout" => &[],
+                // (An unknown type's settings are not judged: its own error says it.)
+                _ => &[
+                    "url",
+                    "secrets",
+                    "secret_files",
+                    "timeout",
+                    "resend",
+                    "headers",
+                    "topic",
+                    "ca_file",
+                    "cert_file",
+                    "key_file",
+                ],
             };
             for (field, set) in [
                 ("url", s.url.is_some()),
@@ -1241,10 +1313,19 @@ impl Checker {
                 ("key_file", s.key_file.is_some()),
             ] {
                 if set && !allowed.contains(&field) {
-                    self.err(&p.key(field), format!("not a setting of a {} sink", s.kind));
+                    self.err(
+                        &p.key(field),
+                        format!("not a setting of {} {} sink", article(&s.kind), s.kind),
+                    );
                 }
             }
             let timeout = self.std_duration(&p.key("timeout"), s.timeout.as_deref(), "10s");
+            if s.kind == "kafka" && timeout.as_millis() > MAX_KAFKA_TIMEOUT_MS {
+                self.err(
+                    &p.key("timeout"),
+                    "at most 24d (librdkafka's message.timeout.ms is at most 2147483647 ms)",
+                );
+            }
             let headers: Vec<(String, String)> = s
                 .headers
                 .iter()
@@ -1336,7 +1417,7 @@ impl Checker {
                 }
                 "kafka" => {
                     let Some(topic) = s.topic.clone() else {
-                        self.err(&p, "missing field `topic`");
+                        self.err(&p, "missing field \"topic\"");
                         continue;
                     };
                     self.topic(&p.key("topic"), &topic);
@@ -1400,6 +1481,11 @@ impl Checker {
         let concurrency = o.and_then(|o| o.concurrency).unwrap_or(8);
         if concurrency == 0 {
             self.err(&op.key("concurrency"), "must be at least 1");
+        } else if concurrency > MAX_CONCURRENCY {
+            self.err(
+                &op.key("concurrency"),
+                format!("at most {MAX_CONCURRENCY} deliveries in flight per sink"),
+            );
         }
         let outbox = OutboxConfig {
             concurrency: concurrency as usize,
@@ -1444,7 +1530,24 @@ impl Checker {
                 .collect(),
             default_alert_sinks: !alert_sinks.is_empty(),
         };
-        if failed.is_some() {
+        // What was said about stand-in values, or under them, is noise.
+        let mut i = checked_from;
+        while i < self.diags.len() {
+            if yaml::covered(&patched, &self.diags[i].path) {
+                self.diags.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        // The rules are checked against the sources and sinks: not when a stand-in value
+        // changed which there are, where alerts go, or which sinks take payloads.
+        let decides_references = |p: &YamlPath| {
+            let p = p.to_string();
+            ["sources", "sinks", "alerts"].contains(&p.as_str())
+                || p.starts_with("alerts.")
+                || (p.starts_with("sinks.") && p.ends_with(".type"))
+        };
+        if failed.is_some() || patched.iter().any(decides_references) {
             return None;
         }
         Some(Config {
@@ -1832,6 +1935,8 @@ mod tests {
             "PW" => Some("S3cr3t'\"pw".into()),
             "PWNAME" => Some("{PW}".into()),
             "BIG" => Some("99999999999999999999999".into()),
+            "FILESECRET" => Some("hunter2secret\n".into()),
+            "UNITSECRET" => Some("1hunterTWOsecret".into()),
             _ => None,
         }
     }
@@ -1896,6 +2001,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("floating point \"1e3\", expected u64"), "{e}");
+        // A duration parsed from a value trimmed first (a secret file's newline), or one
+        // whose parser quotes part of it (`unknown unit "hunter…"`).
+        let e = check(
+            "rules: rules\nsources: { a: { type: stdin } }\ntime: { idle: '${FILESECRET}' }\noutbox: { retain: '${UNITSECRET}' }\n",
+        )
+        .unwrap_err();
+        assert!(!e.contains("hunter"), "{e}");
+        assert!(
+            e.contains("time.idle: invalid duration \"${FILESECRET}\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("outbox.retain: invalid duration from ${UNITSECRET} (not shown)"),
+            "{e}"
+        );
+        // Every unset variable of a value is named, not only the first.
+        let e =
+            check("rules: rules\nsources: { a: { type: stdin } }\nlisten: '${NOHOST}:${NOPORT}'\n")
+                .unwrap_err();
+        assert!(
+            e.contains("listen: environment variable NOHOST is not set; environment variable NOPORT is not set"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -2021,6 +2149,56 @@ mod tests {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }
         assert_eq!(e.lines().count(), 5, "{e}");
+        // A value of the wrong type hides nothing else of its section, and the config as
+        // far as it goes comes out, so `validate` checks the rules against it too.
+        let text = "rules: rules\nsources:\n  a: { type: stdin, max_body: 5 }\n  b: { type: http, max_body: big }\nsinks: { o: { type: stdout } }\noutbox: { concurrency: -1, backoff: 0s, retain: 1 }\n";
+        let e = check(text).unwrap_err();
+        for want in [
+            "sagawatch.yaml:3:31: sources.a.max_body: not a setting of a stdin source",
+            "sagawatch.yaml:4:30: sources.b.max_body: invalid type: string \"big\"",
+            "sagawatch.yaml:6:24: outbox.concurrency: invalid value",
+            "sagawatch.yaml:6:37: outbox.backoff: duration \"0s\" must be positive",
+            "sagawatch.yaml:6:49: outbox.retain: invalid duration \"1\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        assert_eq!(e.lines().count(), 5, "{e}");
+        let dir = std::env::current_dir().unwrap();
+        let (cfg, e) = check_text(&dir.join("sagawatch.yaml"), text, &env);
+        assert!(cfg.is_some() && e.is_some());
+        // Not when the stand-in changes what the rules are checked against.
+        let text =
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks: { o: { type: [stdout] } }\n";
+        assert!(
+            check_text(&dir.join("sagawatch.yaml"), text, &env)
+                .0
+                .is_none()
+        );
+        // A sink of an unknown type: its settings are not judged against it.
+        let e = check(
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks: { o: { type: smtp, url: 'http://x' }, p: { type: alertmanager, topic: t, url: 'http://x' } }\n",
+        )
+        .unwrap_err();
+        assert!(!e.contains("sinks.o.url"), "{e}");
+        assert!(
+            e.contains("sinks.p.topic: not a setting of an alertmanager sink"),
+            "{e}"
+        );
+    }
+
+    /// Values past what the code can hold are refused where they are written.
+    #[test]
+    fn a_concurrency_or_kafka_timeout_too_large_is_refused() {
+        let e = check(
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout }, k: { type: kafka, topic: t, timeout: 25d } }\nkafka: { brokers: '127.0.0.1:1' }\noutbox: { concurrency: 9223372036854775808 }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("sinks.k.timeout: at most 24d"), "{e}");
+        assert!(e.contains("outbox.concurrency: at most 1024"), "{e}");
+        check(
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout }, k: { type: kafka, topic: t, timeout: 24d } }\nkafka: { brokers: '127.0.0.1:1' }\noutbox: { concurrency: 1024 }\n",
+        )
+        .unwrap();
     }
 
     #[test]
@@ -2103,7 +2281,7 @@ mod tests {
         for want in [
             "sources.orders: a kafka source needs the top-level `kafka` section",
             "sources.pay.topic: invalid topic name \"bad topic\"",
-            "sinks.cmds: missing field `topic`",
+            "sinks.cmds: missing field \"topic\"",
         ] {
             assert!(e.contains(want), "missing {want:?} in:\n{e}");
         }

@@ -82,7 +82,12 @@ pub fn validate(path: &Path) -> i32 {
         }
         failed = true;
     }
-    if !failed {
+    let kafka_section_ok = config_error.as_ref().is_none_or(|e| {
+        !e.diags
+            .iter()
+            .any(|d| d.diag.path == "kafka" || d.diag.path.starts_with("kafka."))
+    });
+    if kafka_section_ok {
         // The clients only once every property passed: each is reported once, at its place.
         for p in kafka::check_clients(&cfg) {
             eprintln!("error: {}: {p}", path.display());
