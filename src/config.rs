@@ -681,6 +681,50 @@ const MAX_CONCURRENCY: u64 = 1024;
 /// count of milliseconds (about 24.8 days).
 const MAX_KAFKA_TIMEOUT_MS: u128 = i32::MAX as u128;
 
+/// Checks one entry of `kafka.brokers`: `host:port`, optionally after a security protocol
+/// (`SSL://host:port`), the host a name, an IPv4 address or a bracketed IPv6 one. The
+/// entry itself is not repeated: it may come from the environment.
+fn broker_address(entry: &str) -> Result<(), &'static str> {
+    let entry = match entry.split_once("://") {
+        Some((proto, rest))
+            if ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+                .contains(&proto.to_ascii_lowercase().as_str()) =>
+        {
+            rest
+        }
+        Some(_) => {
+            return Err("unknown protocol before `://` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL)");
+        }
+        None => entry,
+    };
+    if entry.is_empty() {
+        return Err("empty (a comma too many?)");
+    }
+    let Some((host, port)) = entry.rsplit_once(':') else {
+        return Err("not host:port (the port is required)");
+    };
+    if port.is_empty()
+        || !port.bytes().all(|b| b.is_ascii_digit())
+        || !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return Err("the port is not a number from 1 to 65535");
+    }
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        }
+    };
+    if host_ok {
+        Ok(())
+    } else {
+        Err("the host is not a name or an IP address (an IPv6 one in brackets)")
+    }
+}
+
 /// "a" or "an", before a type's name.
 fn article(word: &str) -> &'static str {
     if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
@@ -1591,7 +1635,18 @@ impl Checker {
         match &k.brokers {
             None => self.err(path, "missing field \"brokers\""),
             Some(b) if b.trim().is_empty() => self.err(&path.key("brokers"), "empty broker list"),
-            Some(_) => {}
+            Some(b) => {
+                // librdkafka takes anything here and says only, after `connect_timeout`,
+                // that no broker answered (and wraps a port above 65535 onto another one).
+                for (i, entry) in b.split(',').enumerate() {
+                    if let Err(why) = broker_address(entry.trim()) {
+                        self.err(
+                            &path.key("brokers"),
+                            format!("broker {} of the list: {why}", i + 1),
+                        );
+                    }
+                }
+            }
         }
         let group = k.group.clone().unwrap_or_else(|| "sagawatch".into());
         if group.is_empty() {
@@ -2199,6 +2254,40 @@ mod tests {
             "rules: rules\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout }, k: { type: kafka, topic: t, timeout: 24d } }\nkafka: { brokers: '127.0.0.1:1' }\noutbox: { concurrency: 1024 }\n",
         )
         .unwrap();
+    }
+
+    /// A broker list librdkafka would take and never reach (no port, a port it wraps onto
+    /// another one) is refused where it is written, without repeating it.
+    #[test]
+    fn broker_lists_are_host_port_pairs() {
+        for good in [
+            "127.0.0.1:9092",
+            "kafka-0.kafka:9092, kafka-1.kafka:9092",
+            "SSL://b.example:9093",
+            "[::1]:9092",
+        ] {
+            assert_eq!(
+                broker_address(good.split(',').next_back().unwrap().trim()),
+                Ok(()),
+                "{good}"
+            );
+        }
+        let e = check(&format!(
+            "rules: rules\nsources: {{ a: {{ type: stdin }} }}\nkafka: {{ brokers: '{}' }}\n",
+            "127.0.0.1, b:99999,,tcp://c:1,[nope]:1,not a host:1"
+        ))
+        .unwrap_err();
+        for want in [
+            "broker 1 of the list: not host:port",
+            "broker 2 of the list: the port is not a number",
+            "broker 3 of the list: empty",
+            "broker 4 of the list: unknown protocol",
+            "broker 5 of the list: the host is not",
+            "broker 6 of the list: the host is not",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        assert!(!e.contains("99999"), "{e}");
     }
 
     #[test]

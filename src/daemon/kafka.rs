@@ -165,13 +165,24 @@ fn consumer_config(k: &KafkaConfig) -> ClientConfig {
 
 /// The producer's client context: librdkafka's logs and errors to `tracing`, and its
 /// errors counted (when there are metrics: not for the startup check).
-pub struct LogContext(Option<Arc<Metrics>>);
+pub struct LogContext(Option<Arc<Metrics>>, Mutex<Option<String>>);
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
         log_to_tracing(level, fac, msg);
     }
     fn error(&self, error: KafkaError, reason: &str) {
+        // rdkafka (0.39) hands each error event of a producer to this twice in a row (its
+        // client's event poll, then the producer's): the second is the same event.
+        let this = format!("{error}\u{0}{reason}");
+        {
+            let mut last = self.1.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_deref() == Some(this.as_str()) {
+                *last = None;
+                return;
+            }
+            *last = Some(this);
+        }
         if let Some(m) = &self.0 {
             m.kafka_errors
                 .with_label_values(&[error_kind(&error)])
@@ -203,7 +214,7 @@ pub fn producer(
     metrics: Option<Arc<Metrics>>,
 ) -> Result<Producer> {
     producer_config(k, delivery_timeout)
-        .create_with_context(LogContext(metrics))
+        .create_with_context(LogContext(metrics, Mutex::new(None)))
         .map_err(|e| anyhow::anyhow!("kafka: cannot create the producer: {}", redacted(&e)))
 }
 
@@ -359,15 +370,17 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckEr
     }
     let mut config = consumer_config(k);
     config.set("allow.auto.create.topics", "false");
-    let client: BaseConsumer = config.create().map_err(|e| {
-        CheckError::Config(vec![format!(
-            "kafka (consumer: `kafka.properties` and `kafka.consumer`): {}",
-            redacted(&e)
-        )])
-    })?;
+    let client: BaseConsumer<CheckContext> = config
+        .create_with_context(CheckContext::default())
+        .map_err(|e| {
+            CheckError::Config(vec![format!(
+                "kafka (consumer: `kafka.properties` and `kafka.consumer`): {}",
+                redacted(&e)
+            )])
+        })?;
     let deadline = StdInstant::now() + k.connect_timeout;
     for (at, topic) in &topics {
-        match partitions(client.client(), topic, deadline, k)? {
+        match partitions(&client, topic, deadline, k)? {
             Ok(n) => {
                 if at.starts_with("sources.") {
                     counts.insert(topic.clone(), n);
@@ -384,18 +397,55 @@ pub fn check_topics(cfg: &Config, rules: &RuleSet) -> Result<Partitions, CheckEr
     }
 }
 
+/// The startup check's client context: librdkafka's logs to `tracing`, and its last error
+/// kept, so that "no broker answered" can say why (a refused SASL handshake, a TLS error)
+/// instead of only that.
+#[derive(Default)]
+struct CheckContext(Mutex<Option<String>>);
+
+impl ClientContext for CheckContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        log_to_tracing(level, fac, msg);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        let why = if reason.is_empty() {
+            error.to_string()
+        } else {
+            reason.to_string()
+        };
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // "1/1 brokers are down" follows the error that says why: keep that one.
+        if last.is_none() || error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown) {
+            *last = Some(why);
+        }
+    }
+}
+
+impl ConsumerContext for CheckContext {}
+
 /// A topic's partition count, or why it cannot be used, asked again until a broker answers
 /// for it (a passing error, such as a leader being elected, is asked about again) or
 /// `deadline` passes.
-fn partitions<C: ClientContext>(
-    client: &rdkafka::client::Client<C>,
+fn partitions(
+    consumer: &BaseConsumer<CheckContext>,
     topic: &str,
     deadline: StdInstant,
     k: &KafkaConfig,
 ) -> Result<Result<usize, String>, CheckError> {
+    let client = consumer.client();
+    // Serves the client's logs and errors (to the context) while waiting: no message
+    // comes, nothing is subscribed.
+    let wait = |d: Duration| {
+        let until = StdInstant::now() + d;
+        while StdInstant::now() < until {
+            let _ = consumer.poll(until.saturating_duration_since(StdInstant::now()));
+        }
+    };
     loop {
         let left = deadline.saturating_duration_since(StdInstant::now());
-        match client.fetch_metadata(Some(topic), left.max(Duration::from_millis(100))) {
+        // A second at a time, so the client's errors are served (and logged) meanwhile.
+        let ask = left.clamp(Duration::from_millis(100), Duration::from_secs(1));
+        match client.fetch_metadata(Some(topic), ask) {
             Ok(md) => {
                 let t = md.topics().iter().find(|t| t.name() == topic);
                 let error = t.and_then(|t| t.error()).map(RDKafkaErrorCode::from);
@@ -414,16 +464,26 @@ fn partitions<C: ClientContext>(
                             error.map_or_else(|| "it has no partitions".into(), |e| e.to_string())
                         )));
                     }
-                    _ => std::thread::sleep(Duration::from_millis(200)),
+                    _ => wait(Duration::from_millis(200)),
                 }
             }
             Err(e) if StdInstant::now() >= deadline => {
+                wait(Duration::from_millis(100));
+                let last = client
+                    .context()
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                let last = last
+                    .map(|l| format!(" (last error: {l})"))
+                    .unwrap_or_default();
                 return Err(CheckError::Unreachable(format!(
-                    "kafka: no broker of {} answered within {:?}: {e}",
+                    "kafka: no broker of {} answered within {:?}: {e}{last}",
                     k.brokers, k.connect_timeout
                 )));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            Err(_) => wait(Duration::from_millis(200)),
         }
     }
 }
@@ -536,6 +596,9 @@ struct Ctx {
     inner: Mutex<Inner>,
     /// Set when the core is gone: stop consuming.
     core_gone: AtomicBool,
+    /// The code of the error event just counted in [`ClientContext::error`]: the consumer's
+    /// poll returns the same event as an error next, not to be counted again.
+    reported: Mutex<Option<RDKafkaErrorCode>>,
 }
 
 impl Ctx {
@@ -923,6 +986,7 @@ impl ClientContext for Ctx {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        *self.reported.lock().unwrap_or_else(|e| e.into_inner()) = error.rdkafka_error_code();
         let kind = error_kind(&error);
         self.metrics.kafka_errors.with_label_values(&[kind]).inc();
         if kind == "all_brokers_down" {
@@ -1089,6 +1153,7 @@ impl Source {
             state: Mutex::new(store::open(&self.cfg.state)?),
             inner: Mutex::default(),
             core_gone: AtomicBool::new(false),
+            reported: Mutex::new(None),
         };
         let consumer: BaseConsumer<Ctx> = consumer_config(k)
             .create_with_context(ctx)
@@ -1113,11 +1178,20 @@ impl Source {
                 match consumer.poll(wait) {
                     Some(Ok(m)) => ctx.push(&m),
                     Some(Err(e)) => {
-                        self.metrics
-                            .kafka_errors
-                            .with_label_values(&[error_kind(&e)])
-                            .inc();
-                        tracing::warn!(error = %e, "kafka: consume error");
+                        // An error event was counted and logged by the context as it
+                        // passed; a fetch error (in a message) was not.
+                        let reported = ctx
+                            .reported
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take();
+                        if reported.is_none() || reported != e.rdkafka_error_code() {
+                            self.metrics
+                                .kafka_errors
+                                .with_label_values(&[error_kind(&e)])
+                                .inc();
+                            tracing::warn!(error = %e, "kafka: consume error");
+                        }
                     }
                     None => {
                         drained = true;
@@ -1139,5 +1213,31 @@ impl Source {
         ctx.send_batch();
         drop(consumer);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// rdkafka hands each producer error event to the context twice in a row: counted
+    /// once. The next event, though the same error, counts again.
+    #[test]
+    fn a_producer_error_event_is_counted_once() {
+        let metrics = Arc::new(Metrics::new());
+        let ctx = LogContext(Some(Arc::clone(&metrics)), Mutex::new(None));
+        let down = || KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        let count = || {
+            metrics
+                .kafka_errors
+                .with_label_values(&["all_brokers_down"])
+                .get()
+        };
+        ctx.error(down(), "1/1 brokers are down");
+        ctx.error(down(), "1/1 brokers are down");
+        assert_eq!(count(), 1);
+        ctx.error(down(), "1/1 brokers are down");
+        ctx.error(down(), "1/1 brokers are down");
+        assert_eq!(count(), 2);
     }
 }

@@ -90,7 +90,7 @@ pub fn validate(path: &Path) -> i32 {
     if kafka_section_ok {
         // The clients only once every property passed: each is reported once, at its place.
         for p in kafka::check_clients(&cfg) {
-            eprintln!("error: {}: {p}", path.display());
+            eprintln!("{}", cfg.masked(&format!("error: {}: {p}", path.display())));
             failed = true;
         }
     }
@@ -232,13 +232,14 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
     };
     let partitions = match checked {
         Ok(p) => p,
+        // Values from the environment (a broker list, a SASL mechanism) are named, not shown.
         Err(kafka::CheckError::Unreachable(e)) => {
-            say(&format!("error: {e}"));
+            say(&cfg.masked(&format!("error: {e}")));
             return 1;
         }
         Err(kafka::CheckError::Config(problems)) => {
             for p in &problems {
-                say(&format!("error: {}: {p}", path.display()));
+                say(&cfg.masked(&format!("error: {}: {p}", path.display())));
             }
             return EXIT_CONFIG;
         }
