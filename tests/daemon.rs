@@ -2443,3 +2443,64 @@ fn a_client_certificate_is_shown_to_receivers_that_ask() {
     assert!(got.iter().all(|r| r.signed), "{got:?}");
     assert_eq!(d.terminate(), 0);
 }
+
+/// Alerts leave while intake goes on: the outbox dispatcher records what it delivered
+/// between two of the core's batches (it starved before: the core begins its next batch
+/// right after each commit, and SQLite's busy handler, polling with sleeps, almost never
+/// caught the moment; alerts waited for the end of the intake, and after the busy
+/// timeout were sent again). A stop in the middle of the intake leaves the queued lines
+/// for the restart (it waited for them before), which reads on from the stored offset:
+/// every alert of the replay arrives, once.
+#[test]
+fn alerts_leave_during_a_long_intake_which_a_stop_cuts_short() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 15m }]\n    \
+         on_missing: [{ alert: { summary: 'order {{key}} unpaid' } }]\n";
+    let port = free_port();
+    let mut rx = Receiver::new(port);
+    rx.start();
+    let mut d = Daemon::with_rules(
+        RULE,
+        &format!(
+            "time: {{ idle: 0s }}\n\
+             sources: {{ events: {{ type: file, path: events.jsonl, follow: false }} }}\n\
+             sinks: {{ hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }} }}\n\
+             alerts: {{ sinks: [hook] }}\noutbox: {{ concurrency: 32 }}\n"
+        ),
+    );
+    // An order a second, none paid: from the 900th on, each event passes a deadline.
+    let total = 50_000;
+    let lines: Vec<String> = (0..total as i64)
+        .map(|i| {
+            format!(
+                r#"{{"time":"{}","type":"OrderPlaced","order_id":"o{i}"}}"#,
+                ts(i)
+            )
+        })
+        .collect();
+    write_lines(&d.path("events.jsonl"), &lines);
+    let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
+    assert_eq!((want.len(), late), (total - 901, 0));
+    d.env = vec![("SAGAWATCH_LOG".into(), "info".into())];
+    d.start();
+    let (delivered, read) = wait_for(Duration::from_secs(120), "deliveries", || {
+        let n = rx.received().len();
+        let read = metric(d.port, "sagawatch_events_received_total")?;
+        if n >= 100 {
+            return Some((n, read));
+        }
+        assert!(
+            read < total as f64,
+            "the intake ended with {n} deliveries made meanwhile"
+        );
+        None
+    });
+    assert!(read < total as f64, "{delivered} delivered, {read} read");
+    // Within the harness's 30 s, though much is still queued for the core.
+    assert_eq!(d.terminate(), 0);
+    assert!(d.stderr().contains("queued events left"), "{}", d.stderr());
+    d.start();
+    wait_delivered(&d, &rx, want.len(), Duration::from_secs(300));
+    assert_matches_replay(&rx.received(), &want, 0);
+    assert_eq!(d.terminate(), 0);
+}

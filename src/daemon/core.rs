@@ -147,6 +147,12 @@ pub struct Core {
     bad_log: BadLog,
     /// Set by `Msg::Stopping`: every message is its own batch.
     stopping: bool,
+    /// Set when intake stops (before `Msg::Stopping`, which waits behind queued messages):
+    /// queued lines and records that are read again after a restart (a file's, Kafka's)
+    /// are left for then, so that a stop does not wait for the queue to be worked off.
+    halt: Arc<std::sync::atomic::AtomicBool>,
+    /// How many queued events `halt` left, for the log.
+    left: usize,
 }
 
 /// Which per-rule counter a metric child is.
@@ -253,9 +259,22 @@ impl Core {
             children: Children::default(),
             bad_log: BadLog::new("lines that are not events"),
             stopping: false,
+            halt: Arc::default(),
+            left: 0,
         };
         core.publish_gauges();
         core
+    }
+
+    /// Leaves re-readable queued input alone once `halt` is set (see the field).
+    pub fn with_halt(mut self, halt: Arc<std::sync::atomic::AtomicBool>) -> Core {
+        self.halt = halt;
+        self
+    }
+
+    /// Whether queued input that its source reads again after a restart is skipped.
+    fn halted(&self) -> bool {
+        self.halt.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes the idle fallback wait while Kafka reports events held back.
@@ -286,8 +305,19 @@ impl Core {
                     done,
                     hold,
                 }) => {
-                    self.lines(&source, &lines, &at, position, atomic, done)?;
+                    // A file's lines past its stored position are read again; stdin's
+                    // and requests' are not.
+                    if position.is_some() && done.is_none() && self.halted() {
+                        self.left += lines.len();
+                    } else {
+                        self.lines(&source, &lines, &at, position, atomic, done)?;
+                    }
                     drop(hold);
+                }
+                // Kafka's are fetched again from the stored offsets (the source takes
+                // the dropped answer for an uncommitted batch).
+                Ok(Msg::Records { records, .. }) if self.halted() => {
+                    self.left += records.len();
                 }
                 Ok(Msg::Records {
                     records,
@@ -310,6 +340,12 @@ impl Core {
                 Ok(Msg::Stopping) => self.stopping = true,
                 Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                     self.commit()?;
+                    if self.left > 0 {
+                        tracing::info!(
+                            events = self.left,
+                            "queued events left for after the restart (read again from the stored positions)"
+                        );
+                    }
                     return Ok(());
                 }
                 Err(RecvTimeoutError::Timeout) => {}

@@ -117,6 +117,8 @@ pub struct Dispatcher {
     pub grace: Duration,
     /// The proxy of each HTTP sink that has one.
     pub proxies: HashMap<String, Intercept>,
+    /// Turns at writing with the core.
+    pub gate: Arc<store::WriteGate>,
 }
 
 /// How often the backlog gauges are refreshed while deliveries are in flight.
@@ -454,6 +456,10 @@ impl Dispatcher {
         // When the grace period after a stop ends.
         let mut stop_at: Option<StdInstant> = None;
         let mut finished: Vec<(Pending, Result<(), Failed>)> = Vec::new();
+        // Results classified (and counted) but not yet recorded: kept until a record
+        // commits, and their messages not started again meanwhile (a full disk must not
+        // make delivered messages go out again and again).
+        let mut unrecorded: Vec<(i64, Delivery)> = Vec::new();
         let mut last_resend: HashMap<String, StdInstant> = HashMap::new();
         let mut last_purge = StdInstant::now();
         let mut last_publish: Option<StdInstant> = None;
@@ -464,24 +470,24 @@ impl Dispatcher {
                 stop_at = Some(StdInstant::now() + self.grace);
             }
             let r = (|| -> Result<Option<Duration>> {
-                // What finished is recorded first: a result lost to an error here is only
-                // a message sent again (at-least-once).
-                if !finished.is_empty() {
-                    let tx = conn.unchecked_transaction()?;
-                    for (p, r) in finished.drain(..) {
-                        if let Err(Failed {
-                            retry_after: Some(d),
-                            ..
-                        }) = &r
-                        {
-                            let until = StdInstant::now() + *d;
-                            let e = paused.entry(p.sink.clone()).or_insert(until);
-                            *e = (*e).max(until);
-                        }
-                        let d = self.classify(&p, r);
-                        Outbox::record(&tx, p.seq, &d, wall_ms())?;
+                // What finished is recorded first, in its turn at writing (see
+                // `WriteGate`); what fails to be recorded is kept and recorded later.
+                for (p, r) in finished.drain(..) {
+                    if let Err(Failed {
+                        retry_after: Some(d),
+                        ..
+                    }) = &r
+                    {
+                        let until = StdInstant::now() + *d;
+                        let e = paused.entry(p.sink.clone()).or_insert(until);
+                        *e = (*e).max(until);
                     }
-                    tx.commit()?;
+                    let d = self.classify(&p, r);
+                    unrecorded.push((p.seq, d));
+                }
+                if !unrecorded.is_empty() {
+                    self.record(&conn, &unrecorded)?;
+                    unrecorded.clear();
                 }
                 for (sink, d) in flight.held.drain(..) {
                     let until = StdInstant::now() + d;
@@ -522,7 +528,10 @@ impl Dispatcher {
                         let fetched = due.len();
                         let mut queue: VecDeque<Pending> = due.into();
                         while let Some(p) = queue.pop_front() {
-                            if flight.has(p.seq) || !seen.insert(p.seq) {
+                            if flight.has(p.seq)
+                                || unrecorded.iter().any(|(seq, _)| *seq == p.seq)
+                                || !seen.insert(p.seq)
+                            {
                                 continue;
                             }
                             waiting = true;
@@ -597,6 +606,7 @@ impl Dispatcher {
                 }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
+                    let _turn = self.gate.enter();
                     Outbox::purge_done(&conn, before)?;
                     Outbox::purge_alerts(&conn, wall_ms())?;
                     last_purge = StdInstant::now();
@@ -673,12 +683,11 @@ impl Dispatcher {
         }
         let cut = flight.len();
         flight.tasks.abort_all();
-        let tx = conn.unchecked_transaction()?;
         for (p, r) in finished.drain(..) {
             let d = self.classify(&p, r);
-            Outbox::record(&tx, p.seq, &d, wall_ms())?;
+            unrecorded.push((p.seq, d));
         }
-        tx.commit()?;
+        self.record(&conn, &unrecorded)?;
         if cut > 0 {
             tracing::warn!(
                 in_flight = cut,
@@ -723,6 +732,17 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Records delivery results, in one transaction, in the dispatcher's turn at writing.
+    fn record(&self, conn: &Connection, results: &[(i64, Delivery)]) -> Result<()> {
+        let _turn = self.gate.enter();
+        let tx = conn.unchecked_transaction()?;
+        for (seq, d) in results {
+            Outbox::record(&tx, *seq, d, wall_ms())?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Re-sends the firing alerts of each Alertmanager sink whose interval has passed, as

@@ -172,6 +172,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             return EXIT_CONFIG;
         }
     };
+    let gate = Arc::new(store::WriteGate::default());
     let opened = (|| -> Result<_> {
         // The lock first: a second daemon must not touch the file at all.
         store::check_path(&cfg.state)?;
@@ -184,7 +185,9 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         for s in &cfg.sources {
             positions.push(store::load_position(&conn, &s.name)?);
         }
-        let state = SqliteState::open(conn, &rules, &cfg.state)?.with_lateness(cfg.time.lateness);
+        let state = SqliteState::open(conn, &rules, &cfg.state)?
+            .with_lateness(cfg.time.lateness)
+            .with_gate(Arc::clone(&gate));
         Ok((state, positions, lock))
     })();
     // The lock is held until the process exits.
@@ -283,6 +286,8 @@ fn run_with(
         std::collections::HashMap<String, hyper_util::client::proxy::matcher::Intercept>,
     ),
 ) -> Result<i32> {
+    // The core and the outbox dispatcher take turns at writing.
+    let gate = state.gate();
     let has_kafka_source = cfg
         .sources
         .iter()
@@ -319,7 +324,8 @@ fn run_with(
             Arc::clone(&metrics),
             Arc::clone(&wake_dispatch),
         )
-        .with_kafka(kafka_health.clone());
+        .with_kafka(kafka_health.clone())
+        .with_halt(Arc::clone(&stop_sources));
         let shared = Arc::clone(&shared);
         let done = Arc::clone(&core_done);
         std::thread::Builder::new()
@@ -346,6 +352,7 @@ fn run_with(
             stop: Arc::clone(&stop_dispatch),
             grace: SHUTDOWN_GRACE,
             proxies,
+            gate: Arc::clone(&gate),
         };
         let path = cfg.state.clone();
         let done = Arc::clone(&dispatcher_done);

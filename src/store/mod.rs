@@ -193,6 +193,80 @@ pub fn check_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Turns between the daemon's two writers, the core (a transaction per batch, the next
+/// begun right after a commit) and the outbox dispatcher (short ones recording deliveries).
+/// SQLite's busy handler polls with sleeps, so a writer waiting for the core almost never
+/// hits the moment between two batches: it starved for as long as intake went on (alerts
+/// recorded minutes late, or after the busy timeout not at all, and sent again). Here a
+/// waiting dispatcher goes first at the core's next batch.
+#[derive(Default)]
+pub struct WriteGate {
+    state: std::sync::Mutex<GateState>,
+    turn: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    held: bool,
+    waiting: usize,
+}
+
+/// The longest the gate is waited for: past it, SQLite's own locking decides (a writer
+/// stuck in its transaction must not stop the other for good).
+const GATE_WAIT: StdDuration = StdDuration::from_secs(30);
+
+impl WriteGate {
+    fn wait(&self, mut until_free: impl FnMut(&GateState) -> bool, waiting: bool) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting {
+            s.waiting += 1;
+        }
+        let deadline = std::time::Instant::now() + GATE_WAIT;
+        while !until_free(&s) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self
+                .turn
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if waiting {
+            s.waiting -= 1;
+        }
+        s.held = true;
+    }
+
+    /// The core, before a batch's transaction: after any writer waiting for its turn.
+    pub fn enter_core(&self) {
+        self.wait(|s| !s.held && s.waiting == 0, false);
+    }
+
+    /// Any other writer, before its transaction: waits for the core's commit. The turn
+    /// ends when the guard is dropped.
+    pub fn enter(&self) -> GateGuard<'_> {
+        self.wait(|s| !s.held, true);
+        GateGuard(self)
+    }
+
+    /// Ends the holder's turn.
+    pub fn leave(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).held = false;
+        self.turn.notify_all();
+    }
+}
+
+/// A turn at the [`WriteGate`], ended on drop.
+pub struct GateGuard<'a>(&'a WriteGate);
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
 /// How long a connection waits for a lock another one holds before SQLITE_BUSY.
 pub const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 

@@ -57,6 +57,9 @@ pub struct SqliteState {
     /// The same for reads made through `&self` (early correlates, cancels).
     read_error: RefCell<Option<rusqlite::Error>>,
     in_tx: bool,
+    /// Turns at writing with the outbox dispatcher (the daemon's), held from `begin` to
+    /// the commit or rollback.
+    gate: Option<Arc<super::WriteGate>>,
     /// How many early-correlate and cancel rows each (rule, key) hash may have: a
     /// negative cache that spares most triggers two lookups. It only ever overcounts
     /// (then a lookup is made), so it never hides a row. Its size follows remembered
@@ -217,6 +220,7 @@ impl SqliteState {
             error: None,
             read_error: RefCell::default(),
             in_tx: false,
+            gate: None,
             remembered: HashMap::new(),
             wal_restart: Arc::default(),
             event: None,
@@ -337,12 +341,35 @@ impl SqliteState {
         &self.conn
     }
 
+    /// Takes turns at writing with the daemon's other writer (see [`super::WriteGate`]).
+    pub fn with_gate(mut self, gate: Arc<super::WriteGate>) -> SqliteState {
+        self.gate = Some(gate);
+        self
+    }
+
     pub fn begin(&mut self) -> Result<()> {
         if !self.in_tx {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            if let Some(g) = &self.gate {
+                g.enter_core();
+            }
+            if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                self.leave_gate();
+                return Err(e.into());
+            }
             self.in_tx = true;
         }
         Ok(())
+    }
+
+    /// The gate taken with [`with_gate`](Self::with_gate), for the other writer.
+    pub fn gate(&self) -> Arc<super::WriteGate> {
+        self.gate.clone().unwrap_or_default()
+    }
+
+    fn leave_gate(&self) {
+        if let Some(g) = &self.gate {
+            g.leave();
+        }
     }
 
     pub fn in_tx(&self) -> bool {
@@ -383,6 +410,7 @@ impl SqliteState {
             return Err(e).context("state write failed; batch rolled back");
         }
         self.in_tx = false;
+        self.leave_gate();
         self.rows.evict();
         if self.wal_restart.swap(false, Ordering::Relaxed) {
             self.restart_wal();
@@ -626,6 +654,7 @@ impl SqliteState {
         if self.in_tx {
             let _ = self.conn.execute_batch("ROLLBACK");
             self.in_tx = false;
+            self.leave_gate();
         }
         self.clock_dirty = false;
         self.open_dirty = false;
