@@ -495,6 +495,29 @@ fn a_read_only_state_file_is_refused_at_startup() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// A state file (or its WAL) deleted under a running daemon: it would go on writing into
+/// an unlinked file, lost at exit; it stops instead, with exit 1 and the reason.
+#[test]
+fn a_state_file_deleted_while_running_stops_the_daemon() {
+    for gone in ["state.db", "state.db-wal"] {
+        let mut d = Daemon::new(
+            "sources: { a: { type: stdin } }\nsinks: { out: { type: stdout }, hook: { type: stdout } }\n",
+        );
+        d.start();
+        std::fs::remove_file(d.path(gone)).unwrap();
+        let mut c = d.child.take().unwrap();
+        let st = wait_for(Duration::from_secs(30), "the daemon to stop", || {
+            c.try_wait().unwrap()
+        });
+        let err = d.stderr();
+        assert_eq!(st.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("{gone} was deleted or replaced while sagawatch was running")),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     let run = |dir: &std::path::Path, cfg: &str| {

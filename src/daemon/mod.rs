@@ -375,16 +375,24 @@ fn run_with(
     };
 
     let stop_checkpoint = Arc::new(AtomicBool::new(false));
+    let checkpointer_done = Arc::new(Notify::new());
     let checkpointer = {
         let path = cfg.state.clone();
         let stop = Arc::clone(&stop_checkpoint);
+        let done = Arc::clone(&checkpointer_done);
         std::thread::Builder::new()
             .name("sagawatch-checkpoint".into())
             .spawn(move || {
+                // Without it the WAL grows without bound; its other stop is a state file
+                // deleted under the daemon. Either way: a visible exit.
                 if let Err(e) =
                     store::checkpoint_loop(&path, Duration::from_secs(1), &stop, &wal_restart)
                 {
-                    tracing::error!(error = format!("{e:#}"), "WAL checkpointer stopped");
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "WAL checkpointer stopped; shutting down"
+                    );
+                    done.notify_one();
                 }
             })
             .context("spawning the WAL checkpointer")?
@@ -487,6 +495,7 @@ fn run_with(
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(None) }
                 _ = core_done.notified() => { return Ok(Some("the core thread stopped")) }
                 _ = dispatcher_done.notified() => { return Ok(Some("the outbox dispatcher stopped")) }
+                _ = checkpointer_done.notified() => { return Ok(Some("the WAL checkpointer stopped")) }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading rules");
                     let _ = reload(&cfg, &shared, &partitions).await;

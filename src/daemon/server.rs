@@ -803,8 +803,13 @@ async fn list(shared: Arc<Shared>, query: &str) -> Resp {
             other => return bad(format!("unknown parameter {other:?}")),
         }
     }
-    // The only expected error is a malformed cursor: the caller's fault.
-    let r = from_state(&shared, StatusCode::BAD_REQUEST, move |conn| {
+    // The cursor is the caller's; what fails past this point is the server's.
+    if let Some(c) = &cursor
+        && let Err(e) = crate::store::parse_cursor(c, status)
+    {
+        return bad(format!("{e:#}"));
+    }
+    let r = from_state(&shared, StatusCode::INTERNAL_SERVER_ERROR, move |conn| {
         crate::store::list_instances(
             conn,
             status,

@@ -411,6 +411,10 @@ pub fn checkpoint_loop(
     restart: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     let conn = open(path)?;
+    // The WAL exists while a connection is open (this one, throughout).
+    let wal = wal_path(path);
+    let files = [path, wal.as_path()];
+    let ids = files.map(file_identity);
     let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -425,6 +429,18 @@ pub fn checkpoint_loop(
             continue;
         }
         last = std::time::Instant::now();
+        // Writes to a deleted (or replaced) file go on silently, into an inode that
+        // disappears at exit with all state: stop loudly instead.
+        for (f, id) in files.iter().zip(&ids) {
+            if let Ok(was) = id
+                && file_identity(f).ok().as_ref() != Some(was)
+            {
+                bail!(
+                    "{} was deleted or replaced while sagawatch was running; what was committed since is only in the old file, which is lost when the daemon exits",
+                    f.display()
+                );
+            }
+        }
         match checkpoint("PASSIVE") {
             Ok((_, log, _)) if log > WAL_RESTART_FRAMES => {
                 restart.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -438,6 +454,20 @@ pub fn checkpoint_loop(
     let _ = conn.busy_timeout(StdDuration::from_millis(500));
     let _ = checkpoint("TRUNCATE");
     Ok(())
+}
+
+/// Where SQLite keeps the WAL of the database at `path`.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-wal");
+    p.into()
+}
+
+/// A file's (device, inode), to see it replaced.
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Brings the schema up to date; refuses a file written by a newer sagawatch.
@@ -709,6 +739,31 @@ fn list_sql(status: ListStatus) -> String {
     )
 }
 
+/// Where a listing page starts: the sort key (time, rule, key) after which it goes on.
+pub type Cursor = (i64, String, String);
+
+/// Reads a listing's cursor (see [`list_instances`]): `None` for an empty one; an error,
+/// the caller's, for one that is not a cursor or is another status's.
+pub fn parse_cursor(c: &str, status: ListStatus) -> Result<Option<Cursor>> {
+    if c.is_empty() {
+        return Ok(None);
+    }
+    let bytes = (0..c.len())
+        .step_by(2)
+        .map(|i| c.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>();
+    let (of, t, r, k): (String, i64, String, String) = bytes
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| anyhow::anyhow!("invalid cursor"))?;
+    // A page position in one status order means nothing in another's.
+    if of != status.name() {
+        anyhow::bail!(
+            "cursor of a status={of} listing: use it with status={of}, or start this listing without a cursor"
+        );
+    }
+    Ok(Some((t, r, k)))
+}
+
 /// A page of instances from the status indexes, and the cursor of the next page.
 /// `older_than` (ns) keeps those whose sort time is more than that before the engine
 /// clock. The cursor is opaque to callers (hex of the status and the last row's sort key);
@@ -730,24 +785,9 @@ pub fn list_instances(
         (Some(_), None) => i64::MIN,
         (None, _) => i64::MAX,
     };
-    let after: Option<(i64, String, String)> = match cursor {
-        None | Some("") => None,
-        Some(c) => {
-            let bytes = (0..c.len())
-                .step_by(2)
-                .map(|i| c.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-                .collect::<Option<Vec<u8>>>();
-            let (of, t, r, k): (String, i64, String, String) = bytes
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .ok_or_else(|| anyhow::anyhow!("invalid cursor"))?;
-            // A page position in one status order means nothing in another's.
-            if of != status.name() {
-                anyhow::bail!(
-                    "cursor of a status={of} listing: use it with status={of}, or start this listing without a cursor"
-                );
-            }
-            Some((t, r, k))
-        }
+    let after = match cursor {
+        None => None,
+        Some(c) => parse_cursor(c, status)?,
     };
     let sql = list_sql(status);
     let (ct, cr, ck) = match &after {
