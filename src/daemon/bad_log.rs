@@ -1,7 +1,8 @@
-//! A rate limit for the warnings about bad input lines, so that a source of garbage cannot
-//! flood the log: each source logs at most `BURST` bad lines in a `WINDOW`, and one line
-//! when the window ends says how many more there were (every bad line is still counted in
-//! `sagawatch_events_rejected_total`).
+//! A rate limit for warnings that come in floods, so that a source of garbage or a dead
+//! receiver with a large backlog cannot fill the log: each source (or sink) logs at most
+//! `BURST` of them in a `WINDOW`, and one line when the window ends says how many more
+//! there were (each is still counted in its metric: `sagawatch_events_rejected_total`,
+//! `sagawatch_deliveries_total`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,8 @@ const WINDOW: Duration = Duration::from_secs(10);
 pub struct BadLog {
     /// What the lines are, for the summary: "lines that are not events", say.
     what: &'static str,
+    /// Whether the names are sinks' (else sources').
+    sinks: bool,
     since: Instant,
     /// (source, logged, not logged) in this window.
     by_source: Vec<(Arc<str>, u32, u64)>,
@@ -29,22 +32,30 @@ impl BadLog {
     pub fn new(what: &'static str) -> BadLog {
         BadLog {
             what,
+            sinks: false,
             since: Instant::now(),
             by_source: Vec::new(),
         }
     }
 
+    /// The same, for warnings about sinks.
+    pub fn for_sinks(what: &'static str) -> BadLog {
+        let mut log = BadLog::new(what);
+        log.sinks = true;
+        log
+    }
+
     /// Whether a bad line of `source` may be logged now; counts it if not.
-    pub fn allow(&mut self, source: &Arc<str>) -> bool {
+    pub fn allow(&mut self, source: &str) -> bool {
         self.flush(false);
         if self.by_source.is_empty() {
             // The first bad line after a quiet time opens a window.
             self.since = Instant::now();
         }
-        let i = match self.by_source.iter().position(|s| s.0 == *source) {
+        let i = match self.by_source.iter().position(|s| &*s.0 == source) {
             Some(i) => i,
             None => {
-                self.by_source.push((Arc::clone(source), 0, 0));
+                self.by_source.push((Arc::from(source), 0, 0));
                 self.by_source.len() - 1
             }
         };
@@ -66,12 +77,21 @@ impl BadLog {
         }
         let secs = self.since.elapsed().as_secs();
         for (source, _, skipped) in self.by_source.drain(..) {
-            if skipped > 0 {
+            if skipped == 0 {
+                continue;
+            }
+            let what = self.what;
+            if self.sinks {
+                tracing::warn!(
+                    sink = &*source,
+                    not_logged = skipped,
+                    "{skipped} more {what} in the last {secs}s, not logged each"
+                );
+            } else {
                 tracing::warn!(
                     source = &*source,
                     not_logged = skipped,
-                    "skipped {skipped} more {} in the last {secs}s without logging each",
-                    self.what
+                    "skipped {skipped} more {what} in the last {secs}s without logging each"
                 );
             }
         }

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio::task::{Id, JoinError, JoinSet};
 
 use crate::config::{Config, OutboxConfig, Sink, SinkKind, Tls};
+use crate::daemon::bad_log::BadLog;
 use crate::daemon::core::wall_ms;
 use crate::daemon::metrics::Metrics;
 use crate::daemon::proxy::Route;
@@ -460,6 +461,8 @@ impl Dispatcher {
         // commits, and their messages not started again meanwhile (a full disk must not
         // make delivered messages go out again and again).
         let mut unrecorded: Vec<(i64, Delivery)> = Vec::new();
+        // A dead receiver with a large backlog fails thousands of deliveries a second.
+        let mut retry_log = BadLog::for_sinks("failed deliveries to retry");
         let mut last_resend: HashMap<String, StdInstant> = HashMap::new();
         let mut last_purge = StdInstant::now();
         let mut last_publish: Option<StdInstant> = None;
@@ -482,9 +485,10 @@ impl Dispatcher {
                         let e = paused.entry(p.sink.clone()).or_insert(until);
                         *e = (*e).max(until);
                     }
-                    let d = self.classify(&p, r);
+                    let d = self.classify(&p, r, &mut retry_log);
                     unrecorded.push((p.seq, d));
                 }
+                retry_log.flush(false);
                 if !unrecorded.is_empty() {
                     self.record(&conn, &unrecorded)?;
                     unrecorded.clear();
@@ -684,7 +688,7 @@ impl Dispatcher {
         let cut = flight.len();
         flight.tasks.abort_all();
         for (p, r) in finished.drain(..) {
-            let d = self.classify(&p, r);
+            let d = self.classify(&p, r, &mut retry_log);
             unrecorded.push((p.seq, d));
         }
         self.record(&conn, &unrecorded)?;
@@ -704,7 +708,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn classify(&self, p: &Pending, r: Result<(), Failed>) -> Delivery {
+    fn classify(&self, p: &Pending, r: Result<(), Failed>, retry_log: &mut BadLog) -> Delivery {
         let m = &self.metrics;
         match r {
             Ok(()) => {
@@ -724,7 +728,9 @@ impl Dispatcher {
                     // Never sooner than the receiver asked (429, 503 with Retry-After).
                     let d = backoff(&self.cfg.outbox, p.attempts, p.seq)
                         .max(retry_after.unwrap_or_default());
-                    tracing::warn!(sink = p.sink, id = p.id, attempts = p.attempts + 1, retry_in = ?d, %error, "delivery failed; will retry");
+                    if retry_log.allow(&p.sink) {
+                        tracing::warn!(sink = p.sink, id = p.id, attempts = p.attempts + 1, retry_in = ?d, %error, "delivery failed; will retry");
+                    }
                     Delivery::Retry {
                         next_ms: wall_ms() + d.as_millis() as i64,
                         error,
