@@ -1430,6 +1430,78 @@ fn state_files_are_private() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A state write that fails (here the file size limit, as a full disk would) stops the
+/// daemon with exit 1 and an error naming the state file; the request whose batch failed
+/// is answered 503, and every one answered 202 before is there after the restart.
+#[test]
+fn a_failed_state_write_stops_the_daemon_and_keeps_what_was_acknowledged() {
+    let mut d =
+        Daemon::new("sources: { api: { type: http } }\nsinks: { hook: { type: stdout } }\n");
+    // Writes past 4 MiB fail with EFBIG (SIGXFSZ ignored, as the shell passes it on).
+    let child = std::process::Command::new("bash")
+        .args([
+            "-c",
+            "trap '' XFSZ; ulimit -f 4096; exec \"$0\" run --config \"$1\"",
+        ])
+        .arg(BIN)
+        .arg(d.path("sagawatch.yaml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&d.stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    d.child = Some(child);
+    let port = d.port;
+    wait_for(Duration::from_secs(30), "the daemon to be ready", || {
+        matches!(http(port, "GET", "/readyz", &[], b""), Ok((200, _))).then_some(())
+    });
+    let mut accepted = 0;
+    let refused = (0..100)
+        .find_map(|b| {
+            let body: Vec<String> = (0..1000)
+                .map(|i| {
+                    format!(
+                        r#"{{"time":"{}","type":"OrderPlaced","order_id":"o{b}-{i}","pad":"{}"}}"#,
+                        ts(b),
+                        "x".repeat(500)
+                    )
+                })
+                .collect();
+            match http(port, "POST", "/v1/events", &[], body.join("\n").as_bytes()) {
+                Ok((202, _)) => {
+                    accepted += 1000;
+                    None
+                }
+                other => Some(other),
+            }
+        })
+        .expect("the file size limit was reached");
+    assert!(
+        matches!(&refused, Ok((503, b)) if b.contains("not committed")),
+        "{refused:?}"
+    );
+    let mut c = d.child.take().unwrap();
+    let st = wait_for(Duration::from_secs(30), "the daemon to stop", || {
+        c.try_wait().unwrap()
+    });
+    let err = d.stderr();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "error: state file {}: write failed; batch rolled back",
+            d.path("state.db").display()
+        )),
+        "{err}"
+    );
+    // Without the limit: all that was acknowledged, and nothing of the failed batch.
+    d.start();
+    assert!(accepted > 0);
+    assert_eq!(
+        metric(d.port, "sagawatch_open_instances"),
+        Some(accepted as f64)
+    );
+    assert_eq!(d.terminate(), 0);
+}
+
 /// Event bodies are read a few at a time: many large requests at once do not all sit in
 /// memory together (each is up to `max_body`, and its lines again).
 #[test]

@@ -270,6 +270,19 @@ impl Drop for GateGuard<'_> {
 /// How long a connection waits for a lock another one holds before SQLITE_BUSY.
 pub const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
 
+/// A failure of the first reads of a state file: "not a usable SQLite file" only when
+/// SQLite says the bytes are not a database, or a damaged one; otherwise (a full disk, no
+/// file descriptors left, a read-only file system) what happened.
+fn unusable(path: &Path, e: rusqlite::Error) -> anyhow::Error {
+    let what = match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+            "not a usable SQLite file"
+        }
+        _ => "cannot read",
+    };
+    anyhow::Error::new(e).context(format!("state file {}: {what}", path.display()))
+}
+
 /// Opens (creating if needed) the state file with the settings every connection uses.
 pub fn open(path: &Path) -> Result<Connection> {
     check_path(path)?;
@@ -284,6 +297,8 @@ pub fn open(path: &Path) -> Result<Connection> {
     {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // It exists (a read-only file system says so first): SQLite's open says what is wrong.
+        Err(_) if path.exists() => {}
         Err(e) => {
             return Err(e).with_context(|| format!("state file {}: cannot create", path.display()));
         }
@@ -298,17 +313,17 @@ pub fn open(path: &Path) -> Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Room for the writer's statements, including one UPDATE per changed-column set.
     conn.set_prepared_statement_cache_capacity(64);
-    let unusable = || format!("state file {}: not a usable SQLite file", path.display());
+    let unusable = |e: rusqlite::Error| unusable(path, e);
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .with_context(unusable)?;
+        .map_err(unusable)?;
     if version == 0 {
         // A new file is empty; another program's database is not ours to change (not even
         // to WAL mode).
         let tables: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 3")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-            .with_context(unusable)?;
+            .map_err(unusable)?;
         if !tables.is_empty() {
             bail!(
                 "state file {}: not a sagawatch state file (it holds other tables: {})",
@@ -319,7 +334,7 @@ pub fn open(path: &Path) -> Result<Connection> {
     }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .with_context(unusable)?;
+        .map_err(unusable)?;
     if !mode.eq_ignore_ascii_case("wal") {
         bail!(
             "state file {}: cannot switch to WAL mode (got {mode})",
@@ -352,7 +367,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .with_context(|| format!("state file {}: not a usable SQLite file", path.display()))?;
+        .map_err(|e| unusable(path, e))?;
     if version == 0 {
         bail!(
             "state file {}: not a sagawatch state file (no sagawatch schema in it)",

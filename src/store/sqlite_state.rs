@@ -60,6 +60,8 @@ pub struct SqliteState {
     /// Turns at writing with the outbox dispatcher (the daemon's), held from `begin` to
     /// the commit or rollback.
     gate: Option<Arc<super::WriteGate>>,
+    /// The state file, for errors.
+    path: std::path::PathBuf,
     /// How many early-correlate and cancel rows each (rule, key) hash may have: a
     /// negative cache that spares most triggers two lookups. It only ever overcounts
     /// (then a lookup is made), so it never hides a row. Its size follows remembered
@@ -221,6 +223,7 @@ impl SqliteState {
             read_error: RefCell::default(),
             in_tx: false,
             gate: None,
+            path: path.to_path_buf(),
             remembered: HashMap::new(),
             wal_restart: Arc::default(),
             event: None,
@@ -361,6 +364,13 @@ impl SqliteState {
         Ok(())
     }
 
+    fn write_failed(&self) -> String {
+        format!(
+            "state file {}: write failed; batch rolled back",
+            self.path.display()
+        )
+    }
+
     /// The gate taken with [`with_gate`](Self::with_gate), for the other writer.
     pub fn gate(&self) -> Arc<super::WriteGate> {
         self.gate.clone().unwrap_or_default()
@@ -399,7 +409,7 @@ impl SqliteState {
     pub fn commit(&mut self) -> Result<()> {
         if let Some(e) = self.error.take().or_else(|| self.read_error.take()) {
             self.rollback();
-            return Err(e).context("state write failed; batch rolled back");
+            return Err(e).with_context(|| self.write_failed());
         }
         if !self.in_tx {
             return Ok(());
@@ -407,7 +417,7 @@ impl SqliteState {
         let written = self.write_batch();
         if let Err(e) = written {
             self.rollback();
-            return Err(e).context("state write failed; batch rolled back");
+            return Err(e).with_context(|| self.write_failed());
         }
         self.in_tx = false;
         self.leave_gate();
@@ -686,7 +696,7 @@ impl SqliteState {
             Ok(v) => v,
             Err(e) => {
                 if self.error.is_none() {
-                    tracing::error!(error = %e, "state write failed");
+                    tracing::error!(state = %self.path.display(), error = %e, "state write failed");
                     self.error = Some(e);
                 }
                 T::default()
