@@ -378,6 +378,8 @@ fn run_with(
     let checkpointer_done = Arc::new(Notify::new());
     let checkpointer = {
         let path = cfg.state.clone();
+        // Now, while the core's connection holds the files open.
+        let ids = store::FileIds::of(&path);
         let stop = Arc::clone(&stop_checkpoint);
         let done = Arc::clone(&checkpointer_done);
         std::thread::Builder::new()
@@ -386,7 +388,7 @@ fn run_with(
                 // Without it the WAL grows without bound; its other stop is a state file
                 // deleted under the daemon. Either way: a visible exit.
                 if let Err(e) =
-                    store::checkpoint_loop(&path, Duration::from_secs(1), &stop, &wal_restart)
+                    store::checkpoint_loop(&path, &ids, Duration::from_secs(1), &stop, &wal_restart)
                 {
                     tracing::error!(
                         error = format!("{e:#}"),

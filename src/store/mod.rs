@@ -421,15 +421,14 @@ const WAL_RESTART_FRAMES: i64 = 65536;
 /// frames are already copied by then).
 pub fn checkpoint_loop(
     path: &Path,
+    ids: &FileIds,
     every: StdDuration,
     stop: &std::sync::atomic::AtomicBool,
     restart: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     let conn = open(path)?;
-    // The WAL exists while a connection is open (this one, throughout).
     let wal = wal_path(path);
     let files = [path, wal.as_path()];
-    let ids = files.map(file_identity);
     let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -446,7 +445,7 @@ pub fn checkpoint_loop(
         last = std::time::Instant::now();
         // Writes to a deleted (or replaced) file go on silently, into an inode that
         // disappears at exit with all state: stop loudly instead.
-        for (f, id) in files.iter().zip(&ids) {
+        for (f, id) in files.iter().zip(&ids.0) {
             if let Ok(was) = id
                 && file_identity(f).ok().as_ref() != Some(was)
             {
@@ -476,6 +475,17 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push("-wal");
     p.into()
+}
+
+/// The (device, inode) of the state file and its WAL, taken while the daemon's connection
+/// is open (the WAL exists as long as one is), so that [`checkpoint_loop`] sees them
+/// deleted or replaced.
+pub struct FileIds([std::io::Result<(u64, u64)>; 2]);
+
+impl FileIds {
+    pub fn of(path: &Path) -> FileIds {
+        FileIds([file_identity(path), file_identity(&wal_path(path))])
+    }
 }
 
 /// A file's (device, inode), to see it replaced.
@@ -899,6 +909,40 @@ pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer waiting at the gate goes before the core's next batch, however soon the
+    /// core comes back for it; and the core waits for that turn to end.
+    #[test]
+    fn a_waiting_writer_goes_before_the_cores_next_batch() {
+        use std::sync::Arc;
+        use std::sync::mpsc::channel;
+        let gate = Arc::new(WriteGate::default());
+        gate.enter_core();
+        let (tx, rx) = channel();
+        let other = {
+            let (gate, tx) = (Arc::clone(&gate), tx.clone());
+            std::thread::spawn(move || {
+                let _turn = gate.enter();
+                tx.send("writer in").unwrap();
+                std::thread::sleep(StdDuration::from_millis(50));
+                tx.send("writer out").unwrap();
+            })
+        };
+        // Until the writer waits, the core may go on with its batch.
+        let end = std::time::Instant::now() + StdDuration::from_secs(10);
+        while gate.state.lock().unwrap().waiting == 0 {
+            assert!(std::time::Instant::now() < end, "the writer never waited");
+            std::thread::yield_now();
+        }
+        gate.leave();
+        gate.enter_core();
+        tx.send("core in").unwrap();
+        gate.leave();
+        other.join().unwrap();
+        drop(tx);
+        let order: Vec<&str> = rx.iter().collect();
+        assert_eq!(order, ["writer in", "writer out", "core in"]);
+    }
 
     fn rule_set(names: &[&str]) -> crate::rules::RuleSet {
         let text: String = std::iter::once("rules:\n".to_string())
