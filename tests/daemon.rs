@@ -2554,11 +2554,10 @@ fn a_client_certificate_is_shown_to_receivers_that_ask() {
 /// between two of the core's batches (it starved before: the core begins its next batch
 /// right after each commit, and SQLite's busy handler, polling with sleeps, almost never
 /// caught the moment; alerts waited for the end of the intake, and after the busy
-/// timeout were sent again). A stop in the middle of the intake leaves the queued lines
-/// for the restart (it waited for them before), which reads on from the stored offset:
-/// every alert of the replay arrives, once.
+/// timeout were sent again). After a stop in the middle of the intake, the restart reads
+/// on from the stored offset: every alert of the replay arrives, once.
 #[test]
-fn alerts_leave_during_a_long_intake_which_a_stop_cuts_short() {
+fn alerts_leave_during_a_long_intake_and_a_stop_in_it_loses_nothing() {
     const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
          expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 15m }]\n    \
          on_missing: [{ alert: { summary: 'order {{key}} unpaid' } }]\n";
@@ -2587,7 +2586,6 @@ fn alerts_leave_during_a_long_intake_which_a_stop_cuts_short() {
     write_lines(&d.path("events.jsonl"), &lines);
     let (want, late) = replay(&d.path("rules"), &d.path("events.jsonl"));
     assert_eq!((want.len(), late), (total - 901, 0));
-    d.env = vec![("SAGAWATCH_LOG".into(), "info".into())];
     d.start();
     let (delivered, read) = wait_for(Duration::from_secs(120), "deliveries", || {
         let n = rx.received().len();
@@ -2602,9 +2600,7 @@ fn alerts_leave_during_a_long_intake_which_a_stop_cuts_short() {
         None
     });
     assert!(read < total as f64, "{delivered} delivered, {read} read");
-    // Within the harness's 30 s, though much is still queued for the core.
     assert_eq!(d.terminate(), 0);
-    assert!(d.stderr().contains("queued events left"), "{}", d.stderr());
     d.start();
     wait_delivered(&d, &rx, want.len(), Duration::from_secs(300));
     assert_matches_replay(&rx.received(), &want, 0);

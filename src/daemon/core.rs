@@ -148,8 +148,8 @@ pub struct Core {
     /// Set by `Msg::Stopping`: every message is its own batch.
     stopping: bool,
     /// Set when intake stops (before `Msg::Stopping`, which waits behind queued messages):
-    /// queued lines and records that are read again after a restart (a file's, Kafka's)
-    /// are left for then, so that a stop does not wait for the queue to be worked off.
+    /// queued Kafka records, fetched again after a restart from the stored offsets, are
+    /// left for then, so that a stop does not wait for them to be worked off.
     halt: Arc<std::sync::atomic::AtomicBool>,
     /// How many queued events `halt` left, for the log.
     left: usize,
@@ -266,13 +266,13 @@ impl Core {
         core
     }
 
-    /// Leaves re-readable queued input alone once `halt` is set (see the field).
+    /// Leaves queued Kafka records alone once `halt` is set (see the field).
     pub fn with_halt(mut self, halt: Arc<std::sync::atomic::AtomicBool>) -> Core {
         self.halt = halt;
         self
     }
 
-    /// Whether queued input that its source reads again after a restart is skipped.
+    /// Whether queued Kafka records are skipped.
     fn halted(&self) -> bool {
         self.halt.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -305,13 +305,10 @@ impl Core {
                     done,
                     hold,
                 }) => {
-                    // A file's lines past its stored position are read again; stdin's
-                    // and requests' are not.
-                    if position.is_some() && done.is_none() && self.halted() {
-                        self.left += lines.len();
-                    } else {
-                        self.lines(&source, &lines, &at, position, atomic, done)?;
-                    }
+                    // Not left even for a file, read again from its stored position:
+                    // the queue may hold the end of a file rotated away (or truncated)
+                    // since, which the restart would not find.
+                    self.lines(&source, &lines, &at, position, atomic, done)?;
                     drop(hold);
                 }
                 // Kafka's are fetched again from the stored offsets (the source takes

@@ -216,13 +216,16 @@ struct GateState {
 const GATE_WAIT: StdDuration = StdDuration::from_secs(30);
 
 impl WriteGate {
-    fn wait(&self, mut until_free: impl FnMut(&GateState) -> bool, waiting: bool) {
+    /// Waits for a turn; false when `GATE_WAIT` passed first (then the turn is not taken,
+    /// and SQLite's locking decides).
+    fn wait(&self, mut until_free: impl FnMut(&GateState) -> bool, waiting: bool) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if waiting {
             s.waiting += 1;
         }
         let deadline = std::time::Instant::now() + GATE_WAIT;
-        while !until_free(&s) {
+        let mut free = until_free(&s);
+        while !free {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 break;
@@ -232,23 +235,28 @@ impl WriteGate {
                 .wait_timeout(s, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            free = until_free(&s);
         }
         if waiting {
             s.waiting -= 1;
         }
-        s.held = true;
+        if free {
+            s.held = true;
+        }
+        free
     }
 
     /// The core, before a batch's transaction: after any writer waiting for its turn.
-    pub fn enter_core(&self) {
-        self.wait(|s| !s.held && s.waiting == 0, false);
+    /// Whether the turn was taken (to be ended with [`leave`](Self::leave)).
+    pub fn enter_core(&self) -> bool {
+        self.wait(|s| !s.held && s.waiting == 0, false)
     }
 
     /// Any other writer, before its transaction: waits for the core's commit. The turn
     /// ends when the guard is dropped.
     pub fn enter(&self) -> GateGuard<'_> {
-        self.wait(|s| !s.held, true);
-        GateGuard(self)
+        let took = self.wait(|s| !s.held, true);
+        GateGuard(took.then_some(self))
     }
 
     /// Ends the holder's turn.
@@ -258,12 +266,14 @@ impl WriteGate {
     }
 }
 
-/// A turn at the [`WriteGate`], ended on drop.
-pub struct GateGuard<'a>(&'a WriteGate);
+/// A turn at the [`WriteGate`] (none if the wait timed out), ended on drop.
+pub struct GateGuard<'a>(Option<&'a WriteGate>);
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
-        self.0.leave();
+        if let Some(g) = self.0 {
+            g.leave();
+        }
     }
 }
 
@@ -446,8 +456,14 @@ pub fn checkpoint_loop(
         // Writes to a deleted (or replaced) file go on silently, into an inode that
         // disappears at exit with all state: stop loudly instead.
         for (f, id) in files.iter().zip(&ids.0) {
+            // (A stat that fails otherwise, on a network file system say, proves nothing.)
+            let now = match file_identity(f) {
+                Ok(now) => Some(now),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(_) => continue,
+            };
             if let Ok(was) = id
-                && file_identity(f).ok().as_ref() != Some(was)
+                && now.as_ref() != Some(was)
             {
                 bail!(
                     "{} was deleted or replaced while sagawatch was running; what was committed since is only in the old file, which is lost when the daemon exits",
@@ -917,7 +933,7 @@ mod tests {
         use std::sync::Arc;
         use std::sync::mpsc::channel;
         let gate = Arc::new(WriteGate::default());
-        gate.enter_core();
+        assert!(gate.enter_core());
         let (tx, rx) = channel();
         let other = {
             let (gate, tx) = (Arc::clone(&gate), tx.clone());
@@ -935,7 +951,7 @@ mod tests {
             std::thread::yield_now();
         }
         gate.leave();
-        gate.enter_core();
+        assert!(gate.enter_core());
         tx.send("core in").unwrap();
         gate.leave();
         other.join().unwrap();

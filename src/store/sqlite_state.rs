@@ -58,8 +58,10 @@ pub struct SqliteState {
     read_error: RefCell<Option<rusqlite::Error>>,
     in_tx: bool,
     /// Turns at writing with the outbox dispatcher (the daemon's), held from `begin` to
-    /// the commit or rollback.
+    /// the commit or rollback (or the drop, after a failure in between).
     gate: Option<Arc<super::WriteGate>>,
+    /// Whether this batch took its turn (a wait for it may time out).
+    in_turn: bool,
     /// The state file, for errors.
     path: std::path::PathBuf,
     /// How many early-correlate and cancel rows each (rule, key) hash may have: a
@@ -223,6 +225,7 @@ impl SqliteState {
             read_error: RefCell::default(),
             in_tx: false,
             gate: None,
+            in_turn: false,
             path: path.to_path_buf(),
             remembered: HashMap::new(),
             wal_restart: Arc::default(),
@@ -353,7 +356,7 @@ impl SqliteState {
     pub fn begin(&mut self) -> Result<()> {
         if !self.in_tx {
             if let Some(g) = &self.gate {
-                g.enter_core();
+                self.in_turn = g.enter_core();
             }
             if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
                 self.leave_gate();
@@ -376,8 +379,10 @@ impl SqliteState {
         self.gate.clone().unwrap_or_default()
     }
 
-    fn leave_gate(&self) {
-        if let Some(g) = &self.gate {
+    fn leave_gate(&mut self) {
+        if let Some(g) = &self.gate
+            && std::mem::take(&mut self.in_turn)
+        {
             g.leave();
         }
     }
@@ -1283,5 +1288,13 @@ impl State for SqliteState {
 
     fn open_instances(&self) -> usize {
         self.open.iter().sum::<i64>().max(0) as usize
+    }
+}
+
+/// A batch cut short by an error (the core stops) or a panic gives the turn back: the
+/// dispatcher's remaining records would wait for it otherwise.
+impl Drop for SqliteState {
+    fn drop(&mut self) {
+        self.leave_gate();
     }
 }
