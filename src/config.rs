@@ -138,6 +138,9 @@ pub struct RawBatch {
     /// ... or after this long. Default `100ms`.
     #[serde(default)]
     pub interval: Option<String>,
+    /// `normal` (default) or `full`: whether each commit waits for the disk.
+    #[serde(default)]
+    pub sync: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +236,15 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
+}
+
+/// How durable a batch's commit is (SQLite's `synchronous` on the core's connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchSync {
+    /// Survives a crash of the daemon; the last batches may be lost with the machine.
+    Normal,
+    /// Each commit waits until the WAL is on disk: survives the machine too.
+    Full,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -417,6 +429,7 @@ pub struct Config {
     pub time: TimeConfig,
     pub batch_events: usize,
     pub batch_interval: std::time::Duration,
+    pub batch_sync: BatchSync,
     pub sources: Vec<Source>,
     pub sinks: Vec<Sink>,
     pub alert_sinks: Vec<String>,
@@ -1164,6 +1177,17 @@ impl Checker {
             b.and_then(|b| b.interval.as_deref()),
             "100ms",
         );
+        let batch_sync = match b.and_then(|b| b.sync.as_deref()).unwrap_or("normal") {
+            "normal" => BatchSync::Normal,
+            "full" => BatchSync::Full,
+            other => {
+                self.err(
+                    &bp.key("sync"),
+                    format!("unknown sync {other:?}: use normal or full"),
+                );
+                BatchSync::Normal
+            }
+        };
 
         let mut sources = Vec::new();
         let (mut http_sources, mut stdin_sources) = (0, 0);
@@ -1605,6 +1629,7 @@ impl Checker {
             time,
             batch_events: batch_events as usize,
             batch_interval,
+            batch_sync,
             sources,
             sinks,
             alert_sinks,
@@ -2017,6 +2042,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn batch_sync_is_normal_unless_full_is_asked_for() {
+        let base =
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n";
+        assert_eq!(check(base).unwrap().batch_sync, BatchSync::Normal);
+        let full = check(&format!("{base}batch: {{ sync: full }}\n")).unwrap();
+        assert_eq!(full.batch_sync, BatchSync::Full);
+        let e = check(&format!("{base}batch: {{ sync: always }}\n")).unwrap_err();
+        assert!(
+            e.contains(
+                "sagawatch.yaml:4:16: batch.sync: unknown sync \"always\": use normal or full"
+            ),
+            "{e}"
+        );
     }
 
     /// A secret under the wrong key is not quoted back: the message names its variable.

@@ -180,7 +180,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         let mut conn = store::open(&cfg.state)?;
         store::require_writable(&conn, &cfg.state)?;
         store::migrate(&mut conn, &cfg.state)?;
-        store::writer_settings(&conn)?;
+        store::writer_settings(&conn, cfg.batch_sync == crate::config::BatchSync::Full)?;
         let mut positions = Vec::new();
         for s in &cfg.sources {
             positions.push(store::load_position(&conn, &s.name)?);

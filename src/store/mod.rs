@@ -407,8 +407,13 @@ pub fn require_writable(conn: &Connection, path: &Path) -> Result<()> {
 }
 
 /// For the single writer: checkpoints are left to [`checkpoint_loop`] on another thread,
-/// so commits only append to the WAL.
-pub fn writer_settings(conn: &Connection) -> Result<()> {
+/// so commits only append to the WAL. With `sync_each_commit`, a commit returns only once
+/// the WAL is on disk (`synchronous = FULL`; else `NORMAL`, which syncs at checkpoints:
+/// a commit then survives a crash of the process, not one of the machine).
+pub fn writer_settings(conn: &Connection, sync_each_commit: bool) -> Result<()> {
+    if sync_each_commit {
+        conn.pragma_update(None, "synchronous", "FULL")?;
+    }
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // The writer's page cache (96 MiB): the B-tree interior and the pages around the rows
     // the row cache holds.
@@ -1055,6 +1060,20 @@ mod tests {
         );
     }
 
+    /// `batch.sync: full` reaches the writer's connection; the default is NORMAL.
+    #[test]
+    fn the_writer_syncs_each_commit_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        for (full, want) in [(false, 1), (true, 2)] {
+            let conn = open(&dir.path().join("state.db")).unwrap();
+            writer_settings(&conn, full).unwrap();
+            let got: i64 = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(got, want, "full: {full}");
+        }
+    }
+
     /// A reader that holds an old snapshot (a long timeline API request) defers the WAL's
     /// restart; it neither fails the writer's commit nor holds it for the busy timeout.
     #[test]
@@ -1064,7 +1083,7 @@ mod tests {
         let path = dir.path().join("state.db");
         let mut conn = open(&path).unwrap();
         migrate(&mut conn, &path).unwrap();
-        writer_settings(&conn).unwrap();
+        writer_settings(&conn, false).unwrap();
         let mut st = SqliteState::open(conn, &rule_set(&["a"]), &path).unwrap();
         let put = |st: &mut SqliteState, key: &str| {
             st.begin().unwrap();
