@@ -55,10 +55,12 @@ parts = os.environ.get("BENCH_PARTS", "1234")
 
 if "1" in parts:
     # 1. Sustained throughput from a file source with durable state: default batches (100ms),
-    #    then 1s batches (a row changed several times in a batch is written once).
+    #    then 1s batches (a row changed several times in a batch is written once), then
+    #    default batches each synced to disk (`batch.sync: full`: an fsync per commit).
     events_file = os.path.abspath(os.path.join(bench_dir, "checkout-1000000.jsonl"))
     n_events = sum(1 for _ in open(events_file, "rb"))
-    for label, batch in [("default batches", ""), ("batch.interval 1s", "batch: { interval: 1s, events: 500000 }\n")]:
+    for label, batch in [("default batches", ""), ("batch.interval 1s", "batch: { interval: 1s, events: 500000 }\n"),
+                         ("batch.sync full", "batch: { sync: full }\n")]:
         rates, rss, wbytes, cpu = [], [], [], []
         for _ in range(runs):
             d, port = setup("throughput", open("rules/orders.yaml").read(),
