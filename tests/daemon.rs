@@ -1100,6 +1100,71 @@ fn stdin_source_and_stdout_sink_print_what_replay_reports() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A SIGTERM while stdin streams in: every line the daemon took from the pipe is in the
+/// state after the stop, and what it did not take is still in the pipe. (It used to drop
+/// what it had read but not yet handed to the core: up to 64 KiB that nothing could
+/// read again.)
+#[test]
+fn a_stop_keeps_every_line_taken_from_stdin() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 1000h }]\n";
+    let mut d = Daemon::with_rules(
+        RULE,
+        "sources: { events: { type: stdin } }\nsinks: { hook: { type: stdout } }\n",
+    );
+    let total = 200_000;
+    let mut data = Vec::new();
+    for i in 0..total {
+        writeln!(
+            data,
+            r#"{{"time":"{}","type":"OrderPlaced","order_id":"o{i}"}}"#,
+            ts(i)
+        )
+        .unwrap();
+    }
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    d.child = Some(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(d.path("sagawatch.yaml"))
+            .env("SAGAWATCH_LOG", "info")
+            .stdin(reader.try_clone().unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&d.stderr_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let feed = data.clone();
+    let feeder = std::thread::spawn(move || {
+        let mut writer = writer;
+        // Fails with EPIPE only if the reads below have ended, which they do not before
+        // this end is closed.
+        writer.write_all(&feed).unwrap();
+    });
+    wait_for(Duration::from_secs(60), "events read from stdin", || {
+        (metric(d.port, "sagawatch_events_received_total")? >= 10_000.0).then_some(())
+    });
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+    // What the daemon left in the pipe (the read end kept here), once the rest is written.
+    let mut left = Vec::new();
+    reader.read_to_end(&mut left).unwrap();
+    feeder.join().unwrap();
+    let taken = data.len() - left.len();
+    assert!(!left.is_empty(), "the stop came after the end of the input");
+    let lines = data[..taken].iter().filter(|&&b| b == b'\n').count() as i64;
+    let c = rusqlite::Connection::open(d.path("state.db")).unwrap();
+    let open: i64 = c
+        .query_row("SELECT count(*) FROM instances", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(open, lines, "{} bytes taken", taken);
+    if taken < data.len() && data[taken - 1] != b'\n' {
+        assert!(
+            d.stderr()
+                .contains("stopping in the middle of a stdin line")
+        );
+    }
+}
+
 /// A clock that jumps past thousands of deadlines at once (an upstream outage, a long
 /// stop) fires them a chunk at a time; every one is reported, once, as replay reports it.
 #[test]

@@ -426,10 +426,12 @@ fn run_with(
             }
             SourceKind::Stdin => {
                 let skips = sources::Skips::new(&metrics, &s.name);
-                // Not joined on shutdown: a read from stdin cannot be interrupted.
-                std::thread::Builder::new()
-                    .name(format!("source-{}", s.name))
-                    .spawn(move || sources::run_stdin(name, tx, stop, skips))?;
+                // Joined like the others: it reads only what poll(2) says is there.
+                source_threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("source-{}", s.name))
+                        .spawn(move || sources::run_stdin(name, tx, stop, skips))?,
+                );
             }
             SourceKind::Http { .. } | SourceKind::Kafka { .. } => {}
         }

@@ -596,14 +596,19 @@ fn push_line(lines: &mut Vec<String>, raw: &[u8]) -> Option<bool> {
     Some(!t.is_empty())
 }
 
-/// Reads stdin to its end. Lines read are sent before any read that may block, so none
-/// waits on input that has not come.
+/// Reads stdin to its end, or until `stop`. Lines read are sent before any read that may
+/// block, so none waits on input that has not come; and stdin is read only once poll(2)
+/// says a read will not block, so a stop is seen within [`STDIN_POLL`] and nothing read
+/// from the pipe is left unsent (it could not be read again after a restart).
 pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, skips: Skips) {
     let mut skips = Skips {
         by_line: true,
         ..skips
     };
-    let mut reader = BufReader::with_capacity(1 << 16, std::io::stdin());
+    let stdin = std::io::stdin();
+    // Reads of 64 KiB bypass std's own (smaller) stdin buffer, so what poll(2) does not
+    // see is only ever in this one.
+    let mut reader = BufReader::with_capacity(1 << 16, stdin.lock());
     let mut partial = Vec::new();
     let mut skipping = 0u64;
     let mut lines = Lines::default();
@@ -624,8 +629,26 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
             .is_ok()
         }
     };
-    while !stop.load(Ordering::Relaxed) {
-        if (reader.buffer().is_empty() || lines.full()) && !send(&mut lines) {
+    loop {
+        if reader.buffer().is_empty() {
+            if !send(&mut lines) {
+                return;
+            }
+            if !readable(&stdin, &stop) {
+                let held = partial.len() as u64 + skipping;
+                if held > 0 {
+                    tracing::warn!(
+                        source = &*name,
+                        line = number,
+                        bytes = held,
+                        "stopping in the middle of a stdin line; its start is dropped"
+                    );
+                } else {
+                    tracing::info!(source = &*name, "stdin intake stopped");
+                }
+                return;
+            }
+        } else if lines.full() && !send(&mut lines) {
             return;
         }
         let step = next_line(&mut reader, &mut partial, &mut skipping).unwrap_or_else(|e| {
@@ -654,6 +677,30 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
                 tracing::info!(source = &*name, "stdin closed");
                 return;
             }
+        }
+    }
+}
+
+/// How long stdin is polled before `stop` is looked at again.
+const STDIN_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until a read of `fd` will not block (data, end of input or an error to report):
+/// true; or until `stop`: false.
+fn readable(fd: &impl std::os::fd::AsFd, stop: &AtomicBool) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let timeout = Timespec {
+        tv_sec: STDIN_POLL.as_secs() as _,
+        tv_nsec: STDIN_POLL.subsec_nanos() as _,
+    };
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => {}
+            // Readable, hung up or invalid: the read says which.
+            Ok(_) | Err(_) => return true,
         }
     }
 }
