@@ -866,3 +866,81 @@ rules:
     assert_eq!(st, 200, "{b}");
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
 }
+
+/// A partition that is shorter than the offset stored for it (the topic was deleted and
+/// created again, or the broker lost its data): the stored offset is out of range, the
+/// partition is read again from where `auto.offset.reset` says (default: its start), the
+/// log says so, and the lag does not count the offsets that are gone.
+#[test]
+fn a_stored_offset_past_the_partition_end_reads_the_partition_again() {
+    const RULES: &str = r#"
+rules:
+  - name: pay
+    trigger: { source: orders, where: { type: OrderPlaced }, key: order_id }
+    expect:
+      - { step: payment, source: orders, where: { type: PaymentCompleted }, key: order_id, within: 1000h }
+"#;
+    let mut broker = Broker::start(false);
+    broker.create_topics(&[("orders", 1)]);
+    let placed = |i: usize| {
+        format!(r#"{{"time":"2026-01-01T00:00:0{i}Z","type":"OrderPlaced","order_id":"o{i}"}}"#)
+    };
+    let first: Vec<String> = (0..5).map(placed).collect();
+    broker.produce(
+        &first
+            .iter()
+            .map(|l| ("orders", "k", l.as_str(), None))
+            .collect::<Vec<_>>(),
+    );
+    let mut d = Daemon::with_rules(
+        RULES,
+        &format!(
+            "time: {{ lateness: 0s }}\nbatch: {{ interval: 50ms }}\nkafka: {{ brokers: '{}' }}\nsources:\n  orders: {{ type: kafka }}\nsinks:\n  out: {{ type: stdout }}\n",
+            broker.brokers()
+        ),
+    );
+    d.env.push(("SAGAWATCH_LOG".into(), "info".into()));
+    d.start();
+    let committed = |d: &Daemon| {
+        metric(
+            d.port,
+            "sagawatch_kafka_committed_offset{partition=\"0\",topic=\"orders\"}",
+        )
+    };
+    wait_for(Duration::from_secs(60), "offset 5 stored", || {
+        (committed(&d) == Some(5.0)).then_some(())
+    });
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+    // In memory: the restarted broker has nothing; the topic is created again, shorter.
+    broker.restart();
+    broker.create_topics(&[("orders", 1)]);
+    let second: Vec<String> = (5..7).map(placed).collect();
+    broker.produce(
+        &second
+            .iter()
+            .map(|l| ("orders", "k", l.as_str(), None))
+            .collect::<Vec<_>>(),
+    );
+    d.start();
+    wait_for(Duration::from_secs(60), "the new partition read", || {
+        (metric(d.port, "sagawatch_events_received_total{source=\"orders\"}") == Some(2.0)
+            && committed(&d) == Some(2.0))
+        .then_some(())
+    });
+    wait_for(Duration::from_secs(30), "no lag", || {
+        let lag = metric(
+            d.port,
+            "sagawatch_kafka_consumer_lag{partition=\"0\",topic=\"orders\"}",
+        );
+        (lag == Some(0.0)).then_some(())
+    });
+    assert!(
+        d.stderr().contains(
+            "the offset stored for this partition is past its end (the topic was recreated, \
+             or the broker lost data); reading from its start"
+        ),
+        "{}",
+        d.stderr()
+    );
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}

@@ -532,10 +532,9 @@ impl Dispatcher {
                         let fetched = due.len();
                         let mut queue: VecDeque<Pending> = due.into();
                         while let Some(p) = queue.pop_front() {
-                            if flight.has(p.seq)
-                                || unrecorded.iter().any(|(seq, _)| *seq == p.seq)
-                                || !seen.insert(p.seq)
-                            {
+                            // (Nothing is unrecorded here: a failed record ends the
+                            // round above, before anything starts.)
+                            if flight.has(p.seq) || !seen.insert(p.seq) {
                                 continue;
                             }
                             waiting = true;

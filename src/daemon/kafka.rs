@@ -163,6 +163,41 @@ fn consumer_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Where a partition with a stored offset starts.
+#[derive(Debug, PartialEq)]
+enum Start {
+    /// At the stored offset (also when the watermarks are not known).
+    Stored,
+    /// The partition ends (this offset) before the stored offset: its offsets now name
+    /// other messages (the topic was recreated, or the broker lost data), and a fetch
+    /// from the stored one would skip them, or wait for them. Where `auto.offset.reset`
+    /// says, as for a partition never read (not the group's offset, which mirrors the
+    /// stored one).
+    PastEnd(i64),
+    /// The messages from the stored offset to this one were deleted before they were
+    /// read (retention): from the oldest one left, whatever `auto.offset.reset` says.
+    Deleted(i64),
+}
+
+/// Where a partition starts, from the offset stored for it and its watermarks (`lo`,
+/// `hi`) when the broker gave them.
+fn start_of(stored: i64, range: Option<(i64, i64)>) -> Start {
+    match range {
+        Some((_, hi)) if stored > hi => Start::PastEnd(hi),
+        Some((lo, _)) if stored < lo => Start::Deleted(lo),
+        _ => Start::Stored,
+    }
+}
+
+/// Where `auto.offset.reset` in `c` starts a partition (`None` for `error`).
+fn reset_offset(c: &ClientConfig) -> Option<Offset> {
+    match c.get("auto.offset.reset").unwrap_or("largest") {
+        "smallest" | "earliest" | "beginning" => Some(Offset::Beginning),
+        "error" => None,
+        _ => Some(Offset::End),
+    }
+}
+
 /// The producer's client context: librdkafka's logs and errors to `tracing`, and its
 /// errors counted (when there are metrics: not for the startup check).
 pub struct LogContext(Option<Arc<Metrics>>, Mutex<Option<String>>);
@@ -593,6 +628,9 @@ struct Ctx {
     topics: HashMap<String, Arc<str>>,
     /// Reads stored positions on assignment.
     state: Mutex<Connection>,
+    /// Where a partition whose stored offset lies past its end starts instead: what
+    /// `auto.offset.reset` says (`None`: `error`, left to librdkafka).
+    reset: Option<Offset>,
     inner: Mutex<Inner>,
     /// Set when the core is gone: stop consuming.
     core_gone: AtomicBool,
@@ -891,6 +929,43 @@ impl Ctx {
         tracing::info!(partitions = %list(tpl), "kafka: partitions revoked");
     }
 
+    /// Where an assigned partition starts (see [`start_of`]), logged when that is not
+    /// the offset stored for it.
+    fn start_at(&self, topic: &str, part: i32, off: i64, range: Option<(i64, i64)>) -> Offset {
+        match start_of(off, range) {
+            Start::Stored => Offset::Offset(off),
+            Start::PastEnd(end) => {
+                let to = match self.reset {
+                    Some(Offset::Beginning) => "its start, as auto.offset.reset says",
+                    Some(_) => "its end, as auto.offset.reset says",
+                    // librdkafka reports it as an error.
+                    None => "the stored offset (auto.offset.reset is error)",
+                };
+                tracing::warn!(
+                    topic,
+                    partition = part,
+                    stored = off,
+                    end,
+                    "kafka: the offset stored for this partition is past its end (the topic \
+                     was recreated, or the broker lost data); reading from {to}"
+                );
+                self.reset.unwrap_or(Offset::Offset(off))
+            }
+            Start::Deleted(lo) => {
+                tracing::warn!(
+                    topic,
+                    partition = part,
+                    stored = off,
+                    oldest = lo,
+                    lost = lo - off,
+                    "kafka: messages of this partition were deleted (retention) before they \
+                     were read; reading from the oldest one left"
+                );
+                Offset::Offset(lo)
+            }
+        }
+    }
+
     /// Seek every assigned partition to the offset stored with the state.
     fn on_assign(&self, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList) {
         self.metrics
@@ -902,14 +977,34 @@ impl Ctx {
             .iter()
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
+        // Watermarks first: a stored offset outside them is not where to start, and they
+        // tell ordering at once which partitions have a backlog (statistics would tell
+        // only a second later).
+        let mut marks = Vec::new();
+        for (t, p) in &parts {
+            match consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
+                Ok((lo, hi)) => marks.push((t.clone(), *p, lo, hi)),
+                Err(e) => {
+                    tracing::debug!(error = %e, topic = t, partition = p, "kafka: no watermarks")
+                }
+            }
+        }
         let mut stored = Vec::new();
         {
             let conn = lock(&self.state);
             for (t, p) in &parts {
                 match store::load_position(&conn, &store::kafka_position_key(t, *p)) {
                     Ok(Some(pos)) => {
-                        let _ = tpl.set_partition_offset(t, *p, Offset::Offset(pos.offset as i64));
-                        stored.push((t.clone(), *p, pos.offset as i64));
+                        let off = pos.offset as i64;
+                        let range = marks
+                            .iter()
+                            .find(|m| m.0 == *t && m.1 == *p)
+                            .map(|m| (m.2, m.3));
+                        let start = self.start_at(t, *p, off, range);
+                        let _ = tpl.set_partition_offset(t, *p, start);
+                        if let Offset::Offset(start) = start {
+                            stored.push((t.clone(), *p, start));
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => tracing::error!(
@@ -927,17 +1022,6 @@ impl Ctx {
         };
         if let Err(e) = r {
             tracing::error!(error = %e, "kafka: assign failed");
-        }
-        // High watermarks now, so ordering knows at once which partitions have a backlog
-        // (statistics would tell only a second later).
-        let mut marks = Vec::new();
-        for (t, p) in &parts {
-            match consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
-                Ok((lo, hi)) => marks.push((t.clone(), *p, lo, hi)),
-                Err(e) => {
-                    tracing::debug!(error = %e, topic = t, partition = p, "kafka: no watermarks")
-                }
-            }
         }
         let mut inner = lock(&self.inner);
         if !matches!(
@@ -1151,6 +1235,7 @@ impl Source {
                 .collect(),
             sources,
             state: Mutex::new(store::open(&self.cfg.state)?),
+            reset: reset_offset(&consumer_config(k)),
             inner: Mutex::default(),
             core_gone: AtomicBool::new(false),
             reported: Mutex::new(None),
@@ -1219,6 +1304,41 @@ impl Source {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_offset_outside_the_watermarks_is_not_where_to_start() {
+        assert_eq!(start_of(5, None), Start::Stored);
+        assert_eq!(start_of(5, Some((0, 5))), Start::Stored);
+        assert_eq!(start_of(5, Some((5, 9))), Start::Stored);
+        assert_eq!(start_of(6, Some((0, 5))), Start::PastEnd(5));
+        assert_eq!(start_of(3, Some((4, 9))), Start::Deleted(4));
+        let reset = |v: Option<&str>| {
+            let mut c = ClientConfig::new();
+            if let Some(v) = v {
+                c.set("auto.offset.reset", v);
+            }
+            reset_offset(&c)
+        };
+        assert_eq!(reset(Some("earliest")), Some(Offset::Beginning));
+        assert_eq!(reset(Some("smallest")), Some(Offset::Beginning));
+        assert_eq!(reset(Some("latest")), Some(Offset::End));
+        assert_eq!(reset(Some("error")), None);
+        // librdkafka's own default.
+        assert_eq!(reset(None), Some(Offset::End));
+        let mut k = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            group: "g".into(),
+            consumer: Vec::new(),
+            producer: Vec::new(),
+            connect_timeout: Duration::from_secs(1),
+            align_wait: Duration::from_secs(1),
+        };
+        // sagawatch's default, and the user's choice over it.
+        assert_eq!(reset_offset(&consumer_config(&k)), Some(Offset::Beginning));
+        k.consumer
+            .push(("auto.offset.reset".into(), "latest".into()));
+        assert_eq!(reset_offset(&consumer_config(&k)), Some(Offset::End));
+    }
 
     /// rdkafka hands each producer error event to the context twice in a row: counted
     /// once. The next event, though the same error, counts again.
