@@ -168,12 +168,12 @@ fn consumer_config(k: &KafkaConfig) -> ClientConfig {
 enum Start {
     /// At the stored offset (also when the watermarks are not known).
     Stored,
-    /// The partition ends (this offset) before the stored offset: its offsets now name
-    /// other messages (the topic was recreated, or the broker lost data), and a fetch
-    /// from the stored one would skip them, or wait for them. Where `auto.offset.reset`
-    /// says, as for a partition never read (not the group's offset, which mirrors the
-    /// stored one).
-    PastEnd(i64),
+    /// The partition (`lo` to `hi`) ends before the stored offset: the topic was
+    /// recreated (its offsets now name other messages), or the broker lost data. A fetch
+    /// from the stored offset would skip what comes up to it, or wait for it. Where
+    /// `auto.offset.reset` says, as for a partition never read, but from the watermarks
+    /// (not the group's offset, which mirrors the stored one).
+    PastEnd { lo: i64, hi: i64 },
     /// The messages from the stored offset to this one were deleted before they were
     /// read (retention): from the oldest one left, whatever `auto.offset.reset` says.
     Deleted(i64),
@@ -183,7 +183,7 @@ enum Start {
 /// `hi`) when the broker gave them.
 fn start_of(stored: i64, range: Option<(i64, i64)>) -> Start {
     match range {
-        Some((_, hi)) if stored > hi => Start::PastEnd(hi),
+        Some((lo, hi)) if stored > hi => Start::PastEnd { lo, hi },
         Some((lo, _)) if stored < lo => Start::Deleted(lo),
         _ => Start::Stored,
     }
@@ -191,7 +191,9 @@ fn start_of(stored: i64, range: Option<(i64, i64)>) -> Start {
 
 /// Where `auto.offset.reset` in `c` starts a partition (`None` for `error`).
 fn reset_offset(c: &ClientConfig) -> Option<Offset> {
-    match c.get("auto.offset.reset").unwrap_or("largest") {
+    // librdkafka reads the value ignoring case.
+    let v = c.get("auto.offset.reset").unwrap_or("largest").trim();
+    match v.to_ascii_lowercase().as_str() {
         "smallest" | "earliest" | "beginning" => Some(Offset::Beginning),
         "error" => None,
         _ => Some(Offset::End),
@@ -921,6 +923,9 @@ impl Ctx {
             inner.drained.remove(tp);
             inner.assigned.remove(tp);
             inner.mirrored.remove(tp);
+            // Set again on the next assignment from the state file: a partition that
+            // comes back different (a recreated topic) must not inherit the old one.
+            inner.committed.remove(tp);
             let labels = [&*tp.0, &tp.1.to_string()];
             let _ = self.metrics.kafka_lag.remove_label_values(&labels);
             let _ = self.metrics.kafka_committed.remove_label_values(&labels);
@@ -929,27 +934,26 @@ impl Ctx {
         tracing::info!(partitions = %list(tpl), "kafka: partitions revoked");
     }
 
-    /// Where an assigned partition starts (see [`start_of`]), logged when that is not
-    /// the offset stored for it.
-    fn start_at(&self, topic: &str, part: i32, off: i64, range: Option<(i64, i64)>) -> Offset {
+    /// The offset an assigned partition starts from (see [`start_of`]), logged when that
+    /// is not the offset stored for it.
+    fn start_at(&self, topic: &str, part: i32, off: i64, range: Option<(i64, i64)>) -> i64 {
         match start_of(off, range) {
-            Start::Stored => Offset::Offset(off),
-            Start::PastEnd(end) => {
-                let to = match self.reset {
-                    Some(Offset::Beginning) => "its start, as auto.offset.reset says",
-                    Some(_) => "its end, as auto.offset.reset says",
-                    // librdkafka reports it as an error.
-                    None => "the stored offset (auto.offset.reset is error)",
+            Start::Stored => off,
+            Start::PastEnd { lo, hi } => {
+                let (start, to) = match self.reset {
+                    Some(Offset::Beginning) => (lo, "reading from its start"),
+                    Some(_) => (hi, "reading from its end"),
+                    None => (off, "nothing is read from it until that is resolved"),
                 };
                 tracing::warn!(
                     topic,
                     partition = part,
                     stored = off,
-                    end,
+                    end = hi,
                     "kafka: the offset stored for this partition is past its end (the topic \
-                     was recreated, or the broker lost data); reading from {to}"
+                     was recreated, or the broker lost data); {to}, as auto.offset.reset says"
                 );
-                self.reset.unwrap_or(Offset::Offset(off))
+                start
             }
             Start::Deleted(lo) => {
                 tracing::warn!(
@@ -957,11 +961,10 @@ impl Ctx {
                     partition = part,
                     stored = off,
                     oldest = lo,
-                    lost = lo - off,
                     "kafka: messages of this partition were deleted (retention) before they \
                      were read; reading from the oldest one left"
                 );
-                Offset::Offset(lo)
+                lo
             }
         }
     }
@@ -983,7 +986,9 @@ impl Ctx {
         let mut marks = Vec::new();
         for (t, p) in &parts {
             match consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
-                Ok((lo, hi)) => marks.push((t.clone(), *p, lo, hi)),
+                // librdkafka gives -1 for what the broker did not say.
+                Ok((lo, hi)) if lo >= 0 && hi >= 0 => marks.push((t.clone(), *p, lo, hi)),
+                Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, topic = t, partition = p, "kafka: no watermarks")
                 }
@@ -1001,10 +1006,8 @@ impl Ctx {
                             .find(|m| m.0 == *t && m.1 == *p)
                             .map(|m| (m.2, m.3));
                         let start = self.start_at(t, *p, off, range);
-                        let _ = tpl.set_partition_offset(t, *p, start);
-                        if let Offset::Offset(start) = start {
-                            stored.push((t.clone(), *p, start));
-                        }
+                        let _ = tpl.set_partition_offset(t, *p, Offset::Offset(start));
+                        stored.push((t.clone(), *p, start, start != off));
                     }
                     Ok(None) => {}
                     Err(e) => tracing::error!(
@@ -1041,8 +1044,13 @@ impl Ctx {
                 inner.assigned.insert((ta, *p));
             }
         }
-        for (t, p, off) in stored {
+        for (t, p, off, moved) in stored {
             if let Some(ta) = self.topic_arc(&t) {
+                // Stored with the next batch, even if the partition gives nothing: the
+                // check is not made again at every restart.
+                if moved {
+                    inner.next.insert((Arc::clone(&ta), p), off);
+                }
                 inner.start.insert((Arc::clone(&ta), p), off);
                 self.metrics
                     .kafka_committed
@@ -1310,7 +1318,7 @@ mod tests {
         assert_eq!(start_of(5, None), Start::Stored);
         assert_eq!(start_of(5, Some((0, 5))), Start::Stored);
         assert_eq!(start_of(5, Some((5, 9))), Start::Stored);
-        assert_eq!(start_of(6, Some((0, 5))), Start::PastEnd(5));
+        assert_eq!(start_of(6, Some((1, 5))), Start::PastEnd { lo: 1, hi: 5 });
         assert_eq!(start_of(3, Some((4, 9))), Start::Deleted(4));
         let reset = |v: Option<&str>| {
             let mut c = ClientConfig::new();
@@ -1321,6 +1329,7 @@ mod tests {
         };
         assert_eq!(reset(Some("earliest")), Some(Offset::Beginning));
         assert_eq!(reset(Some("smallest")), Some(Offset::Beginning));
+        assert_eq!(reset(Some("Earliest")), Some(Offset::Beginning));
         assert_eq!(reset(Some("latest")), Some(Offset::End));
         assert_eq!(reset(Some("error")), None);
         // librdkafka's own default.

@@ -376,9 +376,10 @@ fn run_with(
 
     let stop_checkpoint = Arc::new(AtomicBool::new(false));
     let checkpointer_done = Arc::new(Notify::new());
+    // Now, while the core's connection holds the files open.
+    let state_ids = store::FileIds::of(&cfg.state);
     let checkpointer = {
         let path = cfg.state.clone();
-        // Now, while the core's connection holds the files open.
         let ids = store::FileIds::of(&path);
         let stop = Arc::clone(&stop_checkpoint);
         let done = Arc::clone(&checkpointer_done);
@@ -523,6 +524,14 @@ fn run_with(
         }
     })?;
 
+    // A state file deleted under the daemon makes the other threads' reads and writes fail
+    // too (the dispatcher's may come first): the cause is the message. Looked at now,
+    // while the other threads' connections keep the WAL (the last one to close removes it).
+    let gone = failed
+        .is_some()
+        .then(|| state_ids.check(&cfg.state).err())
+        .flatten();
+
     // Stop intake, commit, drain the outbox for a bounded time. Reload requests still
     // waiting (and any from now on) are answered 503 instead of hanging.
     rt.block_on(shared.reload_result.lock()).take();
@@ -545,6 +554,9 @@ fn run_with(
     let _ = dispatcher.join();
     stop_checkpoint.store(true, Ordering::Relaxed);
     let _ = checkpointer.join();
+    if let Some(e) = gone {
+        return Err(e);
+    }
     match (core_result, failed) {
         (Err(e), _) => Err(e),
         (Ok(()), Some(why)) => Err(anyhow::anyhow!(why)),

@@ -700,7 +700,9 @@ fn readable(fd: &impl std::os::fd::AsFd, stop: &AtomicBool) -> bool {
         match poll(&mut fds, Some(&timeout)) {
             Ok(0) | Err(rustix::io::Errno::INTR) => {}
             // Readable, hung up or invalid: the read says which.
-            Ok(_) | Err(_) => return true,
+            Ok(_) => return true,
+            // (Out of memory, say: a read now might block past a stop.)
+            Err(_) => std::thread::sleep(STDIN_POLL),
         }
     }
 }

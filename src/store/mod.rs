@@ -442,8 +442,6 @@ pub fn checkpoint_loop(
     restart: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     let conn = open(path)?;
-    let wal = wal_path(path);
-    let files = [path, wal.as_path()];
     let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -460,22 +458,7 @@ pub fn checkpoint_loop(
         last = std::time::Instant::now();
         // Writes to a deleted (or replaced) file go on silently, into an inode that
         // disappears at exit with all state: stop loudly instead.
-        for (f, id) in files.iter().zip(&ids.0) {
-            // (A stat that fails otherwise, on a network file system say, proves nothing.)
-            let now = match file_identity(f) {
-                Ok(now) => Some(now),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(_) => continue,
-            };
-            if let Ok(was) = id
-                && now.as_ref() != Some(was)
-            {
-                bail!(
-                    "{} was deleted or replaced while sagawatch was running; what was committed since is only in the old file, which is lost when the daemon exits",
-                    f.display()
-                );
-            }
-        }
+        ids.check(path)?;
         match checkpoint("PASSIVE") {
             Ok((_, log, _)) if log > WAL_RESTART_FRAMES => {
                 restart.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -506,6 +489,28 @@ pub struct FileIds([std::io::Result<(u64, u64)>; 2]);
 impl FileIds {
     pub fn of(path: &Path) -> FileIds {
         FileIds([file_identity(path), file_identity(&wal_path(path))])
+    }
+
+    /// An error naming the file if the state file at `path` or its WAL is no longer the
+    /// one these were taken from.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        for (f, id) in [path.to_path_buf(), wal_path(path)].iter().zip(&self.0) {
+            // (A stat that fails otherwise, on a network file system say, proves nothing.)
+            let now = match file_identity(f) {
+                Ok(now) => Some(now),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(_) => continue,
+            };
+            if let Ok(was) = id
+                && now.as_ref() != Some(was)
+            {
+                bail!(
+                    "{} was deleted or replaced while sagawatch was running; what was committed since is only in the old file, which is lost when the daemon exits",
+                    f.display()
+                );
+            }
+        }
+        Ok(())
     }
 }
 
