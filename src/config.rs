@@ -128,6 +128,10 @@ pub struct RawTime {
     /// `event` (default) or `wall` (event times are the receipt times).
     #[serde(default)]
     pub clock: Option<String>,
+    /// Event times further than this ahead of the wall clock do not move the clock.
+    /// Default: off.
+    #[serde(default)]
+    pub max_ahead: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +264,9 @@ pub struct TimeConfig {
     /// Nanoseconds; 0 disables the idle fallback.
     pub idle: i64,
     pub clock: ClockMode,
+    /// Nanoseconds: event times past wall time plus this do not move the clock (`None`:
+    /// off).
+    pub max_ahead: Option<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -1152,6 +1159,9 @@ impl Checker {
                 "10s",
                 true,
             ),
+            max_ahead: t
+                .and_then(|t| t.max_ahead.as_deref())
+                .map(|text| self.duration(&tp.key("max_ahead"), Some(text), text, false)),
             clock: match t.and_then(|t| t.clock.as_deref()).unwrap_or("event") {
                 "event" => ClockMode::Event,
                 "wall" => ClockMode::Wall,
@@ -2058,6 +2068,17 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn max_ahead_is_off_unless_set_and_must_be_positive() {
+        let base =
+            "rules: rules\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n";
+        assert_eq!(check(base).unwrap().time.max_ahead, None);
+        let c = check(&format!("{base}time: {{ max_ahead: 10m }}\n")).unwrap();
+        assert_eq!(c.time.max_ahead, Some(600_000_000_000));
+        let e = check(&format!("{base}time: {{ max_ahead: 0s }}\n")).unwrap_err();
+        assert!(e.contains("sagawatch.yaml:4:20: time.max_ahead: "), "{e}");
     }
 
     /// A secret under the wrong key is not quoted back: the message names its variable.

@@ -1165,6 +1165,64 @@ fn a_stop_keeps_every_line_taken_from_stdin() {
     }
 }
 
+/// `time.max_ahead`: an event dated years ahead (a producer with a wrong clock) is applied,
+/// counted and logged, but does not move the clock, so the open deadlines do not all pass
+/// at once; the services' events go on as before.
+#[test]
+fn an_event_dated_far_ahead_does_not_pass_every_deadline() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 15m }]\n    \
+         on_missing: [{ alert: { summary: 'order {{key}} unpaid' } }]\n";
+    let mut d = Daemon::with_rules(
+        RULE,
+        "time: { idle: 0s, max_ahead: 1h }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\nalerts: { sinks: [out] }\n",
+    );
+    d.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let at = |secs: i64| sagawatch::time::format_rfc3339(now + secs * 1_000_000_000);
+    let post = |body: String| {
+        let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+    };
+    post(format!(
+        r#"{{"time":"{}","type":"OrderPlaced","order_id":"a"}}"#,
+        at(0)
+    ));
+    post(r#"{"time":"2099-01-01T00:00:00Z","type":"OrderPlaced","order_id":"z"}"#.into());
+    assert_eq!(
+        metric(d.port, r#"sagawatch_events_ahead_total{source="api"}"#),
+        Some(1.0)
+    );
+    // Still at a's time.
+    let clock = metric(d.port, "sagawatch_engine_clock_seconds").unwrap();
+    assert!(
+        (clock - now as f64 / 1e9).abs() < 1.0,
+        "clock {clock}, a at {now}"
+    );
+    assert!(
+        d.stderr()
+            .contains("event dated more than time.max_ahead ahead of the wall clock"),
+        "{}",
+        d.stderr()
+    );
+    // a's deadline (15 minutes on) is not past: its payment is on time.
+    post(format!(
+        r#"{{"time":"{}","type":"PaymentCompleted","order_id":"a"}}"#,
+        at(60)
+    ));
+    wait_for(Duration::from_secs(10), "a's payment counted", || {
+        (metric(d.port, r#"sagawatch_steps_total{outcome="satisfied""#) == Some(1.0)).then_some(())
+    });
+    let missing = metric(d.port, r#"sagawatch_steps_total{outcome="missing""#);
+    assert_eq!(missing.unwrap_or(0.0), 0.0);
+    let (_, t) = http(d.port, "GET", "/v1/instances/pay/z", &[], b"").unwrap();
+    assert!(t.contains("2099-01-01T00:00:00Z"), "{t}");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A clock that jumps past thousands of deadlines at once (an upstream outage, a long
 /// stop) fires them a chunk at a time; every one is reported, once, as replay reports it.
 #[test]

@@ -145,6 +145,8 @@ pub struct Core {
     kafka: Option<Arc<crate::daemon::kafka::Health>>,
     children: Children,
     bad_log: BadLog,
+    /// Events dated past `time.max_ahead`: a producer whose clock is off sends many.
+    ahead_log: BadLog,
     /// Set by `Msg::Stopping`: every message is its own batch.
     stopping: bool,
     /// Set when intake stops (before `Msg::Stopping`, which waits behind queued messages):
@@ -258,6 +260,7 @@ impl Core {
             kafka: None,
             children: Children::default(),
             bad_log: BadLog::new("lines that are not events"),
+            ahead_log: BadLog::new("events dated past time.max_ahead"),
             stopping: false,
             halt: Arc::default(),
             left: 0,
@@ -349,6 +352,7 @@ impl Core {
             }
             self.idle_tick()?;
             self.bad_log.flush(false);
+            self.ahead_log.flush(false);
             let full = self.batch_events >= self.cfg.batch_events
                 || (self.stopping && self.batch_started.is_some());
             let old = self
@@ -372,10 +376,7 @@ impl Core {
         atomic: bool,
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
     ) -> Result<()> {
-        let received = match self.cfg.time.clock {
-            ClockMode::Wall => Some(wall_nanos()),
-            ClockMode::Event => None,
-        };
+        let received = self.arrival();
         self.metrics
             .events_received
             .with_label_values(&[source])
@@ -432,6 +433,20 @@ impl Core {
             .decode_at(line.as_bytes(), Some(source), received)
         {
             Ok(ev) => {
+                if self.engine.ceiling().is_some_and(|c| ev.time > c) {
+                    self.metrics.events_ahead.with_label_values(&[source]).inc();
+                    if self.ahead_log.allow(source) {
+                        tracing::warn!(
+                            source = &**source,
+                            partition = part,
+                            offset,
+                            line = line_no,
+                            time = crate::time::format_rfc3339(ev.time),
+                            "event dated more than time.max_ahead ahead of the wall clock: \
+                             applied, but its time does not move the clock"
+                        );
+                    }
+                }
                 self.engine
                     .state_mut()
                     .set_event(Some((line, ev.time)), part);
@@ -465,10 +480,7 @@ impl Core {
         positions: &[(String, Position)],
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
     ) -> Result<()> {
-        let received = match self.cfg.time.clock {
-            ClockMode::Wall => Some(wall_nanos()),
-            ClockMode::Event => None,
-        };
+        let received = self.arrival();
         self.begin()?;
         // Per-source counts, flushed once per message (sources repeat in runs).
         let mut counts: Vec<(Arc<str>, u64, u64)> = Vec::new();
@@ -519,6 +531,15 @@ impl Core {
             self.pending_acks.push((d, applied));
         }
         Ok(())
+    }
+
+    /// The receipt time `wall` mode gives this message's events (`None` in `event` mode);
+    /// sets how far their times may move the clock (`time.max_ahead`).
+    fn arrival(&mut self) -> Option<Instant> {
+        let wall = wall_nanos();
+        let ceiling = self.cfg.time.max_ahead.map(|a| wall.saturating_add(a));
+        self.engine.set_ceiling(ceiling);
+        matches!(self.cfg.time.clock, ClockMode::Wall).then_some(wall)
     }
 
     fn reject(&self, source: &str, e: &crate::event::DecodeError) {

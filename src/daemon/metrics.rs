@@ -10,6 +10,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub events_received: IntCounterVec,
     pub events_rejected: IntCounterVec,
+    pub events_ahead: IntCounterVec,
     pub events_decoded: IntCounterVec,
     pub instances_opened: IntCounterVec,
     pub instances_closed: IntCounterVec,
@@ -68,6 +69,12 @@ impl Metrics {
             "sagawatch_events_rejected_total",
             "Events that could not be decoded (bad JSON, not an object, no time).",
             &["source", "reason"],
+        );
+        let events_ahead = counter(
+            reg,
+            "sagawatch_events_ahead_total",
+            "Events dated more than time.max_ahead ahead of the wall clock (applied; their times did not move the clock).",
+            &["source"],
         );
         let events_decoded = counter(
             reg,
@@ -238,6 +245,7 @@ impl Metrics {
             registry,
             events_received,
             events_rejected,
+            events_ahead,
             events_decoded,
             instances_opened,
             instances_closed,

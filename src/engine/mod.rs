@@ -69,6 +69,8 @@ pub struct Engine<S: State> {
     rules: Arc<RuleSet>,
     state: S,
     lateness: i64,
+    /// The latest event time that moves the clock (`None`: any), set by the caller.
+    ceiling: Option<Instant>,
     lifecycle: bool,
     due: Vec<Due>,
 }
@@ -90,6 +92,7 @@ impl<S: State> Engine<S> {
             rules,
             state,
             lateness,
+            ceiling: None,
             lifecycle: false,
             due: Vec::new(),
         }
@@ -111,6 +114,18 @@ impl<S: State> Engine<S> {
 
     pub fn state_mut(&mut self) -> &mut S {
         &mut self.state
+    }
+
+    /// Event times past `ceiling` do not move the clock; the events themselves are
+    /// applied as they are. The daemon's guard against events dated far ahead
+    /// (`time.max_ahead`: wall time plus it): one event from a producer whose clock is
+    /// years off would otherwise pass every open deadline at once.
+    pub fn set_ceiling(&mut self, ceiling: Option<Instant>) {
+        self.ceiling = ceiling;
+    }
+
+    pub fn ceiling(&self) -> Option<Instant> {
+        self.ceiling
     }
 
     /// Swaps in a reloaded rule set. The caller keeps the state consistent with it (rows
@@ -140,6 +155,9 @@ impl<S: State> Engine<S> {
     /// expiry at once calls this, then `fire_some` until it returns false (handling the
     /// outcomes in between), then `process`, which then has nothing left to fire.
     pub fn observe(&mut self, time: Instant) {
+        if self.ceiling.is_some_and(|c| time > c) {
+            return;
+        }
         let mut c = self.state.clock();
         c.max_seen = c.max_seen.max(time);
         c.now = c.now.max(c.max_seen.saturating_sub(self.lateness));
@@ -621,5 +639,66 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
             Some(deadline),
             None,
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Decoder;
+
+    #[test]
+    fn events_past_the_ceiling_are_applied_but_do_not_move_the_clock() {
+        let rules = Arc::new(
+            crate::rules::load_sources(&[(
+                "r.yaml".into(),
+                "rules:\n  - name: pay\n    trigger: { where: { type: Placed }, key: id }\n    \
+                 expect: [{ step: paid, where: { type: Paid }, key: id, within: 10m }]\n"
+                    .into(),
+            )])
+            .unwrap(),
+        );
+        let d = Decoder::new(&rules, "time");
+        let mut e = Engine::new(Arc::clone(&rules), MemoryState::new(), 0).with_lifecycle(true);
+        let mut out = Vec::new();
+        let apply = |e: &mut Engine<MemoryState>, line: &str, out: &mut Vec<Outcome>| {
+            let ev = d.decode(line.as_bytes(), None).unwrap();
+            e.process(&ev, out);
+        };
+        let at = |t: &str| crate::time::parse_rfc3339(t).unwrap();
+        apply(
+            &mut e,
+            r#"{"time":"2026-01-01T00:00:00Z","type":"Placed","id":"a"}"#,
+            &mut out,
+        );
+        e.set_ceiling(Some(at("2026-01-01T00:05:00Z")));
+        // Years ahead: it opens its own instance, and the clock stays.
+        apply(
+            &mut e,
+            r#"{"time":"2099-01-01T00:00:00Z","type":"Placed","id":"b"}"#,
+            &mut out,
+        );
+        assert_eq!(e.clock(), at("2026-01-01T00:00:00Z"));
+        assert_eq!(e.ceiling(), Some(at("2026-01-01T00:05:00Z")));
+        let kinds: Vec<_> = out
+            .iter()
+            .map(|o| (o.kind.name(), o.key.as_str()))
+            .collect();
+        assert_eq!(kinds, [("opened", "a"), ("opened", "b")]);
+        // Up to the ceiling, times move the clock as ever; a's payment is on time.
+        apply(
+            &mut e,
+            r#"{"time":"2026-01-01T00:05:00Z","type":"Paid","id":"a"}"#,
+            &mut out,
+        );
+        assert_eq!(e.clock(), at("2026-01-01T00:05:00Z"));
+        assert_eq!(out[2].kind, Kind::Satisfied);
+        e.set_ceiling(None);
+        apply(
+            &mut e,
+            r#"{"time":"2099-01-01T00:00:00Z","type":"Other","id":"c"}"#,
+            &mut out,
+        );
+        assert_eq!(e.clock(), at("2099-01-01T00:00:00Z"));
     }
 }
