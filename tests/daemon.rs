@@ -379,6 +379,19 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     assert!(b.contains("element 2") && b.contains("time"), "{b}");
     let (st, b) = post(&auth, &vec![b' '; 10_000]);
     assert_eq!(st, 413, "{b}");
+    // A compressed body is refused as such, not as a line that is not UTF-8.
+    let gzip = [auth[0], ("content-encoding", "gzip")];
+    let (st, b) = post(&gzip, b"\x1f\x8b\x08\x00");
+    assert_eq!(st, 415, "{b}");
+    assert!(
+        b.contains("content-encoding \\\"gzip\\\" is not supported: send the body uncompressed"),
+        "{b}"
+    );
+    // `identity` is no encoding: the body is read (here, a bad line).
+    let plain = [auth[0], ("content-encoding", "identity")];
+    let (st, b) = post(&plain, b"{not json");
+    assert_eq!(st, 400, "{b}");
+    assert!(b.contains("line 1"), "{b}");
     let (st, _) = http(d.port, "GET", "/v1/events", &auth, b"").unwrap();
     assert_eq!(st, 405);
     // Raw exchanges, to see the headers: HEAD is answered as GET without a body, and a
@@ -1220,6 +1233,51 @@ fn an_event_dated_far_ahead_does_not_pass_every_deadline() {
     assert_eq!(missing.unwrap_or(0.0), 0.0);
     let (_, t) = http(d.port, "GET", "/v1/instances/pay/z", &[], b"").unwrap();
     assert!(t.contains("2099-01-01T00:00:00Z"), "{t}");
+    assert_eq!(d.terminate(), 0);
+}
+
+/// Events held back by `time.max_ahead` are no activity for `time.idle`: a stream of them
+/// alone (a producer stamping local time as UTC, say) leaves the clock to the idle
+/// fallback, which reports what went missing meanwhile.
+#[test]
+fn events_dated_ahead_alone_leave_the_clock_to_the_idle_fallback() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 15m }]\n";
+    let mut d = Daemon::with_rules(
+        RULE,
+        "time: { idle: 1s, max_ahead: 5m }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\n",
+    );
+    d.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    // Placed 20 minutes ago: its payment is 5 minutes overdue by the wall clock.
+    let placed = format!(
+        r#"{{"time":"{}","type":"OrderPlaced","order_id":"a"}}"#,
+        sagawatch::time::format_rfc3339(now - 20 * 60 * 1_000_000_000)
+    );
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], placed.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let ahead = r#"{"time":"2099-01-01T00:00:00Z","type":"Other","order_id":"z"}"#;
+    let mut sent = 0;
+    wait_for(
+        Duration::from_secs(20),
+        "the payment reported missing",
+        || {
+            // Well within `idle`, all the while.
+            let (st, _) = http(d.port, "POST", "/v1/events", &[], ahead.as_bytes()).unwrap();
+            assert_eq!(st, 202);
+            sent += 1;
+            let n = metric(d.port, r#"sagawatch_steps_total{outcome="missing""#);
+            (n == Some(1.0)).then_some(())
+        },
+    );
+    assert!(sent > 1);
+    assert_eq!(
+        metric(d.port, r#"sagawatch_events_ahead_total{source="api"}"#),
+        Some(sent as f64)
+    );
     assert_eq!(d.terminate(), 0);
 }
 

@@ -136,6 +136,10 @@ pub struct Core {
     batch_events: usize,
     batch_started: Option<StdInstant>,
     last_event: StdInstant,
+    /// Whether an event that may move the clock was applied since `last_event` was last
+    /// set: bad lines do not count, nor events past `time.max_ahead` (a stream of those
+    /// alone must not hold off the idle fallback, or the clock would stop).
+    timed_event: bool,
     /// When the idle fallback last looked: a gap far beyond `TICK` since means the
     /// process was suspended (SIGSTOP, a paused VM) or starved, not that the stream was
     /// quiet.
@@ -255,6 +259,7 @@ impl Core {
             batch_events: 0,
             batch_started: None,
             last_event: StdInstant::now(),
+            timed_event: false,
             last_look: StdInstant::now(),
             wrote_outbox: false,
             kafka: None,
@@ -403,9 +408,7 @@ impl Core {
         for (i, line) in lines.iter().enumerate() {
             applied += self.apply(source, line, None, received, at.of(i))? as usize;
         }
-        // Lines that did not decode are not events: a stream of garbage must not hold
-        // off the idle fallback.
-        if applied > 0 {
+        if std::mem::take(&mut self.timed_event) {
             self.last_event = StdInstant::now();
         }
         self.children.decoded(source, applied as u64);
@@ -433,7 +436,9 @@ impl Core {
             .decode_at(line.as_bytes(), Some(source), received)
         {
             Ok(ev) => {
-                if self.engine.ceiling().is_some_and(|c| ev.time > c) {
+                let ahead = self.engine.ceiling().is_some_and(|c| ev.time > c);
+                self.timed_event |= !ahead;
+                if ahead {
                     self.metrics.events_ahead.with_label_values(&[source]).inc();
                     if self.ahead_log.allow(source) {
                         tracing::warn!(
@@ -520,7 +525,7 @@ impl Core {
             self.children.decoded(&source, ok);
             applied += ok as usize;
         }
-        if !records.is_empty() {
+        if std::mem::take(&mut self.timed_event) {
             self.last_event = StdInstant::now();
         }
         for (key, p) in positions {

@@ -294,6 +294,12 @@ impl Metrics {
                 self.deliveries.with_label_values(&[&s.name, result]);
             }
         }
+        // Alerts watch it with increase(): a series born at 1 would show no increase.
+        if cfg.time.max_ahead.is_some() {
+            for s in &cfg.sources {
+                self.events_ahead.with_label_values(&[&s.name]);
+            }
+        }
         let kafka = cfg
             .sources
             .iter()

@@ -1027,6 +1027,23 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     if !authorized(&shared.cfg.token, &req) {
         return unauthorized();
     }
+    // A compressed body would read as one bad line ("not UTF-8"): say what is wrong.
+    if let Some(enc) = req.headers().get("content-encoding") {
+        let enc = String::from_utf8_lossy(enc.as_bytes())
+            .trim()
+            .to_ascii_lowercase();
+        if enc != "identity" && !enc.is_empty() {
+            shared
+                .metrics
+                .events_rejected
+                .with_label_values(&[&name, "content_encoding"])
+                .inc();
+            return json(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                serde_json::json!({"error": format!("content-encoding {enc:?} is not supported: send the body uncompressed")}),
+            );
+        }
+    }
     let too_large = || {
         json(
             StatusCode::PAYLOAD_TOO_LARGE,

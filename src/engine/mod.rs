@@ -3,7 +3,8 @@
 //! state goes through the [`State`] trait.
 //!
 //! Semantics (docs/rules.md is the long form): each event first advances the clock to
-//! `max(event time seen) - lateness` and fires every open step whose deadline is before it;
+//! `max(event time seen) - lateness` (times past the caller's ceiling, if it set one, are
+//! not seen) and fires every open step whose deadline is before it;
 //! then it is applied to each rule — cancel, steps, trigger, in that order.
 
 pub mod memory;
