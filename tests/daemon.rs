@@ -1191,10 +1191,7 @@ fn an_event_dated_far_ahead_does_not_pass_every_deadline() {
         "time: { idle: 0s, max_ahead: 1h }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\nalerts: { sinks: [out] }\n",
     );
     d.start();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64;
+    let now = now_nanos();
     let at = |secs: i64| sagawatch::time::format_rfc3339(now + secs * 1_000_000_000);
     let post = |body: String| {
         let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
@@ -1248,10 +1245,7 @@ fn events_dated_ahead_alone_leave_the_clock_to_the_idle_fallback() {
         "time: { idle: 1s, max_ahead: 5m }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\n",
     );
     d.start();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64;
+    let now = now_nanos();
     // Placed 20 minutes ago: its payment is 5 minutes overdue by the wall clock.
     let placed = format!(
         r#"{{"time":"{}","type":"OrderPlaced","order_id":"a"}}"#,

@@ -571,12 +571,7 @@ rules:
             sagawatch::time::format_rfc3339(at)
         )
     };
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as i64
-    };
+    let now = now_nanos;
     let child = d.child.as_ref().unwrap();
     signal(child, "STOP");
     let t = now();
@@ -772,10 +767,7 @@ rules:
         "the skipped messages' lag to read 0",
         || (lag("payments") == Some(0.0)).then_some(()),
     );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64;
+    let now = now_nanos();
     let placed = format!(
         r#"{{"time":"{}","type":"OrderPlaced","order_id":"o1"}}"#,
         sagawatch::time::format_rfc3339(now)

@@ -74,6 +74,14 @@ impl Lcg {
     }
 }
 
+/// Wall time now, in nanoseconds since the Unix epoch (the daemon's time unit).
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
 pub fn ts(secs: i64) -> String {
     sagawatch::time::format_rfc3339(1_780_000_000_000_000_000 + secs * 1_000_000_000)
 }
