@@ -32,6 +32,9 @@ const MAX_BATCH: usize = 2000;
 /// Messages held for ordering, in all, beyond which they are released without waiting
 /// (brokers that honour `max.partition.fetch.bytes` keep this far lower).
 const MAX_HELD: usize = 500_000;
+/// How long an assignment waits for its partitions' offset ranges, all together.
+const WATERMARKS_WAIT: Duration = Duration::from_secs(5);
+
 /// A broker that sent nothing for this long is taken as unreachable (a paused broker keeps
 /// its connections open, so librdkafka itself notices only after its request timeouts).
 const STALE_MICROS: i64 = 10_000_000;
@@ -591,6 +594,8 @@ struct Inner {
     held_count: usize,
     /// Next offset after the last message received per partition.
     seen: HashMap<Tp, i64>,
+    /// Partitions whose consumer went back to offsets already read, while it does.
+    rewound: HashSet<Tp>,
     /// Where each partition starts after its assignment (from the state file).
     start: HashMap<Tp, i64>,
     /// High watermarks and low/committed offsets from the last statistics.
@@ -666,8 +671,29 @@ impl Ctx {
             offset: Some(m.offset()),
         };
         let mut inner = lock(&self.inner);
-        if inner.seen.get(&tp).is_some_and(|&seen| m.offset() < seen) {
-            return; // delivered again (after a seek): already held or released
+        if let Some(&seen) = inner.seen.get(&tp)
+            && m.offset() < seen
+        {
+            // Within one assignment librdkafka delivers a partition's offsets in order,
+            // so an earlier one means it reset its fetch position by itself (an
+            // out-of-range fetch and `auto.offset.reset`). Offsets once taken are the
+            // same messages in the same log: skipped, not applied twice. A recreated
+            // topic, whose offsets are new messages, comes through a new assignment,
+            // where the stored offset is checked against the partition's range.
+            if inner.rewound.insert(tp.clone()) {
+                tracing::warn!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    next = seen,
+                    "kafka: the consumer went back to an offset already read (its fetch \
+                     position was reset); skipping to the next offset not read yet"
+                );
+            }
+            return;
+        }
+        if !inner.rewound.is_empty() {
+            inner.rewound.remove(&tp);
         }
         let q = inner.held.entry(tp.clone()).or_default();
         // Without a timestamp, a message keeps its predecessor's place.
@@ -919,6 +945,7 @@ impl Ctx {
                 inner.held_count -= q.len();
             }
             inner.seen.remove(tp);
+            inner.rewound.remove(tp);
             inner.start.remove(tp);
             inner.drained.remove(tp);
             inner.assigned.remove(tp);
@@ -983,16 +1010,28 @@ impl Ctx {
         // Watermarks first: a stored offset outside them is not where to start, and they
         // tell ordering at once which partitions have a backlog (statistics would tell
         // only a second later).
+        // At most `WATERMARKS_WAIT` for all of them: this holds up the rebalance.
         let mut marks = Vec::new();
+        let mut unknown = Vec::new();
+        let until = StdInstant::now() + WATERMARKS_WAIT;
         for (t, p) in &parts {
-            match consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
+            let left = until.saturating_duration_since(StdInstant::now());
+            match consumer.fetch_watermarks(t, *p, left) {
                 // librdkafka gives -1 for what the broker did not say.
                 Ok((lo, hi)) if lo >= 0 && hi >= 0 => marks.push((t.clone(), *p, lo, hi)),
-                Ok(_) => {}
+                Ok(_) => unknown.push(format!("{t}/{p}")),
                 Err(e) => {
-                    tracing::debug!(error = %e, topic = t, partition = p, "kafka: no watermarks")
+                    tracing::debug!(error = %e, topic = t, partition = p, "kafka: no watermarks");
+                    unknown.push(format!("{t}/{p}"));
                 }
             }
+        }
+        if !unknown.is_empty() {
+            tracing::warn!(
+                partitions = %unknown.join(","),
+                "kafka: the brokers did not tell these partitions' offset ranges in time; \
+                 their stored offsets are used unchecked"
+            );
         }
         let mut stored = Vec::new();
         {
