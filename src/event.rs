@@ -102,7 +102,9 @@ fn num_eq(a: Num, b: Num) -> bool {
         (Some(x), Some(y), _, _) => x == y,
         (_, _, Num::F(x), Num::F(y)) => x == y,
         (Some(i), None, _, Num::F(f)) | (None, Some(i), Num::F(f), _) => {
-            f.fract() == 0.0 && f.abs() < 1.8e19 && (f as i128) == i
+            // Exact: any whole f64 within i128's range converts without loss, and one
+            // beyond it saturates, far from any i64 or u64.
+            f.fract() == 0.0 && (f as i128) == i
         }
         _ => false,
     }
@@ -204,6 +206,12 @@ impl DecodeError {
     }
 }
 
+/// The array index a path segment names: digits as `usize` prints them (`0`, `12`;
+/// not `01` or `+1`, which only name object members).
+fn array_index(seg: &str) -> Option<usize> {
+    seg.parse::<usize>().ok().filter(|i| i.to_string() == seg)
+}
+
 #[derive(Default, Debug)]
 struct Trie {
     children: Vec<(String, Trie)>,
@@ -224,7 +232,7 @@ impl Trie {
         match segs.split_first() {
             None => self.slot = Some(slot),
             Some((head, rest)) => {
-                if head.parse::<usize>().is_ok() {
+                if array_index(head).is_some() {
                     self.numeric = true;
                 }
                 let i = match self.children.iter().position(|(n, _)| n == head) {
@@ -399,6 +407,8 @@ impl<'de, 't, 'f> NodeSeed<'t, 'f, 'de> {
                     map.next_value::<IgnoredAny>()?;
                 }
                 Some(child) => {
+                    // A member named twice: the last one wins, whole (as serde_json has it).
+                    clear(child, self.fields);
                     if child.slot.is_some() {
                         let v = map.next_value_seed(FieldSeed)?;
                         store(child, v, self.fields);
@@ -415,13 +425,23 @@ impl<'de, 't, 'f> NodeSeed<'t, 'f, 'de> {
     }
 }
 
+/// Forgets what `node`'s slot and every slot below it hold.
+fn clear(node: &Trie, fields: &mut [Option<Field<'_>>]) {
+    if let Some(slot) = node.slot {
+        fields[slot] = None;
+    }
+    for (_, child) in &node.children {
+        clear(child, fields);
+    }
+}
+
 /// Stores a captured value at `node`'s slot and at every slot below it.
 fn store<'a>(node: &Trie, v: Field<'a>, fields: &mut [Option<Field<'a>>]) {
     if let Field::Json(json) = &v {
         for (name, child) in &node.children {
             let sub = match json {
                 serde_json::Value::Object(m) => m.get(name),
-                serde_json::Value::Array(a) => name.parse::<usize>().ok().and_then(|i| a.get(i)),
+                serde_json::Value::Array(a) => array_index(name).and_then(|i| a.get(i)),
                 _ => None,
             };
             if let Some(sub) = sub {
@@ -681,5 +701,68 @@ rules:
         assert!(!Field::Bool(true).equals(&serde_json::json!(1)));
         assert!(Field::Null.equals(&serde_json::Value::Null));
         assert!(!Field::UInt(u64::MAX).equals(&serde_json::json!(-1)));
+        // Whole floats up to 2^64 equal the u64 they are.
+        assert!(Field::UInt(18_000_000_000_000_000_000).equals(&serde_json::json!(1.8e19)));
+        assert!(Field::Float(1.8e19).equals(&serde_json::json!(18_000_000_000_000_000_000u64)));
+        assert!(!Field::UInt(u64::MAX).equals(&serde_json::json!(1e300)));
+        assert!(!Field::Int(i64::MIN).equals(&serde_json::json!(-1e300)));
+    }
+
+    /// Paths `a.01` and `a.+1` name object members only, and the same whether the array
+    /// holding them is walked or captured whole (by another path, `a`); `a.1` indexes it.
+    #[test]
+    fn only_canonical_numbers_index_arrays() {
+        let yaml = r#"
+rules:
+  - name: r
+    trigger: { where: { "a.01": x, "a.+1": x, "a.1": y }, key: k }
+    expect: [{ step: s, key: k, within: 1m }]
+  - name: whole
+    trigger: { where: { a: [] }, key: k }
+    expect: [{ step: s, key: k, within: 1m }]
+"#;
+        let rs = load_sources(&[("r.yaml".into(), yaml.into())]).unwrap();
+        let d = Decoder::new(&rs, "time");
+        let id = |p: &str| rs.paths.iter().position(|q| q.join(".") == p).unwrap();
+        let ev = d
+            .decode(br#"{"time":"2026-01-01T00:00:00Z","a":["x","y"]}"#, None)
+            .unwrap();
+        assert_eq!(ev.field(id("a.1")), Some(&Field::Str("y".into())));
+        assert_eq!(ev.field(id("a.01")), None);
+        assert_eq!(ev.field(id("a.+1")), None);
+        let ev = d
+            .decode(
+                br#"{"time":"2026-01-01T00:00:00Z","a":{"01":"x","1":"y"}}"#,
+                None,
+            )
+            .unwrap();
+        assert_eq!(ev.field(id("a.01")), Some(&Field::Str("x".into())));
+        assert_eq!(ev.field(id("a.1")), Some(&Field::Str("y".into())));
+    }
+
+    /// A member named twice: the last one counts, whole, as serde_json reads it.
+    #[test]
+    fn the_last_of_duplicate_members_wins_whole() {
+        let rs = rules();
+        let d = Decoder::new(&rs, "time");
+        let key = rs
+            .paths
+            .iter()
+            .position(|p| p.join(".") == "data.id")
+            .unwrap();
+        let ev = d
+            .decode(
+                br#"{"time":"2026-01-01T00:00:00Z","data":{"id":"old"},"data":{"x":1}}"#,
+                None,
+            )
+            .unwrap();
+        assert_eq!(ev.field(key), None);
+        let ev = d
+            .decode(
+                br#"{"time":"2026-01-01T00:00:00Z","data":{"id":"old"},"data":{"id":"new"}}"#,
+                None,
+            )
+            .unwrap();
+        assert_eq!(ev.field(key), Some(&Field::Str("new".into())));
     }
 }

@@ -312,6 +312,10 @@ fn run_one(
                     let t = resolve_time(s, start).map_err(|m| at(&here, m))?;
                     serde_json::Value::String(format_rfc3339(t))
                 }
+                // Keys are text: `key: 42` means the key an event's 42 gives, "42".
+                _ if k == "key" && (v.is_i64() || v.is_u64()) => {
+                    serde_json::Value::String(v.to_string())
+                }
                 _ => v.clone(),
             };
             m.insert(k.clone(), v);

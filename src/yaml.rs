@@ -150,7 +150,7 @@ impl Node {
     /// events' integers are.
     fn big_uint(&self) -> Option<u64> {
         match self.value {
-            Value::Float(_) => self
+            Value::Float(f) if f >= 9_223_372_036_854_775_808.0 => self
                 .text
                 .as_deref()?
                 .strip_prefix('+')
@@ -220,12 +220,15 @@ pub fn resolve_plain(s: &str) -> Value {
     {
         return Value::Int(i);
     }
+    // `0x` and `0o` take digits only: `from_str_radix` would also take a sign.
     if let Some(hex) = s.strip_prefix("0x")
+        && hex.bytes().all(|c| c.is_ascii_hexdigit())
         && let Ok(i) = i64::from_str_radix(hex, 16)
     {
         return Value::Int(i);
     }
     if let Some(oct) = s.strip_prefix("0o")
+        && oct.bytes().all(|c| matches!(c, b'0'..=b'7'))
         && let Ok(i) = i64::from_str_radix(oct, 8)
     {
         return Value::Int(i);
@@ -1082,7 +1085,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             n.to_json(),
-            serde_json::json!({"a": 1, "b": 3, "c": "5", "d": true})
+            serde_json::json!({"a": 1.0, "b": 3, "c": "5", "d": true})
         );
         for bad in [
             "a: !!float nan\n",
@@ -1154,6 +1157,11 @@ mod tests {
         assert_eq!(resolve_plain("~"), Value::Null);
         assert_eq!(resolve_plain("15m"), Value::Str("15m".into()));
         assert_eq!(resolve_plain("1e3"), Value::Float(1000.0));
+        assert_eq!(resolve_plain("0x1F"), Value::Int(31));
+        assert_eq!(resolve_plain("0o17"), Value::Int(15));
+        for s in ["0x-1", "0x+1F", "0o-7", "0x", "0o8"] {
+            assert_eq!(resolve_plain(s), Value::Str(s.into()), "{s}");
+        }
     }
 
     #[test]

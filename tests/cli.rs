@@ -84,7 +84,7 @@ fn validate_reports_every_problem_past_missing_fields_and_wrong_types() {
     let f = write(
         &dir,
         "r.yaml",
-        "rules:\n  - name: a\n    expect: [ { step: s, key: k, within: 1m, where: 5 } ]\n    cancel: [ { where: { type: X } }, { key: k, within: 5m } ]\n    dedup: 5\n  - name: b\n    trigger: { key: k }\n    expect: [ { step: s, key: k, within: 1m }, { step: t, key: [k], within: 0s, after: x } ]\n    on_missing: [ { compensate: { payload: {} } } ]\n    late: 3\n  - name: c\n    trigger: { key: k }\n    expect: [ { step: [p], key: k, within: 1m }, { step: q, key: k, within: 1m, after: p } ]\n",
+        "rules:\n  - name: a\n    expect: [ { step: s, key: k, within: 1m, where: 5 } ]\n    cancel: [ { where: { type: X } }, { key: k, within: 5m } ]\n    dedup: 5\n  - name: b\n    trigger: { key: k }\n    expect: [ { step: s, key: k, within: 1m }, { step: t, key: [k], within: 0s, after: x } ]\n    on_missing: [ { compensate: { payload: {} } } ]\n    late: 3\n  - name: c\n    trigger: { key: k }\n    expect: [ { step: [p], key: k, within: 1m }, { step: q, key: k, within: 1m, after: p }, { step: x, key: k, within: 1m, after: y }, { step: y, key: k, within: 1m, after: x } ]\n",
     );
     let (code, out, _) = sagawatch(&["validate", &f], None);
     assert_eq!(code, 1);
@@ -101,6 +101,8 @@ fn validate_reports_every_problem_past_missing_fields_and_wrong_types() {
         "10:11: rules[1].late: invalid duration \"3\"",
         // Not also an unknown step "p" for the `after` naming the broken one.
         "13:23: rules[2].expect[0].step: expected a string, found a sequence",
+        // But the other `after` problems of that rule.
+        "13:131: rules[2].expect[2].after: cyclic `after`: x -> y -> x",
     ];
     for w in want {
         assert!(
@@ -388,6 +390,15 @@ fn test_command_prints_a_diff_and_fails() {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     assert!(out.trim_end().ends_with("0 passed, 4 failed"), "{out}");
+    // A key written as a number is the key an event's number gives: text.
+    let t4 = write(
+        &dir,
+        "t4.yaml",
+        "rules: r.yaml\ntests:\n  - name: number key\n    events:\n      - { at: +0s, event: { type: A, id: 42 } }\n      - { at: +5m, event: { type: X } }\n    expect:\n      - { outcome: missing, key: 42 }\n",
+    );
+    let (code, out, _) = sagawatch(&["test", &t4], None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.trim_end().ends_with("1 passed, 0 failed"), "{out}");
     // A path that does not exist stops the run before any test ran.
     let (code, out, err) = sagawatch(&["test", &t, "nope.yaml"], None);
     assert_eq!(code, 2, "{out}");

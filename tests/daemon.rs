@@ -495,26 +495,47 @@ fn a_read_only_state_file_is_refused_at_startup() {
     std::fs::write(dir.join("ro.yaml"), cfg).unwrap();
     // Root writes any file: run as nobody then.
     let uid = std::process::Command::new("id").arg("-u").output().unwrap();
-    let mut cmd = if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
-        c
-    } else {
-        std::process::Command::new(BIN)
+    let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+    let run = |config: &str| {
+        let mut cmd = if root {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+            c
+        } else {
+            std::process::Command::new(BIN)
+        };
+        let out = cmd
+            .args(["run", "--config"])
+            .arg(dir.join(config))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
     };
-    let out = cmd
-        .args(["run", "--config"])
-        .arg(dir.join("ro.yaml"))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = run("ro.yaml");
     assert!(
         err.contains("state file") && err.contains("ro.db: not writable"),
         "{err}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Refused before SQLite read it: no read-only `-wal` or `-shm` left behind, which
+    // would refuse every later start once the file is made writable.
+    assert!(!dir.join("ro.db-wal").exists() && !dir.join("ro.db-shm").exists());
+    // Such a leftover is named.
+    std::fs::set_permissions(dir.join("ro.db"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::write(dir.join("ro.db-shm"), b"").unwrap();
+    std::fs::set_permissions(
+        dir.join("ro.db-shm"),
+        std::fs::Permissions::from_mode(0o444),
+    )
+    .unwrap();
+    let err = run("ro.yaml");
+    assert!(
+        err.contains("ro.db-shm (its shared-memory index) is not writable by this user"),
+        "{err}"
+    );
 }
 
 /// A state file (or its WAL) deleted under a running daemon: it would go on writing into

@@ -430,14 +430,18 @@ impl Validator {
                     diags: Vec::new(),
                 };
                 let rule = self.rule(&mut cx, &path, value);
-                // A step whose name stood in as "" leaves the `after`s naming it unmatched.
+                // A step whose name stood in as "" leaves the `after`s naming it unmatched
+                // (any unknown name may be the one lost); other `after` errors stand.
                 let name_lost = patched
                     .iter()
                     .any(|p| matches!(p.0.last(), Some(yaml::Seg::Key(k)) if k == "step"));
-                let noise = |path: &str| {
-                    yaml::covered(&patched, path) || (name_lost && path.ends_with(".after"))
+                let noise = |d: &yaml::Diag| {
+                    yaml::covered(&patched, &d.path)
+                        || (name_lost
+                            && d.path.ends_with(".after")
+                            && d.message.starts_with("unknown step "))
                 };
-                cx.diags.retain(|d| !noise(&d.diag.path));
+                cx.diags.retain(|d| !noise(&d.diag));
                 let failed = !cx.diags.is_empty() || !patched.is_empty();
                 self.diags.append(&mut cx.diags);
                 if !failed {

@@ -293,6 +293,43 @@ fn unusable(path: &Path, e: rusqlite::Error) -> anyhow::Error {
     anyhow::Error::new(e).context(format!("state file {}: {what}", path.display()))
 }
 
+/// Refuses an existing state file, `-wal` or `-shm` file this user may not write, before
+/// SQLite opens it: SQLite would open it read-only, and read it, creating a `-wal` and a
+/// `-shm` with the file's read-only mode that a later start refuses even once the state
+/// file itself is writable again.
+fn require_write_access(path: &Path) -> Result<()> {
+    for (p, what) in [
+        (path.to_path_buf(), String::new()),
+        (sidecar(path, "-wal"), " (its write-ahead log)".to_string()),
+        (
+            sidecar(path, "-shm"),
+            " (its shared-memory index)".to_string(),
+        ),
+    ] {
+        match std::fs::OpenOptions::new().write(true).open(&p) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                if p == path {
+                    bail!(
+                        "state file {}: not writable by this user (read-only)",
+                        path.display()
+                    );
+                }
+                bail!(
+                    "state file {}: {}{what} is not writable by this user; give it the state \
+                     file's owner and mode, or remove it while no sagawatch runs",
+                    path.display(),
+                    p.display()
+                );
+            }
+            // A read-only file system, say: SQLite's open says what is wrong.
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Opens (creating if needed) the state file with the settings every connection uses.
 pub fn open(path: &Path) -> Result<Connection> {
     check_path(path)?;
@@ -306,7 +343,7 @@ pub fn open(path: &Path) -> Result<Connection> {
         .open(path)
     {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => require_write_access(path)?,
         // It exists (a read-only file system says so first): SQLite's open says what is wrong.
         Err(_) if path.exists() => {}
         Err(e) => {
@@ -476,8 +513,13 @@ pub fn checkpoint_loop(
 
 /// Where SQLite keeps the WAL of the database at `path`.
 fn wal_path(path: &Path) -> std::path::PathBuf {
+    sidecar(path, "-wal")
+}
+
+/// The path of one of SQLite's files beside the state file: `suffix` appended.
+fn sidecar(path: &Path, suffix: &str) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
-    p.push("-wal");
+    p.push(suffix);
     p.into()
 }
 
