@@ -556,6 +556,13 @@ fn expand(
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid variable name {name:?} in ${{...}}"));
             }
+            // The first `}` ends it: a `${` in the default would be taken as text.
+            if default.is_some_and(|d| d.contains("${")) {
+                return Err(format!(
+                    "the default of ${{{name}:-...}} holds a ${{...}}: defaults are plain \
+                     text, not expanded"
+                ));
+            }
             let set = env(name).filter(|v| !v.is_empty());
             if let Some(v) = &set {
                 from_env.push((v.clone(), format!("${{{name}}}")));
@@ -1243,6 +1250,26 @@ impl Checker {
                                 "not a regular file"
                             };
                             self.err(&p.key("path"), format!("{} is {what}", path.display()));
+                        }
+                        // The daemon would read its own database pages as events (and
+                        // a writer appending to the file would corrupt the state).
+                        for suffix in ["", "-wal", "-shm"] {
+                            let mut db = state.clone().into_os_string();
+                            db.push(suffix);
+                            if same_file(Path::new(&db), &path) {
+                                self.err(
+                                    &p.key("path"),
+                                    format!(
+                                        "{} is the state file{}",
+                                        path.display(),
+                                        match suffix {
+                                            "" => "",
+                                            "-wal" => "'s write-ahead log",
+                                            _ => "'s shared-memory index",
+                                        }
+                                    ),
+                                );
+                            }
                         }
                         // Both would apply every event, each under its own name.
                         if let Some(other) = sources.iter().find_map(|o: &Source| match &o.kind {
@@ -2052,6 +2079,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A default is plain text: a `${` in it is refused, not taken as text.
+        let e = check(
+            "rules: rules\ntoken: '${NOPE:-${HOST:-x}}'\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("sagawatch.yaml:2:") && e.contains("defaults are plain text"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -2383,6 +2419,21 @@ mod tests {
             "{e}"
         );
         assert_eq!(e.lines().count(), 3, "{e}");
+        // Nor is the state file (or its WAL) a source.
+        let e = check(
+            "rules: rules\nstate: st.db\nsources:\n  a: { type: file, path: ./st.db }\n  b: { type: file, path: st.db-wal }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("sources.a.path:") && e.contains("st.db is the state file"),
+            "{e}"
+        );
+        assert!(
+            e.contains("sources.b.path:")
+                && e.contains("st.db-wal is the state file's write-ahead log"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 2, "{e}");
         // A FIFO: opening it would block the source, and its shutdown, until a writer came.
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("ff");

@@ -143,6 +143,18 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
             return 1;
         }
     };
+    // A file-size limit (`ulimit -f`) would kill the process at the first write past it,
+    // with nothing logged: handled, that write fails (EFBIG) and the failed commit stops
+    // the daemon as a full disk does, naming the state file.
+    let _xfsz = match rt
+        .block_on(async { signal(SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw())) })
+    {
+        Ok(s) => s,
+        Err(e) => {
+            say(&format!("error: cannot install the SIGXFSZ handler: {e}"));
+            return 1;
+        }
+    };
     let cfg = match config::load(path) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -622,12 +634,18 @@ async fn reload(
                 .rules_reloads
                 .with_label_values(&["failure"])
                 .inc();
+            // One log line, however many problems: a line-oriented log shipper would
+            // take the second for a record of its own.
+            let error = e.to_string().lines().collect::<Vec<_>>().join("; ");
             match e {
                 server::ReloadError::StateFailed(_) => {
-                    tracing::error!(error = %e, "rules reload failed")
+                    tracing::error!(error, "rules reload failed")
                 }
                 server::ReloadError::Rejected(_) => {
-                    tracing::error!(error = %e, "rules reload rejected; the previous rules keep running")
+                    tracing::error!(
+                        error,
+                        "rules reload rejected; the previous rules keep running"
+                    )
                 }
             }
         }

@@ -335,6 +335,18 @@ impl FileSource {
                             tracing::warn!(source = &*self.name, path = %self.path.display(), error = %e, "cannot open; will retry");
                             warned_missing = true;
                         }
+                        // A file there that cannot be opened (its permissions): what it
+                        // holds past the stored position is not read, and the lag (and its
+                        // alert) says so instead of a healthy 0.
+                        if let Ok(m) = std::fs::metadata(&self.path)
+                            && m.is_file()
+                        {
+                            let done = resume
+                                .as_ref()
+                                .filter(|p| p.file_id == file_id(&m))
+                                .map_or(0, |p| p.offset);
+                            self.lag.set(m.len().saturating_sub(done) as i64);
+                        }
                         std::thread::sleep(POLL);
                         continue;
                     }

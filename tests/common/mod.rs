@@ -602,6 +602,21 @@ pub struct Daemon {
     pub stderr_path: PathBuf,
     /// Environment variables for the daemon, besides the secret.
     pub env: Vec<(String, String)>,
+    /// What the next `start` runs instead of the binary itself (see [`as_nobody`]).
+    pub command: Option<Command>,
+}
+
+/// The binary, run as nobody when the tests run as root (who may open any file), so that
+/// file permissions apply to it.
+pub fn as_nobody() -> Command {
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    }
 }
 
 impl Daemon {
@@ -625,6 +640,7 @@ impl Daemon {
             child: None,
             stderr_path,
             env: Vec::new(),
+            command: None,
         }
     }
 
@@ -638,7 +654,10 @@ impl Daemon {
             .append(true)
             .open(&self.stderr_path)
             .unwrap();
-        let child = Command::new(BIN)
+        let child = self
+            .command
+            .take()
+            .unwrap_or_else(|| Command::new(BIN))
             .args(["run", "--config"])
             .arg(self.path("sagawatch.yaml"))
             .env("WEBHOOK_SECRET", SECRET)
