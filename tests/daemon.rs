@@ -1285,6 +1285,51 @@ fn an_event_dated_far_ahead_does_not_pass_every_deadline() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// An instance's timeline lists its own actions only: the outbox keeps those of an earlier
+/// instance of the same key (forgotten since) for `outbox.retain`.
+#[test]
+fn a_timeline_lists_only_its_own_instances_actions() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 5m }]\n    \
+         on_missing: [{ alert: { summary: missing } }]\n    dedup: 30m\n    late: 1m\n";
+    let mut d = Daemon::with_rules(
+        RULE,
+        "time: { lateness: 0s }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\n",
+    );
+    d.start();
+    let post = |time: &str, kind: &str| {
+        let ev = format!(r#"{{"time":"2026-01-01T{time}:00Z","type":"{kind}","order_id":"k"}}"#);
+        assert_eq!(
+            http(d.port, "POST", "/v1/events", &[], ev.as_bytes())
+                .unwrap()
+                .0,
+            202
+        );
+    };
+    let actions = || {
+        let (st, t) = http(d.port, "GET", "/v1/instances/pay/k", &[], b"").unwrap();
+        assert_eq!(st, 200, "{t}");
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        (
+            v["opened_at"].clone(),
+            v["actions"].as_array().unwrap().len(),
+        )
+    };
+    post("09:00", "OrderPlaced");
+    post("09:06", "Tick");
+    wait_for(
+        Duration::from_secs(10),
+        "the alert of the first instance",
+        || (actions() == ("2026-01-01T09:00:00Z".into(), 1)).then_some(()),
+    );
+    // Forgotten (past dedup and late), then opened again and paid in time.
+    post("09:45", "Tick");
+    post("10:00", "OrderPlaced");
+    post("10:01", "PaymentCompleted");
+    assert_eq!(actions(), ("2026-01-01T10:00:00Z".into(), 0));
+    assert_eq!(d.terminate(), 0);
+}
+
 /// Events held back by `time.max_ahead` are no activity for `time.idle`: a stream of them
 /// alone (a producer stamping local time as UTC, say) leaves the clock to the idle
 /// fallback, which reports what went missing meanwhile.
@@ -1535,11 +1580,12 @@ fn instance_timeline_over_http_and_inspect() {
     // inspect needs only the state path: a secret this shell lacks does not stop it, a
     // state path it cannot know does.
     let cfg = std::fs::read_to_string(d.path("sagawatch.yaml")).unwrap();
+    let dir = d.dir.path().to_path_buf();
     let inspect = |cfg: &str| {
-        std::fs::write(d.path("other.yaml"), cfg).unwrap();
+        std::fs::write(dir.join("other.yaml"), cfg).unwrap();
         std::process::Command::new(BIN)
             .args(["inspect", "--config"])
-            .arg(d.path("other.yaml"))
+            .arg(dir.join("other.yaml"))
             .args(["checkout", "o/1"])
             .env_remove("SAGAWATCH_TEST_UNSET")
             .output()
@@ -1627,6 +1673,18 @@ fn instance_timeline_over_http_and_inspect() {
     assert_eq!(t["steps"][0]["late_at"], "2026-03-02T09:40:00Z", "{body}");
     assert_eq!(t["steps"][0]["event"]["n"], 4, "{body}");
     assert_eq!(d.terminate(), 0);
+    // With no daemon running, inspect reads the file without creating a `-wal` or `-shm`
+    // (which, this user's, a daemon running as another one could not write).
+    assert!(!d.path("state.db-wal").exists());
+    let out = inspect(&cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["steps"][0]["status"], "late");
+    assert!(!d.path("state.db-wal").exists() && !d.path("state.db-shm").exists());
 }
 
 /// The state file holds event contents and outbox bodies: it and its companions are for

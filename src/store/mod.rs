@@ -406,10 +406,18 @@ pub fn open(path: &Path) -> Result<Connection> {
 /// newer) is refused by name.
 pub fn open_read_only(path: &Path) -> Result<Connection> {
     check_path(path)?;
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // No WAL: no daemon has the file open. Read-only, SQLite would still create a `-wal`
+    // and `-shm` with this user as owner, which a daemon running as another user then
+    // cannot write: opened as immutable, it creates nothing (and locks nothing).
+    let conn = if sidecar(path, "-wal").exists() {
+        Connection::open_with_flags(path, flags)
+    } else {
+        Connection::open_with_flags(
+            format!("file:{}?immutable=1", uri_path(path)),
+            flags | OpenFlags::SQLITE_OPEN_URI,
+        )
+    }
     .with_context(|| format!("state file {}: cannot open", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn
@@ -509,6 +517,21 @@ pub fn checkpoint_loop(
     let _ = conn.busy_timeout(StdDuration::from_millis(500));
     let _ = checkpoint("TRUNCATE");
     Ok(())
+}
+
+/// A path as the path of a `file:` URI: bytes other than unreserved ones and `/`
+/// percent-encoded.
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Where SQLite keeps the WAL of the database at `path`.
@@ -729,6 +752,7 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
         "SELECT id, kind, sink, step, state, attempts, last_error, created_ms, done_ms, body
          FROM outbox WHERE rule = ?1 AND key = ?2 ORDER BY seq",
     )?;
+    let opened = rfc(opened_at);
     let actions = stmt
         .query_map(params![rule, key], |r| {
             let state: i64 = r.get(4)?;
@@ -737,7 +761,12 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
                 .ok()
                 .and_then(|v| v.get("data").cloned())
                 .unwrap_or_default();
-            Ok(json!({
+            // Outbox rows outlive instance rows (`outbox.retain`): those of an earlier
+            // instance of the same key are not this one's.
+            if data.get("opened_at").is_some_and(|o| *o != opened) {
+                return Ok(None);
+            }
+            Ok(Some(json!({
                 "id": r.get::<_, String>(0)?,
                 "kind": r.get::<_, String>(1)?,
                 "sink": r.get::<_, String>(2)?,
@@ -749,8 +778,9 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
                 "done": ms(r.get(8)?),
                 "summary": data.get("summary").cloned(),
                 "payload": data.get("payload").cloned(),
-            }))
+            })))
         })?
+        .filter_map(Result::transpose)
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Some(json!({
         "rule": rule,
