@@ -247,6 +247,7 @@ impl Core {
         wake_dispatcher: Arc<tokio::sync::Notify>,
     ) -> Core {
         let decoder = Decoder::new(&rules, &cfg.time.field);
+        metrics.prepare_rules(&rules);
         let engine = Engine::new(rules, state, cfg.time.lateness).with_lifecycle(true);
         let core = Core {
             cfg,
@@ -844,6 +845,7 @@ impl Core {
             );
         }
         self.decoder = Decoder::new(&rules, &self.cfg.time.field);
+        self.metrics.prepare_rules(&rules);
         self.engine.set_rules(rules);
         self.children = Children::default();
         self.fire_restored()?;

@@ -144,8 +144,11 @@ impl Metrics {
                 "sagawatch_state_commit_duration_seconds",
                 "Time to commit one batch to the SQLite state file.",
             )
+            // Up to a minute: `batch.sync: full`, long batches and mass expiries take
+            // seconds, and are the commits the question "is the disk keeping up" is about.
             .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
             ]),
         )
         .expect("valid metric");
@@ -309,6 +312,19 @@ impl Metrics {
             let _ = self
                 .registry
                 .unregister(Box::new(self.kafka_assigned.clone()));
+        }
+    }
+
+    /// Creates every step's outcome counters at 0: alerts compare `rate()` with an
+    /// earlier baseline, which a series born at its first missing step would lack.
+    pub fn prepare_rules(&self, rules: &crate::rules::RuleSet) {
+        for rule in &rules.rules {
+            for step in &rule.steps {
+                for outcome in ["satisfied", "missing", "late"] {
+                    self.steps
+                        .with_label_values(&[&rule.name, &step.name, outcome]);
+                }
+            }
         }
     }
 
