@@ -1331,6 +1331,65 @@ fn a_timeline_lists_only_its_own_instances_actions() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// An alert is resolvable, and re-sent to Alertmanager, while a late correlate can come:
+/// its deadline plus `late` on the engine clock, however far that lags wall time (here,
+/// with the idle fallback off, it stays where the events left it).
+#[test]
+fn a_late_correlate_resolves_its_alert_however_far_the_clock_lags_wall_time() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 1s }]\n    \
+         on_missing: [{ alert: { summary: missing, sinks: [am] } }]\n    late: 3s\n";
+    let mut am = Receiver::new(free_port());
+    am.start();
+    let mut d = Daemon::with_rules(
+        RULE,
+        &format!(
+            "time: {{ lateness: 0s, idle: 0s }}\nsources: {{ api: {{ type: http }} }}\n\
+             sinks: {{ am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: 1s }} }}\n",
+            am.port
+        ),
+    );
+    d.start();
+    let post = |time: &str, kind: &str| {
+        let ev = format!(r#"{{"time":"2026-01-01T00:00:{time}Z","type":"{kind}","order_id":"k"}}"#);
+        assert_eq!(
+            http(d.port, "POST", "/v1/events", &[], ev.as_bytes())
+                .unwrap()
+                .0,
+            202
+        );
+    };
+    post("00", "OrderPlaced");
+    post("02", "Tick");
+    // Re-sent well past `late` of wall time since it fired.
+    let sent = |n| am.requests.load(std::sync::atomic::Ordering::Relaxed) >= n;
+    wait_for(Duration::from_secs(10), "the alert", || {
+        sent(1).then_some(())
+    });
+    let fired = std::time::Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "re-sends past `late` in wall time",
+        || (sent(2) && fired.elapsed() > Duration::from_secs(5)).then_some(()),
+    );
+    let before = am.requests.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for(Duration::from_secs(10), "one more re-send", || {
+        sent(before + 1).then_some(())
+    });
+    // Within deadline + late on the engine clock: late, and the alert resolved.
+    post("03", "PaymentCompleted");
+    wait_for(Duration::from_secs(10), "the resolve delivered", || {
+        let (_, t) = http(d.port, "GET", "/v1/instances/pay/k", &[], b"").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&t).ok()?;
+        v["actions"]
+            .as_array()?
+            .iter()
+            .any(|a| a["kind"] == "resolve" && a["delivery"] == "delivered")
+            .then_some(())
+    });
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
 /// Events held back by `time.max_ahead` are no activity for `time.idle`: a stream of them
 /// alone (a producer stamping local time as UTC, say) leaves the clock to the idle
 /// fallback, which reports what went missing meanwhile.

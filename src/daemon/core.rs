@@ -682,7 +682,11 @@ impl Core {
                     } else {
                         &a.sinks
                     };
-                    let until = now_ms + rule.late.nanos() / 1_000_000;
+                    // Firing while a late correlate can still resolve it: until the
+                    // engine clock (not wall time, which it may lag far behind) passes
+                    // the deadline plus `late`.
+                    let until =
+                        o.deadline.unwrap_or(o.at).saturating_add(rule.late.nanos()) / 1_000_000;
                     let conn = self.engine.state().conn();
                     for sink in sinks {
                         let fp = if self.to_alertmanager(sink) {
@@ -732,7 +736,12 @@ impl Core {
                             // alert with the same labels fires, resolving would end it too.
                             if let Some(fp) = &a.fp
                                 && Outbox::labels_firing(
-                                    conn, &a.sink, &a.rule, &a.step, fp, now_ms,
+                                    conn,
+                                    &a.sink,
+                                    &a.rule,
+                                    &a.step,
+                                    fp,
+                                    o.at / 1_000_000,
                                 )?
                             {
                                 continue;

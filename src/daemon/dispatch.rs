@@ -611,7 +611,7 @@ impl Dispatcher {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
                     let _turn = self.gate.enter();
                     Outbox::purge_done(&conn, before)?;
-                    Outbox::purge_alerts(&conn, wall_ms())?;
+                    Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?)?;
                     last_purge = StdInstant::now();
                 }
                 if flight.idle() || last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {
@@ -780,7 +780,7 @@ impl Dispatcher {
                 continue;
             }
             last.insert(s.name.clone(), StdInstant::now());
-            let active = Outbox::active_alerts(conn, &s.name, wall_ms())?;
+            let active = Outbox::active_alerts(conn, &s.name, Outbox::clock_ms(conn)?)?;
             if active.is_empty() {
                 continue;
             }

@@ -75,6 +75,8 @@ pub struct AlertRow {
     pub key: String,
     pub step: String,
     pub body: String,
+    /// Engine clock (ms) after which no late correlate can resolve it: its step's deadline
+    /// plus the rule's `late`.
     pub active_until_ms: i64,
     /// The Alertmanager label set, for Alertmanager sinks.
     pub fp: Option<String>,
@@ -180,12 +182,23 @@ impl Outbox {
             .execute(params![before_ms])?)
     }
 
-    /// Forgets alerts no late correlate can resolve any more (for every sink: only
-    /// Alertmanager's re-sends read them, but alerts to any sink are recorded).
-    pub fn purge_alerts(conn: &Connection, now_ms: i64) -> Result<usize> {
+    /// The engine clock last committed, in ms (`i64::MIN` before any): what alerts'
+    /// `active_until_ms` (a step's deadline plus its rule's `late`) is measured against.
+    pub fn clock_ms(conn: &Connection) -> Result<i64> {
+        let nanos: Option<i64> = conn
+            .prepare_cached("SELECT v FROM meta WHERE k = 'clock.now'")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        Ok(nanos.map_or(i64::MIN, |n| n.div_euclid(1_000_000)))
+    }
+
+    /// Forgets alerts no late correlate can resolve any more, the engine clock (`clock_ms`)
+    /// being past their deadline plus `late` (for every sink: only Alertmanager's re-sends
+    /// read them, but alerts to any sink are recorded).
+    pub fn purge_alerts(conn: &Connection, clock_ms: i64) -> Result<usize> {
         Ok(conn
             .prepare_cached("DELETE FROM alerts WHERE active_until_ms < ?1")?
-            .execute(params![now_ms])?)
+            .execute(params![clock_ms])?)
     }
 
     pub fn record_alert(conn: &Connection, a: &AlertRow) -> Result<()> {
@@ -250,7 +263,8 @@ impl Outbox {
             .execute(params![id, sink, now_ms])?)
     }
 
-    /// Whether an alert of (sink, rule, step) with label set `fp` still fires at `now_ms`.
+    /// Whether an alert of (sink, rule, step) with label set `fp` still fires at engine
+    /// clock `now_ms`.
     pub fn labels_firing(
         conn: &Connection,
         sink: &str,
@@ -290,9 +304,10 @@ impl Outbox {
             .execute(params![sink, rule, step, fp, now_ms])?)
     }
 
-    /// Firing alerts of `sink` (for periodic resends); expired ones are forgotten first.
-    pub fn active_alerts(conn: &Connection, sink: &str, now_ms: i64) -> Result<Vec<AlertRow>> {
-        Outbox::purge_alerts(conn, now_ms)?;
+    /// Firing alerts of `sink` (for periodic resends); those past their late window at
+    /// engine clock `clock_ms` are forgotten first.
+    pub fn active_alerts(conn: &Connection, sink: &str, clock_ms: i64) -> Result<Vec<AlertRow>> {
+        Outbox::purge_alerts(conn, clock_ms)?;
         let mut stmt = conn.prepare_cached(
             "SELECT id, rule, key, step, body, active_until_ms, fp FROM alerts WHERE sink = ?1",
         )?;
