@@ -620,4 +620,46 @@ fn one_id_never_carries_two_payloads() {
     assert_ne!(differ[0].0, differ[1].0, "{differ:?}");
     let same = run(1);
     assert_eq!(same[0], same[1]);
+    // Nor by a deadline that follows from an earlier step's correlate (here the second
+    // instance's payment comes 4 s later, so its shipment is due 4 s later).
+    let rules = write(
+        &dir,
+        "r2.yaml",
+        "rules:\n  - name: r\n    trigger: { where: { type: A }, key: k }\n    expect:\n      - { step: p, where: { type: P }, key: k, within: 100s }\n      - { step: s, where: { type: S }, key: k, after: p, within: 10s }\n    on_missing:\n      - compensate: { sink: cmds, payload: { due: \"{{deadline}}\" } }\n    dedup: 1s\n",
+    );
+    let at = |s: u32, kind: &str| {
+        format!(
+            "{{\"time\":\"2026-01-01T{:02}:{:02}:{:02}Z\",\"type\":\"{kind}\",\"k\":\"1\"}}\n",
+            s / 3600,
+            s / 60 % 60,
+            s % 60
+        )
+    };
+    let events = write(
+        &dir,
+        "e2.jsonl",
+        &[
+            at(0, "A"),
+            at(1, "P"),
+            at(1020, "Z"),
+            at(1030, "Z"),
+            at(0, "A"),
+            at(5, "P"),
+            at(9000, "Z"),
+        ]
+        .concat(),
+    );
+    let (code, out, err) = sagawatch(
+        &["replay", "--rules", &rules, "--lateness", "1000s", &events],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let comps: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["outcome"] == "compensate")
+        .collect();
+    assert_eq!(comps.len(), 2, "{out}");
+    assert_ne!(comps[0]["payload"], comps[1]["payload"], "{out}");
+    assert_ne!(comps[0]["id"], comps[1]["id"], "{out}");
 }

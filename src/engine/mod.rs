@@ -40,24 +40,25 @@ pub fn match_key<'e>(m: &Matcher, ev: &'e Event<'_>) -> Option<std::borrow::Cow<
 }
 
 /// A stable id for an action of a step of an instance: hex of SHA-256 over its parts.
-/// `captures` are the trigger fields the rule's templates read: two instances of one key
-/// with one trigger time (a repeated trigger after `dedup`) share an id only if they
-/// render the same texts and payloads, so one id never carries two payloads.
+/// `rendered` is everything the action renders (texts, labels, payload): two instances
+/// of one key with one trigger time (a repeated trigger after `dedup`) share an id only
+/// if they render the same (their deadlines, the trigger fields they read, the rules a
+/// reload left them may differ), so one id never carries two payloads.
 pub fn action_id(
     rule: &str,
     key: &str,
     opened_at: Instant,
     step: &str,
     action: &str,
-    captures: &[String],
+    rendered: &[&str],
 ) -> String {
     let mut h = Sha256::new();
     for part in [rule, key, &opened_at.to_string(), step, action] {
         h.update(part.as_bytes());
         h.update([0u8]);
     }
-    // Length-prefixed, after the parts above (ids without captures are as they were).
-    for c in captures {
+    // Length-prefixed, after the parts above.
+    for c in rendered {
         h.update((c.len() as u64).to_le_bytes());
         h.update(c.as_bytes());
     }
@@ -593,14 +594,16 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
         captures: &inst.captures,
     };
     for (i, action) in cx.rule.actions_for(step).iter().enumerate() {
-        let id = action_id(
-            &cx.rule.name,
-            cx.key,
-            inst.opened_at,
-            &s.name,
-            &i.to_string(),
-            &inst.captures,
-        );
+        let id = |rendered: &[&str]| {
+            action_id(
+                &cx.rule.name,
+                cx.key,
+                inst.opened_at,
+                &s.name,
+                &i.to_string(),
+                rendered,
+            )
+        };
         let kind = match action {
             Action::Alert(a) => {
                 let mut labels: Vec<(String, String)> = cx
@@ -613,24 +616,38 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
                     labels.retain(|(l, _)| l != k);
                     labels.push((k.clone(), t.render(&vars)));
                 }
+                // A template that renders empty (an absent trigger field) falls back to
+                // the default, as an unset severity does.
+                let severity = Some(a.severity.render(&vars))
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "warning".into());
+                let summary = a.summary.render(&vars);
+                let description = a.description.as_ref().map(|d| d.render(&vars));
+                let mut rendered = vec![
+                    severity.as_str(),
+                    summary.as_str(),
+                    description.as_deref().unwrap_or("\0"),
+                ];
+                for (k, v) in &labels {
+                    rendered.extend([k.as_str(), v.as_str()]);
+                }
                 Kind::Alert(Alert {
-                    id,
-                    // A template that renders empty (an absent trigger field) falls
-                    // back to the default, as an unset severity does.
-                    severity: Some(a.severity.render(&vars))
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or_else(|| "warning".into()),
-                    summary: a.summary.render(&vars),
-                    description: a.description.as_ref().map(|d| d.render(&vars)),
+                    id: id(&rendered),
+                    severity,
+                    summary,
+                    description,
                     labels,
                     sinks: a.sinks.clone(),
                 })
             }
-            Action::Compensate(c) => Kind::Compensate(Compensation {
-                id,
-                sink: c.sink.clone(),
-                payload: c.payload.render(&vars),
-            }),
+            Action::Compensate(c) => {
+                let payload = c.payload.render(&vars);
+                Kind::Compensate(Compensation {
+                    id: id(&[&c.sink, &payload.to_string()]),
+                    sink: c.sink.clone(),
+                    payload,
+                })
+            }
         };
         out.push(outcome(
             cx,
