@@ -1390,6 +1390,132 @@ fn a_late_correlate_resolves_its_alert_however_far_the_clock_lags_wall_time() {
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
 }
 
+/// Alertmanager knows alerts by their labels: the missing instances of one rule and step
+/// are re-sent as one alert, not one per instance.
+#[test]
+fn alertmanager_re_sends_one_alert_per_label_set() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 1s }]\n    \
+         on_missing: [{ alert: { summary: missing, sinks: [am] } }]\n    late: 1h\n";
+    let mut am = Receiver::new(free_port());
+    am.start();
+    let mut d = Daemon::with_rules(
+        RULE,
+        &format!(
+            "time: {{ lateness: 0s, idle: 0s }}\nsources: {{ api: {{ type: http }} }}\n\
+             sinks: {{ am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: 1s }} }}\n",
+            am.port
+        ),
+    );
+    d.start();
+    let body: String = ["a", "b", "c"]
+        .iter()
+        .map(|k| {
+            format!(
+                "{{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"{k}\"}}\n"
+            )
+        })
+        .chain(["{\"time\":\"2026-01-01T00:00:05Z\",\"type\":\"Tick\"}\n".to_string()])
+        .collect();
+    assert_eq!(
+        http(d.port, "POST", "/v1/events", &[], body.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    // The three alerts, then re-sends.
+    wait_for(Duration::from_secs(20), "two re-sends", || {
+        (am.received().len() >= 5).then_some(())
+    });
+    for r in am.received() {
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(1), "{}", r.body);
+    }
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
+/// Only a response's status counts: a receiver that answers 2xx and then stalls its body
+/// has taken the message (it is not sent again); and what a receiver answers goes into the
+/// log with its control characters escaped (no forged log lines).
+#[test]
+fn a_2xx_with_a_stalled_body_is_delivered_and_answers_are_logged_escaped() {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut r = std::io::BufReader::new(conn);
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            let mut conn = r.into_inner();
+            // The alert: 200, and a body that never ends. The compensation: 400, with a
+            // line that would read as a log line of sagawatch's own.
+            let answer = if String::from_utf8_lossy(&body).contains("compensate") {
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: 43\r\n\r\nbad\nZ ERROR sagawatch: FORGED \x1b[31mred\x1b[0m!"
+                    .to_string()
+            } else {
+                "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial".to_string()
+            };
+            let _ = conn.write_all(answer.as_bytes());
+            held.push(conn);
+        }
+    });
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 1s }]\n    \
+         on_missing:\n      - alert: { summary: missing, sinks: [hook] }\n      - compensate: { sink: hook, payload: { do: compensate } }\n";
+    let mut d = Daemon::with_rules(
+        RULE,
+        &format!(
+            "sources: {{ api: {{ type: http }} }}\n\
+             sinks: {{ hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/', secrets: ['${{WEBHOOK_SECRET}}'], timeout: 1s }} }}\n"
+        ),
+    );
+    d.start();
+    let body = "{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"a\"}\n\
+                {\"time\":\"2026-01-01T00:00:05Z\",\"type\":\"Tick\"}\n";
+    assert_eq!(
+        http(d.port, "POST", "/v1/events", &[], body.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    let count = |result: &str| {
+        metric(
+            d.port,
+            &format!("sagawatch_outbox_deliveries_total{{result=\"{result}\",sink=\"hook\"}}"),
+        )
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the alert delivered, the compensation retried",
+        || (count("delivered") == Some(1.0) && count("retry")? >= 2.0).then_some(()),
+    );
+    assert!(
+        d.stderr()
+            .contains(r"HTTP 400 Bad Request: bad\nZ ERROR sagawatch: FORGED \u{1b}[31mred"),
+        "{}",
+        d.stderr()
+    );
+    assert!(
+        !d.stderr().lines().any(|l| l.starts_with("Z ERROR")),
+        "{}",
+        d.stderr()
+    );
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
 /// Events held back by `time.max_ahead` are no activity for `time.idle`: a stream of them
 /// alone (a producer stamping local time as UTC, say) leaves the clock to the idle
 /// fallback, which reports what went missing meanwhile.

@@ -4,7 +4,7 @@
 //! receiver's `Retry-After`), records every attempt in the state file, gives up (logged
 //! and counted) after the configured age, and re-sends firing alerts to Alertmanager.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -784,10 +784,28 @@ impl Dispatcher {
             if active.is_empty() {
                 continue;
             }
-            let alerts: Vec<serde_json::Value> = active
-                .iter()
-                .filter_map(|a| alertmanager_alert(&a.body, "alert", *resend))
-                .collect();
+            // Alertmanager knows an alert by its labels: the missing instances of one rule
+            // and step are one alert, sent once (the one that went missing first), not
+            // once per instance (100k of them made a re-send of 28 MB).
+            let mut by_labels: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+            let mut alerts: Vec<serde_json::Value> = Vec::new();
+            for a in &active {
+                let Some(v) = alertmanager_alert(&a.body, "alert", *resend) else {
+                    continue;
+                };
+                let Some(fp) = a.fp.as_deref() else {
+                    alerts.push(v);
+                    continue;
+                };
+                let starts = |v: &serde_json::Value| v["startsAt"].as_str().map(str::to_owned);
+                match by_labels.get(fp) {
+                    Some(kept) if starts(kept) <= starts(&v) => {}
+                    _ => {
+                        by_labels.insert(fp, v);
+                    }
+                }
+            }
+            alerts.extend(by_labels.into_values());
             let body = serde_json::Value::Array(alerts).to_string();
             let (http, sink) = (clients.http_for(s), s.clone());
             let task = flight.tasks.spawn(async move {
@@ -911,17 +929,32 @@ async fn send(
             }
             Failed::from(msg)
         })?;
-        let status = resp.status();
-        let wait = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-        // Only the status counts; the start of the body goes into the error. Reading a
-        // short body to its end lets the connection be used again; a long one is not read
-        // on (a receiver answering with a gigabyte must not cost a gigabyte here).
-        let mut body = resp.into_body();
-        let mut head = Vec::new();
+        Ok::<_, Failed>(resp)
+    };
+    let resp = match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r?,
+        // Through a proxy, the wait may be the proxy's (one that takes the connection and
+        // never answers CONNECT, say): the message names it.
+        Err(_) => {
+            return Err(Failed::from(match &http.via {
+                Some(p) => format!("timed out after {timeout:?} (through the proxy {p})"),
+                None => format!("timed out after {timeout:?}"),
+            }));
+        }
+    };
+    let status = resp.status();
+    let wait = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+    // Only the status counts: a receiver that answered 2xx took the message, however its
+    // body then comes. The start of the body goes into an error; reading a short body to
+    // its end lets the connection be used again; a long one is not read on (a receiver
+    // answering with a gigabyte must not cost a gigabyte here), nor a slow one waited for.
+    let mut body = resp.into_body();
+    let mut head = Vec::new();
+    let read = async {
         let mut read = 0usize;
         while read < 64 * 1024 {
             match body.frame().await {
@@ -935,25 +968,36 @@ async fn send(
                 _ => break,
             }
         }
-        if status.is_success() {
-            Ok(())
-        } else {
-            let text = String::from_utf8_lossy(&head).into_owned();
-            Err(Failed {
-                error: format!("HTTP {status}: {text}"),
-                retry_after: wait,
-            })
-        }
     };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        // Through a proxy, the wait may be the proxy's (one that takes the connection and
-        // never answers CONNECT, say): the message names it.
-        Err(_) => Err(Failed::from(match &http.via {
-            Some(p) => format!("timed out after {timeout:?} (through the proxy {p})"),
-            None => format!("timed out after {timeout:?}"),
-        })),
+    let _ = tokio::time::timeout(timeout.min(BODY_WAIT), read).await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(Failed {
+            error: format!("HTTP {status}: {}", printable(&head)),
+            retry_after: wait,
+        })
     }
+}
+
+/// How long the start of a response body is waited for, after its status.
+const BODY_WAIT: Duration = Duration::from_secs(2);
+
+/// A receiver's text as it may go into a log line: control characters (line breaks, the
+/// escape that starts a terminal colour) escaped, so it can neither forge a line of its
+/// own nor recolour the terminal.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// The Alertmanager labels of an alert's `data`: what identifies the alert there.
