@@ -401,14 +401,21 @@ struct NodeSeed<'t, 'f, 'a> {
 
 impl<'de, 't, 'f> NodeSeed<'t, 'f, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // The children met in this object, by index (modulo 64: a false "seen" only
+        // costs a needless clear).
+        let mut seen = 0u64;
         while let Some(child) = map.next_key_seed(KeySeed(self.node))? {
             match child {
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
-                Some(child) => {
+                Some((i, child)) => {
                     // A member named twice: the last one wins, whole (as serde_json has it).
-                    clear(child, self.fields);
+                    let bit = 1u64 << (i % 64);
+                    if seen & bit != 0 {
+                        clear(child, self.fields);
+                    }
+                    seen |= bit;
                     if child.slot.is_some() {
                         let v = map.next_value_seed(FieldSeed)?;
                         store(child, v, self.fields);
@@ -538,19 +545,26 @@ impl<'de, 't, 'f> Visitor<'de> for NodeSeed<'t, 'f, 'de> {
 struct KeySeed<'t>(&'t Trie);
 
 impl<'de, 't> DeserializeSeed<'de> for KeySeed<'t> {
-    type Value = Option<&'t Trie>;
+    /// The child named, with its index.
+    type Value = Option<(usize, &'t Trie)>;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de, 't> Visitor<'de> for KeySeed<'t> {
-    type Value = Option<&'t Trie>;
+    type Value = Option<(usize, &'t Trie)>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object key")
     }
     fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(self.0.child(v))
+        Ok(self
+            .0
+            .children
+            .iter()
+            .enumerate()
+            .find(|(_, (n, _))| n == v)
+            .map(|(i, (_, t))| (i, t)))
     }
 }
 

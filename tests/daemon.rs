@@ -559,6 +559,56 @@ fn an_unreadable_file_counts_as_lag_until_it_can_be_read() {
             .then_some(())
     });
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
+    // After a restart, only what lies past the stored position counts.
+    let more = line.replace("o1", "o2");
+    std::fs::write(&events, format!("{line}{more}")).unwrap();
+    std::fs::set_permissions(&events, std::fs::Permissions::from_mode(0o000)).unwrap();
+    d.command = Some(as_nobody());
+    d.start();
+    wait_for(
+        Duration::from_secs(10),
+        "the new bytes counted as lag",
+        || (lag(&d) == Some(more.len() as f64)).then_some(()),
+    );
+    std::fs::set_permissions(&events, std::fs::Permissions::from_mode(0o644)).unwrap();
+    wait_for(Duration::from_secs(10), "the rest read", || {
+        (metric(d.port, "sagawatch_events_received_total") == Some(1.0) && lag(&d) == Some(0.0))
+            .then_some(())
+    });
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+}
+
+/// Every connection the daemon opens leaves SQLite's locks on the state file in place:
+/// closing any descriptor of a file drops the process's POSIX locks on it, so a check that
+/// opened the file would leave its shared-memory index unlocked, and another connection
+/// (an `inspect`, a backup) would take it for abandoned and rebuild it under the daemon.
+#[test]
+fn the_daemon_keeps_its_sqlite_locks_on_the_state_file() {
+    use std::os::unix::fs::MetadataExt;
+    let mut d =
+        Daemon::new("sources: { api: { type: http } }\nsinks: { hook: { type: stdout } }\n");
+    d.start();
+    // The timeline API opens a reader connection of its own.
+    assert_eq!(
+        http(d.port, "GET", "/v1/instances", &[], b"").unwrap().0,
+        200
+    );
+    let pid = d.child.as_ref().unwrap().id().to_string();
+    let ino = std::fs::metadata(d.path("state.db-shm"))
+        .unwrap()
+        .ino()
+        .to_string();
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    assert!(
+        locks.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"POSIX")
+                && f.get(4) == Some(&pid.as_str())
+                && f.get(5).and_then(|i| i.rsplit(':').next()) == Some(ino.as_str())
+        }),
+        "no lock of pid {pid} on inode {ino}:\n{locks}"
+    );
+    assert_eq!(d.terminate(), 0);
 }
 
 /// A state file (or its WAL) deleted under a running daemon: it would go on writing into

@@ -797,7 +797,10 @@ impl Dispatcher {
                     alerts.push(v);
                     continue;
                 };
-                let starts = |v: &serde_json::Value| v["startsAt"].as_str().map(str::to_owned);
+                // As times: the text's fraction digits vary (`00.5Z` < `00Z` as text).
+                let starts = |v: &serde_json::Value| {
+                    v["startsAt"].as_str().and_then(crate::time::parse_rfc3339)
+                };
                 match by_labels.get(fp) {
                     Some(kept) if starts(kept) <= starts(&v) => {}
                     _ => {

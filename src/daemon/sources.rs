@@ -341,9 +341,13 @@ impl FileSource {
                         if let Ok(m) = std::fs::metadata(&self.path)
                             && m.is_file()
                         {
+                            let id = file_id(&m);
                             let done = resume
                                 .as_ref()
-                                .filter(|p| p.file_id == file_id(&m))
+                                .filter(|p| {
+                                    parse_id(&p.file_id)
+                                        .is_some_and(|s| id == format!("{}:{}", s.dev, s.ino))
+                                })
                                 .map_or(0, |p| p.offset);
                             self.lag.set(m.len().saturating_sub(done) as i64);
                         }

@@ -40,7 +40,8 @@ pub fn match_key<'e>(m: &Matcher, ev: &'e Event<'_>) -> Option<std::borrow::Cow<
 }
 
 /// A stable id for an action of a step of an instance: hex of SHA-256 over its parts.
-/// `rendered` is everything the action renders (texts, labels, payload): two instances
+/// `rendered` is the step's deadline (every message carries it) and everything the action
+/// renders (texts, labels, payload): two instances
 /// of one key with one trigger time (a repeated trigger after `dedup`) share an id only
 /// if they render the same (their deadlines, the trigger fields they read, the rules a
 /// reload left them may differ), so one id never carries two payloads.
@@ -624,6 +625,7 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
                 let summary = a.summary.render(&vars);
                 let description = a.description.as_ref().map(|d| d.render(&vars));
                 let mut rendered = vec![
+                    deadline_text.as_str(),
                     severity.as_str(),
                     summary.as_str(),
                     description.as_deref().unwrap_or("\0"),
@@ -643,7 +645,7 @@ fn mark_missing(cx: &Cx<'_>, inst: &mut Instance, step: usize, out: &mut Vec<Out
             Action::Compensate(c) => {
                 let payload = c.payload.render(&vars);
                 Kind::Compensate(Compensation {
-                    id: id(&[&c.sink, &payload.to_string()]),
+                    id: id(&[&deadline_text, &c.sink, &payload.to_string()]),
                     sink: c.sink.clone(),
                     payload,
                 })

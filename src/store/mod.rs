@@ -306,10 +306,13 @@ fn require_write_access(path: &Path) -> Result<()> {
             " (its shared-memory index)".to_string(),
         ),
     ] {
-        match std::fs::OpenOptions::new().write(true).open(&p) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+        // access(2), not an open: closing any descriptor of a file drops every POSIX lock
+        // the process holds on it, SQLite's own included (this runs for each connection,
+        // while the daemon's first one holds its locks).
+        match rustix::fs::access(&p, rustix::fs::Access::WRITE_OK) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM) => {
                 if p == path {
                     bail!(
                         "state file {}: not writable by this user (read-only)",
