@@ -1380,18 +1380,19 @@ fn a_timeline_lists_only_its_own_instances_actions() {
     assert_eq!(d.terminate(), 0);
 }
 
-/// An alert is resolvable, and re-sent to Alertmanager, while a late correlate can come:
-/// its deadline plus `late` on the engine clock, however far that lags wall time (here,
-/// with the idle fallback off, it stays where the events left it).
-#[test]
-fn a_late_correlate_resolves_its_alert_however_far_the_clock_lags_wall_time() {
-    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
-         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 1s }]\n    \
-         on_missing: [{ alert: { summary: missing, sinks: [am] } }]\n    late: 3s\n";
+/// A running daemon whose rule `pay` (payment within 1 s of `OrderPlaced`, `late` as
+/// given) alerts to an Alertmanager sink re-sending every second, here a receiver; the
+/// idle fallback is off, so the clock stays where the events leave it.
+fn alertmanager_daemon(late: &str) -> (Receiver, Daemon) {
+    let rule = format!(
+        "rules:\n  - name: pay\n    trigger: {{ where: {{ type: OrderPlaced }}, key: order_id }}\n    \
+         expect: [{{ step: payment, where: {{ type: PaymentCompleted }}, key: order_id, within: 1s }}]\n    \
+         on_missing: [{{ alert: {{ summary: missing, sinks: [am] }} }}]\n    late: {late}\n"
+    );
     let mut am = Receiver::new(free_port());
     am.start();
     let mut d = Daemon::with_rules(
-        RULE,
+        &rule,
         &format!(
             "time: {{ lateness: 0s, idle: 0s }}\nsources: {{ api: {{ type: http }} }}\n\
              sinks: {{ am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: 1s }} }}\n",
@@ -1399,6 +1400,15 @@ fn a_late_correlate_resolves_its_alert_however_far_the_clock_lags_wall_time() {
         ),
     );
     d.start();
+    (am, d)
+}
+
+/// An alert is resolvable, and re-sent to Alertmanager, while a late correlate can come:
+/// its deadline plus `late` on the engine clock, however far that lags wall time (here,
+/// with the idle fallback off, it stays where the events left it).
+#[test]
+fn a_late_correlate_resolves_its_alert_however_far_the_clock_lags_wall_time() {
+    let (am, mut d) = alertmanager_daemon("3s");
     let post = |time: &str, kind: &str| {
         let ev = format!(r#"{{"time":"2026-01-01T00:00:{time}Z","type":"{kind}","order_id":"k"}}"#);
         assert_eq!(
@@ -1443,20 +1453,7 @@ fn a_late_correlate_resolves_its_alert_however_far_the_clock_lags_wall_time() {
 /// are re-sent as one alert, not one per instance.
 #[test]
 fn alertmanager_re_sends_one_alert_per_label_set() {
-    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
-         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 1s }]\n    \
-         on_missing: [{ alert: { summary: missing, sinks: [am] } }]\n    late: 1h\n";
-    let mut am = Receiver::new(free_port());
-    am.start();
-    let mut d = Daemon::with_rules(
-        RULE,
-        &format!(
-            "time: {{ lateness: 0s, idle: 0s }}\nsources: {{ api: {{ type: http }} }}\n\
-             sinks: {{ am: {{ type: alertmanager, url: 'http://127.0.0.1:{}', resend: 1s }} }}\n",
-            am.port
-        ),
-    );
-    d.start();
+    let (am, mut d) = alertmanager_daemon("1h");
     let body: String = ["a", "b", "c"]
         .iter()
         .map(|k| {
