@@ -487,6 +487,11 @@ impl<S: State> Engine<S> {
             ));
         }
         for &d in &cx.rule.steps[step].dependents {
+            // Always so but for an instance opened under rules whose step had no `after`
+            // (a reload added it): a step settled already is not opened again.
+            if inst.steps[d].status != StepStatus::Pending {
+                continue;
+            }
             let within = cx.rule.steps[d].within.nanos();
             self.open_step(cx, inst, d, time.saturating_add(within), out);
         }

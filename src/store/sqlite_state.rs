@@ -336,8 +336,17 @@ impl SqliteState {
 
     /// Switches to a new rule set (reload): drops rows of rules whose steps changed.
     pub fn set_rules(&mut self, rules: &RuleSet) -> Result<Vec<(String, usize)>> {
-        self.flush_meta()?;
-        let (dropped, restored) = apply_shapes(&mut self.conn, rules)?;
+        // Between batches the outbox dispatcher may be writing: its turn first (the gate),
+        // and an immediate transaction (a deferred one fails at once with SQLITE_BUSY,
+        // not waiting, when the dispatcher commits before its first write).
+        if let Some(g) = &self.gate {
+            self.in_turn = g.enter_core();
+        }
+        let applied = self
+            .flush_meta()
+            .and_then(|()| apply_shapes(&mut self.conn, rules));
+        self.leave_gate();
+        let (dropped, restored) = applied?;
         self.restored = restored;
         self.load(rules)?;
         Ok(dropped)
@@ -506,11 +515,12 @@ impl SqliteState {
     /// Appends an event text to the events table (at commit); its seq.
     fn append_event(&mut self, time: Instant, text: &str) -> rusqlite::Result<i64> {
         if self.next_seq == 0 {
-            self.next_seq =
-                self.conn
-                    .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| {
-                        r.get(0)
-                    })?;
+            self.next_seq = self.conn.query_row(
+                "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0),
+                                COALESCE((SELECT v FROM meta WHERE k = 'events.purged'), 0)) + 1",
+                [],
+                |r| r.get(0),
+            )?;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -612,7 +622,16 @@ impl SqliteState {
         } else {
             self.next_seq - 1
         };
-        if last != Some(seq) {
+        // A mark at most every 1/1024 of the retention (events are kept that much longer
+        // at worst): one per commit grew to millions over days-long windows. Events
+        // after the last mark are covered by the next one.
+        let every = self.retention / 1024;
+        if last != Some(seq)
+            && self
+                .event_marks
+                .back()
+                .is_none_or(|m| now.saturating_sub(m.0) >= every)
+        {
             self.event_marks.push_back((now, seq));
         }
         let mut upto = None;
@@ -642,6 +661,11 @@ impl SqliteState {
         if let Some(s) = upto {
             self.conn
                 .prepare_cached("DELETE FROM events WHERE seq <= ?1")?
+                .execute(params![s])?;
+            // Seqs are never used again, even once the table is empty: rows that outlive
+            // the events (of removed rules) still name them.
+            self.conn
+                .prepare_cached("INSERT OR REPLACE INTO meta (k, v) VALUES ('events.purged', ?1)")?
                 .execute(params![s])?;
         }
         Ok(())
@@ -961,7 +985,7 @@ fn apply_shapes(
     conn: &mut Connection,
     rules: &RuleSet,
 ) -> rusqlite::Result<(Vec<(String, usize)>, Vec<String>)> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let (mut dropped, mut restored) = (Vec::new(), Vec::new());
     let was_loaded: std::collections::HashSet<String> = tx
         .prepare("SELECT rule FROM rule_shapes WHERE loaded")?
@@ -1296,5 +1320,52 @@ impl State for SqliteState {
 impl Drop for SqliteState {
     fn drop(&mut self) {
         self.leave_gate();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event seq is never given twice, even after the events table was purged empty
+    /// and the state reopened: rows that outlive the events may still name the old ones.
+    #[test]
+    fn event_seqs_are_not_reused_after_a_purge_and_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let rules = crate::rules::load_sources(&[(
+            "r.yaml".into(),
+            "rules:\n  - name: r\n    trigger: { key: k }\n    expect: [{ step: s, key: k, within: 1m }]\n"
+                .into(),
+        )])
+        .unwrap();
+        let open = || {
+            let mut conn = super::super::open(&path).unwrap();
+            super::super::migrate(&mut conn, &path).unwrap();
+            SqliteState::open(conn, &rules, &path).unwrap()
+        };
+        let mut st = open();
+        st.begin().unwrap();
+        assert_eq!(st.append_event(0, "{}").unwrap(), 1);
+        assert_eq!(st.append_event(0, "{}").unwrap(), 2);
+        st.commit().unwrap();
+        // Long after: every event is past its retention.
+        st.retention = 0;
+        for now in [1_000_000_000_000, 2_000_000_000_000] {
+            st.begin().unwrap();
+            st.clock.now = now;
+            st.purge_events().unwrap();
+            st.commit().unwrap();
+        }
+        let left: i64 = st
+            .conn()
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        drop(st);
+        let mut st = open();
+        st.begin().unwrap();
+        assert_eq!(st.append_event(0, "{}").unwrap(), 3);
+        st.commit().unwrap();
     }
 }
