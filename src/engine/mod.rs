@@ -672,6 +672,42 @@ mod tests {
     use super::*;
     use crate::event::Decoder;
 
+    /// A reload that gives a step an `after` does not open it again once its new
+    /// predecessor is satisfied, if the instance (opened under the old rules) settled it.
+    #[test]
+    fn a_step_settled_before_a_reload_gave_it_an_after_is_not_opened_again() {
+        let load = |after: &str| {
+            Arc::new(
+                crate::rules::load_sources(&[(
+                    "r.yaml".into(),
+                    format!(
+                        "rules:\n  - name: r\n    trigger: {{ where: {{ type: T }}, key: id }}\n    expect:\n      \
+                         - {{ step: a, where: {{ type: A }}, key: id, within: 1h }}\n      \
+                         - {{ step: b, where: {{ type: B }}, key: id, within: 1h{after} }}\n"
+                    ),
+                )])
+                .unwrap(),
+            )
+        };
+        let v1 = load("");
+        let d = Decoder::new(&v1, "time");
+        let mut e = Engine::new(Arc::clone(&v1), MemoryState::new(), 0);
+        let mut out = Vec::new();
+        let mut apply = |e: &mut Engine<MemoryState>, time: &str, kind: &str| {
+            let line = format!(r#"{{"time":"2026-01-01T{time}:00Z","type":"{kind}","id":"k"}}"#);
+            e.process(&d.decode(line.as_bytes(), None).unwrap(), &mut out);
+        };
+        apply(&mut e, "00:00", "T");
+        apply(&mut e, "00:01", "B");
+        e.set_rules(load(", after: a"));
+        apply(&mut e, "00:02", "A");
+        apply(&mut e, "05:00", "Z");
+        assert!(
+            out.iter().all(|o| !matches!(o.kind, Kind::Missing)),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn events_past_the_ceiling_are_applied_but_do_not_move_the_clock() {
         let rules = Arc::new(
