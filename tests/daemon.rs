@@ -824,7 +824,20 @@ fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
         metric(d.port, "sagawatch_open_instances{rule=\"checkout\"}"),
         Some(1.0)
     );
-    // The rule renamed: the old name's gauge goes, the new one's comes.
+    for series in [
+        "sagawatch_outcomes_total{outcome=\"opened\",rule=\"checkout\"}",
+        "sagawatch_instances_opened_total{rule=\"checkout\"}",
+    ] {
+        assert_eq!(metric(d.port, series), Some(1.0), "{series}");
+    }
+    assert_eq!(
+        metric(
+            d.port,
+            "sagawatch_steps_total{outcome=\"missing\",rule=\"checkout\",step=\"payment\"}"
+        ),
+        Some(0.0)
+    );
+    // The rule renamed: the old name's series go, the new one's come.
     std::fs::write(
         d.path("rules/checkout.yaml"),
         RULES.replace("name: checkout", "name: checkout-v2"),
@@ -839,6 +852,34 @@ fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
     assert_eq!(
         metric(d.port, "sagawatch_open_instances{rule=\"checkout-v2\"}"),
         Some(0.0)
+    );
+    for gone in [
+        "rule=\"checkout\"",
+        "outcome=\"opened\",rule=\"checkout\"}",
+        "outcome=\"missing\",rule=\"checkout\",",
+    ] {
+        let body = http(d.port, "GET", "/metrics", &[], b"").unwrap().1;
+        assert!(!body.contains(gone), "{gone} still in\n{body}");
+    }
+    // A step renamed: its series go, the rule's others stay.
+    std::fs::write(
+        d.path("rules/checkout.yaml"),
+        RULES
+            .replace("name: checkout", "name: checkout-v2")
+            .replace("step: shipment", "step: ship"),
+    )
+    .unwrap();
+    let (st, b) = http(d.port, "POST", "/-/reload", &auth, b"").unwrap();
+    assert_eq!(st, 200, "{b}");
+    let body = http(d.port, "GET", "/metrics", &[], b"").unwrap().1;
+    assert!(!body.contains("step=\"shipment\""), "{body}");
+    assert!(
+        body.contains("rule=\"checkout-v2\",step=\"ship\""),
+        "{body}"
+    );
+    assert!(
+        body.contains("rule=\"checkout-v2\",step=\"payment\""),
+        "{body}"
     );
     assert_eq!(d.terminate(), 0);
     // Both problems on the one log line that says so.

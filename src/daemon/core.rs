@@ -835,16 +835,8 @@ impl Core {
 
     fn reload(&mut self, rules: Arc<RuleSet>) -> Result<()> {
         self.commit()?;
-        // A removed rule's instances stay in the state file (ignored), but its gauge goes.
-        let gone: Vec<String> = self
-            .engine
-            .state()
-            .rule_names()
-            .iter()
-            .filter(|n| !rules.rules.iter().any(|r| r.name == ***n))
-            .map(|n| n.to_string())
-            .collect();
-        self.metrics.forget_rules(&gone);
+        // A removed rule's instances stay in the state file (ignored), but its series go.
+        self.metrics.forget_rules(self.engine.rules(), &rules);
         let dropped = self.engine.state_mut().set_rules(&rules)?;
         for (rule, n) in dropped {
             tracing::warn!(

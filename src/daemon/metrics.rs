@@ -328,10 +328,36 @@ impl Metrics {
         }
     }
 
-    /// Drops the per-rule gauges of rules no longer loaded.
-    pub fn forget_rules(&self, gone: &[String]) {
-        for rule in gone {
-            let _ = self.open_instances.remove_label_values(&[rule]);
+    /// Drops the series of rules and steps the new set no longer has, so a dashboard
+    /// does not show them at their last values for as long as the process lives.
+    pub fn forget_rules(&self, old: &crate::rules::RuleSet, new: &crate::rules::RuleSet) {
+        for rule in &old.rules {
+            let kept = new.rules.iter().find(|r| r.name == rule.name);
+            for step in &rule.steps {
+                if kept.is_some_and(|k| k.steps.iter().any(|s| s.name == step.name)) {
+                    continue;
+                }
+                for outcome in ["satisfied", "missing", "late"] {
+                    let _ = self
+                        .steps
+                        .remove_label_values(&[&rule.name, &step.name, outcome]);
+                }
+                let _ = self
+                    .step_latency
+                    .remove_label_values(&[&rule.name, &step.name]);
+            }
+            if kept.is_some() {
+                continue;
+            }
+            let name = rule.name.as_str();
+            let _ = self.open_instances.remove_label_values(&[name]);
+            let _ = self.instances_opened.remove_label_values(&[name]);
+            for how in ["finished", "cancelled"] {
+                let _ = self.instances_closed.remove_label_values(&[name, how]);
+            }
+            for kind in crate::engine::Kind::NAMES {
+                let _ = self.outcomes.remove_label_values(&[name, kind]);
+            }
         }
     }
 }

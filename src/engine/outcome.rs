@@ -41,6 +41,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every name [`Kind::name`] returns.
+    pub const NAMES: [&'static str; 8] = [
+        "opened",
+        "satisfied",
+        "closed",
+        "cancelled",
+        "missing",
+        "late",
+        "alert",
+        "compensate",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Kind::Opened => "opened",
