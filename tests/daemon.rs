@@ -1421,6 +1421,42 @@ fn a_timeline_lists_only_its_own_instances_actions() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A trigger that opens a closed instance again (past `dedup`, while `late` still keeps the
+/// row) with the old one's time starts a timeline of its own.
+#[test]
+fn a_trigger_reopening_at_the_same_time_starts_a_fresh_timeline() {
+    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 5m }]\n    \
+         dedup: 1m\n    late: 1h\n";
+    let mut d = Daemon::with_rules(
+        RULE,
+        "time: { lateness: 0s, idle: 0s }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\n",
+    );
+    d.start();
+    for (time, kind, n) in [
+        ("09:00", "OrderPlaced", 1),
+        ("09:06", "Tick", 1),
+        ("09:10", "Tick", 1),
+        ("09:00", "OrderPlaced", 2),
+    ] {
+        let ev =
+            format!(r#"{{"time":"2026-01-01T{time}:00Z","type":"{kind}","order_id":"k","n":{n}}}"#);
+        assert_eq!(
+            http(d.port, "POST", "/v1/events", &[], ev.as_bytes())
+                .unwrap()
+                .0,
+            202
+        );
+    }
+    let (st, t) = http(d.port, "GET", "/v1/instances/pay/k", &[], b"").unwrap();
+    assert_eq!(st, 200, "{t}");
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["status"], "open", "{t}");
+    assert_eq!(v["trigger"]["n"], 2, "{t}");
+    assert_eq!(v["steps"][0]["status"], "open", "{t}");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A running daemon whose rule `pay` (payment within 1 s of `OrderPlaced`, `late` as
 /// given) alerts to an Alertmanager sink re-sending every second, here a receiver; the
 /// idle fallback is off, so the clock stays where the events leave it.

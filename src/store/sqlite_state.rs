@@ -573,8 +573,11 @@ impl SqliteState {
 
     /// The event references of a row being put: the taken refs plus the trigger of a new
     /// instance and the correlate of every step this put newly satisfied or made late.
-    fn refs_for(&mut self, inst: &Instance) -> rusqlite::Result<Vec<i64>> {
-        let fresh = !self.taken_existed || self.taken_opened != Some(inst.opened_at);
+    fn refs_for(&mut self, inst: &Instance, was_open: bool) -> rusqlite::Result<Vec<i64>> {
+        // Only a new trigger opens a closed row, possibly with the old one's time.
+        let fresh = !self.taken_existed
+            || self.taken_opened != Some(inst.opened_at)
+            || (!was_open && inst.is_open());
         let mut refs = std::mem::take(&mut self.taken_refs);
         if fresh {
             // A new instance (possibly replacing a closed row): nothing carries over.
@@ -1164,6 +1167,7 @@ impl State for SqliteState {
 
     fn put(&mut self, rule: usize, key: &str, row: Option<Instance>) {
         let now_open = row.as_ref().is_some_and(|i| i.is_open());
+        let was_open = self.taken_open;
         if now_open != self.taken_open {
             self.open[rule] += if now_open { 1 } else { -1 };
             self.open_dirty = true;
@@ -1177,7 +1181,7 @@ impl State for SqliteState {
                 if inst.closed_at.is_some() {
                     self.next_purge = self.next_purge.min(inst.expires_at);
                 }
-                let r = self.refs_for(inst);
+                let r = self.refs_for(inst, was_open);
                 self.fail(r)
             }
             None => std::mem::take(&mut self.taken_refs),
