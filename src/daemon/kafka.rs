@@ -34,6 +34,8 @@ const MAX_BATCH: usize = 2000;
 const MAX_HELD: usize = 500_000;
 /// How long an assignment waits for its partitions' offset ranges, all together.
 const WATERMARKS_WAIT: Duration = Duration::from_secs(5);
+/// How many partitions' offset ranges are asked for at once.
+const WATERMARK_LANES: usize = 8;
 
 /// A broker that sent nothing for this long is taken as unreachable (a paused broker keeps
 /// its connections open, so librdkafka itself notices only after its request timeouts).
@@ -1011,14 +1013,37 @@ impl Ctx {
         // tell ordering at once which partitions have a backlog (statistics would tell
         // only a second later).
         // At most `WATERMARKS_WAIT` for all of them: this holds up the rebalance.
+        // Asked a few at a time, so one slow partition does not use the whole budget.
+        let until = StdInstant::now() + WATERMARKS_WAIT;
+        let lanes = parts.len().clamp(1, WATERMARK_LANES);
+        let answers: Vec<_> = std::thread::scope(|scope| {
+            let parts = &parts;
+            let lanes: Vec<_> = (0..lanes)
+                .map(|lane| {
+                    scope.spawn(move || {
+                        parts
+                            .iter()
+                            .skip(lane)
+                            .step_by(lanes)
+                            .map(|(t, p)| {
+                                let left = until.saturating_duration_since(StdInstant::now());
+                                (t, *p, consumer.fetch_watermarks(t, *p, left))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            lanes
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
         let mut marks = Vec::new();
         let mut unknown = Vec::new();
-        let until = StdInstant::now() + WATERMARKS_WAIT;
-        for (t, p) in &parts {
-            let left = until.saturating_duration_since(StdInstant::now());
-            match consumer.fetch_watermarks(t, *p, left) {
+        for (t, p, answer) in answers {
+            match answer {
                 // librdkafka gives -1 for what the broker did not say.
-                Ok((lo, hi)) if lo >= 0 && hi >= 0 => marks.push((t.clone(), *p, lo, hi)),
+                Ok((lo, hi)) if lo >= 0 && hi >= 0 => marks.push((t.clone(), p, lo, hi)),
                 Ok(_) => unknown.push(format!("{t}/{p}")),
                 Err(e) => {
                     tracing::debug!(error = %e, topic = t, partition = p, "kafka: no watermarks");
