@@ -528,12 +528,13 @@ fn a_read_only_state_file_is_refused_at_startup() {
 }
 
 /// A file source whose file cannot be opened (its permissions) counts its bytes as lag,
-/// not a healthy 0, and is read once it can be.
+/// not a healthy 0, and is read once it can be. Meanwhile the stream is not idle: the
+/// idle fallback does not move the clock past the events waiting in the file.
 #[test]
 fn an_unreadable_file_counts_as_lag_until_it_can_be_read() {
     use std::os::unix::fs::PermissionsExt;
     let mut d = Daemon::new(
-        "sources: { a: { type: file, path: events.jsonl } }\nsinks: { out: { type: stdout }, hook: { type: stdout } }\n",
+        "time: { lateness: 0s, idle: 1s }\nsources: { a: { type: file, path: events.jsonl } }\nsinks: { out: { type: stdout }, hook: { type: stdout } }\n",
     );
     let line = "{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o1\"}\n";
     let events = d.path("events.jsonl");
@@ -553,11 +554,18 @@ fn an_unreadable_file_counts_as_lag_until_it_can_be_read() {
         "{}",
         d.stderr()
     );
+    // Twice `idle` with the file's events waiting: the clock has not moved.
+    std::thread::sleep(Duration::from_secs(2));
     std::fs::set_permissions(&events, std::fs::Permissions::from_mode(0o644)).unwrap();
     wait_for(Duration::from_secs(10), "the file read", || {
         (metric(d.port, "sagawatch_events_received_total") == Some(1.0) && lag(&d) == Some(0.0))
             .then_some(())
     });
+    // At the event's time (2026-01-01), not at wall time.
+    let clock = wait_for(Duration::from_secs(10), "the clock published", || {
+        metric(d.port, "sagawatch_engine_clock_seconds").filter(|&c| c != 0.0)
+    });
+    assert_eq!(clock, 1_767_225_600.0);
     assert_eq!(d.terminate(), 0, "{}", d.stderr());
     // After a restart, only what lies past the stored position counts.
     let more = line.replace("o1", "o2");

@@ -147,6 +147,8 @@ pub struct Core {
     wrote_outbox: bool,
     /// With Kafka sources: whether events wait in Kafka (then the stream is not idle).
     kafka: Option<Arc<crate::daemon::kafka::Health>>,
+    /// Set by file sources while they hold lines they cannot read yet.
+    holds: Vec<Arc<std::sync::atomic::AtomicBool>>,
     children: Children,
     bad_log: BadLog,
     /// Events dated past `time.max_ahead`: a producer whose clock is off sends many.
@@ -264,6 +266,7 @@ impl Core {
             last_look: StdInstant::now(),
             wrote_outbox: false,
             kafka: None,
+            holds: Vec::new(),
             children: Children::default(),
             bad_log: BadLog::new("lines that are not events"),
             ahead_log: BadLog::new("events dated past time.max_ahead"),
@@ -276,6 +279,11 @@ impl Core {
     }
 
     /// Leaves queued Kafka records alone once `halt` is set (see the field).
+    pub fn with_holds(mut self, holds: Vec<Arc<std::sync::atomic::AtomicBool>>) -> Core {
+        self.holds = holds;
+        self
+    }
+
     pub fn with_halt(mut self, halt: Arc<std::sync::atomic::AtomicBool>) -> Core {
         self.halt = halt;
         self
@@ -566,8 +574,14 @@ impl Core {
     /// Moves the clock with wall time: always in `wall` mode, after `idle` without events
     /// in `event` mode.
     fn idle_tick(&mut self) -> Result<()> {
-        if self.kafka.as_ref().is_some_and(|k| k.holds_clock()) {
-            // Not idle: events wait in Kafka (catching up, rebalancing, or unreachable).
+        if self.kafka.as_ref().is_some_and(|k| k.holds_clock())
+            || self
+                .holds
+                .iter()
+                .any(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            // Not idle: events wait in Kafka (catching up, rebalancing, or unreachable),
+            // or in a file its source cannot read yet.
             self.last_event = StdInstant::now();
         }
         if std::mem::replace(&mut self.last_look, StdInstant::now()).elapsed() > SUSPENDED {

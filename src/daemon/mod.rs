@@ -327,6 +327,12 @@ fn run_with(
         committing: Default::default(),
     });
 
+    // One per file source: set while it holds lines it cannot read yet.
+    let file_holds: Vec<Arc<AtomicBool>> = cfg
+        .sources
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
     let wal_restart = state.wal_restart_flag();
     let core_thread = {
         let c = core::Core::new(
@@ -337,6 +343,7 @@ fn run_with(
             Arc::clone(&wake_dispatch),
         )
         .with_kafka(kafka_health.clone())
+        .with_holds(file_holds.clone())
         .with_halt(Arc::clone(&stop_sources));
         let shared = Arc::clone(&shared);
         let done = Arc::clone(&core_done);
@@ -414,7 +421,7 @@ fn run_with(
     };
 
     let mut source_threads = Vec::new();
-    for (s, pos) in cfg.sources.iter().zip(positions) {
+    for ((s, pos), holding) in cfg.sources.iter().zip(positions).zip(file_holds) {
         let name: Arc<str> = Arc::from(s.name.as_str());
         let tx = core_tx.clone();
         let stop = Arc::clone(&stop_sources);
@@ -430,6 +437,7 @@ fn run_with(
                     lag: metrics.source_lag_bytes.with_label_values(&[&s.name]),
                     skips: sources::Skips::new(&metrics, &s.name),
                     rotate_wait: sources::ROTATE_WAIT,
+                    holding,
                 };
                 source_threads.push(
                     std::thread::Builder::new()

@@ -59,6 +59,10 @@ pub struct FileSource {
     pub skips: Skips,
     /// See [`ROTATE_WAIT`].
     pub rotate_wait: Duration,
+    /// Set while the file holds lines this source cannot read yet (a file it may not
+    /// open, a read that fails, a rotated-in file waiting for the old one): the stream is
+    /// not idle then, and the idle fallback of the clock waits.
+    pub holding: Arc<AtomicBool>,
 }
 
 /// The lines a source skips itself (longer than the limit, not UTF-8): counted as
@@ -312,13 +316,17 @@ impl FileSource {
         // The path names a new file: the old one is read until it has stopped growing
         // (since when it has not grown).
         let mut rotated: Option<Instant> = None;
+        // The file the path named when the rotation was seen, opened then: read next even
+        // if it is rotated away in turn before the old one is finished.
+        let mut next: Option<File> = None;
         while !self.stop.load(Ordering::Relaxed) {
             self.skips.log.flush(false);
             if cur.is_none() {
                 // The stored position is used until a file is open: a failed attempt
                 // must not make a later one start the same file from its beginning.
-                match self.open(resume.clone()) {
+                match self.open(resume.clone(), next.take()) {
                     Ok(o) => {
+                        self.holding.store(false, Ordering::Relaxed);
                         resume = None;
                         warned_missing = false;
                         partial.clear();
@@ -349,7 +357,11 @@ impl FileSource {
                                         .is_some_and(|s| id == format!("{}:{}", s.dev, s.ino))
                                 })
                                 .map_or(0, |p| p.offset);
-                            self.lag.set(m.len().saturating_sub(done) as i64);
+                            let lag = m.len().saturating_sub(done);
+                            self.lag.set(lag as i64);
+                            self.holding.store(lag > 0, Ordering::Relaxed);
+                        } else {
+                            self.holding.store(false, Ordering::Relaxed);
                         }
                         std::thread::sleep(POLL);
                         continue;
@@ -383,11 +395,26 @@ impl FileSource {
                             tracing::warn!(source = &*self.name, error = %e, "read failed; reopening");
                             warned_read = true;
                         }
+                        let unread = o
+                            .reader
+                            .get_ref()
+                            .metadata()
+                            .map_or(true, |m| m.len() > o.offset);
+                        self.holding.store(unread, Ordering::Relaxed);
                         // A failure that repeats must not spin: retry at the poll rate.
                         std::thread::sleep(POLL);
-                        // Reopen where the last sent line ended (what this chunk read so
-                        // far was not sent and is read again).
+                        // Read again from where the last sent line ended (what this chunk
+                        // read so far was not sent). A file being finished after a
+                        // rotation is read on through its handle: its path names the new
+                        // one. Any other is opened again by its path.
                         let at = o.offset;
+                        if rotated.is_some() && o.reader.seek(SeekFrom::Start(at)).is_ok() {
+                            partial.clear();
+                            skipping = 0;
+                            lines = Lines::default();
+                            consumed = at;
+                            break;
+                        }
                         resume = Some(o.position(at));
                         cur = None;
                         break;
@@ -423,9 +450,14 @@ impl FileSource {
             if let Some(t) = rotated
                 && t.elapsed() < self.rotate_wait
             {
+                let waiting = next
+                    .as_ref()
+                    .is_some_and(|f| f.metadata().is_ok_and(|m| m.len() > 0));
+                self.holding.store(waiting, Ordering::Relaxed);
                 std::thread::sleep(POLL);
                 continue;
             }
+            self.holding.store(false, Ordering::Relaxed);
             if !self.follow || rotated.is_some() {
                 // A finished file: a last line without a newline is still a line.
                 let last = std::mem::take(&mut partial);
@@ -471,6 +503,29 @@ impl FileSource {
                         "file rotated; reading the old one until it has stopped growing"
                     );
                     rotated = Some(Instant::now());
+                    next = File::open(&self.path).ok().filter(|f| {
+                        f.metadata()
+                            .is_ok_and(|m| m.is_file() && file_id(&m) != o.id)
+                    });
+                    continue;
+                }
+                Ok(m)
+                    if m.len() >= o.offset
+                        && m.len() < o.offset + partial.len() as u64 + skipping =>
+                {
+                    // Only the unfinished last line was cut (a writer trimming its torn
+                    // tail after a crash): what was read before it stands.
+                    tracing::info!(
+                        source = &*self.name,
+                        offset = o.offset,
+                        "file cut back within its unfinished last line; that part is dropped"
+                    );
+                    partial.clear();
+                    skipping = 0;
+                    if o.reader.seek(SeekFrom::Start(o.offset)).is_err() {
+                        resume = Some(o.position(o.offset));
+                        cur = None;
+                    }
                     continue;
                 }
                 Ok(m) if m.len() < o.offset + partial.len() as u64 + skipping => {
@@ -507,13 +562,20 @@ impl FileSource {
         }
     }
 
-    fn open(&self, resume: Option<Position>) -> std::io::Result<Open> {
-        // Before the open: opening a FIFO blocks until a writer comes (and so would the
-        // shutdown); opening a directory succeeds, and every read of it fails.
-        if !std::fs::metadata(&self.path)?.is_file() {
-            return Err(std::io::Error::other("not a regular file"));
-        }
-        let mut f = File::open(&self.path)?;
+    /// Opens the file at the path, or `next` (opened when a rotation was seen).
+    fn open(&self, resume: Option<Position>, next: Option<File>) -> std::io::Result<Open> {
+        let mut f = match next {
+            Some(f) => f,
+            None => {
+                // Before the open: opening a FIFO blocks until a writer comes (and so
+                // would the shutdown); opening a directory succeeds, and every read of
+                // it fails.
+                if !std::fs::metadata(&self.path)?.is_file() {
+                    return Err(std::io::Error::other("not a regular file"));
+                }
+                File::open(&self.path)?
+            }
+        };
         let meta = f.metadata()?;
         let id = file_id(&meta);
         let mut offset = 0;
@@ -812,6 +874,7 @@ mod tests {
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
             skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
             rotate_wait: ROTATE_WAIT,
+            holding: Arc::default(),
         }
         .run();
         rx.try_iter()
@@ -956,6 +1019,94 @@ mod tests {
         assert_eq!(offsets.last(), Some(&(3 * SCAN_BYTES + 3)));
     }
 
+    /// A file rotated in and out again while the old one is being finished is still read:
+    /// it was opened when the rotation was seen, and is read through that handle, between
+    /// the old file and the one the path names now. Meanwhile the source holds the clock.
+    #[test]
+    fn a_file_rotated_away_before_its_turn_is_read_all_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":1}\n").unwrap();
+        let (tx, rx) = sync_channel(16);
+        let stop = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let src = FileSource {
+            name: Arc::from("f"),
+            path: path.clone(),
+            follow: true,
+            start: None,
+            tx,
+            stop: Arc::clone(&stop),
+            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
+            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+            rotate_wait: Duration::from_secs(2),
+            holding: Arc::clone(&holding),
+        };
+        let t = std::thread::spawn(move || src.run());
+        assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
+        std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
+        std::fs::write(&path, "{\"n\":2}\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !holding.load(Ordering::Relaxed) {
+            assert!(Instant::now() < deadline, "the rotation never seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Rotated again before the old file's wait is over.
+        std::fs::rename(&path, dir.path().join("events.jsonl.2")).unwrap();
+        std::fs::write(&path, "{\"n\":3}\n").unwrap();
+        assert_eq!(lines_until(&rx, 2).0, [r#"{"n":2}"#, r#"{"n":3}"#]);
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+
+    /// A file cut back only within its unfinished last line (a writer trimming its torn
+    /// tail after a crash) is read on from the last whole line, not again from the start.
+    #[test]
+    fn a_torn_last_line_cut_off_is_dropped_and_reading_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":1}\n{\"n\":").unwrap();
+        let (tx, rx) = sync_channel(16);
+        let stop = Arc::new(AtomicBool::new(false));
+        let lag = prometheus::IntGauge::new("lag", "lag").unwrap();
+        let src = FileSource {
+            name: Arc::from("f"),
+            path: path.clone(),
+            follow: true,
+            start: None,
+            tx,
+            stop: Arc::clone(&stop),
+            lag: lag.clone(),
+            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+            rotate_wait: ROTATE_WAIT,
+            holding: Arc::default(),
+        };
+        let t = std::thread::spawn(move || src.run());
+        assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lag.get() != 0 {
+            assert!(Instant::now() < deadline, "the cut never seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A few polls more: the cut is seen in the poll that found the lag gone.
+        std::thread::sleep(3 * POLL);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"n\":2}\n")
+            .unwrap();
+        assert_eq!(lines_until(&rx, 1).0, [r#"{"n":2}"#]);
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+
     /// A rotated file is read until it has stopped growing (its writer may finish a line
     /// in it after the rename), last unterminated line included, before the new one; a
     /// truncation stores the offset 0 at once.
@@ -980,6 +1131,7 @@ mod tests {
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
             skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
             rotate_wait: ROTATE_WAIT,
+            holding: Arc::default(),
         };
         let t = std::thread::spawn(move || src.run());
         assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
@@ -1047,6 +1199,7 @@ mod tests {
             lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
             skips: Skips::new(&metrics, "f"),
             rotate_wait: ROTATE_WAIT,
+            holding: Arc::default(),
         };
         let lag = src.lag.clone();
         let t = std::thread::spawn(move || src.run());
