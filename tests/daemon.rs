@@ -620,21 +620,33 @@ fn the_daemon_keeps_its_sqlite_locks_on_the_state_file() {
 }
 
 /// A state file (or its WAL) deleted under a running daemon: it would go on writing into
-/// an unlinked file, lost at exit; it stops instead, with exit 1 and the reason.
+/// an unlinked file, lost at exit; it stops instead, with exit 1 and the reason. So does a
+/// stop asked for at once, before the daemon noticed (no "stopped cleanly" and exit 0).
 #[test]
 fn a_state_file_deleted_while_running_stops_the_daemon() {
-    for gone in ["state.db", "state.db-wal"] {
+    for (gone, stop) in [
+        ("state.db", false),
+        ("state.db-wal", false),
+        ("state.db", true),
+    ] {
         let mut d = Daemon::new(
             "sources: { a: { type: stdin } }\nsinks: { out: { type: stdout }, hook: { type: stdout } }\n",
         );
         d.start();
         std::fs::remove_file(d.path(gone)).unwrap();
         let mut c = d.child.take().unwrap();
+        if stop {
+            signal(&c, "TERM");
+        }
         let st = wait_for(Duration::from_secs(30), "the daemon to stop", || {
             c.try_wait().unwrap()
         });
         let err = d.stderr();
         assert_eq!(st.code(), Some(1), "{err}");
+        assert!(
+            gone != "state.db" || !d.path(gone).exists(),
+            "created again: {err}"
+        );
         assert!(
             err.contains(&format!(
                 "{gone} was deleted or replaced while sagawatch was running"

@@ -369,7 +369,7 @@ pub fn backoff(cfg: &OutboxConfig, attempts: i64, seed: i64) -> Duration {
 
 impl Dispatcher {
     pub fn run(self, state_path: &Path) -> Result<()> {
-        let conn = store::open(state_path)?;
+        let conn = store::open_existing(state_path)?;
         // Checkpoints are the checkpointer's: left on, each commit here copied the WAL's
         // newest frames into the database too.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;

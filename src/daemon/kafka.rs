@@ -1306,7 +1306,7 @@ impl Source {
                 .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
                 .collect(),
             sources,
-            state: Mutex::new(store::open(&self.cfg.state)?),
+            state: Mutex::new(store::open_existing(&self.cfg.state)?),
             reset: reset_offset(&consumer_config(k)),
             inner: Mutex::default(),
             core_gone: AtomicBool::new(false),

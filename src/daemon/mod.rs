@@ -350,7 +350,10 @@ fn run_with(
         std::thread::Builder::new()
             .name("sagawatch-core".into())
             .spawn(move || {
-                let r = c.run(core_rx);
+                // A panic too must end the process visibly: otherwise /healthz stays 200
+                // over a daemon that decides nothing any more.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run(core_rx)))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the core thread panicked")));
                 if let Err(e) = &r {
                     // Now, not after the shutdown that follows.
                     tracing::error!(error = format!("{e:#}"), "core stopped; shutting down");
@@ -407,9 +410,11 @@ fn run_with(
             .spawn(move || {
                 // Without it the WAL grows without bound; its other stop is a state file
                 // deleted under the daemon. Either way: a visible exit.
-                if let Err(e) =
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     store::checkpoint_loop(&path, &ids, Duration::from_secs(1), &stop, &wal_restart)
-                {
+                }))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("it panicked")));
+                if let Err(e) = r {
                     tracing::error!(
                         error = format!("{e:#}"),
                         "WAL checkpointer stopped; shutting down"
@@ -470,7 +475,9 @@ fn run_with(
             std::thread::Builder::new()
                 .name("source-kafka".into())
                 .spawn(move || {
-                    if let Err(e) = src.run() {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| src.run()))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("it panicked")));
+                    if let Err(e) = r {
                         let why = format!("{e:#}");
                         tracing::error!(error = why, "kafka source stopped");
                         health.stopped(&why);
@@ -546,11 +553,10 @@ fn run_with(
 
     // A state file deleted under the daemon makes the other threads' reads and writes fail
     // too (the dispatcher's may come first): the cause is the message. Looked at now,
-    // while the other threads' connections keep the WAL (the last one to close removes it).
-    let gone = failed
-        .is_some()
-        .then(|| state_ids.check(&cfg.state).err())
-        .flatten();
+    // while the other threads' connections keep the WAL (the last one to close removes it),
+    // and also on a stop asked for: one that came before the checkpointer noticed must not
+    // end in "stopped cleanly" and exit 0.
+    let gone = state_ids.check(&cfg.state).err();
 
     // Stop intake, commit, drain the outbox for a bounded time. Reload requests still
     // waiting (and any from now on) are answered 503 instead of hanging.

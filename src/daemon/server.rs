@@ -709,7 +709,7 @@ where
         let idle = readers.idle.lock().ok().and_then(|mut v| v.pop());
         let conn = match idle {
             Some(c) => c,
-            None => match crate::store::open(&state) {
+            None => match crate::store::open_existing(&state) {
                 Ok(c) => c,
                 Err(e) => return (Err(e), false),
             },

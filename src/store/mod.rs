@@ -404,6 +404,18 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// [`open`] for the daemon's other connections, once its core has opened the file: a
+/// file deleted meanwhile is an error, not created again empty.
+pub fn open_existing(path: &Path) -> Result<Connection> {
+    if !path.exists() {
+        bail!(
+            "state file {}: no longer exists (deleted while sagawatch was running?)",
+            path.display()
+        );
+    }
+    open(path)
+}
+
 /// Opens an existing state file for reading only (`inspect`): nothing is written to it,
 /// and a file that is not a sagawatch state file (empty, another program's database,
 /// newer) is refused by name.
@@ -489,7 +501,7 @@ pub fn checkpoint_loop(
     stop: &std::sync::atomic::AtomicBool,
     restart: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
-    let conn = open(path)?;
+    let conn = open_existing(path)?;
     let checkpoint = |mode: &str| -> rusqlite::Result<(i64, i64, i64)> {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
