@@ -378,6 +378,29 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     assert!(b.contains("element 2") && b.contains("time"), "{b}");
     let (st, b) = post(&auth, &vec![b' '; 10_000]);
     assert_eq!(st, 413, "{b}");
+    // A body far larger than the socket's buffers, sent whole before the answer is read
+    // (as most clients do without `Expect: 100-continue`): it is taken, and the answer
+    // read, not a reset connection.
+    let big = vec![b' '; 16 << 20];
+    let refused = |headers: &str| {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+        write!(
+            s,
+            "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n{headers}\r\n",
+            big.len()
+        )
+        .unwrap();
+        s.write_all(&big).expect("the whole body taken");
+        let mut status = String::new();
+        std::io::BufReader::new(s).read_line(&mut status).unwrap();
+        status
+    };
+    assert!(refused("authorization: Bearer s3cret\r\n").contains(" 413 "));
+    assert!(refused("").contains(" 401 "));
+    assert!(
+        refused("authorization: Bearer s3cret\r\ncontent-encoding: gzip\r\n").contains(" 415 ")
+    );
     // A compressed body is refused as such, not as a line that is not UTF-8.
     let gzip = [auth[0], ("content-encoding", "gzip")];
     let (st, b) = post(&gzip, b"\x1f\x8b\x08\x00");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -252,10 +252,17 @@ pub async fn serve_starting(
     metrics: Arc<Metrics>,
     allowed_hosts: Arc<[String]>,
 ) -> TcpListener {
+    // Bounded as the running server's are: this phase may last minutes.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = &mut stop => return listener,
-            acc = listener.accept() => {
+            _ = &mut stop => {
+                // Those open answer on their own; the running server takes new ones.
+                conns.detach_all();
+                return listener;
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            acc = listener.accept(), if conns.len() < MAX_CONNECTIONS => {
                 let Ok((stream, _)) = acc else {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
@@ -263,7 +270,7 @@ pub async fn serve_starting(
                 let metrics = Arc::clone(&metrics);
                 let allowed = Arc::clone(&allowed_hosts);
                 let local = stream.local_addr().ok();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| {
                         let metrics = Arc::clone(&metrics);
                         let refused = local.and_then(|l| cross_site(l, &allowed, &req));
@@ -1014,6 +1021,65 @@ fn one_line(json: &str) -> String {
     json.replace(['\n', '\r'], " ")
 }
 
+/// What of a refused request's body is read and dropped, at most, before the answer: a
+/// socket closed with unread data is reset, and the reset can destroy the answer before
+/// the client reads it (a client that sends its whole body first would see "connection
+/// reset" instead of the 413, 401 or 503 with `Retry-After`).
+const DRAIN_BYTES: usize = 64 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Answers `resp` to a request whose body is not wanted, after reading what is left of the
+/// body (bounded); the connection is closed if it could not all be read. A client that
+/// waits for `100 Continue` has sent nothing yet, and is not asked to.
+async fn refuse(req: Request<Incoming>, mut resp: Resp) -> Resp {
+    let expects = req
+        .headers()
+        .get("expect")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects || drain(req.into_body(), DRAIN_BYTES).await {
+        return resp;
+    }
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// Reads a body of at most `max` bytes (`None` if it is longer; the rest is left unread).
+async fn read_body(body: &mut Incoming, max: usize) -> Result<Option<Bytes>, hyper::Error> {
+    use hyper::body::Body;
+    let hint = usize::try_from(body.size_hint().lower()).unwrap_or(max);
+    let mut buf = Vec::with_capacity(hint.min(max));
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame?.data_ref() {
+            if d.len() > max - buf.len() {
+                return Ok(None);
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    Ok(Some(Bytes::from(buf)))
+}
+
+/// Reads and drops a body to its end: whether it ended within `cap` bytes and `DRAIN_TIME`.
+async fn drain(mut body: Incoming, cap: usize) -> bool {
+    let mut left = cap;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(d) = frame.data_ref() {
+                let Some(l) = left.checked_sub(d.len()) else {
+                    return false;
+                };
+                left = l;
+            }
+        }
+        true
+    };
+    matches!(tokio::time::timeout(DRAIN_TIME, read).await, Ok(true))
+}
+
 async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let Some((name, max_body)) = shared.cfg.sources.iter().find_map(|s| match s.kind {
         SourceKind::Http { max_body } => Some((s.name.clone(), max_body)),
@@ -1025,7 +1091,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         );
     };
     if !authorized(&shared.cfg.token, &req) {
-        return unauthorized();
+        return refuse(req, unauthorized()).await;
     }
     // A compressed body would read as one bad line ("not UTF-8"): say what is wrong.
     if let Some(enc) = req.headers().get("content-encoding") {
@@ -1038,10 +1104,11 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
                 .events_rejected
                 .with_label_values(&[&name, "content_encoding"])
                 .inc();
-            return json(
+            let resp = json(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 serde_json::json!({"error": format!("content-encoding {enc:?} is not supported: send the body uncompressed")}),
             );
+            return refuse(req, resp).await;
         }
     }
     let too_large = || {
@@ -1056,7 +1123,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if length.is_some_and(|len| len > max_body) {
-        return too_large();
+        return refuse(req, too_large()).await;
     }
     // The body's share of the ingest budget, taken before it is read.
     let share = length
@@ -1066,10 +1133,11 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let permit = match tokio::time::timeout(INGEST_WAIT, acquire).await {
         Ok(Ok(p)) => p,
         Ok(Err(_)) => {
-            return json(
+            let resp = json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"error": "not accepting events (shutting down)"}),
             );
+            return refuse(req, resp).await;
         }
         Err(_) => {
             let mut r = json(
@@ -1078,14 +1146,12 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             );
             r.headers_mut()
                 .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
-            return r;
+            return refuse(req, r).await;
         }
     };
     // A body trickled in slower than this holds a connection slot: cut it.
-    let read = tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), max_body).collect(),
-    );
+    let mut incoming = req.into_body();
+    let read = tokio::time::timeout(BODY_TIMEOUT, read_body(&mut incoming, max_body));
     let Ok(read) = read.await else {
         return json(
             StatusCode::REQUEST_TIMEOUT,
@@ -1093,12 +1159,18 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         );
     };
     let body = match read {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return too_large();
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            // (Without a length given: found while reading.)
+            drop(permit);
+            let mut resp = too_large();
+            if !drain(incoming, DRAIN_BYTES).await {
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            return resp;
         }
         Err(e) => {
             return json(
