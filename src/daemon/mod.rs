@@ -320,6 +320,7 @@ fn run_with(
         core: core_tx.clone(),
         ready: AtomicBool::new(false),
         core_down: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
         reload: Arc::new(Notify::new()),
         reload_result: tokio::sync::Mutex::new(Some(Vec::new())),
         readers: Arc::default(),
@@ -562,6 +563,7 @@ fn run_with(
     // waiting (and any from now on) are answered 503 instead of hanging.
     rt.block_on(shared.reload_result.lock()).take();
     shared.ready.store(false, Ordering::Relaxed);
+    shared.stopping.store(true, Ordering::SeqCst);
     stop_sources.store(true, Ordering::Relaxed);
     stop_server.notify_one();
     // Requests waiting for their batch are answered now, not after `batch.interval`

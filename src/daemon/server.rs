@@ -56,6 +56,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Set when the core thread has stopped (fatal error or shutdown).
     pub core_down: AtomicBool,
+    /// Set when a stop begins: events not handed to the core yet are refused.
+    pub stopping: AtomicBool,
     /// Signalled by `POST /-/reload`.
     pub reload: Arc<Notify>,
     /// Requests waiting for the outcome of the next reload; `None` once shutting down.
@@ -1229,10 +1231,17 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         done: Some(tx),
         hold: Some(permit),
     };
+    // Counted before the stop is looked at: a stop then either finds it refused here or
+    // waits for its commit, never cuts it off between the two (its events committed and
+    // its sender, seeing no answer, sending them again).
+    let _awaiting = Awaiting::new(&shared.committing);
     // Into the core's queue without holding a blocking thread while it is full (a busy
     // core would otherwise park one per waiting request, and the read API needs them).
     let mut pause = std::time::Duration::from_millis(1);
     let sent = loop {
+        if shared.stopping.load(Ordering::SeqCst) {
+            break false;
+        }
         match shared.core.try_send(msg) {
             Ok(()) => break true,
             Err(std::sync::mpsc::TrySendError::Full(m)) => {
@@ -1249,7 +1258,6 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             serde_json::json!({"error": "not accepting events (shutting down)"}),
         );
     }
-    let _awaiting = Awaiting::new(&shared.committing);
     match rx.await {
         Ok(Ok(n)) => json(StatusCode::ACCEPTED, serde_json::json!({"accepted": n})),
         Ok(Err(r)) => {
