@@ -908,6 +908,104 @@ fn body_error(line: usize, message: impl Into<String>, reason: &'static str) -> 
     }
 }
 
+/// Whether line `n` (1-based) of `text` is a JSON object by itself.
+fn is_object_line(text: &str, n: usize) -> bool {
+    text.lines().nth(n.saturating_sub(1)).is_some_and(|l| {
+        serde_json::from_str::<&RawValue>(l.trim_ascii()).is_ok_and(|v| v.get().starts_with('{'))
+    })
+}
+
+/// The elements of a JSON array body, checked one by one as they are parsed: the first
+/// bad one is named, whether what is wrong is its time or its syntax (or the syntax of
+/// anything after it).
+fn split_array(
+    text: &str,
+    check: &impl Fn(&str) -> Result<(), DecodeError>,
+) -> Result<Body, BodyError> {
+    use serde::de::{Deserializer as _, Error as _};
+    struct Elements<'c, F> {
+        check: &'c F,
+        /// The element being parsed (1-based), and what was wrong with one parsed.
+        at: &'c std::cell::Cell<usize>,
+        bad: &'c std::cell::RefCell<Option<BodyError>>,
+    }
+    impl<'de, F: Fn(&str) -> Result<(), DecodeError>> serde::de::Visitor<'de> for Elements<'_, F> {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut lines = Vec::new();
+            loop {
+                let i = lines.len() + 1;
+                self.at.set(i);
+                let Some(e) = seq.next_element::<&'de RawValue>()? else {
+                    self.at.set(0);
+                    return Ok(lines);
+                };
+                let at = format!("element {i}");
+                let refused = if !e.get().starts_with('{') {
+                    Some(BodyError {
+                        line: i,
+                        at,
+                        message: "not a JSON object".into(),
+                        reason: "not_object",
+                    })
+                } else {
+                    let line = one_line(e.get());
+                    match (self.check)(&line) {
+                        Ok(()) => {
+                            lines.push(line);
+                            None
+                        }
+                        Err(e) => Some(BodyError {
+                            line: i,
+                            at,
+                            message: e.to_string(),
+                            reason: e.reason(),
+                        }),
+                    }
+                };
+                if let Some(r) = refused {
+                    *self.bad.borrow_mut() = Some(r);
+                    return Err(A::Error::custom("refused"));
+                }
+            }
+        }
+    }
+    let at = std::cell::Cell::new(0);
+    let bad = std::cell::RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = de
+        .deserialize_seq(Elements {
+            check,
+            at: &at,
+            bad: &bad,
+        })
+        .and_then(|lines| de.end().map(|()| lines));
+    match parsed {
+        Ok(lines) => Ok(Body {
+            at: (1..=lines.len()).collect(),
+            lines,
+            array: true,
+        }),
+        Err(e) => Err(bad.into_inner().unwrap_or_else(|| match at.get() {
+            // After the array (or before it).
+            0 => body_error(e.line(), format!("invalid JSON array: {e}"), "invalid_json"),
+            // Within it: the element being parsed.
+            i => BodyError {
+                line: i,
+                at: format!("element {i}"),
+                message: format!("invalid JSON array: {e}"),
+                reason: "invalid_json",
+            },
+        })),
+    }
+}
+
 /// Splits a request body into event lines: one JSON object, a JSON array of objects, or
 /// NDJSON, each of which `check` must accept (the event time). Returns them, or where the
 /// first bad one is and why.
@@ -935,28 +1033,7 @@ pub fn split_body(
         return Err(body_error(1, "empty body", "invalid_json"));
     }
     if trimmed.starts_with('[') {
-        let v: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
-            body_error(e.line(), format!("invalid JSON array: {e}"), "invalid_json")
-        })?;
-        let mut lines = Vec::with_capacity(v.len());
-        for (i, e) in v.into_iter().enumerate() {
-            if !e.get().starts_with('{') {
-                return Err(BodyError {
-                    line: i + 1,
-                    at: format!("element {}", i + 1),
-                    message: "not a JSON object".into(),
-                    reason: "not_object",
-                });
-            }
-            let line = one_line(e.get());
-            check(&line).map_err(|e| refused(i + 1, format!("element {}", i + 1), e))?;
-            lines.push(line);
-        }
-        return Ok(Body {
-            at: (1..=lines.len()).collect(),
-            lines,
-            array: true,
-        });
+        return split_array(text, &check);
     }
     // One object, possibly spanning lines.
     let whole = serde_json::from_str::<&RawValue>(text);
@@ -989,8 +1066,12 @@ pub fn split_body(
             Err(e) => {
                 // The first line opens an object it does not close: a pretty-printed
                 // object, whose own error (and line) is the one to name.
+                // Unless the line that error names is an object of its own: then this
+                // is NDJSON whose first line is cut short.
                 let (line, e) = match whole {
-                    Err(w) if lines.is_empty() && e.is_eof() => (w.line(), w),
+                    Err(w) if lines.is_empty() && e.is_eof() && !is_object_line(text, w.line()) => {
+                        (w.line(), w)
+                    }
                     _ => (i + 1, e),
                 };
                 return Err(body_error(
@@ -1303,6 +1384,32 @@ mod tests {
             (e.line, e.message.as_str()),
             (5, "invalid JSON: expected value at column 1")
         );
+        // In an array, a bad element before a syntax error further on is the one named;
+        // a syntax error is named by the element it is in; one after the array by line.
+        let body = format!("[{{{t}}},\n{{\"type\":\"A\"}},\n{{bad]");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("element 2", "no_time"));
+        let body = format!("[{{{t}}},\n{{{t}}},\n{{bad]");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!(
+            (e.at.as_str(), e.line, e.reason),
+            ("element 3", 3, "invalid_json")
+        );
+        let body = format!("[{{{t}}}]\nx");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("line 2", "invalid_json"));
+        let body = format!("[{{{t}}}, {{{t}}}]");
+        assert_eq!(
+            super::split_body(body.as_bytes(), check)
+                .unwrap()
+                .lines
+                .len(),
+            2
+        );
+        // NDJSON whose first line is cut short: that line is named, not the next.
+        let body = format!("{{{t},\"a\":1\n{{{t}}}\n");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("line 1", "invalid_json"));
     }
 
     #[tokio::test]
