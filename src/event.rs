@@ -635,6 +635,22 @@ rules:
         load_sources(&[("r.yaml".into(), yaml.into())]).unwrap()
     }
 
+    /// A float decodes to the nearest f64, as the rules' YAML does (serde_json's default
+    /// parse could be one unit off in the last place for some spellings, so a rule's
+    /// `where` on such a number did not match an event with the same text).
+    #[test]
+    fn floats_decode_exactly() {
+        let rs = rules();
+        let d = Decoder::new(&rs, "time");
+        let n = rs.paths.iter().position(|p| p == &["n"]).unwrap();
+        for text in ["123456789012345680000.0", "2.2250738585072011e-308", "0.1"] {
+            let line = format!(r#"{{"n":{text},"time":"2026-01-01T00:00:00Z"}}"#);
+            let ev = d.decode(line.as_bytes(), None).unwrap();
+            let want: f64 = text.parse().unwrap();
+            assert_eq!(ev.field(n), Some(&Field::Float(want)), "{text}");
+        }
+    }
+
     #[test]
     fn decodes_only_needed_fields() {
         let rs = rules();

@@ -639,6 +639,24 @@ impl<'a> NodeDe<'a> {
         self.patched.iter().any(|p| self.path.0.starts_with(&p.0))
     }
 
+    /// A key that is a sequence, a mapping or null has no text to be a JSON member name
+    /// (it read as "" before): refused where it is.
+    fn scalar_keys(&self, entries: &'a [(Node, Node)]) -> Result<(), DeError> {
+        match entries.iter().find(|(k, _)| k.as_text().is_none()) {
+            Some((k, _)) => Err(NodeDe {
+                node: k,
+                path: self.path.clone(),
+                sink: self.sink,
+                patched: self.patched,
+            }
+            .report(format!(
+                "a key must be a string, a number or a boolean, found {}",
+                k.kind()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn expected(&self, what: &str) -> DeError {
         self.report(format!("expected {what}, found {}", self.node.kind()))
     }
@@ -694,14 +712,17 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
                 de: &self,
                 items: items.iter().enumerate(),
             }),
-            Value::Map(entries) => visitor.visit_map(MapDe {
-                de: &self,
-                entries: entries
-                    .iter()
-                    .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
-                    .collect(),
-                at: 0,
-            }),
+            Value::Map(entries) => {
+                self.scalar_keys(entries)?;
+                visitor.visit_map(MapDe {
+                    de: &self,
+                    entries: entries
+                        .iter()
+                        .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
+                        .collect(),
+                    at: 0,
+                })
+            }
         };
         r.map_err(|e| self.locate(e))
     }
@@ -763,16 +784,19 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
                 .map_err(|e| self.locate(e));
         }
         match &self.node.value {
-            Value::Map(entries) => visitor
-                .visit_map(MapDe {
-                    de: &self,
-                    entries: entries
-                        .iter()
-                        .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
-                        .collect(),
-                    at: 0,
-                })
-                .map_err(|e| self.locate(e)),
+            Value::Map(entries) => {
+                self.scalar_keys(entries)?;
+                visitor
+                    .visit_map(MapDe {
+                        de: &self,
+                        entries: entries
+                            .iter()
+                            .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
+                            .collect(),
+                        at: 0,
+                    })
+                    .map_err(|e| self.locate(e))
+            }
             _ => Err(self.expected("a mapping")),
         }
     }
@@ -1035,6 +1059,31 @@ mod tests {
             diags[0].message
         );
         assert_eq!(diags[1].path, "items[1].bogus");
+    }
+
+    /// A key with no text (a sequence, a mapping, null) is refused where it is, not read
+    /// as an empty member name.
+    #[test]
+    fn keys_without_text_are_refused() {
+        for (text, pos) in [
+            (
+                "items: []\npayload: {x: 1, [a]: z}\n",
+                Pos { line: 2, col: 17 },
+            ),
+            ("items: []\npayload:\n  ~: z\n", Pos { line: 3, col: 3 }),
+        ] {
+            let mut diags = vec![];
+            let node = parse(text, &mut diags).unwrap();
+            let out: Option<Outer> = from_node(&node, &YamlPath::default(), &mut diags);
+            assert!(out.is_none(), "{text}");
+            assert_eq!(diags.len(), 1, "{diags:?}");
+            assert_eq!(diags[0].pos, pos, "{text}");
+            assert_eq!(diags[0].path, "payload", "{text}");
+            assert!(
+                diags[0].message.starts_with("a key must be a string"),
+                "{diags:?}"
+            );
+        }
     }
 
     #[test]

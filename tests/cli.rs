@@ -177,6 +177,8 @@ fn validate_reports_duplicates_cycles_templates_and_names() {
       - { step: x, key: id, within: 1m }
     on_missing:
       - page: { to: me }
+      - alert: { summary: s, sinks: [] }
+      - alert: { summary: s, sinks: [a, b, a] }
 "#,
     );
     write(
@@ -199,6 +201,8 @@ fn validate_reports_duplicates_cycles_templates_and_names() {
         "rules[1].name: invalid rule name \"Bad_Name\"",
         "rules[1].trigger.key: invalid dot path \"a..b\"",
         "rules[2].on_missing[0]: unknown kind \"page\", expected one of alert, compensate",
+        "rules[2].on_missing[1].alert.sinks: an empty list: leave `sinks` out for the default alert sinks",
+        "rules[2].on_missing[2].alert.sinks[2]: sink \"a\" listed twice",
         "c.yaml:4:25: rules[0].labels.severity: label \"severity\" is set by sagawatch itself",
         "rules[0].labels.__meta: label \"__meta\": names starting with __ are reserved",
     ] {

@@ -163,7 +163,14 @@ impl<S: State> Engine<S> {
         }
         let mut c = self.state.clock();
         c.max_seen = c.max_seen.max(time);
-        c.now = c.now.max(c.max_seen.saturating_sub(self.lateness));
+        // Never `MIN`, which means "no clock yet" (nothing fires) and, in a closed
+        // instance, "open": event times near the start of the range less `lateness`
+        // would saturate there. The earliest valid time instead: no deadline is that early.
+        let now = c
+            .max_seen
+            .saturating_sub(self.lateness)
+            .max(Instant::MIN + 1);
+        c.now = c.now.max(now);
         self.state.set_clock(c);
     }
 
@@ -706,6 +713,45 @@ mod tests {
             out.iter().all(|o| !matches!(o.kind, Kind::Missing)),
             "{out:?}"
         );
+    }
+
+    /// Event times so early that they less `lateness` fall below the range: the clock
+    /// stays at the earliest valid time (not at `MIN`, "no clock", which in a closed
+    /// instance means "open": it took every later trigger for a duplicate, and overflowed
+    /// the open count), so instances close, dedup expires and steps fire as usual.
+    #[test]
+    fn a_clock_held_back_below_the_range_still_works() {
+        let rules = Arc::new(
+            crate::rules::load_sources(&[(
+                "r.yaml".into(),
+                "rules:\n  - name: r\n    trigger: { where: { type: T }, key: id }\n    \
+                 expect: [{ step: a, where: { type: A }, key: id, within: 1m }]\n    dedup: 1s\n"
+                    .into(),
+            )])
+            .unwrap(),
+        );
+        let d = Decoder::new(&rules, "time");
+        let hour = 3_600_000_000_000;
+        let mut e = Engine::new(Arc::clone(&rules), MemoryState::new(), hour);
+        let mut out = Vec::new();
+        for (time, kind) in [
+            ("00:20", "A"),
+            ("00:20", "T"),
+            ("00:30", "T"),
+            ("02:30", "T"),
+            ("05:30", "X"),
+        ] {
+            let line = format!(r#"{{"time":"1677-09-21T{time}:00Z","type":"{kind}","id":"k"}}"#);
+            e.process(&d.decode(line.as_bytes(), None).unwrap(), &mut out);
+        }
+        e.finish(&mut out);
+        let missing: Vec<_> = out
+            .iter()
+            .filter(|o| matches!(o.kind, Kind::Missing))
+            .map(|o| crate::time::format_rfc3339(o.opened_at))
+            .collect();
+        // 00:30 is within `dedup` of the close: the clock is still at the earliest time.
+        assert_eq!(missing, ["1677-09-21T02:30:00Z"], "{out:?}");
     }
 
     #[test]

@@ -715,7 +715,19 @@ impl Validator {
                             self.template(cx, &p.key("labels").key(k), v, captures),
                         ));
                     }
+                    if al.sinks.as_ref().is_some_and(|s| s.is_empty()) {
+                        // It would mean the defaults, not "no sinks", as it may be meant.
+                        cx.err(
+                            &p.key("sinks"),
+                            "an empty list: leave `sinks` out for the default alert sinks",
+                        );
+                    }
                     let sinks = al.sinks.clone().unwrap_or_default();
+                    for (j, s) in sinks.iter().enumerate() {
+                        if sinks[..j].contains(s) {
+                            cx.err(&p.key("sinks").index(j), format!("sink {s:?} listed twice"));
+                        }
+                    }
                     if sinks.is_empty()
                         && self.known.as_ref().is_some_and(|k| !k.default_alert_sinks)
                     {

@@ -103,7 +103,8 @@ pub struct RawAlert {
     /// Extra labels (templates allowed; keep them bounded: never `{{key}}`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Sink names to send this alert to; default: the daemon's default alert sinks.
+    /// Sink names to send this alert to, each once; left out: the daemon's default alert
+    /// sinks (an empty list is refused).
     #[serde(default)]
     pub sinks: Option<Vec<String>>,
 }

@@ -19,7 +19,7 @@ COVER = Counter()   # which branches a workload exercised (for generator tuning)
 
 # ---------------------------------------------------------------- durations / times
 
-_DUR_RE = re.compile(r'^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$')
+_DUR_RE = re.compile(r'^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$', re.ASCII)
 _UNIT = {'d': 86400 * 10**9, 'h': 3600 * 10**9, 'm': 60 * 10**9, 's': 10**9, 'ms': 10**6}
 
 
@@ -30,10 +30,13 @@ def parse_duration(s):
     if not m or not any(m.groups()):
         raise ValueError('bad duration %r' % (s,))
     d, h, mi, se, ms = (int(x) if x else 0 for x in m.groups())
-    return d * _UNIT['d'] + h * _UNIT['h'] + mi * _UNIT['m'] + se * _UNIT['s'] + ms * _UNIT['ms']
+    total = d * _UNIT['d'] + h * _UNIT['h'] + mi * _UNIT['m'] + se * _UNIT['s'] + ms * _UNIT['ms']
+    if total == 0:   # rules.md: durations are positive
+        raise ValueError('bad duration %r' % (s,))
+    return total
 
 
-_TS_RE = re.compile(r'^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$')
+_TS_RE = re.compile(r'^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$', re.ASCII)
 
 
 def _days_from_civil(y, m, d):
@@ -68,8 +71,8 @@ def parse_time(s):
         off = sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
     secs = _days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se - off
     t = secs * 10**9 + ns
-    # nanosecond i64 range: 1677-09-21T00:12:43.145224192Z .. 2262-04-11T23:47:16.854775807Z
-    if not (-2**63 <= t < 2**63):
+    # rules.md: 1677-09-21T00:12:43.145224193Z .. 2262-04-11T23:47:16.854775807Z
+    if not (-2**63 < t < 2**63):
         return None
     return t
 
@@ -121,8 +124,13 @@ def _parse_float(s):
     return JFloat(float(s))
 
 
+def _no_constant(name):
+    raise ValueError('not JSON: %s' % name)   # NaN, Infinity: Python-only
+
+
 def decode(line):
-    return json.loads(line, parse_int=_parse_int, parse_float=_parse_float)
+    return json.loads(line, parse_int=_parse_int, parse_float=_parse_float,
+                      parse_constant=_no_constant)
 
 
 def is_num(v):
@@ -156,7 +164,7 @@ def get_path(ev, path):
             if seg not in cur:
                 return _MISSING
             cur = cur[seg]
-        elif isinstance(cur, list) and seg.isdigit():
+        elif isinstance(cur, list) and seg.isascii() and seg.isdigit() and seg == str(int(seg)):
             i = int(seg)
             if i >= len(cur):
                 return _MISSING
@@ -182,15 +190,35 @@ def key_of(ev, path):
 def to_json_text(v):
     """serde_json compact serialisation (approximation for templates)."""
     if isinstance(v, JFloat) or (isinstance(v, float) and not isinstance(v, bool)):
-        f = float(v)
-        if f == int(f) and abs(f) < 1e16:
-            return '%d.0' % int(f) if f != 0 or str(f)[0] != '-' else '-0.0'
-        return repr(f)
+        return _shortest(float(v))
     if isinstance(v, dict):   # serde_json's default map is sorted by key
         return '{' + ','.join(json.dumps(k, ensure_ascii=False) + ':' + to_json_text(v[k]) for k in sorted(v)) + '}'
     if isinstance(v, list):
         return '[' + ','.join(to_json_text(x) for x in v) + ']'
     return json.dumps(v, separators=(',', ':'), ensure_ascii=False)
+
+def _shortest(f):
+    """A float as serde_json writes it: the shortest digits that read back (repr's),
+    laid out as its formatter (zmij) does: fixed notation for decimal exponents -5..15,
+    else `d.ddde+N` / `de-N`."""
+    import decimal
+    if f == 0:
+        return '-0.0' if str(f)[0] == '-' else '0.0'
+    sign = '-' if f < 0 else ''
+    t = decimal.Decimal(repr(abs(f))).normalize().as_tuple()
+    digits = ''.join(map(str, t.digits))
+    n = len(digits)
+    e = n + t.exponent - 1          # f = d.ddd * 10**e
+    if -5 <= e <= 15:
+        if n - 1 <= e:
+            out = digits + '0' * (e - n + 1) + '.0'
+        elif e >= 0:
+            out = digits[:e + 1] + '.' + digits[e + 1:]
+        else:
+            out = '0.' + '0' * (-e - 1) + digits
+    else:
+        out = digits[0] + ('.' + digits[1:] if n > 1 else '') + 'e' + ('+' if e >= 0 else '-') + str(abs(e))
+    return sign + out
 
 # ---------------------------------------------------------------- rules
 
@@ -324,7 +352,8 @@ class Engine:
     # -- clock
     def advance(self, t):
         self.maxseen = t if self.maxseen is None else max(self.maxseen, t)
-        c = self.maxseen - self.lateness
+        # rules.md: never below the earliest valid time
+        c = max(self.maxseen - self.lateness, -2**63 + 1)
         self.clock = c if self.clock is None else max(self.clock, c)
         self.fire()
 
