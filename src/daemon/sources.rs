@@ -186,8 +186,6 @@ struct Open {
     reader: BufReader<File>,
     id: String,
     offset: u64,
-    /// (bytes, hash) of the file's first bytes up to the offset stored last.
-    print: Option<(u64, String)>,
 }
 
 /// How many of a file's first bytes, and of the bytes just before the stored offset, tell
@@ -199,15 +197,16 @@ impl Open {
     /// The position to store for `offset`: the file's id, a hash of its first bytes (at
     /// most `PRINT_BYTES`; they do not change as the file grows) and one of the
     /// `PRINT_BYTES` before the offset (nor do they, in a file that is only appended to).
+    /// Both are read again each time: a file rewritten in place under the reader must not
+    /// pair its old first bytes with its new ones before the offset (a restart would take
+    /// that for another file and read it all again).
     fn position(&mut self, offset: u64) -> Position {
         let n = offset.min(PRINT_BYTES);
-        if self.print.as_ref().map(|p| p.0) != Some(n) {
-            self.print = (n > 0)
-                .then(|| print_at(self.reader.get_ref(), 0, n).map(|h| (n, h)))
-                .flatten();
-        }
+        let head = (n > 0)
+            .then(|| print_at(self.reader.get_ref(), 0, n).map(|h| (n, h)))
+            .flatten();
         let tail = print_at(self.reader.get_ref(), offset - n, n);
-        let file_id = match (&self.print, tail) {
+        let file_id = match (&head, tail) {
             (Some((n, h)), Some(t)) => format!("{}:{n}:{h}:{t}", self.id),
             (Some((n, h)), None) => format!("{}:{n}:{h}", self.id),
             _ => self.id.clone(),
@@ -611,7 +610,6 @@ impl FileSource {
             reader: BufReader::with_capacity(1 << 16, f),
             id,
             offset,
-            print: None,
         })
     }
 }
@@ -1057,6 +1055,52 @@ mod tests {
         assert_eq!(lines_until(&rx, 2).0, [r#"{"n":2}"#, r#"{"n":3}"#]);
         stop.store(true, Ordering::Relaxed);
         t.join().unwrap();
+    }
+
+    /// The first bytes are hashed anew for every position stored: after the start of the
+    /// file is rewritten in place, the stored position still names this file.
+    #[test]
+    fn a_position_stored_after_an_in_place_rewrite_still_names_the_file() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let pad = "x".repeat(300);
+        std::fs::write(&path, format!("{{\"n\":1,\"pad\":\"{pad}\"}}\n")).unwrap();
+        let (tx, rx) = sync_channel(16);
+        let stop = Arc::new(AtomicBool::new(false));
+        let src = FileSource {
+            name: Arc::from("f"),
+            path: path.clone(),
+            follow: true,
+            start: None,
+            tx,
+            stop: Arc::clone(&stop),
+            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
+            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+            rotate_wait: ROTATE_WAIT,
+            holding: Arc::default(),
+        };
+        let t = std::thread::spawn(move || src.run());
+        assert_eq!(lines_until(&rx, 1).0.len(), 1);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_at(b"{\"n\":9", 0).unwrap();
+        drop(f);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"n\":2}\n")
+            .unwrap();
+        let (_, pos) = lines_until(&rx, 1);
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        let pos = pos.unwrap();
+        let f = File::open(&path).unwrap();
+        let meta = f.metadata().unwrap();
+        assert_eq!(
+            same_file(&f, meta.len(), &file_id(&meta), &pos),
+            Resume::At(pos.offset)
+        );
     }
 
     /// A file cut back only within its unfinished last line (a writer trimming its torn
