@@ -983,6 +983,32 @@ fn clock_lag_leaves_out_the_lateness() {
     let lag = metric(d.port, "sagawatch_clock_lag_seconds").unwrap();
     assert!(lag.abs() < 60.0, "lag {lag}");
     assert_eq!(d.terminate(), 0);
+
+    // A clock that stands still (event time, no idle fallback, no events): its lag grows
+    // from scrape to scrape, although nothing is committed.
+    let mut d = Daemon::new(
+        "time: { idle: 0s, lateness: 0s }\nsources:\n  api: { type: http }\nsinks:\n  hook: { type: stdout }\n",
+    );
+    d.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let time = sagawatch::time::format_rfc3339((now as i64 - 5) * 1_000_000_000);
+    let ev = format!(r#"{{"time":"{time}","type":"OrderPlaced","order_id":"a"}}"#);
+    assert_eq!(
+        http(d.port, "POST", "/v1/events", &[], ev.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    let first = wait_for(Duration::from_secs(10), "the clock lag", || {
+        metric(d.port, "sagawatch_clock_lag_seconds").filter(|&l| l != 0.0)
+    });
+    wait_for(Duration::from_secs(10), "the clock lag to grow", || {
+        (metric(d.port, "sagawatch_clock_lag_seconds")? > first + 1.0).then_some(())
+    });
+    assert_eq!(d.terminate(), 0);
 }
 
 /// When the clock leaps (the idle fallback after old events, as in the quickstart), the

@@ -901,12 +901,8 @@ impl Core {
             _ => self.metrics.oldest_deadline_age.set(0.0),
         }
         if clock != Instant::MIN {
+            // (`clock_lag` follows from it at each scrape.)
             self.metrics.engine_clock.set(clock as f64 / 1e9);
-            // Behind where the clock could be: wall time less the lateness it keeps back.
-            let could = wall_nanos().saturating_sub(self.cfg.time.lateness);
-            self.metrics
-                .clock_lag
-                .set(could.saturating_sub(clock) as f64 / 1e9);
         }
     }
 }

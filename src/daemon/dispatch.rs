@@ -824,25 +824,25 @@ impl Dispatcher {
     /// messages are kept until they are again (they wait as much as any).
     fn publish(&self, conn: &Connection) -> Result<()> {
         let stats = Outbox::stats(conn)?;
-        for s in &self.cfg.sinks {
-            let n = stats
-                .pending
-                .iter()
-                .find(|(k, _)| *k == s.name)
-                .map(|(_, n)| *n)
-                .unwrap_or(0);
+        let now_ms = wall_ms();
+        // Every configured sink (0 when nothing waits), and any other the outbox still has.
+        let mut sinks: Vec<&str> = self.cfg.sinks.iter().map(|s| s.name.as_str()).collect();
+        for (sink, _) in &stats.pending {
+            if !sinks.contains(&sink.as_str()) {
+                sinks.push(sink);
+            }
+        }
+        for sink in sinks {
+            let find = |v: &[(String, i64)]| v.iter().find(|(k, _)| k == sink).map(|(_, n)| *n);
             self.metrics
                 .outbox_backlog
-                .with_label_values(&[&s.name])
-                .set(n);
-        }
-        for (sink, n) in &stats.pending {
-            if !self.cfg.sinks.iter().any(|s| s.name == *sink) {
-                self.metrics
-                    .outbox_backlog
-                    .with_label_values(&[sink])
-                    .set(*n);
-            }
+                .with_label_values(&[sink])
+                .set(find(&stats.pending).unwrap_or(0));
+            let age = find(&stats.oldest).map_or(0, |t| now_ms.saturating_sub(t).max(0));
+            self.metrics
+                .outbox_oldest_age
+                .with_label_values(&[sink])
+                .set(age as f64 / 1e3);
         }
         Ok(())
     }

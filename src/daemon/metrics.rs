@@ -20,9 +20,12 @@ pub struct Metrics {
     pub outcomes: IntCounterVec,
     pub open_instances: IntGaugeVec,
     pub outbox_backlog: IntGaugeVec,
+    pub outbox_oldest_age: prometheus::GaugeVec,
     pub deliveries: IntCounterVec,
     pub commit_seconds: Histogram,
     pub clock_lag: Gauge,
+    /// `time.lateness` (ns), for `clock_lag`.
+    lateness: std::sync::atomic::AtomicI64,
     pub engine_clock: Gauge,
     pub rules_reloads: IntCounterVec,
     pub rules_loaded_at: Gauge,
@@ -116,6 +119,16 @@ impl Metrics {
             "Engine outcomes by rule and kind (opened, satisfied, closed, cancelled, missing, late, alert, compensate).",
             &["rule", "outcome"],
         );
+        let outbox_oldest_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "sagawatch_outbox_oldest_age_seconds",
+                "How long the oldest message waiting for a sink has waited (0 when none waits).",
+            ),
+            &["sink"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(outbox_oldest_age.clone()))
+            .expect("unique metric");
         let open_instances = IntGaugeVec::new(
             Opts::new("sagawatch_open_instances", "Open instances by rule."),
             &["rule"],
@@ -258,9 +271,11 @@ impl Metrics {
             outcomes,
             open_instances,
             outbox_backlog,
+            outbox_oldest_age,
             deliveries,
             commit_seconds,
             clock_lag,
+            lateness: Default::default(),
             engine_clock,
             rules_reloads,
             rules_loaded_at,
@@ -277,6 +292,14 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
+        // At each scrape, not at each commit: a clock that stopped moving (no events, no
+        // idle fallback, a source holding it) commits nothing, and the lag must grow.
+        let clock = self.engine_clock.get();
+        if clock != 0.0 {
+            let could = crate::daemon::core::wall_nanos()
+                .saturating_sub(self.lateness.load(std::sync::atomic::Ordering::Relaxed));
+            self.clock_lag.set(could as f64 / 1e9 - clock);
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
@@ -289,6 +312,8 @@ impl Metrics {
     /// delivery or failed reload would not alert), and the Kafka gauges are left out without
     /// Kafka sources (a `sagawatch_kafka_up 0` there would read as an outage).
     pub fn prepare(&self, cfg: &crate::config::Config) {
+        self.lateness
+            .store(cfg.time.lateness, std::sync::atomic::Ordering::Relaxed);
         for result in ["success", "failure"] {
             self.rules_reloads.with_label_values(&[result]);
         }

@@ -479,6 +479,8 @@ fn run_with(
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| src.run()))
                         .unwrap_or_else(|_| Err(anyhow::anyhow!("it panicked")));
                     if let Err(e) = r {
+                        // The consumer's callbacks, which keep it current, are gone.
+                        metrics.kafka_up.set(0);
                         let why = format!("{e:#}");
                         tracing::error!(error = why, "kafka source stopped");
                         health.stopped(&why);

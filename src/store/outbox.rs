@@ -86,6 +86,8 @@ pub struct AlertRow {
 pub struct OutboxStats {
     /// (sink, pending messages).
     pub pending: Vec<(String, i64)>,
+    /// (sink, when its oldest pending message was written, wall ms).
+    pub oldest: Vec<(String, i64)>,
 }
 
 /// Outbox operations on a connection (inside the caller's transaction, if any).
@@ -167,12 +169,16 @@ impl Outbox {
     }
 
     pub fn stats(conn: &Connection) -> Result<OutboxStats> {
-        let mut stmt =
-            conn.prepare_cached("SELECT sink, COUNT(*) FROM outbox WHERE state = 0 GROUP BY sink")?;
-        let pending = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(OutboxStats { pending })
+        let mut stmt = conn.prepare_cached(
+            "SELECT sink, COUNT(*), MIN(created_ms) FROM outbox WHERE state = 0 GROUP BY sink",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(OutboxStats {
+            pending: rows.iter().map(|(s, n, _)| (s.clone(), *n)).collect(),
+            oldest: rows.into_iter().map(|(s, _, t)| (s, t)).collect(),
+        })
     }
 
     /// Forgets delivered and given-up messages finished before `before_ms`.
