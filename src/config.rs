@@ -579,6 +579,16 @@ fn expand(
                 }
             }
             rest = &r[end + 1..];
+        } else if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            // As a shell, systemd or compose would read it: taken literally, `token:
+            // $TOKEN` would make the text "$TOKEN" the token.
+            let name: String = after
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            return Err(format!(
+                "${name} is not expanded: write ${{{name}}} for the environment variable, or $${name} for the text"
+            ));
         } else {
             out.push('$');
             rest = after;
@@ -770,7 +780,7 @@ fn bad_port(authority: &str) -> bool {
         .rfind(']')
         .map_or(host_port, |i| &host_port[i + 1..]);
     rest.rsplit_once(':')
-        .is_some_and(|(_, p)| !p.is_empty() && p.parse::<u16>().is_err())
+        .is_some_and(|(_, p)| !p.is_empty() && !p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 /// Whether two paths name the same file: the same inode when both exist, else the same
@@ -907,6 +917,19 @@ impl Checker {
         });
     }
 
+    /// A librdkafka property's value, with a relative file path (`ssl.ca.location`,
+    /// `sasl.kerberos.keytab`, …) taken relative to the config's directory, as every other
+    /// path in the config is: librdkafka would take it from the working directory (`/`
+    /// under the systemd unit), so a config that validated beside its files failed there.
+    fn kafka_path(&self, key: &str, value: &str) -> String {
+        let is_path = key.ends_with(".location") || key.ends_with(".keytab");
+        // `probe`: ssl.ca.location's "find the system's CA certificates".
+        if !is_path || value.is_empty() || value == "probe" || Path::new(value).is_absolute() {
+            return value.to_string();
+        }
+        self.resolve(value).to_string_lossy().into_owned()
+    }
+
     fn resolve(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
@@ -986,7 +1009,7 @@ impl Checker {
             Ok(uri) if uri.authority().is_some_and(|a| bad_port(a.as_str())) => {
                 self.err(
                     path,
-                    "invalid URL: its port is not a number from 0 to 65535",
+                    "invalid URL: its port is not a number from 1 to 65535",
                 );
                 hyper::Uri::default()
             }
@@ -1080,6 +1103,9 @@ impl Checker {
             .unwrap_or_default();
         if raw.rules.is_none() && !broken("rules") {
             self.err(&top, "missing field \"rules\"");
+        } else if raw.rules.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            // It would name the config's own directory, and load the config as rules.
+            self.err(&top.key("rules"), "empty path");
         } else if !rules_path.exists() {
             self.err(
                 &top.key("rules"),
@@ -1430,6 +1456,10 @@ impl Checker {
                     &p.key("timeout"),
                     "at most 24d (librdkafka's message.timeout.ms is at most 2147483647 ms)",
                 );
+            } else if s.kind == "kafka" && timeout < std::time::Duration::from_millis(100) {
+                // Else librdkafka refuses it at startup, naming a setting nobody wrote
+                // (message.timeout.ms must be above linger.ms, 5 ms).
+                self.err(&p.key("timeout"), "at least 100ms for a kafka sink");
             }
             let headers: Vec<(String, String)> = s
                 .headers
@@ -1562,7 +1592,13 @@ impl Checker {
         let alert_sinks = match raw.alerts.as_ref().and_then(|a| a.sinks.as_ref()) {
             Some(a) => {
                 for (i, s) in a.iter().enumerate() {
-                    if !raw.sinks.contains_key(s) && !broken("sinks") {
+                    if a[..i].contains(s) {
+                        // Each would get its own copy of every alert.
+                        self.err(
+                            &top.key("alerts").key("sinks").index(i),
+                            format!("sink {s:?} listed twice"),
+                        );
+                    } else if !raw.sinks.contains_key(s) && !broken("sinks") {
                         self.err(
                             &top.key("alerts").key("sinks").index(i),
                             format!(
@@ -1635,10 +1671,24 @@ impl Checker {
                 .collect(),
             default_alert_sinks: !alert_sinks.is_empty(),
         };
-        // What was said about stand-in values, or under them, is noise.
+        // What was said about stand-in values, or under them, is noise; so is a field
+        // "missing" that is there, with a value of the wrong type (reported as such).
+        let missing_but_patched = |d: &Diag| {
+            d.message
+                .strip_prefix("missing field \"")
+                .and_then(|m| m.strip_suffix('"'))
+                .is_some_and(|field| {
+                    let at = if d.path.is_empty() {
+                        field.to_string()
+                    } else {
+                        format!("{}.{field}", d.path)
+                    };
+                    patched.iter().any(|p| p.to_string() == at)
+                })
+        };
         let mut i = checked_from;
         while i < self.diags.len() {
-            if yaml::covered(&patched, &self.diags[i].path) {
+            if yaml::covered(&patched, &self.diags[i].path) || missing_but_patched(&self.diags[i]) {
                 self.diags.remove(i);
             } else {
                 i += 1;
@@ -1727,7 +1777,7 @@ impl Checker {
             }
             props
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.clone(), this.kafka_path(k, v)))
                 .collect::<Vec<_>>()
         };
         let common = check(self, "properties", &k.properties);
@@ -2054,6 +2104,7 @@ mod tests {
             "BIG" => Some("99999999999999999999999".into()),
             "FILESECRET" => Some("hunter2secret\n".into()),
             "UNITSECRET" => Some("1hunterTWOsecret".into()),
+            "HEX" => Some("0x5EC12E7ABCDEF".into()),
             _ => None,
         }
     }
@@ -2088,6 +2139,22 @@ mod tests {
             e.contains("sagawatch.yaml:2:") && e.contains("defaults are plain text"),
             "{e}"
         );
+        // `$NAME` is not taken for the text "$NAME" (a token anyone could guess); `$$` is a
+        // `$`, and one before anything but a name stays as it is.
+        let e = check(
+            "rules: rules\ntoken: $SAGAWATCH_TOKEN\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("sagawatch.yaml:2:")
+                && e.contains("$SAGAWATCH_TOKEN is not expanded: write ${SAGAWATCH_TOKEN}"),
+            "{e}"
+        );
+        let c = check(
+            "rules: rules\ntoken: a$$B$5$\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap();
+        assert_eq!(c.token.unwrap().0, b"a$B$5$");
     }
 
     #[test]
@@ -2257,6 +2324,65 @@ mod tests {
         let e =
             check("rules: rules\nlisten: ${EMPTY}\nsources: { a: { type: stdin } }\nsinks: { out: { type: stdout } }\n").unwrap_err();
         assert!(e.contains("EMPTY is empty"), "{e}");
+        // An integer from the environment in the wrong place is named as written, which the
+        // masking of its text covers, not in decimal, which it would not.
+        let e = check(
+            "rules: rules\nsources: { f: { type: file, path: x, follow: '${HEX}' } }\nsinks: { out: { type: stdout } }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("integer \"${HEX}\", expected a boolean"), "{e}");
+        assert!(!e.contains("1666940823916015"), "{e}");
+    }
+
+    /// File paths in librdkafka properties are relative to the config's directory.
+    #[test]
+    fn kafka_file_paths_are_relative_to_the_config() {
+        let c = check(
+            "rules: rules\nsources: { a: { type: kafka } }\nsinks: { o: { type: stdout } }\nkafka: { brokers: 'h:9092', properties: { ssl.ca.location: probe, ssl.key.location: k.pem, ssl.certificate.location: /etc/c.pem, client.id: x.pem }, consumer: { sasl.kerberos.keytab: kt } }\n",
+        )
+        .unwrap();
+        let dir = std::env::current_dir().unwrap();
+        let k = c.kafka.unwrap();
+        let get = |props: &[(String, String)], key: &str| {
+            props
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(get(&k.consumer, "ssl.ca.location"), "probe");
+        assert_eq!(
+            get(&k.consumer, "ssl.key.location"),
+            dir.join("k.pem").display().to_string()
+        );
+        assert_eq!(
+            get(&k.producer, "ssl.key.location"),
+            dir.join("k.pem").display().to_string()
+        );
+        assert_eq!(get(&k.consumer, "ssl.certificate.location"), "/etc/c.pem");
+        assert_eq!(get(&k.consumer, "client.id"), "x.pem");
+        assert_eq!(
+            get(&k.consumer, "sasl.kerberos.keytab"),
+            dir.join("kt").display().to_string()
+        );
+    }
+
+    /// A required field with a value of the wrong type is that problem only, not also a
+    /// missing field.
+    #[test]
+    fn a_required_field_of_the_wrong_type_is_not_also_missing() {
+        let e = check(
+            "rules: rules\nsources: { a: { type: [stdin] }, b: { type: file, path: [x] } }\nsinks: { o: { type: stdout }, w: { type: webhook, url: [x], secrets: [s] } }\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.lines().count(), 3, "{e}");
+        for want in [
+            "sources.a.type: expected",
+            "sources.b.path: expected",
+            "sinks.w.url: expected",
+        ] {
+            assert!(e.contains(want), "{want:?} not in {e}");
+        }
     }
 
     /// A missing required field, or a value of the wrong type, does not hide the problems
@@ -2337,6 +2463,23 @@ mod tests {
             e.contains("sinks.p.topic: not a setting of an alertmanager sink"),
             "{e}"
         );
+    }
+
+    /// Settings that would fail, or do something else than meant, only once running.
+    #[test]
+    fn settings_that_would_misbehave_later_are_refused() {
+        let e = check(
+            "rules: ''\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout }, h: { type: webhook, url: 'http://127.0.0.1:0/x', secrets: [s] }, k: { type: kafka, topic: t, timeout: 5ms } }\nkafka: { brokers: '127.0.0.1:1' }\nalerts: { sinks: [o, h, o] }\n",
+        )
+        .unwrap_err();
+        for want in [
+            "sagawatch.yaml:1:8: rules: empty path",
+            "sinks.h.url: invalid URL: its port is not a number from 1 to 65535",
+            "sinks.k.timeout: at least 100ms for a kafka sink",
+            "alerts.sinks[2]: sink \"o\" listed twice",
+        ] {
+            assert!(e.contains(want), "{want:?} not in {e}");
+        }
     }
 
     /// Values past what the code can hold are refused where they are written.

@@ -625,6 +625,12 @@ impl<'a> NodeDe<'a> {
             let shown = de::Unexpected::Float(*f).to_string().replace('`', "\"");
             message = message.replace(&shown, &format!("floating point \"{raw}\""));
         }
+        if let (Value::Int(i), Some(raw)) = (&self.node.value, self.node.as_text()) {
+            // Likewise `0x1F`, `0o17` or `007`, shown as 31, 15 or 7: an environment
+            // value written in another base would show through the masking of its text.
+            let shown = de::Unexpected::Signed(*i).to_string().replace('`', "\"");
+            message = message.replace(&shown, &format!("integer \"{raw}\""));
+        }
         let mut r = self.report(message);
         if let Some(field) = e.missing
             && r.at.is_some()
