@@ -149,6 +149,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     .map(|a| Input::parse(a, source.as_deref()))
                     .collect()
             };
+            if inputs.iter().filter(|i| i.path.is_none()).count() > 1 {
+                // Two readers of one stream would each take a part, lines cut between them.
+                eprintln!("error: stdin (-) can be given once only");
+                return Ok(EXIT_CONFIG);
+            }
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
             let opts = replay::Options {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant as WallInstant;
 
 use crate::engine::{Engine, MemoryState, Outcome};
-use crate::event::{BOM, DecodeError, Decoder};
+use crate::event::{BOM, Decoder};
 use crate::output::Line;
 use crate::rules::{RuleSet, valid_name};
 use crate::time::Instant;
@@ -87,7 +87,13 @@ struct Reader {
     head: Option<Instant>,
     done: bool,
     bytes_read: u64,
+    /// The line just read was longer than [`MAX_LINE`] (this many bytes), and skipped.
+    oversized: Option<usize>,
 }
+
+/// The longest line read, as the daemon's file and stdin sources take it: a longer one is
+/// skipped (and a file without newlines is not read into memory whole).
+const MAX_LINE: usize = 4 << 20;
 
 impl Reader {
     fn open(input: Input) -> anyhow::Result<Reader> {
@@ -106,6 +112,7 @@ impl Reader {
             head: None,
             done: false,
             bytes_read: 0,
+            oversized: None,
         })
     }
 
@@ -113,13 +120,22 @@ impl Reader {
     fn next_line(&mut self) -> anyhow::Result<bool> {
         loop {
             self.buf.clear();
-            let n = self
-                .reader
+            let failed = |e: io::Error| anyhow::anyhow!("cannot read {}: {e}", self.label);
+            let mut n = (&mut self.reader)
+                .take(MAX_LINE as u64 + 1)
                 .read_until(b'\n', &mut self.buf)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", self.label))?;
+                .map_err(failed)?;
             if n == 0 {
                 self.done = true;
                 return Ok(false);
+            }
+            if n > MAX_LINE && self.buf.last() != Some(&b'\n') {
+                n += self.reader.skip_until(b'\n').map_err(failed)?;
+                self.buf.clear();
+                self.bytes_read += n as u64;
+                self.line_no += 1;
+                self.oversized = Some(n);
+                return Ok(true);
             }
             self.bytes_read += n as u64;
             self.line_no += 1;
@@ -132,8 +148,23 @@ impl Reader {
         }
     }
 
+    /// Decodes the line just read: an oversized one is an error of its own.
+    fn decode<'a>(
+        &'a mut self,
+        decoder: &Decoder,
+        source: Option<&'a str>,
+    ) -> Result<crate::event::Event<'a>, String> {
+        if let Some(n) = self.oversized.take() {
+            return Err(format!(
+                "line longer than {} MiB ({n} bytes)",
+                MAX_LINE >> 20
+            ));
+        }
+        decoder.decode(&self.buf, source).map_err(|e| e.to_string())
+    }
+
     /// Reports a bad line (or fails under `--strict`).
-    fn bad_line(&self, e: DecodeError, summary: &mut Summary, strict: bool) -> anyhow::Result<()> {
+    fn bad_line(&self, e: String, summary: &mut Summary, strict: bool) -> anyhow::Result<()> {
         let msg = format!("{}:{}: {e}", self.label, self.line_no);
         if strict {
             return Err(StrictError(msg).into());
@@ -152,7 +183,7 @@ impl Reader {
     ) -> anyhow::Result<()> {
         self.head = None;
         while !self.done && self.next_line()? {
-            match decoder.decode(&self.buf, None) {
+            match self.decode(decoder, None) {
                 Ok(ev) => {
                     self.head = Some(ev.time);
                     return Ok(());
@@ -206,7 +237,7 @@ pub fn run(rules: Arc<RuleSet>, opts: Options, out: &mut dyn Write) -> anyhow::R
             let r = &mut readers[0];
             let source = r.input.source.clone();
             while r.next_line()? {
-                match decoder.decode(&r.buf, source.as_deref()) {
+                match r.decode(&decoder, source.as_deref()) {
                     Ok(ev) => {
                         engine.process(&ev, &mut outcomes);
                         summary.events += 1;
@@ -268,7 +299,9 @@ fn write_outcomes(
 ) -> anyhow::Result<()> {
     for o in outcomes.drain(..) {
         *summary.by_kind.entry(o.kind.name()).or_default() += 1;
-        serde_json::to_writer(&mut *out, &Line::new(rules, &o))?;
+        // As an io::Error: a reader gone (`| head`) must be told apart, and serde_json's
+        // own error does not chain to it.
+        serde_json::to_writer(&mut *out, &Line::new(rules, &o)).map_err(io::Error::from)?;
         out.write_all(b"\n")?;
     }
     Ok(())

@@ -569,6 +569,54 @@ fn validate_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
 
+/// `replay` into a reader that is gone (`| head`) ends quietly too, however much it had
+/// left to write; stdin is refused as two inputs; a line longer than 4 MiB is skipped
+/// (as the daemon's sources skip it) and named, not read into memory whole.
+#[test]
+fn replay_into_a_closed_pipe_twice_from_stdin_and_an_oversized_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(&dir, "r.yaml", RULE);
+    let mut text = String::new();
+    for i in 0..20_000 {
+        text.push_str(&format!(
+            "{{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"{i}\"}}\n"
+        ));
+    }
+    let events = write(&dir, "e.jsonl", &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
+        .args(["replay", "--lifecycle", "--rules", &rules, &events])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("error"), "{err}");
+
+    let (code, _, err) = sagawatch(&["replay", "--rules", &rules, "-", "a=-"], Some(""));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stdin (-) can be given once only"), "{err}");
+
+    let big = format!(
+        "{{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"big\",\"pad\":\"{}\"}}\n{{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"small\"}}\n",
+        "x".repeat(5 << 20)
+    );
+    let events = write(&dir, "big.jsonl", &big);
+    let (code, out, err) = sagawatch(&["replay", "--lifecycle", "--rules", &rules, &events], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("skipped") && err.contains("big.jsonl:1: line longer than 4 MiB"),
+        "{err}"
+    );
+    assert!(err.contains("replayed 1 events (1 skipped)"), "{err}");
+    assert!(
+        out.contains("\"key\":\"small\"") && !out.contains("\"key\":\"big\""),
+        "{out}"
+    );
+}
+
 /// A byte order mark at the start of a file is not part of its first event.
 #[test]
 fn replay_skips_a_byte_order_mark() {
