@@ -403,6 +403,49 @@ fn test_command_prints_a_diff_and_fails() {
     let (code, out, _) = sagawatch(&["test", &t4], None);
     assert_eq!(code, 0, "{out}");
     assert!(out.trim_end().ends_with("1 passed, 0 failed"), "{out}");
+    // So are names and texts written bare in the rules: `step: 1` is the step "1".
+    let t5 = write(
+        &dir,
+        "t5.yaml",
+        "rules:\n  - name: r\n    trigger: { where: { type: A }, key: id }\n    expect: [{ step: 1, where: { type: B }, key: id, within: 1m }]\n    \
+         on_missing: [{ alert: { severity: 3, summary: 7 } }]\n\
+         tests:\n  - name: bare names\n    events:\n      - { at: +0s, event: { type: A, id: k } }\n      - { at: +5m, event: { type: X } }\n    \
+         expect:\n      - { outcome: missing, step: 1 }\n      - { outcome: alert, step: 1, severity: 3, summary: 7 }\n",
+    );
+    let (code, out, _) = sagawatch(&["test", &t5], None);
+    assert_eq!(code, 0, "{out}");
+    // An actual line in a diff reads as `replay` prints it: its fields in that order.
+    let t6 = std::fs::read_to_string(dir.path().join("t5.yaml"))
+        .unwrap()
+        .replace("step: 1, severity: 3", "step: 1, severity: 4");
+    let (_, out, _) = sagawatch(&["test", &write(&dir, "t6.yaml", &t6)], None);
+    assert!(
+        out.contains("  + {\"outcome\":\"alert\",\"rule\":\"r\",\"step\":\"1\""),
+        "{out}"
+    );
+    // A file that tests nothing, or names no valid time field, fails.
+    let t7 = write(&dir, "t7.yaml", "rules: r.yaml\ntests: []\n");
+    let (code, out, _) = sagawatch(&["test", &t7], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("t7.yaml:2:8: tests: no tests"), "{out}");
+    let t8 = write(
+        &dir,
+        "t8.yaml",
+        "rules: r.yaml\ntime_field: a..b\ntests:\n  - { name: x, events: [] }\n",
+    );
+    let (code, out, _) = sagawatch(&["test", &t8], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("t8.yaml:2:13: time_field: "), "{out}");
+    // A directory linked into itself is not walked again and again.
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::copy(dir.path().join("t4.yaml"), sub.join("t4.yaml")).unwrap();
+    std::fs::copy(dir.path().join("r.yaml"), sub.join("r.yaml")).unwrap();
+    std::os::unix::fs::symlink(".", sub.join("loop")).unwrap();
+    let (_, out, _) = sagawatch(&["test", &sub.join("t4.yaml").display().to_string()], None);
+    assert_eq!(out.matches("t4.yaml").count(), 1, "{out}");
+    let (_, out, _) = sagawatch(&["test", &sub.display().to_string()], None);
+    assert!(out.trim_end().ends_with("1 passed, 1 failed"), "{out}");
     // A path that does not exist stops the run before any test ran.
     let (code, out, err) = sagawatch(&["test", &t, "nope.yaml"], None);
     assert_eq!(code, 2, "{out}");

@@ -1999,11 +1999,19 @@ fn instance_timeline_over_http_and_inspect() {
     {
         let c = rusqlite::Connection::open(d.path("theirs.db")).unwrap();
         c.execute_batch("CREATE TABLE t (x);").unwrap();
+        // One an older sagawatch wrote: its schema lacks what the timeline reads.
+        let c = rusqlite::Connection::open(d.path("old.db")).unwrap();
+        c.execute_batch("CREATE TABLE instances (x); PRAGMA user_version = 2;")
+            .unwrap();
     }
     for (state, says) in [
         ("rules", "not a regular file"),
         ("empty.db", "not a sagawatch state file"),
         ("theirs.db", "not a sagawatch state file"),
+        (
+            "old.db",
+            "schema version 2 is older than this sagawatch reads",
+        ),
         ("text.db", "not a usable SQLite file"),
     ] {
         let before = std::fs::read(d.path(state)).ok();

@@ -451,6 +451,14 @@ pub fn open_read_only(path: &Path) -> Result<Connection> {
             MIGRATIONS.len()
         );
     }
+    if (version as usize) < MIGRATIONS.len() {
+        // Read as it is (nothing is written here), it would lack what the timeline reads.
+        bail!(
+            "state file {}: schema version {version} is older than this sagawatch reads ({}):              run this version's daemon on it once to bring it up to date, or inspect it with              the version that wrote it",
+            path.display(),
+            MIGRATIONS.len()
+        );
+    }
     Ok(conn)
 }
 
