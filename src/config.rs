@@ -1543,9 +1543,15 @@ impl Checker {
                         );
                     }
                     let tls = self.tls(&p, &url, s);
+                    let resend = self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m");
+                    if resend < std::time::Duration::from_secs(1) {
+                        // Re-sends back to back, each alert's endsAt a few ms ahead: they
+                        // would end in Alertmanager between two sends.
+                        self.err(&p.key("resend"), "at least 1s");
+                    }
                     SinkKind::Alertmanager {
                         url,
-                        resend: self.std_duration(&p.key("resend"), s.resend.as_deref(), "1m"),
+                        resend,
                         headers,
                         tls,
                     }
@@ -2469,13 +2475,14 @@ mod tests {
     #[test]
     fn settings_that_would_misbehave_later_are_refused() {
         let e = check(
-            "rules: ''\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout }, h: { type: webhook, url: 'http://127.0.0.1:0/x', secrets: [s] }, k: { type: kafka, topic: t, timeout: 5ms } }\nkafka: { brokers: '127.0.0.1:1' }\nalerts: { sinks: [o, h, o] }\n",
+            "rules: ''\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout }, h: { type: webhook, url: 'http://127.0.0.1:0/x', secrets: [s] }, k: { type: kafka, topic: t, timeout: 5ms }, am: { type: alertmanager, url: 'http://127.0.0.1:9093', resend: 500ms } }\nkafka: { brokers: '127.0.0.1:1' }\nalerts: { sinks: [o, h, o] }\n",
         )
         .unwrap_err();
         for want in [
             "sagawatch.yaml:1:8: rules: empty path",
             "sinks.h.url: invalid URL: its port is not a number from 1 to 65535",
             "sinks.k.timeout: at least 100ms for a kafka sink",
+            "sinks.am.resend: at least 1s",
             "alerts.sinks[2]: sink \"o\" listed twice",
         ] {
             assert!(e.contains(want), "{want:?} not in {e}");
