@@ -138,6 +138,13 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE rule_shapes ADD COLUMN captures TEXT;
     ",
+    // 10: the windows a rule's stored expiries were computed with (dedup, late, each
+    // step's within; JSON; NULL when written before this column: taken to be the rule's
+    // at the next load). A reload that widens them extends the stored expiries, so what
+    // is remembered does not depend on whether a purge ran before the reload.
+    "
+    ALTER TABLE rule_shapes ADD COLUMN windows TEXT;
+    ",
 ];
 
 /// Takes the state file for this process: an exclusive lock on `<state>.lock` beside it,

@@ -998,14 +998,15 @@ fn apply_shapes(
         let want = shape(r);
         let paths = capture_paths(rules, r);
         let want_captures = serde_json::to_string(&paths).unwrap_or_default();
-        let (have, have_captures): (Option<String>, Option<String>) = tx
-            .query_row(
-                "SELECT steps, captures FROM rule_shapes WHERE rule = ?1",
+        let want_windows = Windows::of(r);
+        let (have, have_captures, have_windows): (Option<String>, Option<String>, Option<String>) =
+            tx.query_row(
+                "SELECT steps, captures, windows FROM rule_shapes WHERE rule = ?1",
                 params![r.name],
-                |row| Ok((Some(row.get(0)?), row.get(1)?)),
+                |row| Ok((Some(row.get(0)?), row.get(1)?, row.get(2)?)),
             )
             .optional()?
-            .unwrap_or((None, None));
+            .unwrap_or((None, None, None));
         if have.as_deref() == Some(want.as_str()) {
             match have_captures {
                 Some(c) if c == want_captures => {}
@@ -1013,9 +1014,13 @@ fn apply_shapes(
                 None => {}
                 Some(c) => recapture(&tx, rules, r, &c, &paths)?,
             }
+            // Recorded before windows were: taken to be these.
+            if let Some(old) = have_windows.as_deref().and_then(Windows::parse) {
+                widen(&tx, &r.name, &old, &want_windows)?;
+            }
             tx.execute(
-                "UPDATE rule_shapes SET captures = ?2 WHERE rule = ?1",
-                params![r.name, want_captures],
+                "UPDATE rule_shapes SET captures = ?2, windows = ?3 WHERE rule = ?1",
+                params![r.name, want_captures, want_windows.to_string()],
             )?;
             if !was_loaded.contains(&r.name) {
                 restore_deadlines(&tx, &r.name)?;
@@ -1038,9 +1043,9 @@ fn apply_shapes(
             dropped.push((r.name.clone(), n));
         }
         tx.execute(
-            "INSERT OR REPLACE INTO rule_shapes (rule, steps, loaded, captures)
-             VALUES (?1, ?2, 1, ?3)",
-            params![r.name, want, want_captures],
+            "INSERT OR REPLACE INTO rule_shapes (rule, steps, loaded, captures, windows)
+             VALUES (?1, ?2, 1, ?3, ?4)",
+            params![r.name, want, want_captures, want_windows.to_string()],
         )?;
     }
     for gone in was_loaded
@@ -1059,6 +1064,85 @@ fn apply_shapes(
     }
     tx.commit()?;
     Ok((dropped, restored))
+}
+
+/// The windows a rule's stored expiries follow from (ns): closed instances are kept
+/// `dedup` after they close and `late` after a missing step's deadline, early correlates
+/// their step's `within` after their time, cancels the longest `within` after theirs.
+#[derive(Debug, PartialEq)]
+struct Windows {
+    dedup: i64,
+    late: i64,
+    within: Vec<i64>,
+}
+
+impl Windows {
+    fn of(r: &crate::rules::model::Rule) -> Windows {
+        Windows {
+            dedup: r.dedup.nanos(),
+            late: r.late.nanos(),
+            within: r.steps.iter().map(|s| s.within.nanos()).collect(),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Windows> {
+        let mut parts = text.split(',').map(|p| p.parse::<i64>().ok());
+        let dedup = parts.next()??;
+        let late = parts.next()??;
+        let within = parts.collect::<Option<Vec<i64>>>()?;
+        Some(Windows {
+            dedup,
+            late,
+            within,
+        })
+    }
+
+    fn max_within(&self) -> i64 {
+        self.within.iter().copied().max().unwrap_or(0)
+    }
+}
+
+impl std::fmt::Display for Windows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{}", self.dedup, self.late)?;
+        for w in &self.within {
+            write!(f, ",{w}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Extends the stored expiries of a rule whose windows a reload widened, sums capped at
+/// the largest instant (SQLite would turn an overflow into a float). Narrowed ones are
+/// left: kept longer than needed changes nothing, the engine checks the windows.
+/// A closed instance's expiry is the later of its close plus `dedup` and its missing
+/// steps' deadlines plus `late`: moved to the new `dedup`, and by as much as `late` grew
+/// (at most that much longer than needed, when `dedup` set it).
+fn widen(tx: &Connection, rule: &str, old: &Windows, new: &Windows) -> rusqlite::Result<()> {
+    let more_late = new.late.saturating_sub(old.late).max(0);
+    if new.dedup > old.dedup || more_late > 0 {
+        tx.execute(
+            "UPDATE instances SET expires_at = MAX(MIN(expires_at + ?3, ?4), MIN(closed_at + ?2, ?4))
+             WHERE rule = ?1 AND closed_at IS NOT NULL",
+            params![rule, new.dedup, more_late, i64::MAX],
+        )?;
+    }
+    for (step, (&was, &now)) in old.within.iter().zip(&new.within).enumerate() {
+        if now > was {
+            tx.execute(
+                "UPDATE early SET expires = MAX(expires, MIN(time + ?3, ?4)) WHERE rule = ?1 AND step = ?2",
+                params![rule, step as i64, now, i64::MAX],
+            )?;
+        }
+    }
+    let more = new.max_within().saturating_sub(old.max_within());
+    if more > 0 {
+        tx.execute(
+            "UPDATE cancels SET expires = MIN(expires + ?2, ?3) WHERE rule = ?1",
+            params![rule, more, i64::MAX],
+        )?;
+    }
+    Ok(())
 }
 
 /// The dot paths of the trigger fields a rule's templates read, in capture order.
@@ -1330,6 +1414,66 @@ impl Drop for SqliteState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload that widens a rule's windows extends what is stored under the old ones:
+    /// closed instances to the new `dedup` (and `late`), early correlates to their step's
+    /// new `within`, cancels to the new longest `within`.
+    #[test]
+    fn a_reload_widening_the_windows_extends_the_stored_expiries() {
+        use crate::engine::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let load = |within: &str, dedup: &str| {
+            Arc::new(
+                crate::rules::load_sources(&[(
+                    "r.yaml".into(),
+                    format!(
+                        "rules:\n  - name: r\n    trigger: {{ where: {{ type: T }}, key: k }}\n    \
+                         expect: [{{ step: s, where: {{ type: S }}, key: k, within: {within} }}]\n    \
+                         cancel: [{{ where: {{ type: C }}, key: k }}]\n    dedup: {dedup}\n"
+                    ),
+                )])
+                .unwrap(),
+            )
+        };
+        let v1 = load("1m", "1m");
+        let mut conn = super::super::open(&path).unwrap();
+        super::super::migrate(&mut conn, &path).unwrap();
+        let st = SqliteState::open(conn, &v1, &path).unwrap();
+        let d = crate::event::Decoder::new(&v1, "time");
+        let mut e = Engine::new(Arc::clone(&v1), st, 0);
+        let mut out = Vec::new();
+        e.state_mut().begin().unwrap();
+        for (k, kind) in [("a", "T"), ("a", "S"), ("b", "S"), ("c", "C")] {
+            let line = format!(r#"{{"time":"2026-01-01T00:00:00Z","type":"{kind}","k":"{k}"}}"#);
+            e.state_mut().set_event(None, None);
+            e.process(&d.decode(line.as_bytes(), None).unwrap(), &mut out);
+        }
+        e.state_mut().commit().unwrap();
+        let t0 = crate::time::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let (min, hour) = (60_000_000_000i64, 3_600_000_000_000i64);
+        let expiries = |st: &SqliteState| -> (i64, i64, i64) {
+            let q = |sql: &str| st.conn().query_row(sql, [], |r| r.get(0)).unwrap();
+            (
+                q("SELECT expires_at FROM instances WHERE key = 'a'"),
+                q("SELECT expires FROM early WHERE key = 'b'"),
+                q("SELECT expires FROM cancels WHERE key = 'c'"),
+            )
+        };
+        assert_eq!(expiries(e.state()), (t0 + min, t0 + min, t0 + min));
+        let v2 = load("2h", "1h");
+        e.state_mut().set_rules(&v2).unwrap();
+        assert_eq!(
+            expiries(e.state()),
+            (t0 + hour, t0 + 2 * hour, t0 + 2 * hour)
+        );
+        // Narrowed again: left as they are.
+        e.state_mut().set_rules(&v1).unwrap();
+        assert_eq!(
+            expiries(e.state()),
+            (t0 + hour, t0 + 2 * hour, t0 + 2 * hour)
+        );
+    }
 
     /// An event seq is never given twice, even after the events table was purged empty
     /// and the state reopened: rows that outlive the events may still name the old ones.
