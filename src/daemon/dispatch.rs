@@ -219,8 +219,12 @@ impl Flight {
         self.resending.values().any(|s| s == sink)
     }
 
-    fn resolving(&self, sink: &str) -> bool {
-        self.seqs.values().any(|(s, l, _)| s == sink && l.resolve)
+    /// The label sets of the resolves to `sink` in flight.
+    fn resolving<'a>(&'a self, sink: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.seqs
+            .values()
+            .filter(move |(s, l, _)| s == sink && l.resolve)
+            .filter_map(|(_, _, p)| p.fp.as_deref())
     }
 
     /// Takes a finished task off the books; a delivery's result goes to `out`.
@@ -345,6 +349,9 @@ impl From<String> for Failed {
     }
 }
 
+/// Finished messages forgotten per turn at writing.
+const PURGE_CHUNK: usize = 10_000;
+
 /// The longest `Retry-After` honoured: a receiver asking for days is retried hourly.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -353,6 +360,8 @@ pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> 
     let v = value.trim();
     let d = match v.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
+        // More seconds than a u64 holds: as long as is honoured.
+        Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => MAX_RETRY_AFTER,
         Err(_) => httpdate::parse_http_date(v)
             .ok()?
             .duration_since(now)
@@ -609,8 +618,14 @@ impl Dispatcher {
                 }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
+                    // A chunk per turn at writing: a week after a burst of a million
+                    // alerts, one DELETE of them all would hold the core's batches for
+                    // seconds.
+                    while {
+                        let _turn = self.gate.enter();
+                        Outbox::purge_done(&conn, before, PURGE_CHUNK)? == PURGE_CHUNK
+                    } {}
                     let _turn = self.gate.enter();
-                    Outbox::purge_done(&conn, before)?;
                     Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?)?;
                     last_purge = StdInstant::now();
                 }
@@ -774,41 +789,47 @@ impl Dispatcher {
                 continue;
             }
             let due = last.get(&s.name).is_none_or(|t| t.elapsed() >= *resend);
-            // Not while a resolve to the sink is in flight: the re-send could land after
-            // it and fire the resolved alert again.
-            if !due || flight.resending(&s.name) || flight.resolving(&s.name) {
+            if !due || flight.resending(&s.name) {
                 continue;
             }
-            last.insert(s.name.clone(), StdInstant::now());
-            let active = Outbox::active_alerts(conn, &s.name, Outbox::clock_ms(conn)?)?;
-            if active.is_empty() {
-                continue;
-            }
+            // Not the label sets a resolve in flight ends: re-sent, they could land after
+            // it and fire the alert again (a new alert with those labels, fired since,
+            // follows the resolve in its lane). The others are re-sent all the same: a
+            // stream of resolves must not hold them back until Alertmanager ends them.
+            let resolving: std::collections::HashSet<&str> = flight.resolving(&s.name).collect();
             // Alertmanager knows an alert by its labels: the missing instances of one rule
             // and step are one alert, sent once (the one that went missing first), not
-            // once per instance (100k of them made a re-send of 28 MB).
-            let mut by_labels: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+            // once per instance (100k of them made a re-send of 28 MB). Rows are read one
+            // at a time, and only the one kept per label set is turned into an alert.
+            let mut by_labels: BTreeMap<String, (Option<crate::time::Instant>, String)> =
+                BTreeMap::new();
             let mut alerts: Vec<serde_json::Value> = Vec::new();
-            for a in &active {
-                let Some(v) = alertmanager_alert(&a.body, "alert", *resend) else {
-                    continue;
+            Outbox::for_each_active(conn, &s.name, Outbox::clock_ms(conn)?, |a| {
+                let Some(fp) = a.fp else {
+                    alerts.extend(alertmanager_alert(&a.body, "alert", *resend));
+                    return;
                 };
-                let Some(fp) = a.fp.as_deref() else {
-                    alerts.push(v);
-                    continue;
-                };
+                if resolving.contains(fp.as_str()) {
+                    return;
+                }
                 // As times: the text's fraction digits vary (`00.5Z` < `00Z` as text).
-                let starts = |v: &serde_json::Value| {
-                    v["startsAt"].as_str().and_then(crate::time::parse_rfc3339)
-                };
-                match by_labels.get(fp) {
-                    Some(kept) if starts(kept) <= starts(&v) => {}
+                let at = decided_at(&a.body);
+                match by_labels.get(&fp) {
+                    Some((kept, _)) if *kept <= at => {}
                     _ => {
-                        by_labels.insert(fp, v);
+                        by_labels.insert(fp, (at, a.body));
                     }
                 }
+            })?;
+            last.insert(s.name.clone(), StdInstant::now());
+            if alerts.is_empty() && by_labels.is_empty() {
+                continue;
             }
-            alerts.extend(by_labels.into_values());
+            alerts.extend(
+                by_labels
+                    .into_values()
+                    .filter_map(|(_, body)| alertmanager_alert(&body, "alert", *resend)),
+            );
             let body = serde_json::Value::Array(alerts).to_string();
             let (http, sink) = (clients.http_for(s), s.clone());
             let task = flight.tasks.spawn(async move {
@@ -846,6 +867,20 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
+
+/// When an alert's body says it was decided (its envelope's `timestamp`, the engine
+/// clock), read without building the rest of it.
+fn decided_at(body: &str) -> Option<crate::time::Instant> {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        timestamp: Option<String>,
+    }
+    serde_json::from_str::<Envelope>(body)
+        .ok()?
+        .timestamp
+        .as_deref()
+        .and_then(crate::time::parse_rfc3339)
 }
 
 /// Delivers one message to one sink.
@@ -1133,6 +1168,11 @@ mod tests {
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
         assert_eq!(retry_after("86400", now), Some(MAX_RETRY_AFTER));
+        // Past what a u64 holds: "go away" still, not ignored.
+        assert_eq!(
+            retry_after("99999999999999999999999", now),
+            Some(MAX_RETRY_AFTER)
+        );
         assert_eq!(retry_after("soon", now), None);
     }
 }

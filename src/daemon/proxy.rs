@@ -106,6 +106,12 @@ fn proxy_url(value: &str) -> Result<(), String> {
     }
     // Each `%` starts an escape of two hex digits.
     if let Some(u) = userinfo {
+        // The proxy matcher splits at the first `@`, this check at the last: a password
+        // holding one would be sent cut short, its rest taken for part of the host (and
+        // logged with it).
+        if u.contains('@') {
+            return Err("has credentials with an `@` in them: write it as %40".into());
+        }
         let b = u.as_bytes();
         let bad = b.iter().enumerate().any(|(i, &c)| {
             c == b'%'
@@ -348,6 +354,10 @@ mod tests {
             ("http://proxy.corp:0", "names no port"),
             ("http://u:pa%ZZ@proxy.corp:3128", "bad %-escape"),
             ("http://u:pa%2@proxy.corp:3128", "bad %-escape"),
+            (
+                "http://user:p@ss@proxy.corp:3128",
+                "an `@` in them: write it as %40",
+            ),
             ("http://:3128", "is not a proxy URL"),
         ] {
             let e = resolve(only_secure, &env(&[("HTTPS_PROXY", value)])).unwrap_err();

@@ -181,11 +181,15 @@ impl Outbox {
         })
     }
 
-    /// Forgets delivered and given-up messages finished before `before_ms`.
-    pub fn purge_done(conn: &Connection, before_ms: i64) -> Result<usize> {
+    /// Forgets at most `limit` delivered and given-up messages finished before `before_ms`
+    /// (the oldest first); returns how many.
+    pub fn purge_done(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize> {
         Ok(conn
-            .prepare_cached("DELETE FROM outbox WHERE state != 0 AND done_ms < ?1")?
-            .execute(params![before_ms])?)
+            .prepare_cached(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox
+                 WHERE state != 0 AND done_ms < ?1 ORDER BY seq LIMIT ?2)",
+            )?
+            .execute(params![before_ms, limit as i64])?)
     }
 
     /// The engine clock last committed, in ms (`i64::MIN` before any): what alerts'
@@ -310,27 +314,84 @@ impl Outbox {
             .execute(params![sink, rule, step, fp, now_ms])?)
     }
 
-    /// Firing alerts of `sink` (for periodic resends); those past their late window at
-    /// engine clock `clock_ms` are forgotten first.
-    pub fn active_alerts(conn: &Connection, sink: &str, clock_ms: i64) -> Result<Vec<AlertRow>> {
-        Outbox::purge_alerts(conn, clock_ms)?;
+    /// Calls `f` with each firing alert of `sink` (for periodic re-sends) whose late window
+    /// is not over at engine clock `clock_ms`, one row at a time (a mass expiry leaves a
+    /// million). Reads only: the purge of the others takes its turn at writing.
+    pub fn for_each_active(
+        conn: &Connection,
+        sink: &str,
+        clock_ms: i64,
+        mut f: impl FnMut(AlertRow),
+    ) -> Result<()> {
         let mut stmt = conn.prepare_cached(
-            "SELECT id, rule, key, step, body, active_until_ms, fp FROM alerts WHERE sink = ?1",
+            "SELECT id, rule, key, step, body, active_until_ms, fp FROM alerts
+             WHERE sink = ?1 AND active_until_ms >= ?2",
         )?;
-        let rows = stmt
-            .query_map(params![sink], |r| {
-                Ok(AlertRow {
-                    id: r.get(0)?,
-                    sink: sink.to_string(),
-                    rule: r.get(1)?,
-                    key: r.get(2)?,
-                    step: r.get(3)?,
-                    body: r.get(4)?,
-                    active_until_ms: r.get(5)?,
-                    fp: r.get(6)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
+        let rows = stmt.query_map(params![sink, clock_ms], |r| {
+            Ok(AlertRow {
+                id: r.get(0)?,
+                sink: sink.to_string(),
+                rule: r.get(1)?,
+                key: r.get(2)?,
+                step: r.get(3)?,
+                body: r.get(4)?,
+                active_until_ms: r.get(5)?,
+                fp: r.get(6)?,
+            })
+        })?;
+        for row in rows {
+            f(row?);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finished messages are forgotten a chunk at a time, oldest first; pending ones and
+    /// those finished later stay.
+    #[test]
+    fn purge_done_forgets_a_chunk_of_the_oldest_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = super::super::open(&path).unwrap();
+        super::super::migrate(&mut conn, &path).unwrap();
+        let id: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+        for i in &id {
+            let m = NewMessage {
+                id: i,
+                sink: "s",
+                kind: "alert",
+                rule: "r",
+                key: "k",
+                step: "x",
+                body: "{}",
+                fp: None,
+            };
+            Outbox::insert(&conn, &m, 0).unwrap();
+        }
+        // m0..m3 delivered at 10, 20, 30, 40; m4 at 1000; m5 pending.
+        for (seq, done) in [(1, 10), (2, 20), (3, 30), (4, 40), (5, 1000)] {
+            conn.execute(
+                "UPDATE outbox SET state = 1, done_ms = ?2 WHERE seq = ?1",
+                params![seq, done],
+            )
+            .unwrap();
+        }
+        let left = |c: &Connection| -> Vec<String> {
+            c.prepare("SELECT id FROM outbox ORDER BY seq")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(Outbox::purge_done(&conn, 500, 3).unwrap(), 3);
+        assert_eq!(left(&conn), ["m3", "m4", "m5"]);
+        assert_eq!(Outbox::purge_done(&conn, 500, 3).unwrap(), 1);
+        assert_eq!(left(&conn), ["m4", "m5"]);
+        assert_eq!(Outbox::purge_done(&conn, 500, 3).unwrap(), 0);
     }
 }
