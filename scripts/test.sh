@@ -6,7 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
+# Building: librdkafka (bundled, built with configure and make) and OpenSSL (the system's).
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+[ -f /usr/include/zlib.h ] || need_apt+=(zlib1g-dev)
+# The oracle test runs an independent model of the rules in Python.
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# The PID 1 test starts the daemon in its own PID namespace.
+command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 # The daemon tests signal the real binary with kill(1) (SIGTERM, SIGHUP).
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || need_apt+=(procps)
 # The alertmanager sink is tested against the real Alertmanager.

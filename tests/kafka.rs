@@ -718,6 +718,58 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
     let (status, _) = http(port, "POST", "/metrics", &[], b"").unwrap();
     assert_eq!(status, 405);
     assert!(alive(&mut d));
+
+    // As PID 1 (a container's process), where SIGTERM at its default is ignored, the same
+    // wait still ends at a SIGTERM, not when connect_timeout runs out.
+    let d2 = Daemon::with_rules(
+        KAFKA_RULES,
+        &format!(
+            "kafka: {{ brokers: '127.0.0.1:{nobody}', connect_timeout: 60s }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n  out: {{ type: stdout }}\n"
+        ),
+    );
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        == b"0\n";
+    let mut unshare = std::process::Command::new("unshare");
+    if !root {
+        unshare.args(["--user", "--map-root-user"]);
+    }
+    let mut outer = unshare
+        .args(["--pid", "--fork", "--kill-child", BIN, "run", "--config"])
+        .arg(d2.path("sagawatch.yaml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "/healthz 200 while starting as PID 1",
+        || matches!(http(d2.port, "GET", "/healthz", &[], b""), Ok((200, _))).then_some(()),
+    );
+    let children = format!("/proc/{0}/task/{0}/children", outer.id());
+    let pid1 = std::fs::read_to_string(children).unwrap();
+    let pid1 = pid1.split_whitespace().next().expect("unshare's child");
+    let status = std::fs::read_to_string(format!("/proc/{pid1}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "{status}"
+    );
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", pid1])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let st = wait_for(Duration::from_secs(15), "PID 1 to end at SIGTERM", || {
+        outer.try_wait().unwrap()
+    });
+    assert_eq!(st.code(), Some(143));
 }
 
 /// A partition whose end the consumer is never given a message for (here: what a reset to

@@ -236,7 +236,28 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         Arc::clone(&metrics),
         cfg.allowed_hosts.clone().into(),
     ));
+    // As PID 1 (the process of a container) SIGTERM and SIGINT at their default are
+    // ignored, and a pod being deleted would wait for the Kafka check to give up: here
+    // they end the start the way the default does elsewhere.
+    let init_stop = rustix::process::getpid().is_init().then(|| {
+        rt.spawn(async {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            let sig = tokio::select! {
+                _ = term.recv() => 15,
+                _ = int.recv() => 2,
+            };
+            std::process::exit(128 + sig);
+        })
+    });
     let checked = kafka::check_topics(&cfg, &rules);
+    if let Some(t) = init_stop {
+        t.abort();
+    }
     let _ = starting_stop.send(());
     let listener = match rt.block_on(starting) {
         Ok(l) => l,
