@@ -937,6 +937,46 @@ fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
     );
 }
 
+/// A reload that takes a step's `after` away opens that step in the instances already
+/// open, as the new rules open it in new ones (deadline: trigger time plus `within`):
+/// otherwise it would wait for an opening that never comes, and never be reported.
+#[test]
+fn a_reload_removing_an_after_opens_the_waiting_steps() {
+    let mut d = Daemon::new(
+        "time: { lateness: 0s, idle: 0s }\nsources:\n  api: { type: http }\nsinks:\n  hook: { type: stdout }\n",
+    );
+    d.start();
+    let post = |d: &Daemon, ev: &str| {
+        let (st, b) = http(d.port, "POST", "/v1/events", &[], ev.as_bytes()).unwrap();
+        assert_eq!(st, 202, "{b}");
+    };
+    post(
+        &d,
+        r#"{"time":"2026-01-01T00:00:00Z","type":"OrderPlaced","order_id":"o1"}"#,
+    );
+    std::fs::write(
+        d.path("rules/checkout.yaml"),
+        RULES.replace("        after: payment\n", ""),
+    )
+    .unwrap();
+    let (st, b) = http(d.port, "POST", "/-/reload", &[], b"").unwrap();
+    assert_eq!(st, 200, "{b}");
+    post(&d, r#"{"time":"2026-01-01T03:00:00Z","type":"Tick"}"#);
+    let missing = |step: &str| {
+        metric(
+            d.port,
+            &format!(
+                "sagawatch_steps_total{{outcome=\"missing\",rule=\"checkout\",step=\"{step}\"}}"
+            ),
+        )
+    };
+    assert_eq!(missing("payment"), Some(1.0));
+    assert_eq!(missing("shipment"), Some(1.0));
+    let (_, t) = http(d.port, "GET", "/v1/instances/checkout/o1", &[], b"").unwrap();
+    assert!(t.contains("\"deadline\":\"2026-01-01T02:00:00Z\""), "{t}");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// Times at the edges of the accepted range (1677..2262) move the clock without breaking
 /// the arithmetic of the gauges and timers (the test binary is built with overflow checks).
 #[test]

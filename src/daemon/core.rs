@@ -303,6 +303,7 @@ impl Core {
     /// Runs until `Shutdown` or every sender is gone; commits before returning.
     pub fn run(mut self, rx: Receiver<Msg>) -> Result<()> {
         self.fire_restored()?;
+        self.open_waiting_steps()?;
         loop {
             let timeout = match self.batch_started {
                 Some(t) => self
@@ -864,6 +865,7 @@ impl Core {
         self.engine.set_rules(rules);
         self.children = Children::default();
         self.fire_restored()?;
+        self.open_waiting_steps()?;
         self.publish_gauges();
         Ok(())
     }
@@ -881,6 +883,42 @@ impl Core {
         self.engine.state_mut().set_event(None, None);
         self.fire(true)?;
         self.commit()?;
+        Ok(())
+    }
+
+    /// Opens, in the stored instances of rules whose `after` links changed (by a reload,
+    /// or across a restart), the waiting steps the rules let open now, a page of keys per
+    /// batch; those already overdue are reported at once.
+    fn open_waiting_steps(&mut self) -> Result<()> {
+        for name in self.engine.state_mut().take_reafter() {
+            let Some(ix) = self
+                .engine
+                .rules()
+                .rules
+                .iter()
+                .position(|r| r.name == name)
+            else {
+                continue;
+            };
+            tracing::info!(
+                rule = name,
+                "the rule's `after` links changed: opening the steps of its open instances that they let open"
+            );
+            let mut from = String::new();
+            loop {
+                let keys = self.engine.state().open_keys_after(&name, &from, 1000)?;
+                let Some(last) = keys.last() else { break };
+                from = last.clone();
+                self.begin()?;
+                self.engine.state_mut().set_event(None, None);
+                for key in &keys {
+                    self.engine.open_waiting_steps(ix, key, &mut self.outcomes);
+                }
+                self.drain_outcomes()?;
+                self.fire(true)?;
+                self.commit()?;
+            }
+        }
         Ok(())
     }
 

@@ -259,6 +259,46 @@ impl<S: State> Engine<S> {
         more
     }
 
+    /// Opens the pending steps of (rule, key) that the rules let open now: those without
+    /// `after`, or whose `after` step is satisfied. Only an instance opened under other
+    /// rules has such a step (a reload removed or changed its `after`): without this, it
+    /// would wait for an opening that never comes, and never be reported. Its deadline is
+    /// what the rules say (trigger time, or the satisfying correlate's time, plus
+    /// `within`); one already past fires at the next move of the clock.
+    pub fn open_waiting_steps(&mut self, rule_ix: usize, key: &str, out: &mut Vec<Outcome>) {
+        let rules = Arc::clone(&self.rules);
+        let Some(rule) = rules.rules.get(rule_ix) else {
+            return;
+        };
+        let cx = Cx {
+            rule_ix,
+            rule,
+            key,
+            clock: self.state.clock().now,
+            lifecycle: self.lifecycle,
+        };
+        let mut row = self.state.take(rule_ix, key);
+        if let Some(inst) = row.as_mut().filter(|i| i.is_open()) {
+            // One at a time: one satisfied at once (by an early correlate) opens its own
+            // dependents, which are then no longer pending.
+            while let Some((step, deadline)) = (0..rule.steps.len()).find_map(|i| {
+                if inst.steps[i].status != StepStatus::Pending {
+                    return None;
+                }
+                let from = match rule.steps[i].after {
+                    None => inst.opened_at,
+                    Some(a) if inst.steps[a].status == StepStatus::Satisfied => inst.steps[a].at,
+                    Some(_) => return None,
+                };
+                Some((i, from.saturating_add(rule.steps[i].within.nanos())))
+            }) {
+                self.open_step(&cx, inst, step, deadline, out);
+            }
+            close_if_done(&cx, inst, out);
+        }
+        self.state.put(rule_ix, key, row);
+    }
+
     fn apply(
         &mut self,
         rule_ix: usize,
@@ -713,6 +753,62 @@ mod tests {
             out.iter().all(|o| !matches!(o.kind, Kind::Missing)),
             "{out:?}"
         );
+    }
+
+    /// After a reload changes a step's `after` to a step already satisfied, the waiting
+    /// step opens from that step's correlate; a correlate remembered as early for it
+    /// satisfies it at once.
+    #[test]
+    fn waiting_steps_open_when_a_reload_lets_them() {
+        let load = |after: &str| {
+            Arc::new(
+                crate::rules::load_sources(&[(
+                    "r.yaml".into(),
+                    format!(
+                        "rules:\n  - name: r\n    trigger: {{ where: {{ type: T }}, key: id }}\n    expect:\n      \
+                         - {{ step: a, where: {{ type: A }}, key: id, within: 1h }}\n      \
+                         - {{ step: c, where: {{ type: C }}, key: id, within: 1h }}\n      \
+                         - {{ step: b, where: {{ type: B }}, key: id, within: 10m, after: {after} }}\n"
+                    ),
+                )])
+                .unwrap(),
+            )
+        };
+        let v1 = load("a");
+        let d = Decoder::new(&v1, "time");
+        let mut e = Engine::new(Arc::clone(&v1), MemoryState::new(), 0).with_lifecycle(true);
+        let mut out = Vec::new();
+        let apply = |e: &mut Engine<MemoryState>,
+                     time: &str,
+                     kind: &str,
+                     id: &str,
+                     out: &mut Vec<Outcome>| {
+            let line = format!(r#"{{"time":"2026-01-01T{time}:00Z","type":"{kind}","id":"{id}"}}"#);
+            e.process(&d.decode(line.as_bytes(), None).unwrap(), out);
+        };
+        apply(&mut e, "00:00", "T", "x", &mut out);
+        apply(&mut e, "00:00", "T", "y", &mut out);
+        apply(&mut e, "00:01", "C", "x", &mut out);
+        apply(&mut e, "00:01", "C", "y", &mut out);
+        apply(&mut e, "00:02", "B", "y", &mut out);
+        e.set_rules(load("c"));
+        out.clear();
+        e.open_waiting_steps(0, "x", &mut out);
+        e.open_waiting_steps(0, "y", &mut out);
+        // y's early B satisfied it; x's b waits until 00:11 (C at 00:01 plus 10m).
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(
+            matches!(out[0].kind, Kind::Satisfied) && out[0].key == "y",
+            "{out:?}"
+        );
+        out.clear();
+        apply(&mut e, "00:12", "Z", "z", &mut out);
+        let missing: Vec<_> = out
+            .iter()
+            .filter(|o| matches!(o.kind, Kind::Missing))
+            .map(|o| (o.key.as_str(), o.deadline.map(crate::time::format_rfc3339)))
+            .collect();
+        assert_eq!(missing, [("x", Some("2026-01-01T00:11:00Z".to_string()))]);
     }
 
     /// Event times so early that they less `lateness` fall below the range: the clock

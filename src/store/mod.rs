@@ -139,11 +139,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE rule_shapes ADD COLUMN captures TEXT;
     ",
     // 10: the windows a rule's stored expiries were computed with (dedup, late, each
-    // step's within; JSON; NULL when written before this column: taken to be the rule's
-    // at the next load). A reload that widens them extends the stored expiries, so what
-    // is remembered does not depend on whether a purge ran before the reload.
+    // step's within; NULL when written before this column: taken to be the rule's at the
+    // next load). A reload that widens them extends the stored expiries, so what is
+    // remembered does not depend on whether a purge ran before the reload. And each
+    // step's `after` (likewise): a reload that removes or changes one opens the steps
+    // of stored instances that the new rules let open.
     "
     ALTER TABLE rule_shapes ADD COLUMN windows TEXT;
+    ALTER TABLE rule_shapes ADD COLUMN afters TEXT;
     ",
 ];
 

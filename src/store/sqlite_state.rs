@@ -94,6 +94,8 @@ pub struct SqliteState {
     jumps: std::collections::VecDeque<(Instant, i64)>,
     /// Rules loaded again (at open or by the last reload) whose deadlines came back.
     restored: Vec<String>,
+    /// Rules loaded with changed `after` links, until [`SqliteState::take_reafter`].
+    reafter: Vec<String>,
     /// The engine's `lateness`: a trigger stored at clock C may be timed up to C + lateness,
     /// and so its deadlines.
     lateness: i64,
@@ -194,7 +196,11 @@ impl SqliteState {
     /// changed since they were written are dropped (their step vectors no longer fit);
     /// rows of rules that no longer exist are kept but ignored.
     pub fn open(mut conn: Connection, rules: &RuleSet, path: &Path) -> Result<SqliteState> {
-        let (dropped, restored) = apply_shapes(&mut conn, rules)
+        let Applied {
+            dropped,
+            restored,
+            reafter,
+        } = apply_shapes(&mut conn, rules)
             .with_context(|| format!("state file {}: reading rule shapes", path.display()))?;
         for (rule, n) in dropped {
             tracing::warn!(
@@ -239,6 +245,7 @@ impl SqliteState {
             event_marks: Default::default(),
             jumps: Default::default(),
             restored,
+            reafter,
             lateness: 0,
             retention: 0,
             early_seen: RefCell::default(),
@@ -346,8 +353,13 @@ impl SqliteState {
             .flush_meta()
             .and_then(|()| apply_shapes(&mut self.conn, rules));
         self.leave_gate();
-        let (dropped, restored) = applied?;
+        let Applied {
+            dropped,
+            restored,
+            reafter,
+        } = applied?;
         self.restored = restored;
+        self.reafter = reafter;
         self.load(rules)?;
         Ok(dropped)
     }
@@ -681,6 +693,22 @@ impl SqliteState {
         std::mem::take(&mut self.restored)
     }
 
+    pub fn take_reafter(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.reafter)
+    }
+
+    /// Up to `limit` keys of open instances of `rule` after `from`, in key order.
+    pub fn open_keys_after(&self, rule: &str, from: &str, limit: usize) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key FROM instances WHERE rule = ?1 AND key > ?2 AND closed_at IS NULL
+             ORDER BY key LIMIT ?3",
+        )?;
+        let keys = stmt
+            .query_map(params![rule, from, limit as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(keys)
+    }
+
     /// Sets the engine's `lateness`, which events are kept that much longer for.
     pub fn with_lateness(mut self, lateness: i64) -> SqliteState {
         self.lateness = lateness.max(0);
@@ -984,12 +1012,18 @@ impl SqliteState {
 /// them back.
 /// Also returns the rules loaded again whose deadlines went back into the index.
 #[allow(clippy::type_complexity)]
-fn apply_shapes(
-    conn: &mut Connection,
-    rules: &RuleSet,
-) -> rusqlite::Result<(Vec<(String, usize)>, Vec<String>)> {
+/// What [`apply_shapes`] did: rules whose rows it dropped (with how many), rules loaded
+/// again (their passed deadlines to fire), rules whose `after` links changed (their
+/// stored instances' waiting steps to open).
+struct Applied {
+    dropped: Vec<(String, usize)>,
+    restored: Vec<String>,
+    reafter: Vec<String>,
+}
+
+fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Applied> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (mut dropped, mut restored) = (Vec::new(), Vec::new());
+    let (mut dropped, mut restored, mut reafter) = (Vec::new(), Vec::new(), Vec::new());
     let was_loaded: std::collections::HashSet<String> = tx
         .prepare("SELECT rule FROM rule_shapes WHERE loaded")?
         .query_map([], |r| r.get(0))?
@@ -999,14 +1033,21 @@ fn apply_shapes(
         let paths = capture_paths(rules, r);
         let want_captures = serde_json::to_string(&paths).unwrap_or_default();
         let want_windows = Windows::of(r);
-        let (have, have_captures, have_windows): (Option<String>, Option<String>, Option<String>) =
-            tx.query_row(
-                "SELECT steps, captures, windows FROM rule_shapes WHERE rule = ?1",
+        let want_afters = afters(r);
+        #[allow(clippy::type_complexity)]
+        let (have, have_captures, have_windows, have_afters): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = tx
+            .query_row(
+                "SELECT steps, captures, windows, afters FROM rule_shapes WHERE rule = ?1",
                 params![r.name],
-                |row| Ok((Some(row.get(0)?), row.get(1)?, row.get(2)?)),
+                |row| Ok((Some(row.get(0)?), row.get(1)?, row.get(2)?, row.get(3)?)),
             )
             .optional()?
-            .unwrap_or((None, None, None));
+            .unwrap_or((None, None, None, None));
         if have.as_deref() == Some(want.as_str()) {
             match have_captures {
                 Some(c) if c == want_captures => {}
@@ -1018,9 +1059,13 @@ fn apply_shapes(
             if let Some(old) = have_windows.as_deref().and_then(Windows::parse) {
                 widen(&tx, &r.name, &old, &want_windows)?;
             }
+            // Likewise; a step whose `after` went or changed may open in stored instances.
+            if have_afters.is_some_and(|a| a != want_afters) {
+                reafter.push(r.name.clone());
+            }
             tx.execute(
-                "UPDATE rule_shapes SET captures = ?2, windows = ?3 WHERE rule = ?1",
-                params![r.name, want_captures, want_windows.to_string()],
+                "UPDATE rule_shapes SET captures = ?2, windows = ?3, afters = ?4 WHERE rule = ?1",
+                params![r.name, want_captures, want_windows.to_string(), want_afters],
             )?;
             if !was_loaded.contains(&r.name) {
                 restore_deadlines(&tx, &r.name)?;
@@ -1043,9 +1088,15 @@ fn apply_shapes(
             dropped.push((r.name.clone(), n));
         }
         tx.execute(
-            "INSERT OR REPLACE INTO rule_shapes (rule, steps, loaded, captures, windows)
-             VALUES (?1, ?2, 1, ?3, ?4)",
-            params![r.name, want, want_captures, want_windows.to_string()],
+            "INSERT OR REPLACE INTO rule_shapes (rule, steps, loaded, captures, windows, afters)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5)",
+            params![
+                r.name,
+                want,
+                want_captures,
+                want_windows.to_string(),
+                want_afters
+            ],
         )?;
     }
     for gone in was_loaded
@@ -1063,7 +1114,20 @@ fn apply_shapes(
         )?;
     }
     tx.commit()?;
-    Ok((dropped, restored))
+    Ok(Applied {
+        dropped,
+        restored,
+        reafter,
+    })
+}
+
+/// Each step's `after` (its index, `-` for none), as stored in `rule_shapes.afters`.
+fn afters(r: &crate::rules::model::Rule) -> String {
+    r.steps
+        .iter()
+        .map(|s| s.after.map_or("-".to_string(), |a| a.to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The windows a rule's stored expiries follow from (ns): closed instances are kept
