@@ -121,15 +121,20 @@ impl Reader {
         loop {
             self.buf.clear();
             let failed = |e: io::Error| anyhow::anyhow!("cannot read {}: {e}", self.label);
+            // At most MAX_LINE bytes, newline included, as the daemon's sources count.
             let mut n = (&mut self.reader)
-                .take(MAX_LINE as u64 + 1)
+                .take(MAX_LINE as u64)
                 .read_until(b'\n', &mut self.buf)
                 .map_err(failed)?;
             if n == 0 {
                 self.done = true;
                 return Ok(false);
             }
-            if n > MAX_LINE && self.buf.last() != Some(&b'\n') {
+            // Cut short by the limit, not by the end of the input.
+            if n == MAX_LINE
+                && self.buf.last() != Some(&b'\n')
+                && !self.reader.fill_buf().map_err(failed)?.is_empty()
+            {
                 n += self.reader.skip_until(b'\n').map_err(failed)?;
                 self.buf.clear();
                 self.bytes_read += n as u64;

@@ -91,18 +91,18 @@ pub fn test_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     let mut out = Vec::new();
     let mut stack = vec![path.to_path_buf()];
+    // Linked directories are walked, each directory once: a link to `.` makes no loop.
+    let mut seen = std::collections::HashSet::new();
     while let Some(dir) = stack.pop() {
+        if !seen.insert(std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone())) {
+            continue;
+        }
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?;
         for e in entries {
             let p = e?.path();
             // Hidden files and directories are left out, as in a rules directory.
             if crate::rules::hidden(&p) {
-                continue;
-            }
-            // Not into a linked directory: a link to `.` would make a loop.
-            let linked_dir = is_symlink(&p) && p.is_dir();
-            if linked_dir {
                 continue;
             }
             if p.is_dir() {
@@ -117,10 +117,6 @@ pub fn test_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
         anyhow::bail!("{}: no test files (*.yaml, *.yml)", path.display());
     }
     Ok(out)
-}
-
-fn is_symlink(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 fn resolve_time(text: &str, start: Instant) -> Result<Instant, String> {

@@ -618,16 +618,15 @@ impl Dispatcher {
                 }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;
-                    // A chunk per turn at writing: a week after a burst of a million
-                    // alerts, one DELETE of them all would hold the core's batches for
-                    // seconds.
-                    while {
-                        let _turn = self.gate.enter();
-                        Outbox::purge_done(&conn, before, PURGE_CHUNK)? == PURGE_CHUNK
-                    } {}
+                    // A chunk per round: a week after a burst of a million alerts, one
+                    // DELETE of them all would hold the core's batches for seconds, and
+                    // chunks back to back would too (the gate goes to whoever asks
+                    // first). While chunks come back full, the next round purges again.
                     let _turn = self.gate.enter();
-                    Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?)?;
-                    last_purge = StdInstant::now();
+                    if Outbox::purge_done(&conn, before, PURGE_CHUNK)? < PURGE_CHUNK {
+                        Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?)?;
+                        last_purge = StdInstant::now();
+                    }
                 }
                 if flight.idle() || last_publish.is_none_or(|t| t.elapsed() >= PUBLISH_EVERY) {
                     self.publish(&conn)?;
@@ -859,11 +858,15 @@ impl Dispatcher {
                 .outbox_backlog
                 .with_label_values(&[sink])
                 .set(find(&stats.pending).unwrap_or(0));
-            let age = find(&stats.oldest).map_or(0, |t| now_ms.saturating_sub(t).max(0));
-            self.metrics
-                .outbox_oldest_age
-                .with_label_values(&[sink])
-                .set(age as f64 / 1e3);
+            // Not for a sink no longer configured: its messages wait, untried, until it is
+            // again (an age growing for good would page for a sink nobody uses).
+            if self.cfg.sinks.iter().any(|s| s.name == sink) {
+                let age = find(&stats.oldest).map_or(0, |t| now_ms.saturating_sub(t).max(0));
+                self.metrics
+                    .outbox_oldest_age
+                    .with_label_values(&[sink])
+                    .set(age as f64 / 1e3);
+            }
         }
         Ok(())
     }

@@ -318,6 +318,8 @@ impl FileSource {
         // The file the path named when the rotation was seen, opened then: read next even
         // if it is rotated away in turn before the old one is finished.
         let mut next: Option<File> = None;
+        // Since when reads have failed, one after another.
+        let mut failing: Option<Instant> = None;
         while !self.stop.load(Ordering::Relaxed) {
             self.skips.log.flush(false);
             if cur.is_none() {
@@ -376,6 +378,7 @@ impl FileSource {
                 match next_line(&mut o.reader, &mut partial, &mut skipping) {
                     Ok(Step::Line) => {
                         warned_read = false;
+                        failing = None;
                         self.skips.push(&mut lines, &partial, consumed);
                         consumed += partial.len() as u64;
                         partial.clear();
@@ -407,6 +410,21 @@ impl FileSource {
                         // rotation is read on through its handle: its path names the new
                         // one. Any other is opened again by its path.
                         let at = o.offset;
+                        let since = *failing.get_or_insert_with(Instant::now);
+                        if rotated.is_some() && since.elapsed() >= self.rotate_wait {
+                            // Not for good: the new file waits, and the clock with it.
+                            let left = o.reader.get_ref().metadata().map_or(0, |m| m.len());
+                            tracing::warn!(
+                                source = &*self.name,
+                                error = %e,
+                                unread_bytes = left.saturating_sub(at),
+                                "the rotated file cannot be read to its end; its rest is not read, following the new one"
+                            );
+                            failing = None;
+                            resume = None;
+                            cur = None;
+                            break;
+                        }
                         if rotated.is_some() && o.reader.seek(SeekFrom::Start(at)).is_ok() {
                             partial.clear();
                             skipping = 0;
@@ -502,10 +520,15 @@ impl FileSource {
                         "file rotated; reading the old one until it has stopped growing"
                     );
                     rotated = Some(Instant::now());
-                    next = File::open(&self.path).ok().filter(|f| {
-                        f.metadata()
-                            .is_ok_and(|m| m.is_file() && file_id(&m) != o.id)
-                    });
+                    // Only a regular file: opening a FIFO blocks until a writer comes.
+                    next = m
+                        .is_file()
+                        .then(|| File::open(&self.path).ok())
+                        .flatten()
+                        .filter(|f| {
+                            f.metadata()
+                                .is_ok_and(|m| m.is_file() && file_id(&m) != o.id)
+                        });
                     continue;
                 }
                 Ok(m)

@@ -141,12 +141,16 @@ const MIGRATIONS: &[&str] = &[
     // 10: the windows a rule's stored expiries were computed with (dedup, late, each
     // step's within; NULL when written before this column: taken to be the rule's at the
     // next load). A reload that widens them extends the stored expiries, so what is
-    // remembered does not depend on whether a purge ran before the reload. And each
-    // step's `after` (likewise): a reload that removes or changes one opens the steps
-    // of stored instances that the new rules let open.
+    // remembered does not depend on whether a purge ran before the reload.
     "
     ALTER TABLE rule_shapes ADD COLUMN windows TEXT;
+    ",
+    // 11: each step's `after` (likewise): a reload that removes or changes one opens the
+    // steps of stored instances that the new rules let open. And finished messages by
+    // when they finished, so that purging them a chunk at a time reads only those.
+    "
     ALTER TABLE rule_shapes ADD COLUMN afters TEXT;
+    CREATE INDEX outbox_done ON outbox (done_ms) WHERE state != 0;
     ",
 ];
 
@@ -464,7 +468,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection> {
     if (version as usize) < MIGRATIONS.len() {
         // Read as it is (nothing is written here), it would lack what the timeline reads.
         bail!(
-            "state file {}: schema version {version} is older than this sagawatch reads ({}):              run this version's daemon on it once to bring it up to date, or inspect it with              the version that wrote it",
+            "state file {}: schema version {version} is older than this sagawatch reads ({}): run this version's daemon on it once to bring it up to date, or inspect it with the version that wrote it",
             path.display(),
             MIGRATIONS.len()
         );

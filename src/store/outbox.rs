@@ -169,25 +169,34 @@ impl Outbox {
     }
 
     pub fn stats(conn: &Connection) -> Result<OutboxStats> {
+        // From the index alone (seq is in every index, and follows created_ms): reading
+        // created_ms here would read every pending row, bodies and all.
         let mut stmt = conn.prepare_cached(
-            "SELECT sink, COUNT(*), MIN(created_ms) FROM outbox WHERE state = 0 GROUP BY sink",
+            "SELECT sink, COUNT(*), MIN(seq) FROM outbox WHERE state = 0 GROUP BY sink",
         )?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut created = conn.prepare_cached("SELECT created_ms FROM outbox WHERE seq = ?1")?;
+        let mut oldest = Vec::with_capacity(rows.len());
+        for (sink, _, seq) in &rows {
+            oldest.push((sink.clone(), created.query_row(params![seq], |r| r.get(0))?));
+        }
         Ok(OutboxStats {
-            pending: rows.iter().map(|(s, n, _)| (s.clone(), *n)).collect(),
-            oldest: rows.into_iter().map(|(s, _, t)| (s, t)).collect(),
+            pending: rows.into_iter().map(|(s, n, _)| (s, n)).collect(),
+            oldest,
         })
     }
 
     /// Forgets at most `limit` delivered and given-up messages finished before `before_ms`
-    /// (the oldest first); returns how many.
+    /// (those finished first; read from the `outbox_done` index); returns how many.
     pub fn purge_done(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize> {
         Ok(conn
             .prepare_cached(
                 "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox
-                 WHERE state != 0 AND done_ms < ?1 ORDER BY seq LIMIT ?2)",
+                 WHERE state != 0 AND done_ms < ?1 ORDER BY done_ms LIMIT ?2)",
             )?
             .execute(params![before_ms, limit as i64])?)
     }

@@ -43,6 +43,8 @@ pub struct SqliteState {
     /// Whether the row taken last existed, and when it opened.
     taken_existed: bool,
     taken_opened: Option<Instant>,
+    /// When the row taken last had closed, if it had.
+    taken_closed: Option<Instant>,
     /// Hot instance rows, written back at commit; the truth for the rows they hold.
     rows: Rows,
     row_cache: usize,
@@ -222,6 +224,7 @@ impl SqliteState {
             taken_open: false,
             taken_existed: false,
             taken_opened: None,
+            taken_closed: None,
             rows: Rows::new(0, ROW_CACHE),
             row_cache: ROW_CACHE,
             sql_floor: Instant::MIN,
@@ -586,10 +589,12 @@ impl SqliteState {
     /// The event references of a row being put: the taken refs plus the trigger of a new
     /// instance and the correlate of every step this put newly satisfied or made late.
     fn refs_for(&mut self, inst: &Instance, was_open: bool) -> rusqlite::Result<Vec<i64>> {
-        // Only a new trigger opens a closed row, possibly with the old one's time.
+        // Only a new trigger opens a closed row, possibly with the old one's time; if its
+        // steps are all settled at once (by early correlates), it closes again in the same
+        // put, at a later clock than the old one did (after its `dedup`).
         let fresh = !self.taken_existed
             || self.taken_opened != Some(inst.opened_at)
-            || (!was_open && inst.is_open());
+            || (!was_open && (inst.is_open() || inst.closed_at != self.taken_closed));
         let mut refs = std::mem::take(&mut self.taken_refs);
         if fresh {
             // A new instance (possibly replacing a closed row): nothing carries over.
@@ -1184,6 +1189,13 @@ impl std::fmt::Display for Windows {
 /// (at most that much longer than needed, when `dedup` set it).
 fn widen(tx: &Connection, rule: &str, old: &Windows, new: &Windows) -> rusqlite::Result<()> {
     let more_late = new.late.saturating_sub(old.late).max(0);
+    if more_late > 0 {
+        // Firing alerts stay resolvable (and re-sent) until deadline + `late` too.
+        tx.execute(
+            "UPDATE alerts SET active_until_ms = MIN(active_until_ms + ?2, ?3) WHERE rule = ?1",
+            params![rule, more_late / 1_000_000, i64::MAX],
+        )?;
+    }
     if new.dedup > old.dedup || more_late > 0 {
         tx.execute(
             "UPDATE instances SET expires_at = MAX(MIN(expires_at + ?3, ?4), MIN(closed_at + ?2, ?4))
@@ -1305,6 +1317,7 @@ impl State for SqliteState {
         self.taken_open = row.as_ref().is_some_and(|i| i.is_open());
         self.taken_existed = row.is_some();
         self.taken_opened = row.as_ref().map(|i| i.opened_at);
+        self.taken_closed = row.as_ref().and_then(|i| i.closed_at);
         self.taken_steps.clear();
         if let Some(i) = &row {
             self.taken_steps.extend(i.steps.iter().map(|s| s.status));
@@ -1337,6 +1350,7 @@ impl State for SqliteState {
         self.rows.put(rule, key, row, refs, self.part);
         self.taken_existed = false;
         self.taken_opened = None;
+        self.taken_closed = None;
         self.taken_steps.clear();
         self.taken_refs.clear();
         if self.rows.dirty() >= self.row_cache {
@@ -1487,20 +1501,20 @@ mod tests {
         use crate::engine::Engine;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let load = |within: &str, dedup: &str| {
+        let load = |within: &str, dedup: &str, late: &str| {
             Arc::new(
                 crate::rules::load_sources(&[(
                     "r.yaml".into(),
                     format!(
                         "rules:\n  - name: r\n    trigger: {{ where: {{ type: T }}, key: k }}\n    \
                          expect: [{{ step: s, where: {{ type: S }}, key: k, within: {within} }}]\n    \
-                         cancel: [{{ where: {{ type: C }}, key: k }}]\n    dedup: {dedup}\n"
+                         cancel: [{{ where: {{ type: C }}, key: k }}]\n    dedup: {dedup}\n    late: {late}\n"
                     ),
                 )])
                 .unwrap(),
             )
         };
-        let v1 = load("1m", "1m");
+        let v1 = load("1m", "1m", "1m");
         let mut conn = super::super::open(&path).unwrap();
         super::super::migrate(&mut conn, &path).unwrap();
         let st = SqliteState::open(conn, &v1, &path).unwrap();
@@ -1513,6 +1527,14 @@ mod tests {
             e.state_mut().set_event(None, None);
             e.process(&d.decode(line.as_bytes(), None).unwrap(), &mut out);
         }
+        e.state_mut()
+            .conn()
+            .execute(
+                "INSERT INTO alerts (id, sink, rule, key, step, body, active_until_ms, fp)
+                 VALUES ('i', 'am', 'r', 'z', 's', '{}', 1000, NULL)",
+                [],
+            )
+            .unwrap();
         e.state_mut().commit().unwrap();
         let t0 = crate::time::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
         let (min, hour) = (60_000_000_000i64, 3_600_000_000_000i64);
@@ -1525,8 +1547,15 @@ mod tests {
             )
         };
         assert_eq!(expiries(e.state()), (t0 + min, t0 + min, t0 + min));
-        let v2 = load("2h", "1h");
+        let v2 = load("2h", "1h", "1h");
         e.state_mut().set_rules(&v2).unwrap();
+        // A firing alert is resolvable for as much longer as `late` grew.
+        let until: i64 = e
+            .state()
+            .conn()
+            .query_row("SELECT active_until_ms FROM alerts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(until, 1000 + 59 * 60_000);
         assert_eq!(
             expiries(e.state()),
             (t0 + hour, t0 + 2 * hour, t0 + 2 * hour)
