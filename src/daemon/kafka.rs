@@ -32,6 +32,9 @@ const MAX_BATCH: usize = 2000;
 /// Messages held for ordering, in all, beyond which they are released without waiting
 /// (brokers that honour `max.partition.fetch.bytes` keep this far lower).
 const MAX_HELD: usize = 500_000;
+/// The same bound in bytes of message text: a catch-up over topics of different volumes
+/// holds the lighter ones' messages, each copied out of librdkafka's own bounded queue.
+const MAX_HELD_BYTES: usize = 64 << 20;
 /// How long an assignment waits for its partitions' offset ranges, all together.
 const WATERMARKS_WAIT: Duration = Duration::from_secs(5);
 /// How many partitions' offset ranges are asked for at once.
@@ -262,6 +265,10 @@ pub fn producer(
 
 fn producer_config(k: &KafkaConfig, delivery_timeout: Duration) -> ClientConfig {
     let mut c = base_config(k, &k.producer);
+    // The Java client's partitioner (librdkafka's own default hashes otherwise): commands
+    // keyed by the correlation key land where the services' own events with that key do,
+    // should a rule read the commands topic beside theirs. `kafka.producer` may set another.
+    c.set("partitioner", "murmur2_random");
     c.set("linger.ms", "5").set(
         "message.timeout.ms",
         delivery_timeout.as_millis().max(1).to_string(),
@@ -594,6 +601,11 @@ struct Inner {
     /// Messages per partition, not yet released to `batch`.
     held: HashMap<Tp, VecDeque<Held>>,
     held_count: usize,
+    /// Whether the group gave this consumer its assignment (possibly no partitions: more
+    /// members than partitions), and has not revoked it since.
+    has_assignment: bool,
+    /// Bytes of the messages held (their text).
+    held_bytes: usize,
     /// Next offset after the last message received per partition.
     seen: HashMap<Tp, i64>,
     /// Partitions whose consumer went back to offsets already read, while it does.
@@ -697,6 +709,7 @@ impl Ctx {
         if !inner.rewound.is_empty() {
             inner.rewound.remove(&tp);
         }
+        let q_bytes = record.text.len();
         let q = inner.held.entry(tp.clone()).or_default();
         // Without a timestamp, a message keeps its predecessor's place.
         let ts = m
@@ -710,6 +723,7 @@ impl Ctx {
             record,
         });
         inner.held_count += 1;
+        inner.held_bytes += q_bytes;
         inner.seen.insert(tp, m.offset() + 1);
     }
 
@@ -761,7 +775,9 @@ impl Ctx {
             // Past the bound, memory wins over order. (Pausing the fullest partitions
             // instead lost messages: librdkafka drops what it prefetched for a paused
             // partition and resumed past it, even after a seek.)
-            let blocked = inner.held_count <= MAX_HELD && Self::awaited(&inner).next().is_some();
+            let blocked = inner.held_count <= MAX_HELD
+                && inner.held_bytes <= MAX_HELD_BYTES
+                && Self::awaited(&inner).next().is_some();
             if blocked {
                 let since = *inner.blocked_since.get_or_insert(now);
                 if now.duration_since(since) < wait {
@@ -782,6 +798,7 @@ impl Ctx {
                 break;
             };
             inner.held_count -= 1;
+            inner.held_bytes -= h.record.text.len();
             inner.next.insert(tp, h.offset + 1);
             inner.batch.push(h.record);
             if inner.batch.len() >= MAX_BATCH {
@@ -945,6 +962,7 @@ impl Ctx {
             // committed offset.
             if let Some(q) = inner.held.remove(tp) {
                 inner.held_count -= q.len();
+                inner.held_bytes -= q.iter().map(|h| h.record.text.len()).sum::<usize>();
             }
             inner.seen.remove(tp);
             inner.rewound.remove(tp);
@@ -958,6 +976,9 @@ impl Ctx {
             let labels = [&*tp.0, &tp.1.to_string()];
             let _ = self.metrics.kafka_lag.remove_label_values(&labels);
             let _ = self.metrics.kafka_committed.remove_label_values(&labels);
+        }
+        if inner.assigned.is_empty() {
+            inner.has_assignment = false;
         }
         self.metrics.kafka_assigned.set(inner.assigned.len() as i64);
         tracing::info!(partitions = %list(tpl), "kafka: partitions revoked");
@@ -1097,6 +1118,7 @@ impl Ctx {
         ) {
             inner.assigned.clear();
         }
+        inner.has_assignment = true;
         for (t, p, lo, hi) in marks {
             if let Some(ta) = self.topic_arc(&t) {
                 inner.hi.insert((ta, p), (hi, lo.max(0)));
@@ -1183,10 +1205,14 @@ impl ClientContext for Ctx {
             .map(|b| b.nodeid)
             .collect();
         let mut inner = lock(&self.inner);
-        let mut backlog = inner.assigned.is_empty() || !answering;
+        // Not before the group has answered (an assignment of no partitions is an
+        // answer: this member has nothing to read).
+        let mut backlog = !inner.has_assignment || !answering;
+        // Assigned partitions the statistics tell a high watermark of.
+        let mut known = 0;
         for (topic, t) in &s.topics {
             for (p, part) in &t.partitions {
-                if *p < 0 || part.hi_offset < 0 {
+                if *p < 0 {
                     continue;
                 }
                 let Some(ta) = self.topic_arc(topic) else {
@@ -1196,6 +1222,13 @@ impl ClientContext for Ctx {
                 if !inner.assigned.contains(&tp) {
                     continue;
                 }
+                if part.hi_offset < 0 {
+                    // Never fetched (its leader down since the assignment, say): what it
+                    // holds is not known, so it is not known to be idle either.
+                    backlog = true;
+                    continue;
+                }
+                known += 1;
                 // An old watermark may miss what arrived since: not known to be idle.
                 backlog |= !fresh.contains(&part.leader);
                 let base = if part.committed_offset >= 0 {
@@ -1247,6 +1280,8 @@ impl ClientContext for Ctx {
                     .set(lag);
             }
         }
+        // An assigned partition the statistics do not tell at all: not known idle.
+        backlog |= known < inner.assigned.len();
         self.health.holding.store(backlog, Ordering::Relaxed);
         self.health.held_at.store(wall_ms(), Ordering::Relaxed);
     }
@@ -1335,6 +1370,14 @@ impl Source {
                 match consumer.poll(wait) {
                     Some(Ok(m)) => ctx.push(&m),
                     Some(Err(e)) => {
+                        // A fatal error (a static member fenced by another with its
+                        // group.instance.id, say) ends consuming for good: librdkafka
+                        // leaves the group and never rejoins. Said, not polled on.
+                        if let Some((code, why)) = consumer.client().fatal_error() {
+                            anyhow::bail!(
+                                "kafka consumer stopped by a fatal error ({code:?}): {why}"
+                            );
+                        }
                         // An error event was counted and logged by the context as it
                         // passed; a fetch error (in a message) was not.
                         let reported = ctx
