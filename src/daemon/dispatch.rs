@@ -481,6 +481,14 @@ impl Dispatcher {
             if stop_at.is_none() && self.stop.load(Ordering::Relaxed) {
                 stop_at = Some(StdInstant::now() + self.grace);
             }
+            // An idempotent producer that hit a fatal error (its sequence lost, say) fails
+            // every send from then on: the dispatcher stops, and with it the daemon, for a
+            // restart with a new producer; the outbox keeps what was not delivered.
+            if let Some(k) = &clients.kafka
+                && let Some((code, why)) = rdkafka::producer::Producer::client(k).fatal_error()
+            {
+                anyhow::bail!("kafka producer stopped by a fatal error ({code:?}): {why}");
+            }
             let r = (|| -> Result<Option<Duration>> {
                 // What finished is recorded first, in its turn at writing (see
                 // `WriteGate`); what fails to be recorded is kept and recorded later.
