@@ -868,6 +868,41 @@ mod tests {
         (got, pos)
     }
 
+    /// A source following `path`, running on a thread of its own.
+    struct Following {
+        rx: Receiver<Msg>,
+        stop: Arc<AtomicBool>,
+        holding: Arc<AtomicBool>,
+        lag: prometheus::IntGauge,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    fn follow(path: &std::path::Path, rotate_wait: Duration) -> Following {
+        let (tx, rx) = sync_channel(16);
+        let (stop, holding) = (Arc::new(AtomicBool::new(false)), Arc::default());
+        let lag = prometheus::IntGauge::new("lag", "lag").unwrap();
+        let src = FileSource {
+            name: Arc::from("f"),
+            path: path.to_path_buf(),
+            follow: true,
+            start: None,
+            tx,
+            stop: Arc::clone(&stop),
+            lag: lag.clone(),
+            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
+            rotate_wait,
+            holding: Arc::clone(&holding),
+        };
+        let thread = std::thread::spawn(move || src.run());
+        Following {
+            rx,
+            stop,
+            holding,
+            lag,
+            thread,
+        }
+    }
+
     /// Only ASCII whitespace makes a blank line, as `replay` reads them: a line of a
     /// no-break space is a (bad) line, not skipped unseen.
     #[test]
@@ -1048,22 +1083,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         std::fs::write(&path, "{\"n\":1}\n").unwrap();
-        let (tx, rx) = sync_channel(16);
-        let stop = Arc::new(AtomicBool::new(false));
-        let holding = Arc::new(AtomicBool::new(false));
-        let src = FileSource {
-            name: Arc::from("f"),
-            path: path.clone(),
-            follow: true,
-            start: None,
-            tx,
-            stop: Arc::clone(&stop),
-            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
-            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
-            rotate_wait: Duration::from_secs(2),
-            holding: Arc::clone(&holding),
-        };
-        let t = std::thread::spawn(move || src.run());
+        let Following {
+            rx,
+            stop,
+            holding,
+            thread: t,
+            ..
+        } = follow(&path, Duration::from_secs(2));
         assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
         std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
         std::fs::write(&path, "{\"n\":2}\n").unwrap();
@@ -1089,21 +1115,12 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         let pad = "x".repeat(300);
         std::fs::write(&path, format!("{{\"n\":1,\"pad\":\"{pad}\"}}\n")).unwrap();
-        let (tx, rx) = sync_channel(16);
-        let stop = Arc::new(AtomicBool::new(false));
-        let src = FileSource {
-            name: Arc::from("f"),
-            path: path.clone(),
-            follow: true,
-            start: None,
-            tx,
-            stop: Arc::clone(&stop),
-            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
-            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
-            rotate_wait: ROTATE_WAIT,
-            holding: Arc::default(),
-        };
-        let t = std::thread::spawn(move || src.run());
+        let Following {
+            rx,
+            stop,
+            thread: t,
+            ..
+        } = follow(&path, ROTATE_WAIT);
         assert_eq!(lines_until(&rx, 1).0.len(), 1);
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_at(b"{\"n\":9", 0).unwrap();
@@ -1133,22 +1150,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         std::fs::write(&path, "{\"n\":1}\n{\"n\":").unwrap();
-        let (tx, rx) = sync_channel(16);
-        let stop = Arc::new(AtomicBool::new(false));
-        let lag = prometheus::IntGauge::new("lag", "lag").unwrap();
-        let src = FileSource {
-            name: Arc::from("f"),
-            path: path.clone(),
-            follow: true,
-            start: None,
-            tx,
-            stop: Arc::clone(&stop),
-            lag: lag.clone(),
-            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
-            rotate_wait: ROTATE_WAIT,
-            holding: Arc::default(),
-        };
-        let t = std::thread::spawn(move || src.run());
+        let Following {
+            rx,
+            stop,
+            lag,
+            thread: t,
+            ..
+        } = follow(&path, ROTATE_WAIT);
         assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
         std::fs::OpenOptions::new()
             .write(true)
@@ -1186,21 +1194,12 @@ mod tests {
             .append(true)
             .open(&path)
             .unwrap();
-        let (tx, rx) = sync_channel(16);
-        let stop = Arc::new(AtomicBool::new(false));
-        let src = FileSource {
-            name: Arc::from("f"),
-            path: path.clone(),
-            follow: true,
-            start: None,
-            tx,
-            stop: Arc::clone(&stop),
-            lag: prometheus::IntGauge::new("lag", "lag").unwrap(),
-            skips: Skips::new(&crate::daemon::metrics::Metrics::new(), "f"),
-            rotate_wait: ROTATE_WAIT,
-            holding: Arc::default(),
-        };
-        let t = std::thread::spawn(move || src.run());
+        let Following {
+            rx,
+            stop,
+            thread: t,
+            ..
+        } = follow(&path, ROTATE_WAIT);
         assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
         std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
         std::fs::write(&path, "{\"n\":3}\n{\"n\":4}\n").unwrap();
