@@ -645,9 +645,9 @@ impl<'a> NodeDe<'a> {
         self.patched.iter().any(|p| self.path.0.starts_with(&p.0))
     }
 
-    /// A key that is a sequence, a mapping or null has no text to be a JSON member name
-    /// (it read as "" before): refused where it is.
-    fn scalar_keys(&self, entries: &'a [(Node, Node)]) -> Result<(), DeError> {
+    /// A mapping's entries, for a visitor. A key that is a sequence, a mapping or null has
+    /// no text to be a JSON member name (it read as "" before): refused where it is.
+    fn map_access<'s>(&'s self, entries: &'a [(Node, Node)]) -> Result<MapDe<'s, 'a>, DeError> {
         match entries.iter().find(|(k, _)| k.as_text().is_none()) {
             Some((k, _)) => Err(NodeDe {
                 node: k,
@@ -659,7 +659,14 @@ impl<'a> NodeDe<'a> {
                 "a key must be a string, a number or a boolean, found {}",
                 k.kind()
             ))),
-            None => Ok(()),
+            None => Ok(MapDe {
+                de: self,
+                entries: entries
+                    .iter()
+                    .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
+                    .collect(),
+                at: 0,
+            }),
         }
     }
 
@@ -718,17 +725,7 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
                 de: &self,
                 items: items.iter().enumerate(),
             }),
-            Value::Map(entries) => {
-                self.scalar_keys(entries)?;
-                visitor.visit_map(MapDe {
-                    de: &self,
-                    entries: entries
-                        .iter()
-                        .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
-                        .collect(),
-                    at: 0,
-                })
-            }
+            Value::Map(entries) => visitor.visit_map(self.map_access(entries)?),
         };
         r.map_err(|e| self.locate(e))
     }
@@ -790,19 +787,9 @@ impl<'de, 'a: 'de> de::Deserializer<'de> for NodeDe<'a> {
                 .map_err(|e| self.locate(e));
         }
         match &self.node.value {
-            Value::Map(entries) => {
-                self.scalar_keys(entries)?;
-                visitor
-                    .visit_map(MapDe {
-                        de: &self,
-                        entries: entries
-                            .iter()
-                            .map(|(k, v)| (k.as_text().unwrap_or_default(), v))
-                            .collect(),
-                        at: 0,
-                    })
-                    .map_err(|e| self.locate(e))
-            }
+            Value::Map(entries) => visitor
+                .visit_map(self.map_access(entries)?)
+                .map_err(|e| self.locate(e)),
             _ => Err(self.expected("a mapping")),
         }
     }
