@@ -12,7 +12,7 @@ use std::time::{Duration, Instant as StdInstant};
 use anyhow::{Context as _, Result};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
@@ -1288,6 +1288,26 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
+    /// An asynchronous mirror commit that failed is sent again on the next round: the
+    /// partitions' mirrored offsets are forgotten (unless a newer one was sent since).
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let failed = forget_failed(&mut lock(&self.inner).mirrored, &result, offsets, |t| {
+            self.topic_arc(t)
+        });
+        if failed > 0 {
+            self.metrics
+                .kafka_errors
+                .with_label_values(&["commit"])
+                .inc();
+            let error = result.err().map(|e| e.to_string());
+            tracing::debug!(
+                partitions = failed,
+                ?error,
+                "kafka: mirroring offsets to the group failed; retrying"
+            );
+        }
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -1307,6 +1327,32 @@ impl ConsumerContext for Ctx {
             }
         }
     }
+}
+
+/// Forgets the mirrored offset of each partition whose commit failed (all of `offsets`
+/// when `result` is an error, else those with an error of their own) while it is still
+/// the offset that was sent; returns how many failed.
+fn forget_failed(
+    mirrored: &mut HashMap<Tp, i64>,
+    result: &KafkaResult<()>,
+    offsets: &TopicPartitionList,
+    topic: impl Fn(&str) -> Option<Arc<str>>,
+) -> usize {
+    let mut failed = 0;
+    for e in offsets.elements() {
+        if result.is_ok() && e.error().is_ok() {
+            continue;
+        }
+        failed += 1;
+        let (Some(t), Offset::Offset(off)) = (topic(e.topic()), e.offset()) else {
+            continue;
+        };
+        let tp = (t, e.partition());
+        if mirrored.get(&tp) == Some(&off) {
+            mirrored.remove(&tp);
+        }
+    }
+    failed
 }
 
 /// The consumer thread of all `kafka` sources.
@@ -1454,6 +1500,27 @@ mod tests {
         k.consumer
             .push(("auto.offset.reset".into(), "latest".into()));
         assert_eq!(reset_offset(&consumer_config(&k)), Some(Offset::End));
+    }
+
+    /// A failed asynchronous mirror commit is forgotten, so the next round sends it
+    /// again; a partition mirrored anew meanwhile keeps its newer offset.
+    #[test]
+    fn a_failed_mirror_commit_is_sent_again() {
+        let t: Arc<str> = Arc::from("orders");
+        let topic = |name: &str| (name == "orders").then(|| Arc::clone(&t));
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("orders", 0, Offset::Offset(10))
+            .unwrap();
+        tpl.add_partition_offset("orders", 1, Offset::Offset(20))
+            .unwrap();
+        let mut mirrored = HashMap::from([((Arc::clone(&t), 0), 10), ((Arc::clone(&t), 1), 25)]);
+        assert_eq!(forget_failed(&mut mirrored, &Ok(()), &tpl, topic), 0);
+        assert_eq!(mirrored.len(), 2);
+        let err = Err(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::RequestTimedOut,
+        ));
+        assert_eq!(forget_failed(&mut mirrored, &err, &tpl, topic), 2);
+        assert_eq!(mirrored, HashMap::from([((Arc::clone(&t), 1), 25)]));
     }
 
     /// rdkafka hands each producer error event to the context twice in a row: counted
