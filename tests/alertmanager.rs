@@ -166,6 +166,16 @@ fn a_shared_alert_stays_firing_until_every_instance_behind_it_is_resolved() {
     assert!(firing().is_some(), "{:?}", am.alerts());
     // o-1's payment arrives late; o-2's is still missing: no resolve may go out.
     post(r#"{"time":"2026-03-02T09:20:00Z","type":"PaymentCompleted","order_id":"o-1"}"#);
+    // Answered after its batch committed, with whatever it queued: no resolve.
+    let (st, t) = http(d.port, "GET", "/v1/instances/checkout/o-1", &[], b"").unwrap();
+    assert_eq!(st, 200, "{t}");
+    let t: serde_json::Value = serde_json::from_str(&t).unwrap();
+    let actions = t["actions"].as_array().unwrap();
+    assert!(!actions.is_empty(), "{t}");
+    assert!(
+        actions.iter().all(|a| a["kind"] != "resolve"),
+        "a resolve was queued while o-2 still fires: {t}"
+    );
     wait_for(Duration::from_secs(30), "the outbox to drain", drained);
     assert_eq!(
         delivered(),

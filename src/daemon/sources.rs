@@ -439,8 +439,11 @@ impl FileSource {
                 }
             }
             let Some(o) = cur.as_mut() else { continue };
-            if let Ok(m) = o.reader.get_ref().metadata() {
-                self.lag.set(m.len().saturating_sub(consumed) as i64);
+            // A file cut back under what was read is handled below, its lag with it.
+            if let Ok(m) = o.reader.get_ref().metadata()
+                && m.len() >= consumed + partial.len() as u64 + skipping
+            {
+                self.lag.set((m.len() - consumed) as i64);
             }
             if rotated.is_some() && consumed + partial.len() as u64 + skipping != before {
                 rotated = Some(Instant::now());
@@ -544,6 +547,7 @@ impl FileSource {
                     );
                     partial.clear();
                     skipping = 0;
+                    self.lag.set((m.len() - o.offset) as i64);
                     if o.reader.seek(SeekFrom::Start(o.offset)).is_err() {
                         resume = Some(o.position(o.offset));
                         cur = None;
@@ -1164,13 +1168,12 @@ mod tests {
             .unwrap()
             .set_len(8)
             .unwrap();
+        // The lag of the unfinished line goes only when the cut is handled.
         let deadline = Instant::now() + Duration::from_secs(10);
         while lag.get() != 0 {
             assert!(Instant::now() < deadline, "the cut never seen");
             std::thread::sleep(Duration::from_millis(10));
         }
-        // A few polls more: the cut is seen in the poll that found the lag gone.
-        std::thread::sleep(3 * POLL);
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -1197,15 +1200,20 @@ mod tests {
         let Following {
             rx,
             stop,
+            holding,
             thread: t,
             ..
         } = follow(&path, ROTATE_WAIT);
         assert_eq!(lines_until(&rx, 1).0, [r#"{"n":1}"#]);
         std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
         std::fs::write(&path, "{\"n\":3}\n{\"n\":4}\n").unwrap();
-        // The writer finishes its line in the old file a while after the rotation (the
-        // source polls every 100 ms, so it has seen the new file by then).
-        std::thread::sleep(Duration::from_millis(500));
+        // The writer finishes its line in the old file after the rotation was seen (the
+        // source holds the clock from then until the old file is done).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !holding.load(Ordering::Relaxed) {
+            assert!(Instant::now() < deadline, "the rotation never seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         writer.write_all(b"2}\n{\"n\":2.5}").unwrap();
         let (got, pos) = lines_until(&rx, 4);
         assert_eq!(
