@@ -728,6 +728,7 @@ impl SqliteState {
     pub fn rollback(&mut self) {
         if self.in_tx {
             let _ = self.conn.execute_batch("ROLLBACK");
+            let _ = self.conn.execute_batch("PRAGMA query_only = OFF");
             self.in_tx = false;
             self.leave_gate();
         }
@@ -764,6 +765,7 @@ impl SqliteState {
                     tracing::error!(state = %self.path.display(), error = %e, "state write failed");
                     self.error = Some(e);
                 }
+                self.keep_batch_whole();
                 T::default()
             }
         }
@@ -774,8 +776,23 @@ impl SqliteState {
         r.unwrap_or_else(|e| {
             tracing::error!(error = %e, "state read failed");
             self.read_error.borrow_mut().get_or_insert(e);
+            self.keep_batch_whole();
             None
         })
+    }
+
+    /// After a failed statement of a batch bound to fail: SQLite ends the transaction
+    /// itself on some errors (a full disk, an I/O error), and the batch's later writes
+    /// (outbox rows, source positions) would then each commit on their own. A new
+    /// transaction takes them, rolled back with the rest; if none can begin, the
+    /// connection refuses writes until [`rollback`](Self::rollback).
+    fn keep_batch_whole(&self) {
+        if !self.in_tx || !self.conn.is_autocommit() {
+            return;
+        }
+        if self.conn.execute_batch("BEGIN IMMEDIATE").is_err() {
+            let _ = self.conn.execute_batch("PRAGMA query_only = ON");
+        }
     }
 
     /// Reads a row that is not held: the instance, its event references and partition.
@@ -1492,6 +1509,70 @@ impl Drop for SqliteState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A statement that fails with SQLite ending the transaction itself (the file may not
+    /// grow: SQLITE_FULL) leaves the rest of the batch in a transaction all the same: a
+    /// source position written after it is rolled back with the batch, not committed
+    /// on its own.
+    #[test]
+    fn a_batch_whose_transaction_sqlite_ended_commits_nothing_after_it() {
+        use crate::engine::State as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let rules = Arc::new(
+            crate::rules::load_sources(&[(
+                "r.yaml".into(),
+                "rules:\n  - name: r\n    trigger: { where: { type: T }, key: k }\n    \
+                 expect: [{ step: s, where: { type: S }, key: k, within: 1m }]\n"
+                    .into(),
+            )])
+            .unwrap(),
+        );
+        let mut conn = super::super::open(&path).unwrap();
+        super::super::migrate(&mut conn, &path).unwrap();
+        let mut st = SqliteState::open(conn, &rules, &path).unwrap();
+        let pages: i64 = st
+            .conn()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        st.conn()
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .unwrap();
+        st.begin().unwrap();
+        let text = "x".repeat(MAX_EVENT_TEXT);
+        st.set_event(Some((&text, 0)), None);
+        for i in 0..10_000 {
+            st.put_early(0, &format!("k{i}"), 0, 0, 1);
+            if st.error.is_some() {
+                break;
+            }
+        }
+        assert!(st.error.is_some(), "the file grew without limit");
+        assert!(
+            !st.conn().is_autocommit(),
+            "the batch's transaction is gone"
+        );
+        // What the daemon writes next in the batch (a source position, an outbox row).
+        st.conn()
+            .execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('probe', 1)", [])
+            .unwrap();
+        assert!(st.commit().is_err());
+        st.conn()
+            .query_row("PRAGMA max_page_count = 1000000", [], |_| Ok(()))
+            .unwrap();
+        let probe: Option<i64> = st
+            .conn()
+            .query_row("SELECT v FROM meta WHERE k = 'probe'", [], |r| r.get(0))
+            .optional()
+            .unwrap();
+        assert_eq!(probe, None, "a write after the failure was committed");
+        // The next batch writes as usual.
+        st.begin().unwrap();
+        st.conn()
+            .execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('probe', 2)", [])
+            .unwrap();
+        st.commit().unwrap();
+    }
 
     /// A reload that widens a rule's windows extends what is stored under the old ones:
     /// closed instances to the new `dedup` (and `late`), early correlates to their step's
