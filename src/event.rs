@@ -608,14 +608,76 @@ impl<'de> Visitor<'de> for FieldSeed {
         Ok(Field::Str(Cow::Owned(v)))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Field<'de>, A::Error> {
-        let v: serde_json::Value =
-            de::Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
-        Ok(Field::Json(v))
+        JsonSeed.visit_seq(seq).map(Field::Json)
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field<'de>, A::Error> {
-        let v: serde_json::Value =
-            de::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        Ok(Field::Json(v))
+        JsonSeed.visit_map(map).map(Field::Json)
+    }
+}
+
+/// Parses JSON text as it is written (see [`JsonSeed`]): for texts that hold what events
+/// carried (stored events, outbox bodies with their captures and payloads).
+pub fn parse_json(text: &str) -> serde_json::Result<serde_json::Value> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let v = JsonSeed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+/// Reads any JSON value as it is written. Not `serde_json::Value`'s own deserializer:
+/// with the `raw_value` feature (the HTTP source splits bodies with it) that takes an
+/// object whose first member has serde_json's private raw-value name for the JSON text
+/// in its value, so an event could pass an object off as any other value.
+struct JsonSeed;
+
+impl<'de> DeserializeSeed<'de> for JsonSeed {
+    type Value = serde_json::Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonSeed {
+    type Value = serde_json::Value;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        // JSON text has no NaN or infinity: a number out of range fails before this.
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(e) = seq.next_element_seed(JsonSeed)? {
+            v.push(e);
+        }
+        Ok(serde_json::Value::Array(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let v = map.next_value_seed(JsonSeed)?;
+            m.insert(k, v);
+        }
+        Ok(serde_json::Value::Object(m))
     }
 }
 
@@ -768,6 +830,27 @@ rules:
             .unwrap();
         assert_eq!(ev.field(id("a.01")), Some(&Field::Str("x".into())));
         assert_eq!(ev.field(id("a.1")), Some(&Field::Str("y".into())));
+    }
+
+    /// An object is an object whatever its members are named: serde_json's private
+    /// raw-value name neither turns it into the value its text spells nor fails the line.
+    #[test]
+    fn an_object_with_serde_json_s_raw_value_name_is_an_object() {
+        let rs = rules();
+        let d = Decoder::new(&rs, "time");
+        let obj = rs.paths.iter().position(|p| p == &["obj"]).unwrap();
+        let magic = "$serde_json::private::RawValue";
+        let text = serde_json::Value::from(r#"{"x":[1,2.0]}"#);
+        for inner in [text, serde_json::Value::from(5)] {
+            let line = format!(r#"{{"time":"2026-01-01T00:00:00Z","obj":{{"{magic}":{inner}}}}}"#);
+            let ev = d.decode(line.as_bytes(), None).unwrap();
+            let want =
+                serde_json::Value::Object([(magic.to_string(), inner)].into_iter().collect());
+            assert_eq!(ev.field(obj), Some(&Field::Json(want.clone())), "{line}");
+            // And so when read back from an outbox body or a stored event.
+            assert_eq!(parse_json(&want.to_string()).unwrap(), want);
+        }
+        assert!(parse_json("{} x").is_err());
     }
 
     /// A member named twice: the last one counts, whole, as serde_json reads it.

@@ -957,7 +957,7 @@ fn envelope(kind: &str, at: Instant, data: &serde_json::Value) -> String {
 
 /// The resolve message for a firing alert's body, resolved by a late correlate.
 fn resolved(alert_body: &str, late: &Outcome) -> String {
-    let mut v: serde_json::Value = serde_json::from_str(alert_body).unwrap_or_default();
+    let mut v = crate::event::parse_json(alert_body).unwrap_or_default();
     let fired = v.get("timestamp").cloned();
     v["type"] = "sagawatch.alert.resolved".into();
     v["timestamp"] = format_rfc3339(late.at).into();

@@ -86,8 +86,7 @@ impl StdoutWriter {
 
     /// Queues the line of an outbox message's body (its `data`, as `replay` prints it).
     fn queue(&self, body: &str) -> Queued {
-        let v: serde_json::Value =
-            serde_json::from_str(body).map_err(|e| Failed::from(e.to_string()))?;
+        let v = crate::event::parse_json(body).map_err(|e| Failed::from(e.to_string()))?;
         let line = crate::output::line_text(v.get("data").unwrap_or(&v));
         let (done, result) = tokio::sync::oneshot::channel();
         self.0.send((line, done)).map_err(|_| gone())?;
@@ -1068,14 +1067,14 @@ fn labels_of(d: &serde_json::Value) -> serde_json::Map<String, serde_json::Value
 
 /// The Alertmanager labels of an outbox alert body.
 pub fn alertmanager_labels(body: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let v = crate::event::parse_json(body).ok()?;
     Some(labels_of(v.get("data")?))
 }
 
 /// Builds an Alertmanager v2 alert from an outbox alert body. `kind` is `alert` (firing:
 /// ends after four resend intervals unless re-sent) or `resolve` (ends now).
 pub fn alertmanager_alert(body: &str, kind: &str, resend: Duration) -> Option<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let v = crate::event::parse_json(body).ok()?;
     let d = v.get("data")?;
     let s = |k: &str| d.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
     let labels = labels_of(d);

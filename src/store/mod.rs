@@ -739,7 +739,12 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(row.map(|(time, t)| (time, serde_json::from_str(&t).unwrap_or_else(|_| t.into()))))
+        Ok(row.map(|(time, t)| {
+            (
+                time,
+                crate::event::parse_json(&t).unwrap_or_else(|_| t.into()),
+            )
+        }))
     };
     let trigger = event(0)?.map(|(_, e)| e);
     let mut step_events = Vec::new();
@@ -794,7 +799,7 @@ pub fn timeline(conn: &Connection, rule: &str, key: &str) -> Result<Option<serde
         .query_map(params![rule, key], |r| {
             let state: i64 = r.get(4)?;
             let body: String = r.get(9)?;
-            let data = serde_json::from_str::<serde_json::Value>(&body)
+            let data = crate::event::parse_json(&body)
                 .ok()
                 .and_then(|v| v.get("data").cloned())
                 .unwrap_or_default();
