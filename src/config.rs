@@ -388,6 +388,10 @@ pub const KAFKA_RESERVED: &[(&str, &str)] = &[
     ),
     ("enable.idempotence", "the producer is always idempotent"),
     (
+        "transactional.id",
+        "no transactions: a transactional producer refuses every message sent outside one (the outbox's stable ids give at-least-once)",
+    ),
+    (
         "acks",
         "the idempotent producer always waits for all replicas",
     ),
@@ -2647,6 +2651,14 @@ mod tests {
         );
         assert!(
             e.contains("kafka.consumer.enable.auto.commit: sagawatch sets enable.auto.commit"),
+            "{e}"
+        );
+        let e = check(
+            "rules: rules\nkafka:\n  brokers: b:9092\n  producer: { transactional.id: sw-1 }\nsources:\n  orders: { type: kafka }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("kafka.producer.transactional.id: sagawatch sets transactional.id"),
             "{e}"
         );
         let c = check(

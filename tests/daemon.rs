@@ -77,7 +77,14 @@ fn file_source_delivers_what_replay_reports() {
     );
     d.start();
     wait_delivered(&d, &rx, want.len() + late, Duration::from_secs(60));
-    assert_matches_replay(&rx.received(), &want, late);
+    let got = rx.received();
+    assert_matches_replay(&got, &want, late);
+    let ua = format!("sagawatch/{}", env!("CARGO_PKG_VERSION"));
+    assert!(
+        got.iter().all(|r| r.user_agents == [ua.as_str()]),
+        "{:?}",
+        got[0].user_agents
+    );
     assert_eq!(
         metric(d.port, "sagawatch_events_received_total"),
         Some(lines.len() as f64)
@@ -3289,7 +3296,7 @@ fn alerts_leave_during_a_long_intake_and_a_stop_in_it_loses_nothing() {
         &format!(
             "time: {{ idle: 0s }}\n\
              sources: {{ events: {{ type: file, path: events.jsonl, follow: false }} }}\n\
-             sinks: {{ hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }} }}\n\
+             sinks: {{ hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'], headers: {{ user-agent: custom/1 }} }} }}\n\
              alerts: {{ sinks: [hook] }}\noutbox: {{ concurrency: 32 }}\n"
         ),
     );
@@ -3327,5 +3334,11 @@ fn alerts_leave_during_a_long_intake_and_a_stop_in_it_loses_nothing() {
     assert_matches_replay(&got, &want, 0);
     // The receiver answers at once and the stop was clean: nothing was sent twice.
     assert_eq!(got.len(), want.len(), "deliveries repeated");
+    // A configured User-Agent replaces sagawatch's own.
+    assert!(
+        got.iter().all(|r| r.user_agents == ["custom/1"]),
+        "{:?}",
+        got[0].user_agents
+    );
     assert_eq!(d.terminate(), 0);
 }

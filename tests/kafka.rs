@@ -171,6 +171,7 @@ impl Saga {
             id: c.header("sagawatch-id").unwrap_or_default().to_string(),
             body: c.payload.clone(),
             signed: true,
+            user_agents: Vec::new(),
         }));
         for r in &mut all {
             let mut v: serde_json::Value = serde_json::from_str(&r.body).unwrap();

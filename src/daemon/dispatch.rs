@@ -893,6 +893,8 @@ fn decided_at(body: &str) -> Option<crate::time::Instant> {
         .and_then(crate::time::parse_rfc3339)
 }
 
+const USER_AGENT: &str = concat!("sagawatch/", env!("CARGO_PKG_VERSION"));
+
 /// Delivers one message to one sink.
 async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Failed> {
     let http = clients.http_for(sink);
@@ -915,12 +917,16 @@ async fn deliver(clients: &Clients, sink: &Sink, p: &Pending) -> Result<(), Fail
         } => {
             let ts = wall_ms() / 1000;
             let sig = sign::signature(secrets, &p.id, ts, p.body.as_bytes());
-            let mut req = hyper::Request::post(url.clone())
-                .header("content-type", "application/json")
-                .header(
-                    "user-agent",
-                    concat!("sagawatch/", env!("CARGO_PKG_VERSION")),
-                )
+            let mut req =
+                hyper::Request::post(url.clone()).header("content-type", "application/json");
+            // The configured one replaces it (a receiver's firewall may want its own).
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+            {
+                req = req.header("user-agent", USER_AGENT);
+            }
+            let mut req = req
                 .header("webhook-id", &p.id)
                 .header("webhook-timestamp", ts.to_string())
                 .header("webhook-signature", sig);
@@ -948,6 +954,12 @@ async fn post_alertmanager(http: &Http, sink: &Sink, body: String) -> Result<(),
     let base = url.to_string();
     let target = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
     let mut req = hyper::Request::post(target).header("content-type", "application/json");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+    {
+        req = req.header("user-agent", USER_AGENT);
+    }
     for (k, v) in headers {
         req = req.header(k.as_str(), v.as_str());
     }

@@ -243,6 +243,8 @@ pub struct Received {
     pub id: String,
     pub body: String,
     pub signed: bool,
+    /// Every `User-Agent` header of the request.
+    pub user_agents: Vec<String>,
 }
 
 /// A webhook receiver on loopback that verifies signatures; can be stopped and started
@@ -360,6 +362,7 @@ fn serve_conn(
             return;
         }
         let mut headers = BTreeMap::new();
+        let mut user_agents = Vec::new();
         loop {
             let mut h = String::new();
             if r.read_line(&mut h).unwrap_or(0) == 0 {
@@ -370,7 +373,11 @@ fn serve_conn(
                 break;
             }
             if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                let k = k.trim().to_ascii_lowercase();
+                if k == "user-agent" {
+                    user_agents.push(v.trim().to_string());
+                }
+                headers.insert(k, v.trim().to_string());
             }
         }
         let len: usize = headers
@@ -399,6 +406,7 @@ fn serve_conn(
             id,
             body: String::from_utf8_lossy(&body).into_owned(),
             signed,
+            user_agents,
         });
         let resp = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
         if r.get_mut().write_all(resp.as_bytes()).is_err() {
