@@ -333,6 +333,7 @@ fn run_with(
     let stop_dispatch = Arc::new(AtomicBool::new(false));
     let core_done = Arc::new(Notify::new());
     let dispatcher_done = Arc::new(Notify::new());
+    let kafka_done = Arc::new(Notify::new());
 
     let shared = Arc::new(server::Shared {
         kafka: kafka_health.clone(),
@@ -493,6 +494,7 @@ fn run_with(
             core: core_tx.clone(),
             stop: Arc::clone(&stop_sources),
         };
+        let done = Arc::clone(&kafka_done);
         source_threads.push(
             std::thread::Builder::new()
                 .name("source-kafka".into())
@@ -500,11 +502,15 @@ fn run_with(
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| src.run()))
                         .unwrap_or_else(|_| Err(anyhow::anyhow!("it panicked")));
                     if let Err(e) = r {
-                        // The consumer's callbacks, which keep it current, are gone.
+                        // The consumer's callbacks, which keep it current, are gone. So
+                        // is every Kafka event from now on, and the idle clock, which
+                        // waits for the consumer's statistics, would stand still for all
+                        // sources: better a visible exit, and a restart.
                         metrics.kafka_up.set(0);
                         let why = format!("{e:#}");
-                        tracing::error!(error = why, "kafka source stopped");
+                        tracing::error!(error = why, "kafka source stopped; shutting down");
                         health.stopped(&why);
+                        done.notify_one();
                     }
                 })?,
         );
@@ -551,6 +557,7 @@ fn run_with(
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return Ok(None) }
                 _ = core_done.notified() => { return Ok(Some("the core thread stopped")) }
                 _ = dispatcher_done.notified() => { return Ok(Some("the outbox dispatcher stopped")) }
+                _ = kafka_done.notified() => { return Ok(Some("the kafka source stopped")) }
                 _ = checkpointer_done.notified() => { return Ok(Some("the WAL checkpointer stopped")) }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading rules");
