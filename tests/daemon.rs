@@ -387,6 +387,21 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     let (st, b) = post(&auth, format!("{good}\n{{\"type\":\"x\"}}\n").as_bytes());
     assert_eq!(st, 400);
     assert!(b.contains("line 2") && b.contains("time"), "{b}");
+    // Refused by the core's decoder (a field a rule reads), not the server's first look:
+    // counted as rejected, not received, as any request refused whole.
+    let (st, b) = post(
+        &auth,
+        format!("{good}\n{{\"time\":\"2026-01-01T00:00:00Z\",\"order_id\":1e400}}\n").as_bytes(),
+    );
+    assert_eq!(st, 400);
+    assert!(
+        b.contains("line 2") && b.contains("number out of range"),
+        "{b}"
+    );
+    assert_eq!(
+        metric(d.port, r#"sagawatch_events_received_total{source="api"}"#).unwrap_or(0.0),
+        0.0
+    );
     // Lines are numbered as sent, blank lines included; array elements by position.
     let (st, b) = post(&auth, format!("{good}\n\n{{\"type\":\"x\"}}\n").as_bytes());
     assert_eq!(st, 400);

@@ -392,10 +392,6 @@ impl Core {
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
     ) -> Result<()> {
         let received = self.arrival();
-        self.metrics
-            .events_received
-            .with_label_values(&[source])
-            .inc_by(lines.len() as u64);
         if atomic {
             for (i, line) in lines.iter().enumerate() {
                 if let Err(e) = self
@@ -413,6 +409,11 @@ impl Core {
                 }
             }
         }
+        // A request refused whole counts in `rejected` only, as one the server refused.
+        self.metrics
+            .events_received
+            .with_label_values(&[source])
+            .inc_by(lines.len() as u64);
         self.begin()?;
         let mut applied = 0;
         for (i, line) in lines.iter().enumerate() {
