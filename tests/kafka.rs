@@ -718,6 +718,20 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     let (status, _) = http(port, "POST", "/metrics", &[], b"").unwrap();
     assert_eq!(status, 405);
+    // Events posted meanwhile: a body far larger than the socket's buffers, sent whole
+    // before the answer is read, is taken, and the 503 read, not a reset connection.
+    let big = vec![b' '; 16 << 20];
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    )
+    .unwrap();
+    s.write_all(&big).expect("the whole body taken");
+    let mut status = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut status).unwrap();
+    assert!(status.contains(" 503 "), "{status}");
     assert!(alive(&mut d));
 
     // As PID 1 (a container's process), where SIGTERM at its default is ignored, the same

@@ -278,7 +278,7 @@ pub async fn serve_starting(
                         let refused = local.and_then(|l| cross_site(l, &allowed, &req));
                         let read = matches!(*req.method(), Method::GET | Method::HEAD);
                         async move {
-                            Ok::<_, Infallible>(match req.uri().path() {
+                            let resp = match req.uri().path() {
                                 // As the running server would answer.
                                 _ if refused.is_some() => json(
                                     StatusCode::FORBIDDEN,
@@ -301,7 +301,11 @@ pub async fn serve_starting(
                                     StatusCode::SERVICE_UNAVAILABLE,
                                     "not ready: starting (checking the kafka topics)\n",
                                 ),
-                            })
+                            };
+                            // A body sent (an event POST, say) is read first, as the
+                            // running server does: or the client finds the connection
+                            // reset instead of the answer.
+                            Ok::<_, Infallible>(refuse(req, resp).await)
                         }
                     });
                     let _ = http1_builder()
