@@ -1070,12 +1070,22 @@ pub fn split_body(
             Err(e) => {
                 // The first line opens an object it does not close: a pretty-printed
                 // object, whose own error (and line) is the one to name.
-                // Unless the line that error names is an object of its own: then this
-                // is NDJSON whose first line is cut short.
+                // Unless the line that error names (or the last before it that is not
+                // blank: an error at the end of the body names the line after its last
+                // newline) is an object of its own: then this is NDJSON whose first
+                // line is cut short.
+                let named_object = |w: &serde_json::Error| {
+                    let last = text
+                        .lines()
+                        .take(w.line())
+                        .enumerate()
+                        .filter(|(_, l)| !l.trim_ascii().is_empty())
+                        .last()
+                        .map_or(w.line(), |(n, _)| n + 1);
+                    is_object_line(text, last)
+                };
                 let (line, e) = match whole {
-                    Err(w) if lines.is_empty() && e.is_eof() && !is_object_line(text, w.line()) => {
-                        (w.line(), w)
-                    }
+                    Err(w) if lines.is_empty() && e.is_eof() && !named_object(&w) => (w.line(), w),
                     _ => (i + 1, e),
                 };
                 return Err(body_error(
@@ -1414,6 +1424,22 @@ mod tests {
         let body = format!("{{{t},\"a\":1\n{{{t}}}\n");
         let e = super::split_body(body.as_bytes(), check).unwrap_err();
         assert_eq!((e.at.as_str(), e.reason), ("line 1", "invalid_json"));
+        // Also when the whole body reads as one object cut short at its end (after its
+        // last newline, a line that does not exist).
+        for end in ["", "\n", "\n\n"] {
+            let body = format!("{{\"a\":\n{{{t}}}{end}");
+            let e = super::split_body(body.as_bytes(), check).unwrap_err();
+            assert_eq!(
+                (e.at.as_str(), e.reason),
+                ("line 1", "invalid_json"),
+                "{body:?}"
+            );
+        }
+        // A pretty-printed object left open is named where it ends.
+        let body = format!("{{\n  {t},\n  \"a\": 1\n");
+        let e = super::split_body(body.as_bytes(), check).unwrap_err();
+        assert_eq!(e.reason, "invalid_json");
+        assert_ne!(e.at, "line 1");
     }
 
     #[tokio::test]
