@@ -370,7 +370,7 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                     Some(key),
                 ),
                 outer,
-            )) if entries.iter().any(|(k, _)| k.value == key.value) => {
+            )) if entries.iter().any(|(k, _)| same_key(k, key)) => {
                 let mut path = YamlPath::default();
                 for (node, pending) in outer {
                     path = match (&node.value, pending) {
@@ -1011,6 +1011,16 @@ impl<'de, 'b: 'de> de::VariantAccess<'de> for VariantDe<'b> {
     }
 }
 
+/// Whether two keys of a mapping name the same member: by their text, as members are
+/// named (`1` and `"1"` are one member, `01` and `1` two), or by value for keys without
+/// text (refused anyway).
+fn same_key(a: &Node, b: &Node) -> bool {
+    match (a.as_text(), b.as_text()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a.value == b.value,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1150,6 +1160,14 @@ mod tests {
         parse("a: 1\na: 2\n", &mut diags).unwrap();
         assert_eq!(diags.len(), 1);
         assert_eq!(diags[0].pos.line, 2);
+        // By the member name they give: their text, not their value.
+        let mut diags = vec![];
+        parse("1: a\n\"1\": b\n", &mut diags).unwrap();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        let mut diags = vec![];
+        parse("01: a\n1: b\ntrue: c\n'true': d\n", &mut diags).unwrap();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].pos.line, 4);
     }
 
     /// Integers above i64::MAX stay exact (events' integers up to u64::MAX are).
