@@ -294,10 +294,12 @@ struct Http {
 /// An HTTP client for `http://` and `https://` URLs. `https` verifies the receiver's
 /// certificate and name, with TLS 1.2 at least, against the CAs of `tls` only, or without
 /// any against the system's (OpenSSL's store); and shows its client certificate if asked.
-fn client(tls_settings: &Tls, proxy: Option<&Intercept>) -> Result<HttpClient> {
+/// Connecting (to the receiver or the proxy) may take the sink's whole `timeout`, which
+/// bounds the request as well.
+fn client(tls_settings: &Tls, proxy: Option<&Intercept>, timeout: Duration) -> Result<HttpClient> {
     let ca = &tls_settings.ca;
     let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_connect_timeout(Some(timeout));
     http.set_nodelay(true);
     http.enforce_http(false);
     let mut tls = native_tls::TlsConnector::builder();
@@ -406,9 +408,9 @@ impl Dispatcher {
         } else {
             None
         };
-        // One client (its CA store and connection pool) per TLS setting and proxy, shared
-        // by the sinks that have the same.
-        let mut by_tls: HashMap<(&Tls, Option<String>), HttpClient> = HashMap::new();
+        // One client (its CA store and connection pool) per TLS setting, proxy and
+        // timeout, shared by the sinks that have the same.
+        let mut by_tls: HashMap<(&Tls, Option<String>, Duration), HttpClient> = HashMap::new();
         let mut http_tls = HashMap::new();
         let mut via = HashMap::new();
         for s in &self.cfg.sinks {
@@ -419,7 +421,10 @@ impl Dispatcher {
                 tracing::info!(sink = s.name, proxy = %p.uri(), "delivering through a proxy");
                 via.insert(s.name.clone(), p.uri().to_string());
             }
-            if *tls == Tls::default() && proxy.is_none() {
+            if !matches!(
+                s.kind,
+                SinkKind::Webhook { .. } | SinkKind::Alertmanager { .. }
+            ) {
                 continue;
             }
             // Sinks share a proxy's client when they share its URL and credentials.
@@ -427,18 +432,18 @@ impl Dispatcher {
                 let auth = p.basic_auth().map(|a| a.as_bytes().to_vec());
                 format!("{}{auth:?}", p.uri())
             });
-            let c = match by_tls.get(&(tls, id.clone())) {
+            let c = match by_tls.get(&(tls, id.clone(), s.timeout)) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = client(tls, proxy)?;
-                    by_tls.insert((tls, id), c.clone());
+                    let c = client(tls, proxy, s.timeout)?;
+                    by_tls.insert((tls, id, s.timeout), c.clone());
                     c
                 }
             };
             http_tls.insert(s.name.clone(), c);
         }
         let clients = Clients {
-            http: client(&Tls::default(), None)?,
+            http: client(&Tls::default(), None, Duration::from_secs(10))?,
             http_tls: Arc::new(http_tls),
             via: Arc::new(via),
             kafka,
