@@ -94,6 +94,10 @@ pub struct SqliteState {
     /// passed closes at the clock it moved to, however far past its deadline, and is
     /// remembered from there; the events stored before the move are kept that much longer.
     jumps: std::collections::VecDeque<(Instant, i64)>,
+    /// Whether `event_marks` or `jumps` changed since they were stored (in `meta`, so
+    /// that a restart does not start the marks over, and keep every event for another
+    /// retention period each time).
+    marks_dirty: bool,
     /// Rules loaded again (at open or by the last reload) whose deadlines came back.
     restored: Vec<String>,
     /// Rules loaded with changed `after` links, until [`SqliteState::take_reafter`].
@@ -247,6 +251,7 @@ impl SqliteState {
             taken_refs: Vec::new(),
             event_marks: Default::default(),
             jumps: Default::default(),
+            marks_dirty: false,
             restored,
             reafter,
             lateness: 0,
@@ -321,6 +326,18 @@ impl SqliteState {
             }
         }
         self.remembered = remembered;
+        let text = |k: &str| -> rusqlite::Result<Option<String>> {
+            self.conn
+                .query_row("SELECT v FROM meta WHERE k = ?1", params![k], |r| r.get(0))
+                .optional()
+        };
+        let pairs = |t: Option<String>| -> std::collections::VecDeque<(Instant, i64)> {
+            t.and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default()
+        };
+        self.event_marks = pairs(text("events.marks")?);
+        self.jumps = pairs(text("events.jumps")?);
+        self.marks_dirty = false;
         Ok(())
     }
 
@@ -653,6 +670,7 @@ impl SqliteState {
                 .is_none_or(|m| now.saturating_sub(m.0) >= every)
         {
             self.event_marks.push_back((now, seq));
+            self.marks_dirty = true;
         }
         let mut upto = None;
         while let Some(&(at, s)) = self.event_marks.front() {
@@ -672,11 +690,22 @@ impl SqliteState {
             }
             upto = Some(s);
             self.event_marks.pop_front();
+            self.marks_dirty = true;
         }
         if let Some(&(front, _)) = self.event_marks.front() {
             while self.jumps.front().is_some_and(|j| j.0 < front) {
                 self.jumps.pop_front();
             }
+        }
+        if std::mem::take(&mut self.marks_dirty) {
+            let mut put = self
+                .conn
+                .prepare_cached("INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)")?;
+            let json = |d: &std::collections::VecDeque<(Instant, i64)>| {
+                serde_json::to_string(d).unwrap_or_default()
+            };
+            put.execute(params!["events.marks", json(&self.event_marks)])?;
+            put.execute(params!["events.jumps", json(&self.jumps)])?;
         }
         if let Some(s) = upto {
             self.conn
@@ -1486,6 +1515,7 @@ impl State for SqliteState {
         let by = clock.now.saturating_sub(self.clock.now);
         if self.clock.now != Instant::MIN && by > JUMP {
             self.jumps.push_back((self.clock.now, by));
+            self.marks_dirty = true;
         }
         if clock != self.clock {
             self.clock = clock;
@@ -1647,6 +1677,47 @@ mod tests {
             expiries(e.state()),
             (t0 + hour, t0 + 2 * hour, t0 + 2 * hour)
         );
+    }
+
+    /// The marks that say when events may be forgotten survive a restart: a daemon
+    /// restarted more often than the retention period still forgets old events.
+    #[test]
+    fn events_are_forgotten_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let rules = crate::rules::load_sources(&[(
+            "r.yaml".into(),
+            "rules:\n  - name: r\n    trigger: { key: k }\n    expect: [{ step: s, key: k, within: 1m }]\n"
+                .into(),
+        )])
+        .unwrap();
+        let open = || {
+            let mut conn = super::super::open(&path).unwrap();
+            super::super::migrate(&mut conn, &path).unwrap();
+            let mut st = SqliteState::open(conn, &rules, &path).unwrap();
+            st.retention = 100;
+            st
+        };
+        let count = |st: &SqliteState| -> i64 {
+            st.conn()
+                .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+                .unwrap()
+        };
+        // An event and a commit every 60 ns of clock, a restart after each: the events
+        // of the first commits are more than the retention behind the last.
+        for (i, now) in (1..=10).map(|i| (i, i * 60)) {
+            let mut st = open();
+            st.begin().unwrap();
+            st.append_event(now, "{}").unwrap();
+            st.clock.now = now;
+            st.purge_events().unwrap();
+            st.commit().unwrap();
+            assert!(
+                count(&st) <= 3,
+                "{} events kept after {i} commits",
+                count(&st)
+            );
+        }
     }
 
     /// An event seq is never given twice, even after the events table was purged empty
