@@ -388,6 +388,18 @@ pub const KAFKA_RESERVED: &[(&str, &str)] = &[
     ),
     ("enable.idempotence", "the producer is always idempotent"),
     (
+        "delivery.report.only.error",
+        "a command counts as delivered only on its successful delivery report",
+    ),
+    (
+        "message.timeout.ms",
+        "set the kafka sinks' `timeout` (the producer waits for the longest)",
+    ),
+    (
+        "delivery.timeout.ms",
+        "set the kafka sinks' `timeout` (the producer waits for the longest)",
+    ),
+    (
         "transactional.id",
         "no transactions: a transactional producer refuses every message sent outside one (the outbox's stable ids give at-least-once)",
     ),
@@ -832,10 +844,15 @@ fn check_text(
     for d in &mut v.diags {
         d.message = without_env_values(&d.message, &v.from_env);
     }
-    if v.diags.is_empty()
-        && let Some(mut c) = cfg
-    {
+    let mut cfg = cfg;
+    if let Some(c) = &mut cfg {
+        // Also on a config with problems: `validate` still checks its Kafka clients,
+        // whose messages may quote values too.
         c.from_env = EnvValues(std::mem::take(&mut v.from_env));
+    }
+    if v.diags.is_empty()
+        && let Some(c) = cfg
+    {
         return (Some(c), None);
     }
     let mut diags: Vec<FileDiag> = v
@@ -1341,6 +1358,9 @@ impl Checker {
                     let max = s.max_body.unwrap_or(10 << 20);
                     if max == 0 {
                         self.err(&p.key("max_body"), "must be at least 1");
+                    } else if max > 2 << 30 {
+                        // Twice it must fit the budget of bodies in memory (4 GiB).
+                        self.err(&p.key("max_body"), "at most 2147483648 (2 GiB)");
                     }
                     SourceKind::Http {
                         max_body: max as usize,
@@ -2455,6 +2475,16 @@ mod tests {
         let dir = std::env::current_dir().unwrap();
         let (cfg, e) = check_text(&dir.join("sagawatch.yaml"), text, &env);
         assert!(cfg.is_some() && e.is_some());
+        // That config still hides what came from the environment in the messages it
+        // adds (its Kafka clients' checks).
+        let text = "rules: rules\nlisten: '${HOST}:9464'\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout } }\noutbox: { concurrency: 0 }\n";
+        let (cfg, e) = check_text(&dir.join("sagawatch.yaml"), text, &env);
+        assert!(e.is_some());
+        assert_eq!(cfg.unwrap().masked("on 127.0.0.1"), "on ${HOST}");
+        // Twice max_body must fit the 4 GiB budget of bodies in memory.
+        let e = check("rules: rules\nsources: { a: { type: http, max_body: 2147483649 } }\nsinks: { o: { type: stdout } }\n").unwrap_err();
+        assert!(e.contains("sources.a.max_body: at most 2147483648"), "{e}");
+        assert!(check("rules: rules\nsources: { a: { type: http, max_body: 2147483648 } }\nsinks: { o: { type: stdout } }\n").is_ok());
         // Not when the stand-in changes what the rules are checked against.
         let text =
             "rules: rules\nsources: { a: { type: stdin } }\nsinks: { o: { type: [stdout] } }\n";
@@ -2653,14 +2683,23 @@ mod tests {
             e.contains("kafka.consumer.enable.auto.commit: sagawatch sets enable.auto.commit"),
             "{e}"
         );
-        let e = check(
-            "rules: rules\nkafka:\n  brokers: b:9092\n  producer: { transactional.id: sw-1 }\nsources:\n  orders: { type: kafka }\n",
-        )
-        .unwrap_err();
-        assert!(
-            e.contains("kafka.producer.transactional.id: sagawatch sets transactional.id"),
-            "{e}"
-        );
+        // Producer settings that would make delivered commands look undelivered (or
+        // never delivered), or overrule the sinks' timeouts.
+        for key in [
+            "transactional.id",
+            "delivery.report.only.error",
+            "message.timeout.ms",
+            "delivery.timeout.ms",
+        ] {
+            let e = check(&format!(
+                "rules: rules\nkafka:\n  brokers: b:9092\n  producer: {{ {key}: x }}\nsources:\n  orders: {{ type: kafka }}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains(&format!("kafka.producer.{key}: sagawatch sets {key}")),
+                "{e}"
+            );
+        }
         let c = check(
             "rules: rules\nkafka:\n  brokers: b:9092\n  properties: { sasl.password: '${SECRET}' }\n  consumer: { group.instance.id: a }\nsources:\n  orders: { type: kafka, topic: orders.v1 }\nsinks:\n  cmds: { type: kafka, topic: commands }\n",
         )
