@@ -919,6 +919,9 @@ impl Core {
                 self.fire(true)?;
                 self.commit()?;
             }
+            self.begin()?;
+            self.engine.state().reafter_done(&name)?;
+            self.commit()?;
         }
         Ok(())
     }

@@ -731,6 +731,16 @@ impl SqliteState {
         std::mem::take(&mut self.reafter)
     }
 
+    /// Notes, in the open batch, that every stored instance of `rule` had its waiting
+    /// steps opened after its `after` links changed.
+    pub fn reafter_done(&self, rule: &str) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM meta WHERE k = ?1",
+            params![format!("reafter:{rule}")],
+        )?;
+        Ok(())
+    }
+
     /// Up to `limit` keys of open instances of `rule` after `from`, in key order.
     pub fn open_keys_after(&self, rule: &str, from: &str, limit: usize) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached(
@@ -1111,8 +1121,13 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Appl
                 widen(&tx, &r.name, &old, &want_windows)?;
             }
             // Likewise; a step whose `after` went or changed may open in stored instances.
+            // Noted in the file with the new links: a restart before every instance was
+            // seen to (see `reafter_done`) starts over.
             if have_afters.is_some_and(|a| a != want_afters) {
-                reafter.push(r.name.clone());
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (k, v) VALUES (?1, 1)",
+                    params![format!("reafter:{}", r.name)],
+                )?;
             }
             tx.execute(
                 "UPDATE rule_shapes SET captures = ?2, windows = ?3, afters = ?4 WHERE rule = ?1",
@@ -1132,10 +1147,12 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Appl
             let n = tx.execute("DELETE FROM instances WHERE rule = ?1", params![r.name])?;
             tx.execute("DELETE FROM early WHERE rule = ?1", params![r.name])?;
             tx.execute("DELETE FROM cancels WHERE rule = ?1", params![r.name])?;
-            tx.execute(
-                "DELETE FROM meta WHERE k = ?1",
-                params![format!("open:{}", r.name)],
-            )?;
+            for k in ["open", "reafter"] {
+                tx.execute(
+                    "DELETE FROM meta WHERE k = ?1",
+                    params![format!("{k}:{}", r.name)],
+                )?;
+            }
             dropped.push((r.name.clone(), n));
         }
         tx.execute(
@@ -1163,6 +1180,18 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Appl
             "UPDATE rule_shapes SET loaded = 0 WHERE rule = ?1",
             params![gone],
         )?;
+    }
+    for r in &rules.rules {
+        let pending = tx
+            .query_row(
+                "SELECT 1 FROM meta WHERE k = ?1",
+                params![format!("reafter:{}", r.name)],
+                |_| Ok(()),
+            )
+            .optional()?;
+        if pending.is_some() {
+            reafter.push(r.name.clone());
+        }
     }
     tx.commit()?;
     Ok(Applied {
@@ -1677,6 +1706,39 @@ mod tests {
             expiries(e.state()),
             (t0 + hour, t0 + 2 * hour, t0 + 2 * hour)
         );
+    }
+
+    /// Changed `after` links are noted in the file until every stored instance had its
+    /// waiting steps opened: a restart in between (a crash) still sees to them.
+    #[test]
+    fn changed_after_links_are_seen_to_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let load = |after: &str| {
+            crate::rules::load_sources(&[(
+                "r.yaml".into(),
+                format!(
+                    "rules:\n  - name: r\n    trigger: {{ key: k }}\n    expect:\n      - {{ step: a, key: k, within: 1m }}\n      - {{ step: b, key: k, within: 1m{after} }}\n"
+                ),
+            )])
+            .unwrap()
+        };
+        let open = |rules: &RuleSet| {
+            let mut conn = super::super::open(&path).unwrap();
+            super::super::migrate(&mut conn, &path).unwrap();
+            SqliteState::open(conn, rules, &path).unwrap()
+        };
+        let (v1, v2) = (load(", after: a"), load(""));
+        assert!(open(&v1).take_reafter().is_empty());
+        // Loaded with the link gone, then stopped before it was seen to.
+        assert_eq!(open(&v2).take_reafter(), ["r"]);
+        let mut st = open(&v2);
+        assert_eq!(st.take_reafter(), ["r"]);
+        st.begin().unwrap();
+        st.reafter_done("r").unwrap();
+        st.commit().unwrap();
+        drop(st);
+        assert!(open(&v2).take_reafter().is_empty());
     }
 
     /// The marks that say when events may be forgotten survive a restart: a daemon
