@@ -208,7 +208,9 @@ pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
     }
     for (k, t) in raw.tests.iter().enumerate() {
         let tp = YamlPath::default().key("tests").index(k);
-        let failure = run_one(&rules, &raw, t, &time_field, &|p, m| at(&p(&tp), m)).err();
+        let text =
+            |p: &dyn Fn(&YamlPath) -> YamlPath| node.scalar_text(&p(&tp)).map(str::to_string);
+        let failure = run_one(&rules, &raw, t, &time_field, &|p, m| at(&p(&tp), m), &text).err();
         results.push(TestResult {
             file: file.to_path_buf(),
             name: t.name.clone(),
@@ -220,6 +222,8 @@ pub fn run_file(file: &Path) -> Result<Vec<TestResult>, String> {
 
 /// Where a problem is: a path below the test, and the message; gives the located text.
 type At<'a> = &'a dyn Fn(&dyn Fn(&YamlPath) -> YamlPath, String) -> String;
+/// The source text of a number or boolean at a path below the test.
+type TextAt<'a> = &'a dyn Fn(&dyn Fn(&YamlPath) -> YamlPath) -> Option<String>;
 
 fn run_one(
     rules: &Arc<RuleSet>,
@@ -227,6 +231,7 @@ fn run_one(
     t: &RawTest,
     time_field: &str,
     at: At<'_>,
+    text_at: TextAt<'_>,
 ) -> Result<(), String> {
     let start_text = t.start.as_deref().unwrap_or(DEFAULT_START);
     let start = parse_rfc3339(start_text).ok_or_else(|| {
@@ -329,10 +334,29 @@ fn run_one(
                     serde_json::Value::String(v.to_string())
                 }
                 // So are names and texts, which the rules' YAML may also write bare
-                // (`step: 1`, `severity: 3`): compared as the text they are.
+                // (`step: 1`, `severity: 010`): compared as the text they are written as,
+                // as the rules take them.
                 _ if TEXT_FIELDS.contains(&k.as_str()) && (v.is_number() || v.is_boolean()) => {
-                    serde_json::Value::String(v.to_string())
+                    serde_json::Value::String(text_at(&here).unwrap_or_else(|| v.to_string()))
                 }
+                // And so are label values.
+                _ if k == "labels" && v.is_object() => v
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(name, lv)| {
+                        let lv = match lv {
+                            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
+                                serde_json::Value::String(
+                                    text_at(&|tp| here(tp).key(name))
+                                        .unwrap_or_else(|| lv.to_string()),
+                                )
+                            }
+                            _ => lv.clone(),
+                        };
+                        (name.clone(), lv)
+                    })
+                    .collect(),
                 _ => v.clone(),
             };
             m.insert(k.clone(), v);

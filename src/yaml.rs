@@ -133,17 +133,30 @@ impl Node {
     pub fn locate(&self, path: &YamlPath) -> Pos {
         let mut node = self;
         for seg in &path.0 {
-            let next = match (seg, &node.value) {
-                (Seg::Key(k), Value::Map(_)) => node.get(k),
-                (Seg::Index(i), Value::Seq(items)) => items.get(*i),
-                _ => None,
-            };
-            match next {
+            match node.step(seg) {
                 Some(n) => node = n,
                 None => break,
             }
         }
         node.pos
+    }
+
+    fn step(&self, seg: &Seg) -> Option<&Node> {
+        match (seg, &self.value) {
+            (Seg::Key(k), Value::Map(_)) => self.get(k),
+            (Seg::Index(i), Value::Seq(items)) => items.get(*i),
+            _ => None,
+        }
+    }
+
+    /// The source text of the scalar a path leads to, as written (`010`, `1e3`, `true`),
+    /// where the path leads to a number or a boolean.
+    pub fn scalar_text(&self, path: &YamlPath) -> Option<&str> {
+        let node = path.0.iter().try_fold(self, |n, seg| n.step(seg))?;
+        match node.value {
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) => node.text.as_deref(),
+            _ => None,
+        }
     }
 
     /// An integer above `i64::MAX` (read as a float) that fits a `u64`: kept exact, as

@@ -408,11 +408,17 @@ fn test_command_prints_a_diff_and_fails() {
         &dir,
         "t5.yaml",
         "rules:\n  - name: r\n    trigger: { where: { type: A }, key: id }\n    expect: [{ step: 1, where: { type: B }, key: id, within: 1m }]\n    \
-         on_missing: [{ alert: { severity: 3, summary: 7 } }]\n\
+         on_missing: [{ alert: { severity: 3, summary: 7, description: 1e3, labels: { code: 500, ok: true } } }]\n\
          tests:\n  - name: bare names\n    events:\n      - { at: +0s, event: { type: A, id: k } }\n      - { at: +5m, event: { type: X } }\n    \
-         expect:\n      - { outcome: missing, step: 1 }\n      - { outcome: alert, step: 1, severity: 3, summary: 7 }\n",
+         expect:\n      - { outcome: missing, step: 1 }\n      - { outcome: alert, step: 1, severity: 3, summary: 7, description: 1e3, labels: { code: 500, ok: true } }\n",
     );
     let (code, out, _) = sagawatch(&["test", &t5], None);
+    assert_eq!(code, 0, "{out}");
+    // As the text they are written as: `010` is "010", not 10.
+    let t5b = std::fs::read_to_string(dir.path().join("t5.yaml"))
+        .unwrap()
+        .replace("severity: 3", "severity: 010");
+    let (code, out, _) = sagawatch(&["test", &write(&dir, "t5b.yaml", &t5b)], None);
     assert_eq!(code, 0, "{out}");
     // An actual line in a diff reads as `replay` prints it: its fields in that order.
     let t6 = std::fs::read_to_string(dir.path().join("t5.yaml"))
