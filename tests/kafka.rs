@@ -284,7 +284,7 @@ fn saga_across_three_topics_sends_exactly_the_expected_commands() {
     // with the rule and step in headers.
     let again = s
         .broker
-        .read("commands", s.commands + 1, Duration::from_secs(3));
+        .read_settled("commands", s.commands, Duration::from_secs(60));
     assert_eq!(again.len(), s.commands, "no extra commands");
     assert_eq!(commands.len(), s.commands);
     for c in &commands {
@@ -736,7 +736,7 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
 
     // As PID 1 (a container's process), where SIGTERM at its default is ignored, the same
     // wait still ends at a SIGTERM, not when connect_timeout runs out.
-    let d2 = Daemon::with_rules(
+    let mut d2 = Daemon::with_rules(
         KAFKA_RULES,
         &format!(
             "kafka: {{ brokers: '127.0.0.1:{nobody}', connect_timeout: 60s }}\nsources:\n  orders: {{ type: kafka }}\n  payments: {{ type: kafka }}\n  shipments: {{ type: kafka }}\nsinks:\n  commands: {{ type: kafka, topic: commands }}\n  out: {{ type: stdout }}\n"
@@ -752,19 +752,22 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
     if !root {
         unshare.args(["--user", "--map-root-user"]);
     }
-    let mut outer = unshare
+    let outer = unshare
         .args(["--pid", "--fork", "--kill-child", BIN, "run", "--config"])
         .arg(d2.path("sagawatch.yaml"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Killed when the test ends, however it ends (and the daemon with it: --kill-child).
+    let outer_pid = outer.id();
+    d2.child = Some(outer);
     wait_for(
         Duration::from_secs(30),
         "/healthz 200 while starting as PID 1",
         || matches!(http(d2.port, "GET", "/healthz", &[], b""), Ok((200, _))).then_some(()),
     );
-    let children = format!("/proc/{0}/task/{0}/children", outer.id());
+    let children = format!("/proc/{0}/task/{0}/children", outer_pid);
     let pid1 = std::fs::read_to_string(children).unwrap();
     let pid1 = pid1.split_whitespace().next().expect("unshare's child");
     let status = std::fs::read_to_string(format!("/proc/{pid1}/status")).unwrap();
@@ -782,8 +785,9 @@ fn probes_are_answered_while_the_startup_check_waits_for_brokers() {
             .success()
     );
     let st = wait_for(Duration::from_secs(15), "PID 1 to end at SIGTERM", || {
-        outer.try_wait().unwrap()
+        d2.child.as_mut().unwrap().try_wait().unwrap()
     });
+    d2.child = None;
     assert_eq!(st.code(), Some(143));
 }
 

@@ -207,7 +207,18 @@ impl Broker {
     /// Every message of a topic: read from the beginning until nothing more arrives for
     /// two seconds (tansu's high watermarks can trail what a fetch returns).
     pub fn read_all(&self, topic: &str, limit: Duration) -> Vec<Consumed> {
-        self.read_until(topic, usize::MAX, limit, Some(Duration::from_secs(2)))
+        self.read_until(topic, usize::MAX, limit, Some((0, Duration::from_secs(2))))
+    }
+
+    /// Every message of a topic expected to hold `expect`: read until one more than that
+    /// arrived, or the topic stayed quiet for 2 s once `expect` had (or `limit` passed).
+    pub fn read_settled(&self, topic: &str, expect: usize, limit: Duration) -> Vec<Consumed> {
+        self.read_until(
+            topic,
+            expect + 1,
+            limit,
+            Some((expect, Duration::from_secs(2))),
+        )
     }
 
     /// Every message of a topic, read from the beginning until `want` arrived or `limit`
@@ -221,7 +232,8 @@ impl Broker {
         topic: &str,
         want: usize,
         limit: Duration,
-        quiet: Option<Duration>,
+        // Stop once this many came and then nothing for that long.
+        quiet: Option<(usize, Duration)>,
     ) -> Vec<Consumed> {
         let c: BaseConsumer = self
             .config()
@@ -240,7 +252,7 @@ impl Broker {
         let end = std::time::Instant::now() + limit;
         let mut last = std::time::Instant::now();
         while out.len() < want && std::time::Instant::now() < end {
-            if quiet.is_some_and(|q| last.elapsed() >= q) {
+            if quiet.is_some_and(|(n, q)| out.len() >= n && last.elapsed() >= q) {
                 break;
             }
             match c.poll(Duration::from_millis(200)) {

@@ -620,11 +620,40 @@ pub fn as_nobody() -> Command {
     let uid = Command::new("id").arg("-u").output().unwrap();
     if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(nobodys_binary());
         c
     } else {
         Command::new(BIN)
     }
+}
+
+/// The binary where nobody may run it: itself, or (a clone in a directory only root may
+/// enter) a copy in a directory of its own under the system's temp dir.
+fn nobodys_binary() -> &'static Path {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let runs = |bin: &Path| {
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(bin)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if runs(Path::new(BIN)) {
+            return PathBuf::from(BIN);
+        }
+        let dir = std::env::temp_dir().join(format!("sagawatch-nobody-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("sagawatch");
+        std::fs::copy(BIN, &copy).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(runs(&copy), "nobody cannot run {}", copy.display());
+        copy
+    })
 }
 
 impl Daemon {
