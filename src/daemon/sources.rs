@@ -328,6 +328,7 @@ impl FileSource {
                 match self.open(resume.clone(), next.take()) {
                     Ok(o) => {
                         self.holding.store(false, Ordering::Relaxed);
+                        failing = None;
                         resume = None;
                         warned_missing = false;
                         partial.clear();
@@ -374,11 +375,18 @@ impl FileSource {
             let mut consumed = o.offset;
             let before = consumed + partial.len() as u64 + skipping;
             let mut eof = false;
-            while !lines.full() && consumed - o.offset < SCAN_BYTES {
-                match next_line(&mut o.reader, &mut partial, &mut skipping) {
+            // Bounded by what was read, not what was consumed: an oversized line being
+            // skipped consumes nothing until its end, which may be gigabytes away.
+            while !lines.full() && consumed + partial.len() as u64 + skipping - before < SCAN_BYTES
+            {
+                let step = next_line(&mut o.reader, &mut partial, &mut skipping);
+                if step.is_ok() {
+                    // Failures count one after another only.
+                    failing = None;
+                }
+                match step {
                     Ok(Step::Line) => {
                         warned_read = false;
-                        failing = None;
                         self.skips.push(&mut lines, &partial, consumed);
                         consumed += partial.len() as u64;
                         partial.clear();
@@ -1107,6 +1115,40 @@ mod tests {
         std::fs::write(&path, "{\"n\":3}\n").unwrap();
         assert_eq!(lines_until(&rx, 2).0, [r#"{"n":2}"#, r#"{"n":3}"#]);
         stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+
+    /// A line without end (a preallocated file of zeros, say) does not keep the source
+    /// from seeing the stop flag: it is skipped a bounded stretch at a time.
+    #[test]
+    fn a_stop_is_seen_while_an_endless_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        // Sparse: 64 GiB of zeros without a newline, taking no disk space.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(64 << 30)
+            .unwrap();
+        let Following {
+            stop,
+            lag,
+            thread: t,
+            ..
+        } = follow(&path, ROTATE_WAIT);
+        // Said after each stretch read, where the stop flag is looked at too.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while lag.get() != 64 << 30 {
+            assert!(
+                Instant::now() < deadline,
+                "no stretch of the line ever ended"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "the stop was not seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         t.join().unwrap();
     }
 
