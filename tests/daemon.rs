@@ -867,6 +867,34 @@ fn broken_config_and_unusable_state_exit_2_with_one_clear_error() {
     );
 }
 
+/// A SIGTERM during a reload stops intake at once: the stop does not wait for the
+/// reload, which waits in the core's queue behind what the sources read.
+#[test]
+fn a_sigterm_during_a_reload_does_not_wait_for_it() {
+    let mut d = Daemon::new(&format!(
+        "{FILE_SOURCE}sinks:\n  hook: {{ type: stdout }}\n"
+    ));
+    write_lines(&d.path("events.jsonl"), &checkout_events(200_000, 7));
+    d.env.push(("SAGAWATCH_LOG".into(), "info".into()));
+    d.start();
+    wait_for(Duration::from_secs(60), "intake under way", || {
+        (metric(d.port, "sagawatch_events_received_total")? >= 20_000.0).then_some(())
+    });
+    signal(d.child.as_ref().unwrap(), "HUP");
+    wait_for(Duration::from_secs(10), "the SIGHUP seen", || {
+        d.stderr().contains("SIGHUP: reloading rules").then_some(())
+    });
+    assert_eq!(d.terminate(), 0, "{}", d.stderr());
+    let log = d.stderr();
+    let term = log
+        .find("SIGTERM: shutting down")
+        .expect("the SIGTERM logged");
+    // The reload is done after the stop began, or not at all.
+    if let Some(reloaded) = log.find("rules reloaded") {
+        assert!(term < reloaded, "{log}");
+    }
+}
+
 #[test]
 fn reload_keeps_the_old_rules_when_the_new_ones_are_invalid() {
     let mut d = Daemon::new(

@@ -547,6 +547,26 @@ fn run_with(
         );
     }
 
+    // Reloads run beside the signal loop (a SIGTERM during one must stop intake at once,
+    // not after the core got through the queue and the reload), one at a time, each
+    // reading the files once it has its turn.
+    let partitions = Arc::new(partitions);
+    let reload_turn = Arc::new(tokio::sync::Mutex::new(()));
+    let spawn_reload = |waiting: Vec<tokio::sync::oneshot::Sender<_>>| {
+        let (cfg, shared) = (Arc::clone(&cfg), Arc::clone(&shared));
+        let (partitions, turn) = (Arc::clone(&partitions), Arc::clone(&reload_turn));
+        rt.spawn(async move {
+            let _turn = turn.lock().await;
+            if shared.stopping.load(Ordering::SeqCst) {
+                // Stopping: those waiting are answered 503, as any reload from now on.
+                return;
+            }
+            let r = reload(&cfg, &shared, &partitions).await;
+            for tx in waiting {
+                let _ = tx.send(r.clone());
+            }
+        });
+    };
     // Why the daemon stops, when not for a signal.
     let failed = rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
@@ -561,7 +581,7 @@ fn run_with(
                 _ = checkpointer_done.notified() => { return Ok(Some("the WAL checkpointer stopped")) }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading rules");
-                    let _ = reload(&cfg, &shared, &partitions).await;
+                    spawn_reload(Vec::new());
                 }
                 _ = shared.reload.notified() => {
                     // Taken first: a request arriving during this reload waits for the
@@ -573,10 +593,7 @@ fn run_with(
                         .as_mut()
                         .map(std::mem::take)
                         .unwrap_or_default();
-                    let r = reload(&cfg, &shared, &partitions).await;
-                    for tx in waiting {
-                        let _ = tx.send(r.clone());
-                    }
+                    spawn_reload(waiting);
                 }
             }
         }
