@@ -581,6 +581,36 @@ fn a_read_only_state_file_is_refused_at_startup() {
         err.contains("ro.db-shm (its shared-memory index) is not writable by this user"),
         "{err}"
     );
+    // A writable state file in a directory this user may not write: SQLite could not
+    // create its -wal and -shm there, and the message says so (not "cannot read").
+    std::fs::create_dir(dir.join("sd")).unwrap();
+    std::fs::copy(dir.join("state.db"), dir.join("sd/s.db")).unwrap();
+    std::fs::set_permissions(dir.join("sd/s.db"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(dir.join("sd"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let cfg = std::fs::read_to_string(dir.join("sagawatch.yaml"))
+        .unwrap()
+        .replace("state: state.db", "state: sd/s.db");
+    std::fs::write(dir.join("sd.yaml"), cfg).unwrap();
+    let err = run("sd.yaml");
+    assert!(
+        err.contains("s.db: its directory") && err.contains("is not writable by this user"),
+        "{err}"
+    );
+    // Its lock file there already, as a daemon run before left it.
+    std::fs::set_permissions(dir.join("sd"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.join("sd/s.db.lock"), b"").unwrap();
+    std::fs::set_permissions(
+        dir.join("sd/s.db.lock"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    std::fs::set_permissions(dir.join("sd"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let err = run("sd.yaml");
+    std::fs::set_permissions(dir.join("sd"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(
+        err.contains("s.db: its directory") && err.contains("is not writable by this user"),
+        "{err}"
+    );
 }
 
 /// A file source whose file cannot be opened (its permissions) counts its bytes as lag,

@@ -167,7 +167,19 @@ pub fn lock(path: &Path) -> Result<std::fs::File> {
         .write(true)
         .mode(0o600)
         .open(&lock_path)
-        .with_context(|| format!("state file {}: cannot open its lock file", path.display()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied if !lock_path.exists() => anyhow::anyhow!(
+                "state file {}: its directory is not writable by this user (the lock file {} \
+                 is created there, and SQLite's -wal and -shm files)",
+                path.display(),
+                lock_path.display()
+            ),
+            _ => anyhow::Error::new(e).context(format!(
+                "state file {}: cannot open its lock file {}",
+                path.display(),
+                lock_path.display()
+            )),
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
@@ -344,6 +356,25 @@ fn require_write_access(path: &Path) -> Result<()> {
             Err(_) => {}
         }
     }
+    // SQLite creates the `-wal` and `-shm` files beside the state file when they are not
+    // there: it would fail with "attempt to write a readonly database", which names
+    // neither the directory nor what it needs there.
+    if !sidecar(path, "-wal").exists() || !sidecar(path, "-shm").exists() {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM) =
+            rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
+        {
+            bail!(
+                "state file {}: its directory {} is not writable by this user (SQLite \
+                 creates the state file's -wal and -shm files there)",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -360,6 +391,28 @@ pub fn open(path: &Path) -> Result<Connection> {
         .open(path)
     {
         Ok(_) => {}
+        // A symbolic link to a file not there yet: that file is created, for its owner
+        // only too (SQLite would create it with the umask's mode).
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !path.exists() => {
+            let target = std::fs::read_link(path)
+                .map(|t| match path.parent() {
+                    Some(dir) if t.is_relative() => dir.join(t),
+                    _ => t,
+                })
+                .with_context(|| format!("state file {}: cannot create", path.display()))?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&target)
+                .with_context(|| {
+                    format!(
+                        "state file {}: cannot create {}, where it links to",
+                        path.display(),
+                        target.display()
+                    )
+                })?;
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => require_write_access(path)?,
         // It exists (a read-only file system says so first): SQLite's open says what is wrong.
         Err(_) if path.exists() => {}
@@ -1049,6 +1102,21 @@ pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state path that is a symbolic link to a file not there yet: the file is
+    /// created, for its owner only, as a new state file is.
+    #[test]
+    fn a_state_file_behind_a_dangling_link_is_created_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (link, target) = (dir.path().join("state.db"), dir.path().join("real.db"));
+        std::os::unix::fs::symlink("real.db", &link).unwrap();
+        let mut conn = open(&link).unwrap();
+        migrate(&mut conn, &link).unwrap();
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    }
 
     /// A writer waiting at the gate goes before the core's next batch, however soon the
     /// core comes back for it; and the core waits for that turn to end.
