@@ -239,25 +239,32 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
     // As PID 1 (the process of a container) SIGTERM and SIGINT at their default are
     // ignored, and a pod being deleted would wait for the Kafka check to give up: here
     // they end the start the way the default does elsewhere.
+    // The signal streams are handed on to the running daemon afterwards: once tokio's
+    // handler is installed it stays, and a signal arriving with no stream would be lost.
     let init_stop = rustix::process::getpid().is_init().then(|| {
-        rt.spawn(async {
+        let (done, until) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(async {
             let (Ok(mut term), Ok(mut int)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
             ) else {
-                return;
+                return None;
             };
             let sig = tokio::select! {
+                biased;
                 _ = term.recv() => 15,
                 _ = int.recv() => 2,
+                _ = until => return Some((term, int)),
             };
             std::process::exit(128 + sig);
-        })
+        });
+        (done, task)
     });
     let checked = kafka::check_topics(&cfg, &rules);
-    if let Some(t) = init_stop {
-        t.abort();
-    }
+    let stops = init_stop.and_then(|(done, task)| {
+        let _ = done.send(());
+        rt.block_on(task).ok().flatten()
+    });
     let _ = starting_stop.send(());
     let listener = match rt.block_on(starting) {
         Ok(l) => l,
@@ -286,7 +293,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         (state, positions),
         (listener, metrics),
         &rt,
-        hup,
+        (hup, stops),
         (partitions, proxies),
     ) {
         Ok(code) => code,
@@ -312,7 +319,11 @@ fn run_with(
     // The listener and the metrics it served while the daemon started.
     (listener, metrics): (tokio::net::TcpListener, Arc<metrics::Metrics>),
     rt: &tokio::runtime::Runtime,
-    mut hup: tokio::signal::unix::Signal,
+    // SIGHUP's stream, and SIGTERM's and SIGINT's if they were taken already (as PID 1).
+    (mut hup, stops): (
+        tokio::signal::unix::Signal,
+        Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    ),
     // What the startup checks found: the Kafka partitions, the HTTP sinks' proxies.
     (partitions, proxies): (
         kafka::Partitions,
@@ -569,8 +580,13 @@ fn run_with(
     };
     // Why the daemon stops, when not for a signal.
     let failed = rt.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        let (mut term, mut int) = match stops {
+            Some(s) => s,
+            None => (
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ),
+        };
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return Ok::<Option<&str>, anyhow::Error>(None) }
