@@ -741,11 +741,18 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> i32 {
-        let mut c = self.child.take().expect("running");
-        signal(&c, "TERM");
-        let st = wait_for(Duration::from_secs(30), "the daemon to exit", || {
-            c.try_wait().unwrap()
+        self.terminate_within(Duration::from_secs(30))
+    }
+
+    /// SIGTERM, and the exit code once the daemon exits within `limit`.
+    pub fn terminate_within(&mut self, limit: Duration) -> i32 {
+        let c = self.child.as_ref().expect("running");
+        signal(c, "TERM");
+        // Left to the guard (killed on drop) until it exits, should it not.
+        let st = wait_for(limit, "the daemon to exit", || {
+            self.child.as_mut().unwrap().try_wait().unwrap()
         });
+        self.child = None;
         st.code().unwrap_or(-1)
     }
 
