@@ -112,11 +112,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             if let Some(s) = &source
                 && !rules::valid_name(s)
             {
-                eprintln!("error: --source {s:?}: invalid source name: use [a-z0-9][a-z0-9_-]*");
+                crate::stderr!(
+                    "error: --source {s:?}: invalid source name: use [a-z0-9][a-z0-9_-]*"
+                );
                 return Ok(EXIT_CONFIG);
             }
             if rules::split_path(&time_field).is_err() {
-                eprintln!("error: --time-field {time_field:?}: not a dot path");
+                crate::stderr!("error: --time-field {time_field:?}: not a dot path");
                 return Ok(EXIT_CONFIG);
             }
             let lateness = match lateness.as_deref() {
@@ -124,7 +126,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Some(l) => match Duration::parse_span(l) {
                     Ok(d) => d,
                     Err(e) => {
-                        eprintln!("error: --lateness: {e}");
+                        crate::stderr!("error: --lateness: {e}");
                         return Ok(EXIT_CONFIG);
                     }
                 },
@@ -132,8 +134,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let set = match rules::load(&rules) {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
-                    eprintln!("{e}");
-                    eprintln!(
+                    crate::stderr!("{e}");
+                    crate::stderr!(
                         "error: {} problem(s) in rules {}",
                         e.diags.len(),
                         rules.display()
@@ -151,7 +153,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             if inputs.iter().filter(|i| i.path.is_none()).count() > 1 {
                 // Two readers of one stream would each take a part, lines cut between them.
-                eprintln!("error: stdin (-) can be given once only");
+                crate::stderr!("error: stdin (-) can be given once only");
                 return Ok(EXIT_CONFIG);
             }
             let stdout = std::io::stdout();
@@ -166,12 +168,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             match replay::run(set, opts, &mut out) {
                 Ok(summary) => {
-                    eprintln!("{summary}");
+                    crate::stderr!("{summary}");
                     Ok(0)
                 }
                 Err(e) if e.downcast_ref::<replay::StrictError>().is_some() => {
                     let _ = out.flush();
-                    eprintln!("error: {e}");
+                    crate::stderr!("error: {e}");
                     Ok(1)
                 }
                 Err(e) => Err(e),
@@ -193,25 +195,25 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let cfg = match cfg {
                 Some(c) if !diags.iter().any(decisive) => {
                     for d in &diags {
-                        eprintln!("warning: {d}");
+                        crate::stderr!("warning: {d}");
                     }
                     c
                 }
                 _ => {
                     for d in &diags {
-                        eprintln!("{d}");
+                        crate::stderr!("{d}");
                     }
                     return Ok(EXIT_CONFIG);
                 }
             };
             if !cfg.state.exists() {
-                eprintln!("error: state file {} does not exist", cfg.state.display());
+                crate::stderr!("error: state file {} does not exist", cfg.state.display());
                 return Ok(EXIT_CONFIG);
             }
             let conn = match crate::store::open_read_only(&cfg.state) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    crate::stderr!("error: {e:#}");
                     return Ok(EXIT_CONFIG);
                 }
             };
@@ -221,7 +223,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     Ok(0)
                 }
                 None => {
-                    eprintln!(
+                    crate::stderr!(
                         "no instance of rule {rule:?} for key {key:?} in {}",
                         cfg.state.display()
                     );
@@ -244,7 +246,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(set) => {
                 let steps: usize = set.rules.iter().map(|r| r.steps.len()).sum();
                 writeln!(
-                    std::io::stdout(),
+                    Quiet::new(std::io::stdout()),
                     "ok: {} rule(s), {} step(s) in {}",
                     set.rules.len(),
                     steps,
@@ -253,8 +255,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(0)
             }
             Err(e) => {
-                writeln!(std::io::stdout(), "{e}")?;
-                eprintln!("{} problem(s) found", e.diags.len());
+                writeln!(Quiet::new(std::io::stdout()), "{e}")?;
+                crate::stderr!("{} problem(s) found", e.diags.len());
                 Ok(1)
             }
         },
@@ -262,14 +264,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut passed = 0;
             let mut failed = 0;
             let stdout = std::io::stdout();
-            let mut out = stdout.lock();
+            let mut out = Quiet::new(stdout.lock());
             // Every path first: a missing one stops the run before any test ran.
             let mut files = Vec::new();
             for p in &paths {
                 match testing::test_files(p) {
                     Ok(f) => files.extend(f),
                     Err(e) => {
-                        eprintln!("error: {e}");
+                        crate::stderr!("error: {e}");
                         return Ok(EXIT_CONFIG);
                     }
                 }
@@ -304,5 +306,49 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             writeln!(out, "{passed} passed, {failed} failed")?;
             Ok(if failed > 0 { 1 } else { 0 })
         }
+    }
+}
+
+/// The output of a checking command (`validate`, `test`): a reader that stops reading
+/// (`| head`) ends the output, not the check, whose exit code still says how it went.
+struct Quiet<W> {
+    inner: W,
+    closed: bool,
+}
+
+impl<W: Write> Quiet<W> {
+    fn new(inner: W) -> Quiet<W> {
+        Quiet {
+            inner,
+            closed: false,
+        }
+    }
+
+    fn gone(&mut self, r: std::io::Result<()>) -> std::io::Result<()> {
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
+impl<W: Write> Write for Quiet<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.closed {
+            let r = self.inner.write_all(buf);
+            self.gone(r)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let r = self.inner.flush();
+        self.gone(r)
     }
 }

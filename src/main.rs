@@ -21,7 +21,7 @@ fn main() {
             if broken_pipe {
                 0
             } else {
-                eprintln!("error: {e:#}");
+                sagawatch::stderr!("error: {e:#}");
                 1
             }
         }

@@ -165,6 +165,14 @@ impl Reader {
                 MAX_LINE >> 20
             ));
         }
+        // As the daemon's sources: a line that is not UTF-8 is not an event, even where
+        // the fields the rules read are.
+        if let Err(e) = std::str::from_utf8(&self.buf) {
+            return Err(format!(
+                "not UTF-8 (at byte {} of the line)",
+                e.valid_up_to() + 1
+            ));
+        }
         decoder.decode(&self.buf, source).map_err(|e| e.to_string())
     }
 
@@ -174,7 +182,7 @@ impl Reader {
         if strict {
             return Err(StrictError(msg).into());
         }
-        eprintln!("skipped {msg}");
+        crate::stderr!("skipped {msg}");
         summary.skipped += 1;
         Ok(())
     }

@@ -615,7 +615,28 @@ fn validate_into_a_closed_pipe_ends_quietly() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    // The output ended, not the check: its exit code still says the rules are invalid.
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // So for `test`: 3000 failing cases read by a reader that stopped early.
+    let mut text = format!("rules: r.yaml\ntests:\n");
+    for i in 0..3000 {
+        text.push_str(&format!(
+            "  - {{ name: t{i}, events: [{{ at: +0s, event: {{ type: A, id: x }} }}], expect: [{{ outcome: missing }}] }}\n"
+        ));
+    }
+    write(&dir, "r.yaml", RULE);
+    let t = write(&dir, "t.yaml", &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
+        .args(["test", &t])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
 }
 
 /// `replay` into a reader that is gone (`| head`) ends quietly too, however much it had
@@ -664,6 +685,46 @@ fn replay_into_a_closed_pipe_twice_from_stdin_and_an_oversized_line() {
         out.contains("\"key\":\"small\"") && !out.contains("\"key\":\"big\""),
         "{out}"
     );
+
+    // A line that is not UTF-8 is skipped, as the daemon's sources skip it, even where
+    // the bad bytes are in a field no rule reads.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        b"{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"1\",\"junk\":\"\xc3\"}\n{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"2\"}\n",
+    )
+    .unwrap();
+    let (code, out, err) = sagawatch(
+        &[
+            "replay",
+            "--lifecycle",
+            "--rules",
+            &rules,
+            bad.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("bad.jsonl:1: not UTF-8"), "{err}");
+    assert!(
+        out.contains("\"key\":\"2\"") && !out.contains("\"key\":\"1\""),
+        "{out}"
+    );
+
+    // Skipped lines said to a stderr that is closed (`2>&1 | head`): no panic.
+    let mut text = String::new();
+    for _ in 0..100_000 {
+        text.push_str("not json\n");
+    }
+    let junk = write(&dir, "junk.jsonl", &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
+        .args(["replay", "--rules", &rules, &junk])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
 /// A byte order mark at the start of a file is not part of its first event.

@@ -57,7 +57,7 @@ pub fn init_logging(format: LogFormat) {
 /// line with `--log-format json` (so a log pipeline parses it like every other line).
 fn startup_error(format: LogFormat, text: &str) {
     match format {
-        LogFormat::Text => eprintln!("{text}"),
+        LogFormat::Text => crate::stderr!("{text}"),
         LogFormat::Json => {
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 tracing::error!("{}", line.strip_prefix("error: ").unwrap_or(line));
@@ -72,13 +72,13 @@ fn startup_error(format: LogFormat, text: &str) {
 pub fn validate(path: &Path) -> i32 {
     let (cfg, config_error) = config::check_file(path);
     if let Some(e) = &config_error {
-        eprintln!("{e}");
+        crate::stderr!("{e}");
     }
     let Some(cfg) = cfg else { return 1 };
     let mut failed = config_error.is_some();
     if let Err(problems) = proxy::resolve(&cfg.sinks, &|n| std::env::var(n).ok()) {
         for p in &problems {
-            eprintln!("error: {p}");
+            crate::stderr!("error: {p}");
         }
         failed = true;
     }
@@ -90,7 +90,7 @@ pub fn validate(path: &Path) -> i32 {
     if kafka_section_ok {
         // The clients only once every property passed: each is reported once, at its place.
         for p in kafka::check_clients(&cfg) {
-            eprintln!("{}", cfg.masked(&format!("error: {}: {p}", path.display())));
+            crate::stderr!("{}", cfg.masked(&format!("error: {}: {p}", path.display())));
             failed = true;
         }
     }
@@ -99,7 +99,7 @@ pub fn validate(path: &Path) -> i32 {
     }
     match cfg.load_rules() {
         Err(e) => {
-            eprintln!("{e}");
+            crate::stderr!("{e}");
             1
         }
         Ok(_) if failed => 1,
@@ -300,7 +300,7 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "stopped");
             if format == LogFormat::Text {
-                eprintln!("error: {e:#}");
+                crate::stderr!("error: {e:#}");
             }
             1
         }
