@@ -618,7 +618,7 @@ fn validate_into_a_closed_pipe_ends_quietly() {
     // The output ended, not the check: its exit code still says the rules are invalid.
     assert_eq!(out.status.code(), Some(1), "{err}");
     // So for `test`: 3000 failing cases read by a reader that stopped early.
-    let mut text = format!("rules: r.yaml\ntests:\n");
+    let mut text = String::from("rules: r.yaml\ntests:\n");
     for i in 0..3000 {
         text.push_str(&format!(
             "  - {{ name: t{i}, events: [{{ at: +0s, event: {{ type: A, id: x }} }}], expect: [{{ outcome: missing }}] }}\n"
