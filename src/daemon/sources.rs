@@ -379,12 +379,7 @@ impl FileSource {
             // skipped consumes nothing until its end, which may be gigabytes away.
             while !lines.full() && consumed + partial.len() as u64 + skipping - before < SCAN_BYTES
             {
-                let step = next_line(&mut o.reader, &mut partial, &mut skipping);
-                if step.is_ok() {
-                    // Failures count one after another only.
-                    failing = None;
-                }
-                match step {
+                match next_line(&mut o.reader, &mut partial, &mut skipping) {
                     Ok(Step::Line) => {
                         warned_read = false;
                         self.skips.push(&mut lines, &partial, consumed);
@@ -457,6 +452,9 @@ impl FileSource {
                 rotated = Some(Instant::now());
             }
             if consumed != o.offset || !lines.is_empty() {
+                // Reading got on (a read that fails is retried from the last line sent):
+                // failures count one after another only.
+                failing = None;
                 o.offset = consumed;
                 let (lines, at) = lines.take(false);
                 let msg = Msg::Lines {

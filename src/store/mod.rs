@@ -393,23 +393,18 @@ pub fn open(path: &Path) -> Result<Connection> {
         Ok(_) => {}
         // A symbolic link to a file not there yet: that file is created, for its owner
         // only too (SQLite would create it with the umask's mode).
+        // (Without O_EXCL the open follows the links, however many, to the file.)
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !path.exists() => {
-            let target = std::fs::read_link(path)
-                .map(|t| match path.parent() {
-                    Some(dir) if t.is_relative() => dir.join(t),
-                    _ => t,
-                })
-                .with_context(|| format!("state file {}: cannot create", path.display()))?;
             std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(false)
                 .mode(0o600)
-                .open(&target)
+                .open(path)
                 .with_context(|| {
                     format!(
-                        "state file {}: cannot create {}, where it links to",
-                        path.display(),
-                        target.display()
+                        "state file {}: cannot create the file it links to",
+                        path.display()
                     )
                 })?;
         }
@@ -1110,7 +1105,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let (link, target) = (dir.path().join("state.db"), dir.path().join("real.db"));
-        std::os::unix::fs::symlink("real.db", &link).unwrap();
+        // Through two links.
+        std::os::unix::fs::symlink("middle.db", &link).unwrap();
+        std::os::unix::fs::symlink("real.db", dir.path().join("middle.db")).unwrap();
         let mut conn = open(&link).unwrap();
         migrate(&mut conn, &link).unwrap();
         let mode = std::fs::metadata(&target).unwrap().permissions().mode();
