@@ -173,7 +173,7 @@ impl Metrics {
                 "Time from an instance's trigger to the correlate that satisfied a step.",
             )
             // 10 ms to 31 days: windows of days (a 48h shipment) stay measurable.
-            .buckets(prometheus::exponential_buckets(0.01, 4.0, 15).expect("buckets")),
+            .buckets(prometheus::exponential_buckets(0.01, 2.0, 29).expect("buckets")),
             &["rule", "step"],
         )
         .expect("valid metric");
