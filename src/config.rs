@@ -1115,7 +1115,7 @@ impl Checker {
                 "empty path (leave the key out for sagawatch.db beside the config)",
             );
         }
-        let state = self.resolve(raw.state.as_deref().unwrap_or("sagawatch.db"));
+        let state = followed(self.resolve(raw.state.as_deref().unwrap_or("sagawatch.db")));
         // Missing: an empty path, which names no rules to check.
         let rules_path = raw
             .rules
@@ -2095,6 +2095,23 @@ impl Checker {
 
 /// Reads a small file named in the config: a regular file (a FIFO would block, a device
 /// might never end) of at most `limit` bytes.
+/// The file a path names through any symbolic links at its end: the state file is
+/// locked, and its `-wal` and `-shm` files looked for, beside the file itself (where
+/// SQLite puts them), so that two names for it are one state file.
+fn followed(mut p: PathBuf) -> PathBuf {
+    // As the kernel's limit on links in a row: a loop is left to the open to report.
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&p) else {
+            return p;
+        };
+        p = match p.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    p
+}
+
 fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     if !std::fs::metadata(path)?.is_file() {

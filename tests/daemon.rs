@@ -366,6 +366,15 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     let (code, err) = run_to_exit(&d.path("sagawatch.yaml"));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("in use by another sagawatch"), "{err}");
+    // So is one that names it through a symbolic link.
+    std::os::unix::fs::symlink("state.db", d.path("link.db")).unwrap();
+    let cfg = std::fs::read_to_string(d.path("sagawatch.yaml"))
+        .unwrap()
+        .replace("state: state.db", "state: link.db");
+    std::fs::write(d.path("link.yaml"), cfg).unwrap();
+    let (code, err) = run_to_exit(&d.path("link.yaml"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("in use by another sagawatch"), "{err}");
     let post =
         |h: &[(&str, &str)], body: &[u8]| http(d.port, "POST", "/v1/events", h, body).unwrap();
     let good = r#"{"time":"2026-01-01T00:00:00Z","type":"OrderPlaced","order_id":"a"}"#;
