@@ -1026,19 +1026,26 @@ impl SqliteState {
     }
 
     fn try_purge(&mut self, clock: Instant) -> rusqlite::Result<()> {
+        /// Rows forgotten per table and commit.
+        const PURGE_CHUNK: i64 = 4096;
         if self.next_purge == Instant::MIN {
             self.next_purge = self.min_expiry()?;
         }
         if clock <= self.next_purge {
             return Ok(());
         }
+        // A chunk per table and commit (what is left goes at the next commits): a mass
+        // expiry closes a million instances at one clock reading, all forgotten at once a
+        // `dedup` later, and their keys must not all be held in memory together.
         let closed: Vec<(String, String)> = self
             .conn
             .prepare_cached(
-                "DELETE FROM instances WHERE closed_at IS NOT NULL AND expires_at < ?1
+                "DELETE FROM instances WHERE (rule, key) IN (
+                     SELECT rule, key FROM instances
+                     WHERE closed_at IS NOT NULL AND expires_at < ?1 LIMIT ?2)
                  RETURNING rule, key",
             )?
-            .query_map(params![clock], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map(params![clock, PURGE_CHUNK], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         let mut removed = closed.len();
         for (rule, key) in closed {
@@ -1047,13 +1054,17 @@ impl SqliteState {
             }
         }
         for sql in [
-            "DELETE FROM early WHERE expires < ?1 RETURNING rule, key",
-            "DELETE FROM cancels WHERE expires < ?1 RETURNING rule, key",
+            "DELETE FROM early WHERE (rule, key, step) IN (
+                 SELECT rule, key, step FROM early WHERE expires < ?1 LIMIT ?2)
+             RETURNING rule, key",
+            "DELETE FROM cancels WHERE (rule, key) IN (
+                 SELECT rule, key FROM cancels WHERE expires < ?1 LIMIT ?2)
+             RETURNING rule, key",
         ] {
             let gone: Vec<(String, String)> = self
                 .conn
                 .prepare_cached(sql)?
-                .query_map(params![clock], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .query_map(params![clock, PURGE_CHUNK], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             removed += gone.len();
             for (rule, key) in gone {
@@ -1318,39 +1329,51 @@ fn recapture(
 ) -> rusqlite::Result<()> {
     let had: Vec<String> = serde_json::from_str(had).unwrap_or_default();
     let decoder = crate::event::Decoder::new(rules, "time");
-    let rows: Vec<(String, String, Option<Vec<u8>>)> = tx
-        .prepare("SELECT key, captures, refs FROM instances WHERE rule = ?1")?
-        .query_map(params![r.name], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+    let mut page = tx.prepare(
+        "SELECT key, captures, refs FROM instances WHERE rule = ?1 AND key > ?2
+         ORDER BY key LIMIT 1000",
+    )?;
     let mut trigger = tx.prepare("SELECT text FROM events WHERE seq = ?1")?;
     let mut set = tx.prepare("UPDATE instances SET captures = ?3 WHERE rule = ?1 AND key = ?2")?;
-    for (key, stored, refs) in rows {
-        let old: Vec<String> = serde_json::from_str(&stored).unwrap_or_default();
-        let text: Option<String> = match decode_refs(refs.as_deref().unwrap_or_default()).first() {
-            Some(&seq) if seq > 0 => trigger.query_row(params![seq], |t| t.get(0)).optional()?,
-            _ => None,
-        };
-        // Decoded with the receipt time standing in: only the fields are wanted.
-        let ev = text
-            .as_deref()
-            .and_then(|t| decoder.decode_at(t.as_bytes(), None, Some(0)).ok());
-        let new: Vec<String> = want
-            .iter()
-            .zip(&r.captures)
-            .map(|(path, &id)| match had.iter().position(|h| h == path) {
-                Some(i) => old.get(i).cloned().unwrap_or_default(),
-                None => ev
-                    .as_ref()
-                    .and_then(|e| e.field(id))
-                    .map(|f| f.to_text())
-                    .unwrap_or_default(),
-            })
-            .collect();
-        let new = serde_json::to_string(&new).unwrap_or_default();
-        if new != stored {
-            set.execute(params![r.name, key, new])?;
+    // A page at a time: the rule's rows (closed ones too) may be millions.
+    let mut from = String::new();
+    loop {
+        let rows: Vec<(String, String, Option<Vec<u8>>)> = page
+            .query_map(params![r.name, from], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let Some(last) = rows.last() else { break };
+        from = last.0.clone();
+        for (key, stored, refs) in rows {
+            let old: Vec<String> = serde_json::from_str(&stored).unwrap_or_default();
+            let text: Option<String> =
+                match decode_refs(refs.as_deref().unwrap_or_default()).first() {
+                    Some(&seq) if seq > 0 => {
+                        trigger.query_row(params![seq], |t| t.get(0)).optional()?
+                    }
+                    _ => None,
+                };
+            // Decoded with the receipt time standing in: only the fields are wanted.
+            let ev = text
+                .as_deref()
+                .and_then(|t| decoder.decode_at(t.as_bytes(), None, Some(0)).ok());
+            let new: Vec<String> = want
+                .iter()
+                .zip(&r.captures)
+                .map(|(path, &id)| match had.iter().position(|h| h == path) {
+                    Some(i) => old.get(i).cloned().unwrap_or_default(),
+                    None => ev
+                        .as_ref()
+                        .and_then(|e| e.field(id))
+                        .map(|f| f.to_text())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            let new = serde_json::to_string(&new).unwrap_or_default();
+            if new != stored {
+                set.execute(params![r.name, key, new])?;
+            }
         }
     }
     Ok(())
@@ -1358,15 +1381,24 @@ fn recapture(
 
 /// Puts the open deadlines of a rule loaded again back into the deadline index.
 fn restore_deadlines(tx: &rusqlite::Transaction<'_>, rule: &str) -> rusqlite::Result<()> {
-    let rows: Vec<(String, Vec<u8>)> = tx
-        .prepare("SELECT key, steps FROM instances WHERE rule = ?1 AND closed_at IS NULL")?
-        .query_map(params![rule], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let mut page = tx.prepare(
+        "SELECT key, steps FROM instances WHERE rule = ?1 AND key > ?2 AND closed_at IS NULL
+         ORDER BY key LIMIT 1000",
+    )?;
     let mut set =
         tx.prepare("UPDATE instances SET next_deadline = ?3 WHERE rule = ?1 AND key = ?2")?;
-    for (key, steps) in rows {
-        if let Some(d) = next_deadline(&decode_steps(&steps)) {
-            set.execute(params![rule, key, d])?;
+    // A page at a time: the rule's open rows may be millions.
+    let mut from = String::new();
+    loop {
+        let rows: Vec<(String, Vec<u8>)> = page
+            .query_map(params![rule, from], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let Some(last) = rows.last() else { break };
+        from = last.0.clone();
+        for (key, steps) in rows {
+            if let Some(d) = next_deadline(&decode_steps(&steps)) {
+                set.execute(params![rule, key, d])?;
+            }
         }
     }
     Ok(())
@@ -1470,7 +1502,17 @@ impl State for SqliteState {
 
     fn put_early(&mut self, rule: usize, key: &str, step: usize, time: Instant, expires: Instant) {
         let name = self.names[rule].clone();
-        self.remember(&name, key);
+        // Counted once per row: one replaced is not one more (the purge takes one off).
+        let had = self
+            .conn
+            .prepare_cached("SELECT 1 FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3")
+            .and_then(|mut s| {
+                s.query_row(params![&*name, key, step as i64], |_| Ok(()))
+                    .optional()
+            });
+        if !self.fail(had.map(|h| h.is_some())) {
+            self.remember(&name, key);
+        }
         self.next_purge = self.next_purge.min(expires);
         let r = self
             .conn
@@ -1520,7 +1562,13 @@ impl State for SqliteState {
 
     fn put_cancel(&mut self, rule: usize, key: &str, expires: Instant) {
         let name = self.names[rule].clone();
-        self.remember(&name, key);
+        let had = self
+            .conn
+            .prepare_cached("SELECT 1 FROM cancels WHERE rule = ?1 AND key = ?2")
+            .and_then(|mut s| s.query_row(params![&*name, key], |_| Ok(())).optional());
+        if !self.fail(had.map(|h| h.is_some())) {
+            self.remember(&name, key);
+        }
         self.next_purge = self.next_purge.min(expires);
         let r = self
             .conn
@@ -1706,6 +1754,52 @@ mod tests {
             expiries(e.state()),
             (t0 + hour, t0 + 2 * hour, t0 + 2 * hour)
         );
+    }
+
+    /// Expired memory is forgotten a bounded chunk per commit (a mass expiry's million
+    /// instances all expire at one clock reading); a cancel remembered twice for a key
+    /// is forgotten whole, its hash too.
+    #[test]
+    fn expired_memory_goes_a_chunk_per_commit_and_leaves_no_hash_behind() {
+        use crate::engine::State as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let rules = crate::rules::load_sources(&[(
+            "r.yaml".into(),
+            "rules:\n  - name: r\n    trigger: { key: k }\n    expect: [{ step: s, key: k, within: 1m }]\n"
+                .into(),
+        )])
+        .unwrap();
+        let mut conn = super::super::open(&path).unwrap();
+        super::super::migrate(&mut conn, &path).unwrap();
+        let mut st = SqliteState::open(conn, &rules, &path).unwrap();
+        st.begin().unwrap();
+        for i in 0..5000 {
+            st.conn()
+                .execute(
+                    "INSERT INTO instances (rule, key, opened_at, closed_at, expires_at, steps, captures)
+                     VALUES ('r', ?1, 0, 1, 10, x'03', '[]')",
+                    params![format!("k{i}")],
+                )
+                .unwrap();
+        }
+        st.put_cancel(0, "c", 10);
+        st.put_cancel(0, "c", 20);
+        st.commit().unwrap();
+        assert!(st.may_remember(0, "c"));
+        let left = |st: &SqliteState| -> i64 {
+            st.conn()
+                .query_row("SELECT COUNT(*) FROM instances", [], |r| r.get(0))
+                .unwrap()
+        };
+        st.begin().unwrap();
+        st.purge(100);
+        st.commit().unwrap();
+        assert_eq!(left(&st), 5000 - 4096);
+        assert!(!st.may_remember(0, "c"), "a hash left for a forgotten cancel");
+        st.begin().unwrap();
+        st.commit().unwrap();
+        assert_eq!(left(&st), 0);
     }
 
     /// Changed `after` links are noted in the file until every stored instance had its
