@@ -142,8 +142,13 @@ pub struct Core {
     timed_event: bool,
     /// When the idle fallback last looked: a gap far beyond `TICK` since means the
     /// process was suspended (SIGSTOP, a paused VM) or starved, not that the stream was
-    /// quiet.
-    last_look: StdInstant,
+    /// quiet. With the wall time then: the monotonic clock stops while the whole machine
+    /// sleeps (a suspended laptop or VM, a restored checkpoint), the wall clock does not.
+    last_look: (StdInstant, Instant),
+    /// The last receipt time given in `wall` mode: receipt times never go back, even when
+    /// the wall clock is stepped back (they would open steps whose deadlines the clock,
+    /// which never goes back, has passed already).
+    last_arrival: Instant,
     wrote_outbox: bool,
     /// With Kafka sources: whether events wait in Kafka (then the stream is not idle).
     kafka: Option<Arc<crate::daemon::kafka::Health>>,
@@ -263,7 +268,8 @@ impl Core {
             batch_started: None,
             last_event: StdInstant::now(),
             timed_event: false,
-            last_look: StdInstant::now(),
+            last_look: (StdInstant::now(), wall_nanos()),
+            last_arrival: Instant::MIN,
             wrote_outbox: false,
             kafka: None,
             holds: Vec::new(),
@@ -555,7 +561,8 @@ impl Core {
         let wall = wall_nanos();
         let ceiling = self.cfg.time.max_ahead.map(|a| wall.saturating_add(a));
         self.engine.set_ceiling(ceiling);
-        matches!(self.cfg.time.clock, ClockMode::Wall).then_some(wall)
+        self.last_arrival = self.last_arrival.max(wall);
+        matches!(self.cfg.time.clock, ClockMode::Wall).then_some(self.last_arrival)
     }
 
     fn reject(&self, source: &str, e: &crate::event::DecodeError) {
@@ -586,7 +593,14 @@ impl Core {
             // or in a file its source cannot read yet.
             self.last_event = StdInstant::now();
         }
-        if std::mem::replace(&mut self.last_look, StdInstant::now()).elapsed() > SUSPENDED {
+        let (then, then_wall) =
+            std::mem::replace(&mut self.last_look, (StdInstant::now(), wall_nanos()));
+        let slept = self
+            .last_look
+            .1
+            .saturating_sub(then_wall)
+            .saturating_sub(then.elapsed().as_nanos() as i64);
+        if then.elapsed() > SUSPENDED || slept > SUSPENDED.as_nanos() as i64 {
             // Whatever arrived meanwhile has not been read yet: the quiet starts now.
             self.last_event = StdInstant::now();
         }
