@@ -157,7 +157,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 return Ok(EXIT_CONFIG);
             }
             let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            let out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            // With --strict a reader that stops early (| head) must not hide a bad line
+            // after that point: the output ends there, the check goes on.
+            let mut out: Box<dyn Write> = if strict {
+                Box::new(Quiet::new(out))
+            } else {
+                Box::new(out)
+            };
             let opts = replay::Options {
                 inputs,
                 lateness,

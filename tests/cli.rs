@@ -664,6 +664,19 @@ fn replay_into_a_closed_pipe_twice_from_stdin_and_an_oversized_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("error"), "{err}");
+    // With --strict, a bad line past where the reader stopped still fails the run.
+    let strict = write(&dir, "strict.jsonl", &format!("{text}not json\n"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
+        .args(["replay", "--strict", "--lifecycle", "--rules", &rules, &strict])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("strict.jsonl:20001:"), "{err}");
 
     let (code, _, err) = sagawatch(&["replay", "--rules", &rules, "-", "a=-"], Some(""));
     assert_eq!(code, 2, "{err}");
