@@ -667,7 +667,14 @@ fn replay_into_a_closed_pipe_twice_from_stdin_and_an_oversized_line() {
     // With --strict, a bad line past where the reader stopped still fails the run.
     let strict = write(&dir, "strict.jsonl", &format!("{text}not json\n"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
-        .args(["replay", "--strict", "--lifecycle", "--rules", &rules, &strict])
+        .args([
+            "replay",
+            "--strict",
+            "--lifecycle",
+            "--rules",
+            &rules,
+            &strict,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -1796,7 +1796,10 @@ mod tests {
         st.purge(100);
         st.commit().unwrap();
         assert_eq!(left(&st), 5000 - 4096);
-        assert!(!st.may_remember(0, "c"), "a hash left for a forgotten cancel");
+        assert!(
+            !st.may_remember(0, "c"),
+            "a hash left for a forgotten cancel"
+        );
         st.begin().unwrap();
         st.commit().unwrap();
         assert_eq!(left(&st), 0);
