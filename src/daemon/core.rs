@@ -385,6 +385,9 @@ impl Core {
             if full || old || timers_only {
                 self.commit()?;
             }
+            // The next look at the idle clock measures the wait for a message from here:
+            // a long commit or fire is work, not a suspension.
+            self.last_look = (StdInstant::now(), wall_nanos());
         }
     }
 
@@ -559,10 +562,16 @@ impl Core {
     /// sets how far their times may move the clock (`time.max_ahead`).
     fn arrival(&mut self) -> Option<Instant> {
         let wall = wall_nanos();
-        let ceiling = self.cfg.time.max_ahead.map(|a| wall.saturating_add(a));
-        self.engine.set_ceiling(ceiling);
-        self.last_arrival = self.last_arrival.max(wall);
-        matches!(self.cfg.time.clock, ClockMode::Wall).then_some(self.last_arrival)
+        if matches!(self.cfg.time.clock, ClockMode::Event) {
+            let ceiling = self.cfg.time.max_ahead.map(|a| wall.saturating_add(a));
+            self.engine.set_ceiling(ceiling);
+            return None;
+        }
+        // Not before the clock (wall time - lateness, moved by the idle ticks too, and
+        // read from the state file after a restart) has come to.
+        let floor = self.engine.clock().saturating_add(self.cfg.time.lateness);
+        self.last_arrival = self.last_arrival.max(wall).max(floor);
+        Some(self.last_arrival)
     }
 
     fn reject(&self, source: &str, e: &crate::event::DecodeError) {
