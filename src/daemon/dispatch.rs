@@ -528,8 +528,12 @@ impl Dispatcher {
                 // Start what is due, sink by sink, in outbox order, while the sink has
                 // slots: a slow or hanging receiver holds only its own. A message whose
                 // lane is busy waits, and so does everything after it in that lane.
+                // Stopping, nothing more starts in the second half of the grace period:
+                // what is in flight gets that long to finish and be recorded (one cut at
+                // the end may have arrived, and goes again after the restart).
+                let starting = stop_at.is_none_or(|t| StdInstant::now() + self.grace / 2 < t);
                 let mut waiting = false;
-                for s in &self.cfg.sinks {
+                for s in self.cfg.sinks.iter().filter(|_| starting) {
                     // The receiver's Retry-After holds the whole sink, not only the
                     // message it answered.
                     if paused.contains_key(&s.name) {
