@@ -27,6 +27,23 @@ fn sagawatch(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
 
 const RULE: &str = "rules:\n  - name: r\n    trigger: { where: { type: A }, key: id }\n    expect:\n      - { step: b, where: { type: B }, key: id, within: 1m }\n";
 
+/// Runs the binary with its stdout a pipe closed at once (a reader gone, as `| head` is
+/// soon): its exit code and stderr.
+fn into_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let p = dir.path().join(name);
     std::fs::write(&p, text).unwrap();
@@ -605,18 +622,10 @@ fn validate_into_a_closed_pipe_ends_quietly() {
         text.push_str(&format!("  - {{ name: r{i}, bogus: 1 }}\n"));
     }
     let f = write(&dir, "many.yaml", &text);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
-        .args(["validate", &f])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = into_closed_stdout(&["validate", &f]);
     assert!(!err.contains("panicked"), "{err}");
     // The output ended, not the check: its exit code still says the rules are invalid.
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(code, Some(1), "{err}");
     // So for `test`: 3000 failing cases read by a reader that stopped early.
     let mut text = String::from("rules: r.yaml\ntests:\n");
     for i in 0..3000 {
@@ -626,17 +635,9 @@ fn validate_into_a_closed_pipe_ends_quietly() {
     }
     write(&dir, "r.yaml", RULE);
     let t = write(&dir, "t.yaml", &text);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
-        .args(["test", &t])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = into_closed_stdout(&["test", &t]);
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(code, Some(1), "{err}");
 }
 
 /// `replay` into a reader that is gone (`| head`) ends quietly too, however much it had
@@ -653,36 +654,20 @@ fn replay_into_a_closed_pipe_twice_from_stdin_and_an_oversized_line() {
         ));
     }
     let events = write(&dir, "e.jsonl", &text);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
-        .args(["replay", "--lifecycle", "--rules", &rules, &events])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let (code, err) = into_closed_stdout(&["replay", "--lifecycle", "--rules", &rules, &events]);
+    assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("error"), "{err}");
     // With --strict, a bad line past where the reader stopped still fails the run.
     let strict = write(&dir, "strict.jsonl", &format!("{text}not json\n"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sagawatch"))
-        .args([
-            "replay",
-            "--strict",
-            "--lifecycle",
-            "--rules",
-            &rules,
-            &strict,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = into_closed_stdout(&[
+        "replay",
+        "--strict",
+        "--lifecycle",
+        "--rules",
+        &rules,
+        &strict,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("strict.jsonl:20001:"), "{err}");
 
     let (code, _, err) = sagawatch(&["replay", "--rules", &rules, "-", "a=-"], Some(""));

@@ -1617,6 +1617,23 @@ impl Drop for SqliteState {
 mod tests {
     use super::*;
 
+    /// One rule `r`: a trigger and one step `s`, both keyed by `k`.
+    fn one_rule() -> RuleSet {
+        crate::rules::load_sources(&[(
+            "r.yaml".into(),
+            "rules:\n  - name: r\n    trigger: { key: k }\n    expect: [{ step: s, key: k, within: 1m }]\n"
+                .into(),
+        )])
+        .unwrap()
+    }
+
+    /// The state file at `path` for `rules`, created and migrated if need be.
+    fn open_at(path: &Path, rules: &RuleSet) -> SqliteState {
+        let mut conn = super::super::open(path).unwrap();
+        super::super::migrate(&mut conn, path).unwrap();
+        SqliteState::open(conn, rules, path).unwrap()
+    }
+
     /// A statement that fails with SQLite ending the transaction itself (the file may not
     /// grow: SQLITE_FULL) leaves the rest of the batch in a transaction all the same: a
     /// source position written after it is rolled back with the batch, not committed
@@ -1635,9 +1652,7 @@ mod tests {
             )])
             .unwrap(),
         );
-        let mut conn = super::super::open(&path).unwrap();
-        super::super::migrate(&mut conn, &path).unwrap();
-        let mut st = SqliteState::open(conn, &rules, &path).unwrap();
+        let mut st = open_at(&path, &rules);
         let pages: i64 = st
             .conn()
             .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -1764,15 +1779,8 @@ mod tests {
         use crate::engine::State as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let rules = crate::rules::load_sources(&[(
-            "r.yaml".into(),
-            "rules:\n  - name: r\n    trigger: { key: k }\n    expect: [{ step: s, key: k, within: 1m }]\n"
-                .into(),
-        )])
-        .unwrap();
-        let mut conn = super::super::open(&path).unwrap();
-        super::super::migrate(&mut conn, &path).unwrap();
-        let mut st = SqliteState::open(conn, &rules, &path).unwrap();
+        let rules = one_rule();
+        let mut st = open_at(&path, &rules);
         st.begin().unwrap();
         for i in 0..5000 {
             st.conn()
@@ -1820,11 +1828,7 @@ mod tests {
             )])
             .unwrap()
         };
-        let open = |rules: &RuleSet| {
-            let mut conn = super::super::open(&path).unwrap();
-            super::super::migrate(&mut conn, &path).unwrap();
-            SqliteState::open(conn, rules, &path).unwrap()
-        };
+        let open = |rules: &RuleSet| open_at(&path, rules);
         let (v1, v2) = (load(", after: a"), load(""));
         assert!(open(&v1).take_reafter().is_empty());
         // Loaded with the link gone, then stopped before it was seen to.
@@ -1844,16 +1848,9 @@ mod tests {
     fn events_are_forgotten_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let rules = crate::rules::load_sources(&[(
-            "r.yaml".into(),
-            "rules:\n  - name: r\n    trigger: { key: k }\n    expect: [{ step: s, key: k, within: 1m }]\n"
-                .into(),
-        )])
-        .unwrap();
+        let rules = one_rule();
         let open = || {
-            let mut conn = super::super::open(&path).unwrap();
-            super::super::migrate(&mut conn, &path).unwrap();
-            let mut st = SqliteState::open(conn, &rules, &path).unwrap();
+            let mut st = open_at(&path, &rules);
             st.retention = 100;
             st
         };
@@ -1885,17 +1882,8 @@ mod tests {
     fn event_seqs_are_not_reused_after_a_purge_and_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let rules = crate::rules::load_sources(&[(
-            "r.yaml".into(),
-            "rules:\n  - name: r\n    trigger: { key: k }\n    expect: [{ step: s, key: k, within: 1m }]\n"
-                .into(),
-        )])
-        .unwrap();
-        let open = || {
-            let mut conn = super::super::open(&path).unwrap();
-            super::super::migrate(&mut conn, &path).unwrap();
-            SqliteState::open(conn, &rules, &path).unwrap()
-        };
+        let rules = one_rule();
+        let open = || open_at(&path, &rules);
         let mut st = open();
         st.begin().unwrap();
         assert_eq!(st.append_event(0, "{}").unwrap(), 1);
