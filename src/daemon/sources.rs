@@ -102,10 +102,18 @@ impl Skips {
         }
     }
 
-    /// `at`: where the line starts (see [`Skips::place`]).
-    fn oversized(&mut self, bytes: u64, at: u64) {
-        self.received.inc();
-        self.oversized.inc();
+    /// Counts the lines skipped in the stretch `lines` holds, as it is sent. Not before:
+    /// a stretch read again after a read error must not count its skipped lines twice.
+    fn settle(&self, lines: &mut Lines) {
+        let (oversized, not_utf8) = std::mem::take(&mut lines.skipped);
+        self.received.inc_by(oversized + not_utf8);
+        self.oversized.inc_by(oversized);
+        self.not_utf8.inc_by(not_utf8);
+    }
+
+    /// `at`: where the line starts (see [`Skips::place`]). Counted with `lines`.
+    fn oversized(&mut self, lines: &mut Lines, bytes: u64, at: u64) {
+        lines.skipped.0 += 1;
         if !self.log.allow(&self.name) {
             return;
         }
@@ -135,8 +143,7 @@ impl Skips {
             }
             Some(false) => {}
             None => {
-                self.received.inc();
-                self.not_utf8.inc();
+                lines.skipped.1 += 1;
                 if self.log.allow(&self.name) {
                     let (offset, line) = self.place(at);
                     tracing::warn!(
@@ -157,6 +164,8 @@ struct Lines {
     text: Vec<String>,
     at: Vec<u64>,
     bytes: usize,
+    /// Lines skipped in the same stretch, not counted yet: oversized, not UTF-8.
+    skipped: (u64, u64),
 }
 
 impl Lines {
@@ -387,7 +396,7 @@ impl FileSource {
                         partial.clear();
                     }
                     Ok(Step::Oversized(n)) => {
-                        self.skips.oversized(n, consumed);
+                        self.skips.oversized(&mut lines, n, consumed);
                         consumed += n;
                     }
                     Ok(Step::More) => {}
@@ -456,6 +465,7 @@ impl FileSource {
                 // failures count one after another only.
                 failing = None;
                 o.offset = consumed;
+                self.skips.settle(&mut lines);
                 let (lines, at) = lines.take(false);
                 let msg = Msg::Lines {
                     source: Arc::clone(&self.name),
@@ -490,12 +500,14 @@ impl FileSource {
                 let end = o.offset + last.len() as u64 + skipping;
                 let mut lines = Lines::default();
                 if skipping > 0 {
-                    self.skips.oversized(skipping + last.len() as u64, o.offset);
+                    self.skips
+                        .oversized(&mut lines, skipping + last.len() as u64, o.offset);
                 } else {
                     self.skips.push(&mut lines, &last, o.offset);
                 }
                 if end != o.offset {
                     o.offset = end;
+                    self.skips.settle(&mut lines);
                     let (lines, at) = lines.take(false);
                     let _ = self.tx.send(Msg::Lines {
                         source: Arc::clone(&self.name),
@@ -723,7 +735,8 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
     let mut lines = Lines::default();
     // The number of the line being read.
     let mut number = 1u64;
-    let send = |lines: &mut Lines| {
+    let send = |lines: &mut Lines, skips: &Skips| {
+        skips.settle(lines);
         lines.is_empty() || {
             let (lines, at) = lines.take(true);
             tx.send(Msg::Lines {
@@ -740,7 +753,7 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
     };
     loop {
         if reader.buffer().is_empty() {
-            if !send(&mut lines) {
+            if !send(&mut lines, &skips) {
                 return;
             }
             if !readable(&stdin, &stop) {
@@ -757,7 +770,7 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
                 }
                 return;
             }
-        } else if lines.full() && !send(&mut lines) {
+        } else if lines.full() && !send(&mut lines, &skips) {
             return;
         }
         let step = next_line(&mut reader, &mut partial, &mut skipping).unwrap_or_else(|e| {
@@ -771,18 +784,18 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
                 number += 1;
             }
             Step::Oversized(n) => {
-                skips.oversized(n, number);
+                skips.oversized(&mut lines, n, number);
                 number += 1;
             }
             Step::More => {}
             Step::End => {
                 // A last line without a newline is still a line.
                 if skipping > 0 {
-                    skips.oversized(skipping + partial.len() as u64, number);
+                    skips.oversized(&mut lines, skipping + partial.len() as u64, number);
                 } else {
                     skips.push(&mut lines, &partial, number);
                 }
-                send(&mut lines);
+                send(&mut lines, &skips);
                 tracing::info!(source = &*name, "stdin closed");
                 return;
             }
@@ -1328,5 +1341,32 @@ mod tests {
             .get();
         let received = metrics.events_received.with_label_values(&["f"]).get();
         assert_eq!((rejected, received), (1, 1));
+    }
+
+    /// Skipped lines count when the stretch they were read in is sent, once: a stretch
+    /// dropped to be read again (after a read error) counts nothing.
+    #[test]
+    fn skipped_lines_count_once_with_the_stretch_they_were_read_in() {
+        let metrics = crate::daemon::metrics::Metrics::new();
+        let mut skips = Skips::new(&metrics, "f");
+        let counts = || {
+            let rejected = |why| metrics.events_rejected.with_label_values(&["f", why]).get();
+            let received = metrics.events_received.with_label_values(&["f"]).get();
+            (received, rejected("oversized"), rejected("invalid_json"))
+        };
+        let read = |skips: &mut Skips| {
+            let mut lines = Lines::default();
+            skips.oversized(&mut lines, MAX_LINE as u64 + 1, 0);
+            skips.push(&mut lines, b"{\"k\":\"\xff\"}", 100);
+            skips.push(&mut lines, b"{}", 200);
+            lines
+        };
+        drop(read(&mut skips));
+        assert_eq!(counts(), (0, 0, 0));
+        let mut lines = read(&mut skips);
+        skips.settle(&mut lines);
+        skips.settle(&mut lines);
+        assert_eq!(counts(), (2, 1, 1));
+        assert_eq!(lines.take(false).0, ["{}"]);
     }
 }
