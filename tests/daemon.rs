@@ -3251,6 +3251,65 @@ fn webhooks_go_through_the_proxy_the_environment_names() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// Messages keep their order within an instance only: one a receiver keeps refusing does
+/// not hold back the alerts of a later instance of the same key (until its give-up).
+#[test]
+fn a_refused_message_does_not_hold_back_a_later_instance_of_its_key() {
+    let port = free_port();
+    let mut rx = Receiver::new(port);
+    // The first instance's alert (its deadline 09:15) is refused, every time.
+    rx.refuse.lock().unwrap().push("T09:15:00".into());
+    rx.start();
+    let rules = "rules:\n  - name: checkout\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+                 expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 15m }]\n    \
+                 on_missing: [{ alert: { summary: 'order {{key}}: {{step}} missing' } }]\n    dedup: 1m\n";
+    let mut d = Daemon::with_rules(
+        rules,
+        &format!(
+            "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+             sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
+             alerts: {{ sinks: [hook] }}\noutbox: {{ backoff: 50ms, max_backoff: 200ms }}\n"
+        ),
+    );
+    d.start();
+    let event = |t: &str, ty: &str| {
+        format!("{{\"time\":\"2026-03-02T{t}:00Z\",\"type\":\"{ty}\",\"order_id\":\"o-1\"}}\n")
+    };
+    let body = [
+        event("09:00", "OrderPlaced"),
+        event("09:16", "Heartbeat"),
+        event("10:00", "OrderPlaced"),
+        event("10:16", "Heartbeat"),
+    ]
+    .concat();
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let got = wait_for(
+        Duration::from_secs(30),
+        "the second instance's alert",
+        || {
+            let got = rx.received();
+            got.iter()
+                .any(|r| r.body.contains("T10:15:00"))
+                .then_some(got)
+        },
+    );
+    // The first instance's alert is still refused and retried, not given up.
+    assert!(got.iter().all(|r| !r.body.contains("T09:15:00")), "{got:?}");
+    assert!(
+        rx.requests.load(std::sync::atomic::Ordering::Relaxed) > got.len(),
+        "{got:?}"
+    );
+    assert_eq!(
+        metric(
+            d.port,
+            "sagawatch_outbox_deliveries_total{result=\"given_up\""
+        ),
+        Some(0.0)
+    );
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A sink's `ca_file` replaces the system's CAs, as in Prometheus' TLS settings: here the
 /// "system" store (`SSL_CERT_FILE`) holds the CA that signed the receiver, which the sink
 /// without `ca_file` trusts and the one whose `ca_file` names another CA does not.

@@ -747,6 +747,7 @@ impl Core {
                                 step,
                                 body: &body,
                                 fp: fp.as_deref(),
+                                opened: Some(o.opened_at),
                             },
                             now_ms,
                         )?;
@@ -761,6 +762,7 @@ impl Core {
                                 body: body.clone(),
                                 active_until_ms: until,
                                 fp,
+                                opened: Some(o.opened_at),
                             },
                         )?;
                     }
@@ -799,6 +801,9 @@ impl Core {
                                 step: &a.step,
                                 body: &body,
                                 fp: a.fp.as_deref(),
+                                // Its alert's lane (no instance if the alert was written
+                                // before they were recorded, as its outbox row).
+                                opened: a.opened,
                             },
                             now_ms,
                         )?;
@@ -819,6 +824,7 @@ impl Core {
                             step,
                             body: &body,
                             fp: None,
+                            opened: Some(o.opened_at),
                         },
                         now_ms,
                     )?;

@@ -150,7 +150,10 @@ impl Lane {
     fn of(p: &Pending) -> Lane {
         let name = match &p.fp {
             Some(fp) => format!("{}\0{}\0{}\0{fp}", p.sink, p.rule, p.step),
-            None => format!("{}\0{}\0{}\0{}\0", p.sink, p.rule, p.step, p.key),
+            None => format!(
+                "{}\0{}\0{}\0{}\0{:?}",
+                p.sink, p.rule, p.step, p.key, p.opened
+            ),
         };
         Lane {
             name,

@@ -138,6 +138,13 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE rule_shapes ADD COLUMN captures TEXT;
     ",
+    // 10: the instance (its trigger time) an outbox message and a firing alert belong to:
+    // messages wait for the older ones of their own instance only, so one a receiver keeps
+    // refusing does not hold back a later instance of the same key (NULL: written before).
+    "
+    ALTER TABLE outbox ADD COLUMN opened INTEGER;
+    ALTER TABLE alerts ADD COLUMN opened INTEGER;
+    ",
     // 10: the windows a rule's stored expiries were computed with (dedup, late, each
     // step's within; NULL when written before this column: taken to be the rule's at the
     // next load). A reload that widens them extends the stored expiries, so what is

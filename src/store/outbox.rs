@@ -19,6 +19,9 @@ pub struct NewMessage<'a> {
     pub body: &'a str,
     /// The Alertmanager label set of an alert or resolve for an Alertmanager sink.
     pub fp: Option<&'a str>,
+    /// The instance's trigger time (engine nanos): one instance's messages keep their
+    /// order, other instances of the key do not wait for them.
+    pub opened: Option<i64>,
 }
 
 /// A message waiting for delivery.
@@ -39,6 +42,8 @@ pub struct Pending {
     pub fp: Option<String>,
     /// When it is (or was) due.
     pub next_ms: i64,
+    /// Its instance's trigger time; `None` if written by a version that did not record it.
+    pub opened: Option<i64>,
 }
 
 fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
@@ -55,6 +60,7 @@ fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
         step: r.get(9)?,
         fp: r.get(10)?,
         next_ms: r.get(11)?,
+        opened: r.get(12)?,
     })
 }
 
@@ -80,6 +86,8 @@ pub struct AlertRow {
     pub active_until_ms: i64,
     /// The Alertmanager label set, for Alertmanager sinks.
     pub fp: Option<String>,
+    /// Its instance's trigger time; `None` if written by a version that did not record it.
+    pub opened: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -96,11 +104,12 @@ pub struct Outbox;
 impl Outbox {
     pub fn insert(conn: &Connection, m: &NewMessage<'_>, now_ms: i64) -> Result<()> {
         conn.prepare_cached(
-            "INSERT INTO outbox (id, sink, kind, rule, key, step, body, created_ms, next_ms, fp)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+            "INSERT INTO outbox
+             (id, sink, kind, rule, key, step, body, created_ms, next_ms, fp, opened)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)",
         )?
         .execute(params![
-            m.id, m.sink, m.kind, m.rule, m.key, m.step, m.body, now_ms, m.fp
+            m.id, m.sink, m.kind, m.rule, m.key, m.step, m.body, now_ms, m.fp, m.opened
         ])?;
         Ok(())
     }
@@ -113,7 +122,8 @@ impl Outbox {
         limit: usize,
     ) -> Result<Vec<Pending>> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step, fp, next_ms
+            "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step, fp, next_ms,
+                    opened
              FROM outbox INDEXED BY outbox_due
              WHERE state = 0 AND sink = ?1 AND next_ms <= ?2 ORDER BY next_ms, seq LIMIT ?3",
         )?;
@@ -127,13 +137,16 @@ impl Outbox {
         Ok(conn
             .prepare_cached(
                 "SELECT seq, id, sink, kind, body, attempts, created_ms, rule, key, step, fp,
-                        next_ms
+                        next_ms, opened
                  FROM outbox INDEXED BY outbox_instance
                  WHERE rule = ?1 AND key = ?2 AND state = 0 AND sink = ?3 AND step = ?4
-                   AND seq <= ?5
+                   AND opened IS ?6 AND seq <= ?5
                  ORDER BY seq LIMIT 1",
             )?
-            .query_row(params![p.rule, p.key, p.sink, p.step, p.seq], pending_row)
+            .query_row(
+                params![p.rule, p.key, p.sink, p.step, p.seq, p.opened],
+                pending_row,
+            )
             .optional()?)
     }
 
@@ -222,8 +235,9 @@ impl Outbox {
 
     pub fn record_alert(conn: &Connection, a: &AlertRow) -> Result<()> {
         conn.prepare_cached(
-            "INSERT OR REPLACE INTO alerts (id, sink, rule, key, step, body, active_until_ms, fp)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR REPLACE INTO alerts
+             (id, sink, rule, key, step, body, active_until_ms, fp, opened)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?
         .execute(params![
             a.id,
@@ -233,7 +247,8 @@ impl Outbox {
             a.step,
             a.body,
             a.active_until_ms,
-            a.fp
+            a.fp,
+            a.opened
         ])?;
         Ok(())
     }
@@ -247,7 +262,7 @@ impl Outbox {
     ) -> Result<Vec<AlertRow>> {
         let rows = {
             let mut stmt = conn.prepare_cached(
-                "SELECT id, sink, body, active_until_ms, fp FROM alerts
+                "SELECT id, sink, body, active_until_ms, fp, opened FROM alerts
                  WHERE rule = ?1 AND key = ?2 AND step = ?3",
             )?;
             stmt.query_map(params![rule, key, step], |r| {
@@ -260,6 +275,7 @@ impl Outbox {
                     body: r.get(2)?,
                     active_until_ms: r.get(3)?,
                     fp: r.get(4)?,
+                    opened: r.get(5)?,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?
@@ -333,7 +349,7 @@ impl Outbox {
         mut f: impl FnMut(AlertRow),
     ) -> Result<()> {
         let mut stmt = conn.prepare_cached(
-            "SELECT id, rule, key, step, body, active_until_ms, fp FROM alerts
+            "SELECT id, rule, key, step, body, active_until_ms, fp, opened FROM alerts
              WHERE sink = ?1 AND active_until_ms >= ?2",
         )?;
         let rows = stmt.query_map(params![sink, clock_ms], |r| {
@@ -346,6 +362,7 @@ impl Outbox {
                 body: r.get(4)?,
                 active_until_ms: r.get(5)?,
                 fp: r.get(6)?,
+                opened: r.get(7)?,
             })
         })?;
         for row in rows {
@@ -378,6 +395,7 @@ mod tests {
                 step: "x",
                 body: "{}",
                 fp: None,
+                opened: Some(0),
             };
             Outbox::insert(&conn, &m, 0).unwrap();
         }

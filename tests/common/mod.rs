@@ -256,6 +256,8 @@ pub struct Receiver {
     pub requests: Arc<AtomicUsize>,
     /// With TLS: connections whose handshake failed.
     pub tls_failures: Arc<AtomicUsize>,
+    /// Requests whose body holds one of these are answered 400, and not recorded.
+    pub refuse: Arc<Mutex<Vec<String>>>,
 }
 
 impl Receiver {
@@ -266,6 +268,7 @@ impl Receiver {
             running: None,
             requests: Arc::default(),
             tls_failures: Arc::default(),
+            refuse: Arc::default(),
         }
     }
 
@@ -301,6 +304,7 @@ impl Receiver {
             Arc::clone(&self.requests),
             Arc::clone(&self.tls_failures),
         );
+        let refuse = Arc::clone(&self.refuse);
         let h = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
@@ -312,12 +316,19 @@ impl Receiver {
                 let s = Arc::clone(&s);
                 let tls = tls.clone();
                 let tls_failures = Arc::clone(&tls_failures);
+                let refuse = Arc::clone(&refuse);
                 std::thread::spawn(move || {
                     conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                    let served = Served {
+                        got: &got,
+                        requests: &requests,
+                        stop: &s,
+                        refuse: &refuse,
+                    };
                     match tls {
-                        None => serve_conn(conn, &got, &requests, &s),
+                        None => serve_conn(conn, &served),
                         Some(tls) => match tls.accept(conn) {
-                            Ok(conn) => serve_conn(conn, &got, &requests, &s),
+                            Ok(conn) => serve_conn(conn, &served),
                             Err(_) => {
                                 tls_failures.fetch_add(1, Ordering::Relaxed);
                             }
@@ -348,12 +359,21 @@ impl Drop for Receiver {
     }
 }
 
-fn serve_conn(
-    conn: impl Read + Write,
-    got: &Mutex<Vec<Received>>,
-    requests: &AtomicUsize,
-    stop: &AtomicBool,
-) {
+/// What a receiver's connection records into, and answers by.
+struct Served<'a> {
+    got: &'a Mutex<Vec<Received>>,
+    requests: &'a AtomicUsize,
+    stop: &'a AtomicBool,
+    refuse: &'a Mutex<Vec<String>>,
+}
+
+fn serve_conn(conn: impl Read + Write, served: &Served<'_>) {
+    let Served {
+        got,
+        requests,
+        stop,
+        refuse,
+    } = *served;
     let secret: Secret = sign::parse_secret(SECRET).unwrap();
     let mut r = BufReader::new(conn);
     loop {
@@ -402,13 +422,19 @@ fn serve_conn(
             .cloned()
             .unwrap_or_default();
         let signed = sign::verify(&secret, &id, ts, &body, &sig);
-        got.lock().unwrap().push(Received {
-            id,
-            body: String::from_utf8_lossy(&body).into_owned(),
-            signed,
-            user_agents,
-        });
-        let resp = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let refused = refuse.lock().unwrap().iter().any(|r| body.contains(r));
+        let resp = if refused {
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+        } else {
+            got.lock().unwrap().push(Received {
+                id,
+                body,
+                signed,
+                user_agents,
+            });
+            "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
+        };
         if r.get_mut().write_all(resp.as_bytes()).is_err() {
             return;
         }
