@@ -129,7 +129,7 @@ const STDOUT_IN_FLIGHT: usize = 1024;
 
 /// What a finished task reports.
 enum Done {
-    Delivery(Pending, Result<(), Failed>),
+    Delivery(Box<Pending>, Result<(), Failed>),
     /// An Alertmanager sink's firing alerts re-sent.
     Resend(String, Result<(), Failed>),
 }
@@ -258,7 +258,7 @@ impl Flight {
             }
         }
         match r {
-            Ok((_, Done::Delivery(p, r))) => out.push((p, r)),
+            Ok((_, Done::Delivery(p, r))) => out.push((*p, r)),
             Ok((_, Done::Resend(sink, Err(e)))) => {
                 tracing::warn!(sink, error = %e.error, "re-sending firing alerts failed");
                 if let Some(d) = e.retry_after {
@@ -607,7 +607,7 @@ impl Dispatcher {
                                     Some(q) => StdoutWriter::printed(q).await,
                                     None => deliver(&client, &sink, &p).await,
                                 };
-                                Done::Delivery(p, r)
+                                Done::Delivery(Box::new(p), r)
                             });
                             flight.start(task.id(), message, &s.name, lane);
                         }
