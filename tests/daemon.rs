@@ -440,17 +440,36 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     };
     assert!(refused("authorization: Bearer s3cret\r\n").contains(" 413 "));
     assert!(refused("").contains(" 401 "));
-    assert!(
-        refused("authorization: Bearer s3cret\r\ncontent-encoding: gzip\r\n").contains(" 415 ")
-    );
-    // A compressed body is refused as such, not as a line that is not UTF-8.
-    let gzip = [auth[0], ("content-encoding", "gzip")];
-    let (st, b) = post(&gzip, b"\x1f\x8b\x08\x00");
+    assert!(refused("authorization: Bearer s3cret\r\ncontent-encoding: br\r\n").contains(" 415 "));
+    // A body in an encoding not taken is refused as such, not as a line that is not UTF-8.
+    let (st, b) = post(&[auth[0], ("content-encoding", "br")], b"\x1f\x8b\x08\x00");
     assert_eq!(st, 415, "{b}");
     assert!(
-        b.contains("content-encoding \\\"gzip\\\" is not supported: send the body uncompressed"),
+        b.contains(
+            "content-encoding \\\"br\\\" is not supported: send the body uncompressed or gzip"
+        ),
         "{b}"
     );
+    // A gzip body is read decompressed: its lines named as there, `max_body` applied to
+    // what it holds (a few bytes that hold 10 kB are refused), a broken one a 400.
+    let gzip = [auth[0], ("content-encoding", "gzip")];
+    let (st, b) = post(&gzip, &gz(format!("{good}\n{{not json\n").as_bytes()));
+    assert_eq!(st, 400, "{b}");
+    assert!(b.contains("line 2"), "{b}");
+    let bomb = gz(&vec![b' '; 10_000]);
+    assert!(bomb.len() < 100);
+    let (st, b) = post(&gzip, &bomb);
+    assert_eq!(st, 413, "{b}");
+    assert!(
+        b.contains("larger than 4096 bytes once decompressed"),
+        "{b}"
+    );
+    let (st, b) = post(&gzip, b"\x1f\x8b\x08\x00");
+    assert_eq!(st, 400, "{b}");
+    assert!(b.contains("body is not valid gzip"), "{b}");
+    let (st, b) = post(&gzip, format!("{good}\n").as_bytes());
+    assert_eq!(st, 400, "{b}");
+    assert!(b.contains("body is not valid gzip"), "{b}");
     // `identity` is no encoding: the body is read (here, a bad line).
     let plain = [auth[0], ("content-encoding", "identity")];
     let (st, b) = post(&plain, b"{not json");
@@ -533,6 +552,19 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     assert_eq!(
         metric(d.port, "sagawatch_outcomes_total{outcome=\"opened\""),
         Some(1.0)
+    );
+    // Gzip members one after another (as concatenated files make) are read in turn.
+    let members = [
+        good.replace("\"a\"", "\"g1\""),
+        good.replace("\"a\"", "\"g2\""),
+    ]
+    .map(|e| gz(format!("{e}\n").as_bytes()))
+    .concat();
+    let (st, b) = post(&[auth[0], ("content-encoding", "GZip")], &members);
+    assert_eq!((st, b.as_str()), (202, r#"{"accepted":2}"#));
+    assert_eq!(
+        metric(d.port, "sagawatch_outcomes_total{outcome=\"opened\""),
+        Some(3.0)
     );
     assert_eq!(http(d.port, "GET", "/healthz", &[], b"").unwrap().0, 200);
     assert_eq!(d.terminate(), 0);

@@ -1159,6 +1159,25 @@ async fn read_body(body: &mut Incoming, max: usize) -> Result<Option<Bytes>, hyp
     Ok(Some(Bytes::from(buf)))
 }
 
+/// Why a gzip body could not be decompressed.
+enum Unzip {
+    /// Over `max_body` once decompressed.
+    TooLarge,
+    Invalid(String),
+}
+
+/// Decompresses a gzip body (several members, as concatenated files make, are read in
+/// turn) of at most `max` bytes once decompressed; `None` if it is longer, found before
+/// more than `max + 1` bytes are held.
+fn gunzip(body: &[u8], max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(body)
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)?;
+    Ok((out.len() <= max).then_some(out))
+}
+
 /// Reads and drops a body to its end: whether it ended within `cap` bytes and `DRAIN_TIME`.
 async fn drain(mut body: Incoming, cap: usize) -> bool {
     let mut left = cap;
@@ -1190,12 +1209,15 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     if !authorized(&shared.cfg.token, &req) {
         return refuse(req, unauthorized()).await;
     }
-    // A compressed body would read as one bad line ("not UTF-8"): say what is wrong.
+    // A gzip body (as log shippers send NDJSON) is decompressed; one in any other encoding
+    // would read as one bad line ("not UTF-8"): say what is wrong.
+    let mut gzip = false;
     if let Some(enc) = req.headers().get("content-encoding") {
         let enc = String::from_utf8_lossy(enc.as_bytes())
             .trim()
             .to_ascii_lowercase();
-        if enc != "identity" && !enc.is_empty() {
+        gzip = matches!(enc.as_str(), "gzip" | "x-gzip");
+        if enc != "identity" && !enc.is_empty() && !gzip {
             shared
                 .metrics
                 .events_rejected
@@ -1203,7 +1225,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
                 .inc();
             let resp = json(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                serde_json::json!({"error": format!("content-encoding {enc:?} is not supported: send the body uncompressed")}),
+                serde_json::json!({"error": format!("content-encoding {enc:?} is not supported: send the body uncompressed or gzip")}),
             );
             return refuse(req, resp).await;
         }
@@ -1222,8 +1244,10 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     if length.is_some_and(|len| len > max_body) {
         return refuse(req, too_large()).await;
     }
-    // The body's share of the ingest budget, taken before it is read.
+    // The body's share of the ingest budget, taken before it is read (a gzip body's is
+    // what it may hold once decompressed).
     let share = length
+        .filter(|_| !gzip)
         .unwrap_or(max_body)
         .clamp(1, ingest_budget(&shared.cfg).max(1)) as u32;
     let acquire = Arc::clone(&shared.ingest).acquire_many_owned(share);
@@ -1284,17 +1308,43 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let wall = matches!(shared.cfg.time.clock, ClockMode::Wall);
     // The permit goes along: a client gone meanwhile frees it only when the split ends.
     let split = tokio::task::spawn_blocking(move || {
+        let body = if gzip {
+            match gunzip(&body, max_body) {
+                Ok(Some(b)) => Bytes::from(b),
+                Ok(None) => return (Err(Unzip::TooLarge), permit),
+                Err(e) => return (Err(Unzip::Invalid(e.to_string())), permit),
+            }
+        } else {
+            body
+        };
         let decoder = Decoder::time_only(&field);
         let check = |line: &str| {
             decoder
                 .decode_at(line.as_bytes(), None, wall.then_some(0))
                 .map(drop)
         };
-        (split_body(&body, check), permit)
+        (Ok(split_body(&body, check)), permit)
     })
     .await;
     let (split, permit) = match split {
-        Ok(s) => s,
+        Ok((Ok(s), permit)) => (s, permit),
+        Ok((Err(Unzip::TooLarge), _)) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": format!("body larger than {max_body} bytes once decompressed")}),
+            );
+        }
+        Ok((Err(Unzip::Invalid(e)), _)) => {
+            shared
+                .metrics
+                .events_rejected
+                .with_label_values(&[&name, "content_encoding"])
+                .inc();
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("body is not valid gzip: {e}")}),
+            );
+        }
         Err(e) => {
             return json(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -44,6 +44,13 @@ rules:
     late: 1h
 "#;
 
+/// `data` gzip-compressed.
+pub fn gz(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
 /// Waits until `f` returns `Some`, polling every 20 ms, or panics with `what` after `limit`.
 pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + limit;
