@@ -138,13 +138,6 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE rule_shapes ADD COLUMN captures TEXT;
     ",
-    // 10: the instance (its trigger time) an outbox message and a firing alert belong to:
-    // messages wait for the older ones of their own instance only, so one a receiver keeps
-    // refusing does not hold back a later instance of the same key (NULL: written before).
-    "
-    ALTER TABLE outbox ADD COLUMN opened INTEGER;
-    ALTER TABLE alerts ADD COLUMN opened INTEGER;
-    ",
     // 10: the windows a rule's stored expiries were computed with (dedup, late, each
     // step's within; NULL when written before this column: taken to be the rule's at the
     // next load). A reload that widens them extends the stored expiries, so what is
@@ -158,6 +151,13 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE rule_shapes ADD COLUMN afters TEXT;
     CREATE INDEX outbox_done ON outbox (done_ms) WHERE state != 0;
+    ",
+    // 12: the instance (its trigger time) an outbox message and a firing alert belong to:
+    // messages wait for the older ones of their own instance only, so one a receiver keeps
+    // refusing does not hold back a later instance of the same key (NULL: written before).
+    "
+    ALTER TABLE outbox ADD COLUMN opened INTEGER;
+    ALTER TABLE alerts ADD COLUMN opened INTEGER;
     ",
 ];
 
@@ -1104,6 +1104,37 @@ pub fn rule_summary(conn: &Connection) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Migrations are applied by position: one changed, moved or put between two others
+    /// leaves files written before it without it (or applies another twice), and they no
+    /// longer open. The digests of those released stay as they are; a new one goes last.
+    #[test]
+    fn migrations_are_only_ever_appended() {
+        use sha2::{Digest, Sha256};
+        const RELEASED: [&str; 12] = [
+            "5b4d0fbdd3490c5c",
+            "279634fd13cd69ed",
+            "63cc05bad624507f",
+            "3c87696a64553a78",
+            "369a7e770d4f3bf7",
+            "ba5b2f7052aeddb3",
+            "ca91265e1d50e199",
+            "eba867ef96ef5d8a",
+            "35111774fadc4842",
+            "4df04189816604ca",
+            "5d5dab19fde07c02",
+            "2ecaf8655abb24d5",
+        ];
+        let got: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|m| {
+                let d = Sha256::digest(m.as_bytes());
+                d[..8].iter().map(|b| format!("{b:02x}")).collect()
+            })
+            .collect();
+        assert!(got.len() >= RELEASED.len(), "{got:?}");
+        assert_eq!(got[..RELEASED.len()], RELEASED, "{got:?}");
+    }
 
     /// A state path that is a symbolic link to a file not there yet: the file is
     /// created, for its owner only, as a new state file is.
