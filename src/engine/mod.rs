@@ -243,6 +243,7 @@ impl<S: State> Engine<S> {
                     }) {
                         mark_missing(&cx, inst, d.step, out);
                         close_if_done(&cx, inst, out);
+                        self.forget_early_if_closed(&cx, inst);
                         fired += 1;
                     }
                 }
@@ -295,6 +296,7 @@ impl<S: State> Engine<S> {
                 self.open_step(&cx, inst, step, deadline, out);
             }
             close_if_done(&cx, inst, out);
+            self.forget_early_if_closed(&cx, inst);
         }
         self.state.put(rule_ix, key, row);
     }
@@ -340,6 +342,7 @@ impl<S: State> Engine<S> {
                     }
                 }
                 close(cx, inst);
+                self.forget_early_if_closed(cx, inst);
                 if cx.lifecycle {
                     out.push(outcome(
                         cx,
@@ -377,12 +380,14 @@ impl<S: State> Engine<S> {
                     StepStatus::Open if time <= s.at => {
                         self.satisfy(cx, inst, step, time, out);
                         close_if_done(cx, inst, out);
+                        self.forget_early_if_closed(cx, inst);
                         false
                     }
                     StepStatus::Open => {
                         mark_missing(cx, inst, step, out);
                         report_late(cx, inst, step, time, out);
                         close_if_done(cx, inst, out);
+                        self.forget_early_if_closed(cx, inst);
                         false
                     }
                     StepStatus::Missing => {
@@ -477,7 +482,23 @@ impl<S: State> Engine<S> {
             }
         }
         close_if_done(cx, &mut inst, out);
+        self.forget_early_if_closed(cx, &inst);
         self.state.put(cx.rule_ix, cx.key, Some(inst));
+    }
+
+    /// Once an instance has closed: forgets the early correlates remembered for the steps
+    /// it closed without opening. They came while it was open, or before it opened, so
+    /// they were its own: a later instance of the key (after `dedup`) must not take them.
+    fn forget_early_if_closed(&mut self, cx: &Cx<'_>, inst: &Instance) {
+        if inst.is_open() {
+            return;
+        }
+        for (i, s) in inst.steps.iter().enumerate() {
+            if s.status == StepStatus::Pending && self.state.early(cx.rule_ix, cx.key, i).is_some()
+            {
+                self.state.remove_early(cx.rule_ix, cx.key, i);
+            }
+        }
     }
 
     /// Opens a step; a remembered early correlate within the new deadline satisfies it.
@@ -809,6 +830,69 @@ mod tests {
             .map(|o| (o.key.as_str(), o.deadline.map(crate::time::format_rfc3339)))
             .collect();
         assert_eq!(missing, [("x", Some("2026-01-01T00:11:00Z".to_string()))]);
+    }
+
+    /// An early correlate remembered for a step its instance never opened (its `after`
+    /// step went missing, or a cancel came) was that instance's: a later instance of the
+    /// key, opened after `dedup`, does not take it, whichever way the first one closed.
+    #[test]
+    fn an_instance_closed_before_its_step_opened_takes_its_early_correlate_along() {
+        let rules = Arc::new(
+            crate::rules::load_sources(&[(
+                "r.yaml".into(),
+                "rules:\n  - name: r\n    trigger: { where: { type: T }, key: id }\n    expect:\n      \
+                 - { step: a, where: { type: A }, key: id, within: 15m }\n      \
+                 - { step: b, where: { type: B }, key: id, within: 48h, after: a }\n    \
+                 cancel: [{ where: { type: X }, key: id }]\n    dedup: 1h\n"
+                    .to_string(),
+            )])
+            .unwrap(),
+        );
+        let d = Decoder::new(&rules, "time");
+        let mut e = Engine::new(Arc::clone(&rules), MemoryState::new(), 0);
+        let mut out = Vec::new();
+        let mut apply = |day: u8, time: &str, kind: &str, id: &str| {
+            let line =
+                format!(r#"{{"time":"2026-01-0{day}T{time}:00Z","type":"{kind}","id":"{id}"}}"#);
+            e.process(&d.decode(line.as_bytes(), None).unwrap(), &mut out);
+        };
+        // c: cancelled; m: B before its trigger, a missing; f: a missing (a fired deadline).
+        for (t, kind, id) in [
+            ("00:00", "T", "c"),
+            ("00:05", "B", "c"),
+            ("00:06", "X", "c"),
+            ("00:00", "B", "m"),
+            ("00:01", "T", "m"),
+            ("00:02", "T", "f"),
+            ("00:05", "B", "f"),
+            ("03:00", "Z", "z"),
+        ] {
+            apply(1, t, kind, id);
+        }
+        for id in ["c", "m", "f"] {
+            apply(2, "01:00", "T", id);
+            apply(2, "01:01", "A", id);
+        }
+        apply(5, "00:00", "Z", "z");
+        let mut missing: Vec<_> = out
+            .iter()
+            .filter(|o| matches!(o.kind, Kind::Missing))
+            .map(|o| {
+                (
+                    o.key.as_str(),
+                    o.step,
+                    crate::time::format_rfc3339(o.opened_at),
+                )
+            })
+            .filter(|m| m.2.starts_with("2026-01-02"))
+            .map(|(k, s, _)| (k, s))
+            .collect();
+        missing.sort();
+        assert_eq!(
+            missing,
+            [("c", Some(1)), ("f", Some(1)), ("m", Some(1))],
+            "{out:?}"
+        );
     }
 
     /// Event times so early that they less `lateness` fall below the range: the clock

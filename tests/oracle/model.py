@@ -457,10 +457,19 @@ class Engine:
             if inst.steps[c.name].status == 'pending':
                 self.open_step(inst, c, t + c.within)
 
+    def forget_unopened(self, inst):
+        # Early correlates remembered for steps the instance closed without opening were
+        # its own: a later instance of the key does not take them.
+        for name, st in inst.steps.items():
+            if st.status in ('pending', 'blocked', 'dropped'):
+                if self.early.pop((inst.rule.idx, inst.key, name), None) is not None:
+                    COVER['early_forgotten_at_close'] += 1
+
     def check_close(self, inst):
         if inst.open and not any(st.status == 'open' for st in inst.steps.values()):
             inst.open = False
             inst.closed_at = self.clock
+            self.forget_unopened(inst)
             if self.lifecycle:
                 self.emit({'outcome': 'closed', 'rule': inst.rule.name, 'key': inst.key,
                            'at': self.clock, 'opened_at': inst.T})
@@ -489,6 +498,7 @@ class Engine:
                         st.status = 'dropped'
                 inst.open = False
                 inst.closed_at = self.clock
+                self.forget_unopened(inst)
                 if self.lifecycle:
                     self.emit({'outcome': 'cancelled', 'rule': rule.name, 'key': key,
                                'at': self.clock, 'opened_at': inst.T, 'time': t})
