@@ -494,8 +494,7 @@ impl<S: State> Engine<S> {
             return;
         }
         for (i, s) in inst.steps.iter().enumerate() {
-            if s.status == StepStatus::Pending && self.state.early(cx.rule_ix, cx.key, i).is_some()
-            {
+            if s.status == StepStatus::Pending {
                 self.state.remove_early(cx.rule_ix, cx.key, i);
             }
         }

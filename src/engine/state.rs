@@ -136,6 +136,7 @@ pub trait State {
     fn early(&self, rule: usize, key: &str, step: usize) -> Option<(Instant, Instant)>;
     /// Remembers an early correlate at `time` until the clock passes `expires`.
     fn put_early(&mut self, rule: usize, key: &str, step: usize, time: Instant, expires: Instant);
+    /// Forgets an early correlate, if one is remembered (cheap when none is).
     fn remove_early(&mut self, rule: usize, key: &str, step: usize);
     /// Expiry of a remembered cancel for (rule, key).
     fn cancel(&self, rule: usize, key: &str) -> Option<Instant>;

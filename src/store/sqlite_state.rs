@@ -1535,6 +1535,9 @@ impl State for SqliteState {
     }
 
     fn remove_early(&mut self, rule: usize, key: &str, step: usize) {
+        if !self.may_remember(rule, key) {
+            return;
+        }
         let r = self
             .conn
             .prepare_cached("DELETE FROM early WHERE rule = ?1 AND key = ?2 AND step = ?3")
