@@ -2590,6 +2590,8 @@ fn instance_listing_pages_through_the_status_indexes() {
     // Opened more than 16 minutes before the clock (09:17:30): o0 and o1.
     assert_eq!(keys(&get("status=open&older_than=16m")), ["o0", "o1"]);
     assert_eq!(keys(&get("status=open&rule=other")), Vec::<String>::new());
+    // The last of repeated parameters counts, an empty `rule` being no filter.
+    assert_eq!(keys(&get("status=missing&rule=other&rule=")), ["o2"]);
     // A page position in the open order means nothing in the missing order.
     let (st, b) = http(
         d.port,

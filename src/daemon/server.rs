@@ -802,8 +802,8 @@ async fn list(shared: Arc<Shared>, query: &str) -> Resp {
                 Some(s) => status = s,
                 None => return bad(format!("status {v:?}: use open, missing or late")),
             },
-            "rule" if !v.is_empty() => rule = Some(v),
-            "rule" => {}
+            // An empty one (the last counts) is no filter.
+            "rule" => rule = (!v.is_empty()).then_some(v),
             "older_than" => match crate::time::Duration::parse_span(&v) {
                 Ok(d) => older = Some(d),
                 Err(e) => return bad(format!("older_than: {e}")),
@@ -926,6 +926,15 @@ fn split_array(
     text: &str,
     check: &impl Fn(&str) -> Result<(), DecodeError>,
 ) -> Result<Body, BodyError> {
+    split_array_to(text, check).map_err(|(e, _)| e)
+}
+
+/// As [`split_array`]; an error also tells whether the text ended inside the array (its
+/// element, in `at`, cut short).
+fn split_array_to(
+    text: &str,
+    check: &impl Fn(&str) -> Result<(), DecodeError>,
+) -> Result<Body, (BodyError, bool)> {
     use serde::de::{Deserializer as _, Error as _};
     struct Elements<'c, F> {
         check: &'c F,
@@ -996,17 +1005,21 @@ fn split_array(
             lines,
             array: true,
         }),
-        Err(e) => Err(bad.into_inner().unwrap_or_else(|| match at.get() {
-            // After the array (or before it).
-            0 => body_error(e.line(), format!("invalid JSON array: {e}"), "invalid_json"),
-            // Within it: the element being parsed.
-            i => BodyError {
-                line: i,
-                at: format!("element {i}"),
-                message: format!("invalid JSON array: {e}"),
-                reason: "invalid_json",
-            },
-        })),
+        Err(e) => {
+            let cut = bad.borrow().is_none() && at.get() > 0 && e.is_eof();
+            let error = bad.into_inner().unwrap_or_else(|| match at.get() {
+                // After the array (or before it).
+                0 => body_error(e.line(), format!("invalid JSON array: {e}"), "invalid_json"),
+                // Within it: the element being parsed.
+                i => BodyError {
+                    line: i,
+                    at: format!("element {i}"),
+                    message: format!("invalid JSON array: {e}"),
+                    reason: "invalid_json",
+                },
+            });
+            Err((error, cut))
+        }
     }
 }
 
@@ -1024,10 +1037,26 @@ pub fn split_body(
         reason: e.reason(),
     };
     let text = std::str::from_utf8(body).map_err(|e| {
-        let line = 1 + body[..e.valid_up_to()]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
+        let valid = &body[..e.valid_up_to()];
+        // In an array: the element it is in (unless one before it is bad already).
+        if let Ok(prefix) = std::str::from_utf8(valid)
+            && prefix
+                .strip_prefix('\u{feff}')
+                .unwrap_or(prefix)
+                .trim_ascii_start()
+                .starts_with('[')
+        {
+            let prefix = prefix.strip_prefix('\u{feff}').unwrap_or(prefix);
+            match split_array_to(prefix, &check) {
+                Err((mut bad, true)) => {
+                    bad.message = "not UTF-8".into();
+                    return bad;
+                }
+                Err((bad, false)) => return bad,
+                Ok(_) => {}
+            }
+        }
+        let line = 1 + valid.iter().filter(|&&b| b == b'\n').count();
         body_error(line, format!("not UTF-8: {e}"), "invalid_json")
     })?;
     // A byte order mark before the body is not part of it (as at the start of a file).
@@ -1128,12 +1157,22 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// Answers `resp` to a request whose body is not wanted, after reading what is left of the
 /// body (bounded); the connection is closed if it could not all be read. A client that
 /// waits for `100 Continue` has sent nothing yet, and is not asked to.
-async fn refuse(req: Request<Incoming>, mut resp: Resp) -> Resp {
+async fn refuse(req: Request<Incoming>, resp: Resp) -> Resp {
     let expects = req
         .headers()
         .get("expect")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects || drain(req.into_body(), DRAIN_BYTES).await {
+    refuse_as(req, resp, !expects).await
+}
+
+/// As [`refuse`], after a wait: a client that asked for `100 Continue` has stopped waiting
+/// for it by then (curl waits 1 s) and is sending its body, which is read all the same.
+async fn refuse_late(req: Request<Incoming>, resp: Resp) -> Resp {
+    refuse_as(req, resp, true).await
+}
+
+async fn refuse_as(req: Request<Incoming>, mut resp: Resp, read: bool) -> Resp {
+    if !read || drain(req.into_body(), DRAIN_BYTES).await {
         return resp;
     }
     resp.headers_mut().insert(
@@ -1267,7 +1306,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
             );
             r.headers_mut()
                 .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
-            return refuse(req, r).await;
+            return refuse_late(req, r).await;
         }
     };
     // A body trickled in slower than this holds a connection slot: cut it.
@@ -1425,6 +1464,41 @@ mod tests {
 
     fn split_body(body: &[u8]) -> Result<super::Body, super::BodyError> {
         super::split_body(body, |_| Ok::<(), DecodeError>(()))
+    }
+
+    /// A byte that is not UTF-8 inside an array is blamed on the element it is in (unless
+    /// one before it is bad already), not on the line.
+    #[test]
+    fn a_byte_not_utf8_in_an_array_names_its_element() {
+        let d = Decoder::time_only("time");
+        let check = |l: &str| d.decode(l.as_bytes(), None).map(drop);
+        let t = r#""time":"2026-01-01T00:00:00Z""#;
+        let bytes = [
+            format!("\u{feff}[{{{t}}}, {{{t},\"k\":\"").as_bytes(),
+            b"\xff",
+            format!("\"}}, {{{t}}}]").as_bytes(),
+        ]
+        .concat();
+        let e = super::split_body(&bytes, check).unwrap_err();
+        assert_eq!(
+            (e.at.as_str(), e.line, e.message.as_str(), e.reason),
+            ("element 2", 2, "not UTF-8", "invalid_json")
+        );
+        // Between two elements: the next one.
+        let body = [format!("[{{{t}}},\n").as_bytes(), b"\xff{}]"].concat();
+        let e = super::split_body(&body, check).unwrap_err();
+        assert_eq!(
+            (e.at.as_str(), e.message.as_str()),
+            ("element 2", "not UTF-8")
+        );
+        // One bad before it: that one.
+        let body = [b"[{\"type\":\"A\"}, {\"k\":\"".as_slice(), b"\xff\"}]"].concat();
+        let e = super::split_body(&body, check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("element 1", "no_time"));
+        // NDJSON: by line.
+        let body = [format!("{{{t}}}\n{{{t}}}\n").as_bytes(), b"\xff\n"].concat();
+        let e = super::split_body(&body, check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.reason), ("line 3", "invalid_json"));
     }
 
     #[test]
