@@ -3344,6 +3344,54 @@ fn a_refused_message_does_not_hold_back_a_later_instance_of_its_key() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A message held behind an older one of its lane that waits for a retry is not due
+/// before that retry: it is not read again at every round, and many of them do not fill
+/// the window of due messages that the sink's others are found in.
+#[test]
+fn a_message_held_behind_a_retry_waits_until_then() {
+    let port = free_port();
+    let mut rx = Receiver::new(port);
+    // Alerts are refused: each instance's compensation waits behind its alert.
+    rx.refuse.lock().unwrap().push("alert.firing".into());
+    rx.start();
+    let mut d = Daemon::new(&format!(
+        "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+         sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
+         alerts: {{ sinks: [hook] }}\noutbox: {{ backoff: 3s, max_backoff: 3s }}\n"
+    ));
+    d.start();
+    let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let c = rusqlite::Connection::open_with_flags(
+        d.path("state.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let rows = || -> Vec<(String, i64, i64)> {
+        c.prepare("SELECT kind, attempts, next_ms FROM outbox ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let got = wait_for(
+        Duration::from_secs(30),
+        "the compensation due with its alert's retry",
+        || {
+            let got = rows();
+            (got.len() == 2 && got[0].1 >= 1 && got[1].2 == got[0].2).then_some(got)
+        },
+    );
+    assert_eq!(
+        (got[0].0.as_str(), got[1].0.as_str(), got[1].1),
+        ("alert", "compensate", 0)
+    );
+    assert!(rx.received().is_empty(), "{:?}", rx.received());
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A sink's `ca_file` replaces the system's CAs, as in Prometheus' TLS settings: here the
 /// "system" store (`SSL_CERT_FILE`) holds the CA that signed the receiver, which the sink
 /// without `ca_file` trusts and the one whose `ca_file` names another CA does not.

@@ -513,6 +513,20 @@ impl Dispatcher {
                     unrecorded.push((p.seq, d));
                 }
                 retry_log.flush(false);
+                // Re-sends first: they only read, while recording waits for its turn at
+                // writing, which a long core batch (a mass expiry) holds for as long as it
+                // takes; re-sends held up that long would let Alertmanager end every
+                // firing alert, to fire them again at the next one.
+                if stop_at.is_none() {
+                    self.resend_alerts(
+                        &conn,
+                        &clients,
+                        &sinks,
+                        &mut last_resend,
+                        &mut flight,
+                        &paused,
+                    )?;
+                }
                 if !unrecorded.is_empty() {
                     self.record(&conn, &unrecorded)?;
                     unrecorded.clear();
@@ -536,6 +550,11 @@ impl Dispatcher {
                 // the end may have arrived, and goes again after the restart).
                 let starting = stop_at.is_none_or(|t| StdInstant::now() + self.grace / 2 < t);
                 let mut waiting = false;
+                // Messages held behind an older one of their lane that waits for a retry:
+                // not due before it. Left due, they would sort first at every round (by
+                // their first due time), read again and again, and enough of them would
+                // fill the fetched window and hide the sink's other messages.
+                let mut deferred: Vec<(i64, i64)> = Vec::new();
                 for s in self.cfg.sinks.iter().filter(|_| starting) {
                     // The receiver's Retry-After holds the whole sink, not only the
                     // message it answered.
@@ -555,6 +574,8 @@ impl Dispatcher {
                     // waits only behind an older one (a retried message is due after newer
                     // ones of its lane, in `next_ms` order).
                     let mut blocked: HashMap<String, i64> = HashMap::new();
+                    // Lanes whose head waits for a retry: until when.
+                    let mut retrying: HashMap<String, i64> = HashMap::new();
                     loop {
                         let due = Outbox::due_for(&conn, &s.name, now, limit)?;
                         let fetched = due.len();
@@ -585,11 +606,18 @@ impl Dispatcher {
                                 && !(queued_in_order && flight.has(head.seq))
                             {
                                 held = true;
-                                if head.next_ms <= now && !seen.contains(&head.seq) {
+                                if head.next_ms > now {
+                                    retrying.insert(lane.name.clone(), head.next_ms);
+                                } else if !seen.contains(&head.seq) {
                                     queue.push_front(head);
                                 }
                             }
                             if held {
+                                if let Some(&until) = retrying.get(&lane.name)
+                                    && p.next_ms < until
+                                {
+                                    deferred.push((p.seq, until));
+                                }
                                 let q = blocked.entry(lane.name).or_insert(p.seq);
                                 *q = (*q).min(p.seq);
                                 continue;
@@ -625,15 +653,13 @@ impl Dispatcher {
                 if stop_at.is_some() && !waiting && flight.len() == 0 {
                     return Ok(None);
                 }
-                if stop_at.is_none() {
-                    self.resend_alerts(
-                        &conn,
-                        &clients,
-                        &sinks,
-                        &mut last_resend,
-                        &mut flight,
-                        &paused,
-                    )?;
+                if !deferred.is_empty() {
+                    let _turn = self.gate.enter();
+                    let tx = conn.unchecked_transaction()?;
+                    for (seq, until) in deferred.drain(..) {
+                        Outbox::defer(&tx, seq, until)?;
+                    }
+                    tx.commit()?;
                 }
                 if last_purge.elapsed() >= Duration::from_secs(60) {
                     let before = wall_ms() - self.cfg.outbox.retain.as_millis() as i64;

@@ -157,6 +157,16 @@ impl Outbox {
             .query_row([now_ms], |r| r.get(0))?)
     }
 
+    /// Makes a pending message due no sooner than `until_ms` (one held behind an older
+    /// message of its lane that waits for a retry until then).
+    pub fn defer(conn: &Connection, seq: i64, until_ms: i64) -> Result<()> {
+        conn.prepare_cached(
+            "UPDATE outbox SET next_ms = ?2 WHERE seq = ?1 AND state = 0 AND next_ms < ?2",
+        )?
+        .execute(params![seq, until_ms])?;
+        Ok(())
+    }
+
     pub fn record(conn: &Connection, seq: i64, result: &Delivery, now_ms: i64) -> Result<()> {
         match result {
             Delivery::Delivered => conn
