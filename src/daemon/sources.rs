@@ -31,6 +31,10 @@ const SCAN_BYTES: u64 = 8 << 20;
 /// is read: a writer may still be finishing lines in the old one until it reopens (after
 /// logrotate's `postrotate`, say, or when a buffered writer flushes).
 pub const ROTATE_WAIT: Duration = Duration::from_secs(2);
+/// How many times [`ROTATE_WAIT`] the old file is read, however it grows, before the new
+/// one: a writer that never reopens the path (no `postrotate` signal) and appends to the
+/// old file more often than that would otherwise keep the new file unread for good.
+const ROTATE_WAITS_AT_MOST: u32 = 10;
 
 /// Identity of a file, so a rotation (a new file under the same name) is noticed.
 pub fn file_id(meta: &std::fs::Metadata) -> String {
@@ -324,6 +328,8 @@ impl FileSource {
         // The path names a new file: the old one is read until it has stopped growing
         // (since when it has not grown).
         let mut rotated: Option<Instant> = None;
+        // When that rotation was first seen.
+        let mut rotated_at: Option<Instant> = None;
         // The file the path named when the rotation was seen, opened then: read next even
         // if it is rotated away in turn before the old one is finished.
         let mut next: Option<File> = None;
@@ -334,8 +340,27 @@ impl FileSource {
             if cur.is_none() {
                 // The stored position is used until a file is open: a failed attempt
                 // must not make a later one start the same file from its beginning.
+                let stored_at = resume.as_ref().map(|p| p.offset);
                 match self.open(resume.clone(), next.take()) {
-                    Ok(o) => {
+                    Ok(mut o) => {
+                        // A file the stored position does not name (the new one after a
+                        // rotation, one replaced while stopped): its position is stored
+                        // at once, so a restart before its first line resumes it, not the
+                        // old one (with a false warning that lines were not read).
+                        if stored_at != Some(o.offset) {
+                            let msg = Msg::Lines {
+                                source: Arc::clone(&self.name),
+                                lines: Vec::new(),
+                                at: LineAt::Unknown,
+                                position: Some(o.position(o.offset)),
+                                atomic: false,
+                                done: None,
+                                hold: None,
+                            };
+                            if self.tx.send(msg).is_err() {
+                                return;
+                            }
+                        }
                         self.holding.store(false, Ordering::Relaxed);
                         failing = None;
                         resume = None;
@@ -343,6 +368,7 @@ impl FileSource {
                         partial.clear();
                         skipping = 0;
                         rotated = None;
+                        rotated_at = None;
                         cur = Some(o);
                     }
                     Err(e) => {
@@ -483,15 +509,33 @@ impl FileSource {
             if !eof {
                 continue;
             }
+            let overdue =
+                rotated_at.is_some_and(|t| t.elapsed() >= self.rotate_wait * ROTATE_WAITS_AT_MOST);
             if let Some(t) = rotated
                 && t.elapsed() < self.rotate_wait
+                && !overdue
             {
+                // What waits in the new file is behind too.
                 let waiting = next
                     .as_ref()
-                    .is_some_and(|f| f.metadata().is_ok_and(|m| m.len() > 0));
-                self.holding.store(waiting, Ordering::Relaxed);
+                    .and_then(|f| f.metadata().ok())
+                    .map_or(0, |m| m.len());
+                if let Ok(m) = o.reader.get_ref().metadata() {
+                    self.lag
+                        .set((m.len().saturating_sub(o.offset) + waiting) as i64);
+                }
+                self.holding.store(waiting > 0, Ordering::Relaxed);
                 std::thread::sleep(POLL);
                 continue;
+            }
+            if overdue && rotated.is_some_and(|t| t.elapsed() < self.rotate_wait) {
+                tracing::warn!(
+                    source = &*self.name,
+                    waited = ?self.rotate_wait * ROTATE_WAITS_AT_MOST,
+                    "the rotated file is still being written to (by a writer that has not \
+                     reopened the path?); following the new one: what is written to the old \
+                     one from now on is not read"
+                );
             }
             self.holding.store(false, Ordering::Relaxed);
             if !self.follow || rotated.is_some() {
@@ -541,6 +585,7 @@ impl FileSource {
                         "file rotated; reading the old one until it has stopped growing"
                     );
                     rotated = Some(Instant::now());
+                    rotated_at = rotated;
                     // Only a regular file: opening a FIFO blocks until a writer comes.
                     next = m
                         .is_file()
@@ -756,7 +801,7 @@ pub fn run_stdin(name: Arc<str>, tx: SyncSender<Msg>, stop: Arc<AtomicBool>, ski
             if !send(&mut lines, &skips) {
                 return;
             }
-            if !readable(&stdin, &stop) {
+            if !readable(&stdin, &stop, || skips.log.flush(false)) {
                 let held = partial.len() as u64 + skipping;
                 if held > 0 {
                     tracing::warn!(
@@ -808,7 +853,8 @@ const STDIN_POLL: Duration = Duration::from_millis(100);
 
 /// Waits until a read of `fd` will not block (data, end of input or an error to report):
 /// true; or until `stop`: false.
-fn readable(fd: &impl std::os::fd::AsFd, stop: &AtomicBool) -> bool {
+/// `idle` runs between polls (the skip warnings' summary is due even on a quiet stdin).
+fn readable(fd: &impl std::os::fd::AsFd, stop: &AtomicBool, mut idle: impl FnMut()) -> bool {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let timeout = Timespec {
         tv_sec: STDIN_POLL.as_secs() as _,
@@ -818,6 +864,7 @@ fn readable(fd: &impl std::os::fd::AsFd, stop: &AtomicBool) -> bool {
         if stop.load(Ordering::Relaxed) {
             return false;
         }
+        idle();
         let mut fds = [PollFd::new(fd, PollFlags::IN)];
         match poll(&mut fds, Some(&timeout)) {
             Ok(0) | Err(rustix::io::Errno::INTR) => {}
@@ -1129,6 +1176,82 @@ mod tests {
         t.join().unwrap();
     }
 
+    /// A rotated file that a writer keeps appending to (it never reopens the path) is read
+    /// for a bounded time, then the new one: its lines are not held back for good, and
+    /// while they wait the lag counts them.
+    #[test]
+    fn a_rotated_file_still_written_to_does_not_hold_the_new_one_for_good() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":0}\n").unwrap();
+        let wait = Duration::from_millis(100);
+        let Following {
+            rx,
+            stop,
+            lag,
+            thread: t,
+            ..
+        } = follow(&path, wait);
+        assert_eq!(lines_until(&rx, 1).0, [r#"{"n":0}"#]);
+        let mut old = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
+        let pad = "x".repeat(1000);
+        std::fs::write(&path, format!("{{\"new\":1,\"pad\":\"{pad}\"}}\n")).unwrap();
+        let deadline = Instant::now() + wait * ROTATE_WAITS_AT_MOST * 5;
+        let mut lagging = false;
+        loop {
+            assert!(Instant::now() < deadline, "the new file was never read");
+            writeln!(old, "{{\"old\":1}}").unwrap();
+            lagging |= lag.get() >= 1000;
+            match rx.recv_timeout(wait / 4) {
+                Ok(Msg::Lines { lines, .. }) if lines.iter().any(|l| l.contains("new")) => break,
+                _ => {}
+            }
+        }
+        assert!(lagging, "the new file's line was not counted as lag");
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+
+    /// The position of the file followed after a rotation is stored as soon as it is
+    /// opened, before it has a line: a restart then resumes it, not the old one.
+    #[test]
+    fn the_new_file_after_a_rotation_has_its_position_stored_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":0}\n").unwrap();
+        let Following {
+            rx,
+            stop,
+            thread: t,
+            ..
+        } = follow(&path, Duration::from_millis(50));
+        assert_eq!(lines_until(&rx, 1).0, [r#"{"n":0}"#]);
+        std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
+        std::fs::write(&path, "").unwrap();
+        let new = file_id(&std::fs::metadata(&path).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Lines {
+                    position: Some(p), ..
+                }) if p.file_id == new => {
+                    assert_eq!(p.offset, 0);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("no position stored for the new file: {e}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+
     /// A line without end (a preallocated file of zeros, say) does not keep the source
     /// from seeing the stop flag: it is skipped a bounded stretch at a time.
     #[test]
@@ -1140,7 +1263,9 @@ mod tests {
             .unwrap()
             .set_len(64 << 30)
             .unwrap();
+        // (The receiver kept: a source whose core is gone stops.)
         let Following {
+            rx: _rx,
             stop,
             lag,
             thread: t,
