@@ -668,8 +668,10 @@ impl Dispatcher {
                     // chunks back to back would too (the gate goes to whoever asks
                     // first). While chunks come back full, the next round purges again.
                     let _turn = self.gate.enter();
-                    if Outbox::purge_done(&conn, before, PURGE_CHUNK)? < PURGE_CHUNK {
-                        Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?)?;
+                    if Outbox::purge_done(&conn, before, PURGE_CHUNK)? < PURGE_CHUNK
+                        && Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?, PURGE_CHUNK)?
+                            < PURGE_CHUNK
+                    {
                         last_purge = StdInstant::now();
                     }
                 }

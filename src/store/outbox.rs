@@ -237,10 +237,15 @@ impl Outbox {
     /// Forgets alerts no late correlate can resolve any more, the engine clock (`clock_ms`)
     /// being past their deadline plus `late` (for every sink: only Alertmanager's re-sends
     /// read them, but alerts to any sink are recorded).
-    pub fn purge_alerts(conn: &Connection, clock_ms: i64) -> Result<usize> {
+    /// At most `limit` of them (a mass expiry's alerts end together): returns how many.
+    pub fn purge_alerts(conn: &Connection, clock_ms: i64, limit: usize) -> Result<usize> {
         Ok(conn
-            .prepare_cached("DELETE FROM alerts WHERE active_until_ms < ?1")?
-            .execute(params![clock_ms])?)
+            .prepare_cached(
+                "DELETE FROM alerts WHERE (rule, key, step, sink, id) IN
+                 (SELECT rule, key, step, sink, id FROM alerts INDEXED BY alerts_active
+                  WHERE active_until_ms < ?1 LIMIT ?2)",
+            )?
+            .execute(params![clock_ms, limit as i64])?)
     }
 
     pub fn record_alert(conn: &Connection, a: &AlertRow) -> Result<()> {
@@ -385,6 +390,40 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Alerts past their late window are forgotten a chunk at a time; the others stay.
+    #[test]
+    fn purge_alerts_forgets_a_chunk_of_those_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = super::super::open(&path).unwrap();
+        super::super::migrate(&mut conn, &path).unwrap();
+        for (i, until) in [10, 20, 30, 40, 50].into_iter().enumerate() {
+            let a = AlertRow {
+                id: format!("a{i}"),
+                sink: "s".into(),
+                rule: "r".into(),
+                key: format!("k{i}"),
+                step: "x".into(),
+                body: "{}".into(),
+                active_until_ms: until,
+                fp: None,
+                opened: Some(0),
+            };
+            Outbox::record_alert(&conn, &a).unwrap();
+        }
+        assert_eq!(Outbox::purge_alerts(&conn, 35, 2).unwrap(), 2);
+        assert_eq!(Outbox::purge_alerts(&conn, 35, 2).unwrap(), 1);
+        assert_eq!(Outbox::purge_alerts(&conn, 35, 2).unwrap(), 0);
+        let left: Vec<String> = conn
+            .prepare("SELECT id FROM alerts ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(left, ["a3", "a4"]);
+    }
 
     /// Finished messages are forgotten a chunk at a time, oldest first; pending ones and
     /// those finished later stay.
