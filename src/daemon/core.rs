@@ -906,12 +906,14 @@ impl Core {
         // Only then: a step that opened already overdue otherwise fires at the next event,
         // and firing it here instead would change its outcome's time (and the dedup memory
         // that follows).
-        if self.engine.state_mut().take_restored().is_empty() {
+        let restored = self.engine.state_mut().take_restored();
+        if restored.is_empty() {
             return Ok(());
         }
         self.begin()?;
         self.engine.state_mut().set_event(None, None);
         self.fire(true)?;
+        self.engine.state().restored_done(&restored)?;
         self.commit()?;
         Ok(())
     }

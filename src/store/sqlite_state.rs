@@ -731,6 +731,18 @@ impl SqliteState {
         std::mem::take(&mut self.reafter)
     }
 
+    /// Notes, in the open batch, that the deadlines of `rules` (brought back) that passed
+    /// while they were away have been fired.
+    pub fn restored_done(&self, rules: &[String]) -> Result<()> {
+        for rule in rules {
+            self.conn.execute(
+                "DELETE FROM meta WHERE k = ?1",
+                params![format!("restored:{rule}")],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Notes, in the open batch, that every stored instance of `rule` had its waiting
     /// steps opened after its `after` links changed.
     pub fn reafter_done(&self, rule: &str) -> Result<()> {
@@ -1146,7 +1158,12 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Appl
             )?;
             if !was_loaded.contains(&r.name) {
                 restore_deadlines(&tx, &r.name)?;
-                restored.push(r.name.clone());
+                // Noted in the file as well: a restart before the deadlines that passed
+                // meanwhile were fired (see `restored_done`) fires them then.
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (k, v) VALUES (?1, 1)",
+                    params![format!("restored:{}", r.name)],
+                )?;
                 tx.execute(
                     "UPDATE rule_shapes SET loaded = 1 WHERE rule = ?1",
                     params![r.name],
@@ -1158,7 +1175,7 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Appl
             let n = tx.execute("DELETE FROM instances WHERE rule = ?1", params![r.name])?;
             tx.execute("DELETE FROM early WHERE rule = ?1", params![r.name])?;
             tx.execute("DELETE FROM cancels WHERE rule = ?1", params![r.name])?;
-            for k in ["open", "reafter"] {
+            for k in ["open", "reafter", "restored"] {
                 tx.execute(
                     "DELETE FROM meta WHERE k = ?1",
                     params![format!("{k}:{}", r.name)],
@@ -1193,15 +1210,17 @@ fn apply_shapes(conn: &mut Connection, rules: &RuleSet) -> rusqlite::Result<Appl
         )?;
     }
     for r in &rules.rules {
-        let pending = tx
-            .query_row(
-                "SELECT 1 FROM meta WHERE k = ?1",
-                params![format!("reafter:{}", r.name)],
-                |_| Ok(()),
-            )
-            .optional()?;
-        if pending.is_some() {
-            reafter.push(r.name.clone());
+        for (k, list) in [("reafter", &mut reafter), ("restored", &mut restored)] {
+            let pending = tx
+                .query_row(
+                    "SELECT 1 FROM meta WHERE k = ?1",
+                    params![format!("{k}:{}", r.name)],
+                    |_| Ok(()),
+                )
+                .optional()?;
+            if pending.is_some() {
+                list.push(r.name.clone());
+            }
         }
     }
     tx.commit()?;
@@ -1843,6 +1862,38 @@ mod tests {
         st.commit().unwrap();
         drop(st);
         assert!(open(&v2).take_reafter().is_empty());
+    }
+
+    /// A rule brought back is noted in the file until the deadlines that passed while it
+    /// was away were fired: a restart in between (a crash) still fires them at once.
+    #[test]
+    fn a_rule_brought_back_is_seen_to_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let load = |names: &[&str]| {
+            let text: String = names
+                .iter()
+                .map(|n| {
+                    format!(
+                        "  - name: {n}\n    trigger: {{ key: k }}\n    expect: [{{ step: a, key: k, within: 1m }}]\n"
+                    )
+                })
+                .collect();
+            crate::rules::load_sources(&[("r.yaml".into(), format!("rules:\n{text}"))]).unwrap()
+        };
+        let open = |rules: &RuleSet| open_at(&path, rules);
+        let (both, one) = (load(&["r", "s"]), load(&["s"]));
+        assert!(open(&both).take_restored().is_empty());
+        assert!(open(&one).take_restored().is_empty());
+        // Brought back, then stopped before its deadlines were fired.
+        assert_eq!(open(&both).take_restored(), ["r"]);
+        let mut st = open(&both);
+        assert_eq!(st.take_restored(), ["r"]);
+        st.begin().unwrap();
+        st.restored_done(&["r".to_string()]).unwrap();
+        st.commit().unwrap();
+        drop(st);
+        assert!(open(&both).take_restored().is_empty());
     }
 
     /// The marks that say when events may be forgotten survive a restart: a daemon
