@@ -213,14 +213,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     return Ok(EXIT_CONFIG);
                 }
             };
+            // As `run` says them: values from the environment named, not shown.
             if !cfg.state.exists() {
-                crate::stderr!("error: state file {} does not exist", cfg.state.display());
+                let e = format!("error: state file {} does not exist", cfg.state.display());
+                crate::stderr!("{}", cfg.masked(&e));
                 return Ok(EXIT_CONFIG);
             }
             let conn = match crate::store::open_read_only(&cfg.state) {
                 Ok(c) => c,
                 Err(e) => {
-                    crate::stderr!("error: {e:#}");
+                    crate::stderr!("{}", cfg.masked(&format!("error: {e:#}")));
                     return Ok(EXIT_CONFIG);
                 }
             };

@@ -568,6 +568,21 @@ fn validate_config_reports_config_and_rules_problems_in_one_run() {
         "{err}"
     );
     assert!(!err.contains("unknown sink \"hook\""), "{err}");
+    assert!(!err.contains("rules were not checked"), "{err}");
+    // A sink's type of the wrong type leaves the sinks unknown: the rules are not checked
+    // against them, and that is said.
+    std::fs::write(
+        &cfg,
+        "rules: rules\nsources: { orders: { type: stdin } }\nsinks: { out: { type: stdout }, hook: { type: [webhook] } }\n",
+    )
+    .unwrap();
+    let (code, _, err) = sagawatch(&["validate", "--config", &cfg.display().to_string()], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("sinks.hook.type: expected a string, found a sequence"),
+        "{err}"
+    );
+    assert!(err.contains("note: the rules were not checked"), "{err}");
 }
 
 /// What librdkafka checks only across properties, when a client is created, `validate`

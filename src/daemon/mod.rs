@@ -74,7 +74,14 @@ pub fn validate(path: &Path) -> i32 {
     if let Some(e) = &config_error {
         crate::stderr!("{e}");
     }
-    let Some(cfg) = cfg else { return 1 };
+    let Some(cfg) = cfg else {
+        // Said, so that a clean next run is not taken for rules that passed.
+        crate::stderr!(
+            "note: the rules were not checked: they are checked against sources, sinks and \
+             alerts, which the problems above leave unknown"
+        );
+        return 1;
+    };
     let mut failed = config_error.is_some();
     if let Err(problems) = proxy::resolve(&cfg.sinks, &|n| std::env::var(n).ok()) {
         for p in &problems {
@@ -90,7 +97,8 @@ pub fn validate(path: &Path) -> i32 {
     if kafka_section_ok {
         // The clients only once every property passed: each is reported once, at its place.
         for p in kafka::check_clients(&cfg) {
-            crate::stderr!("{}", cfg.masked(&format!("error: {}: {p}", path.display())));
+            // The config file's own path is not from the environment: not masked.
+            crate::stderr!("error: {}: {}", path.display(), cfg.masked(&p.to_string()));
             failed = true;
         }
     }
@@ -282,7 +290,11 @@ pub fn run(path: &Path, format: LogFormat) -> i32 {
         }
         Err(kafka::CheckError::Config(problems)) => {
             for p in &problems {
-                say(&cfg.masked(&format!("error: {}: {p}", path.display())));
+                say(&format!(
+                    "error: {}: {}",
+                    path.display(),
+                    cfg.masked(&p.to_string())
+                ));
             }
             return EXIT_CONFIG;
         }
