@@ -1287,7 +1287,8 @@ rules:
 /// A reload whose templates read other trigger fields re-captures the open instances
 /// from their stored triggers: an instance opened before renders the new template with
 /// its own trigger's fields (not empty, and not the value of the field that stood at the
-/// same position in the old list), in the daemon and across a restart.
+/// same position in the old list), in the daemon and across a restart; from a trigger
+/// over 4 KiB as well.
 #[test]
 fn a_reload_that_reads_new_trigger_fields_renders_them_for_open_instances() {
     let rules = |payload: &str| {
@@ -1313,9 +1314,13 @@ fn a_reload_that_reads_new_trigger_fields_renders_them_for_open_instances() {
         let (st, b) = http(port, "POST", "/v1/events", &auth, ev.as_bytes()).unwrap();
         assert_eq!(st, 202, "{b}");
     };
+    // A trigger of 10 kB, its field z at the end: kept whole, so read at the restart.
+    let pad = "p".repeat(10_000);
     post(
         d.port,
-        r#"{"time":"2026-01-01T09:00:00Z","type":"A","k":"1","x":"ex1","y":"why1","z":"zed1"}"#,
+        &format!(
+            r#"{{"time":"2026-01-01T09:00:00Z","type":"A","k":"1","x":"ex1","y":"why1","pad":"{pad}","z":"zed1"}}"#
+        ),
     );
     // x is read first now: the old captures' positions mean other fields.
     std::fs::write(

@@ -116,8 +116,9 @@ pub struct SqliteState {
 /// smaller ones are within the hour `retention` adds.
 const JUMP: i64 = 600_000_000_000;
 
-/// Longest event text kept for the timeline.
-const MAX_EVENT_TEXT: usize = 4096;
+/// Longest event text kept for the timeline (and for a reload's new capture fields,
+/// which a text cut short cannot give).
+const MAX_EVENT_TEXT: usize = 64 << 10;
 
 fn memo_hash(rule: &str, key: &str) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -1356,6 +1357,8 @@ fn recapture(
     let mut set = tx.prepare("UPDATE instances SET captures = ?3 WHERE rule = ?1 AND key = ?2")?;
     // A page at a time: the rule's rows (closed ones too) may be millions.
     let mut from = String::new();
+    // Instances whose trigger text was kept cut short: their new fields are empty.
+    let mut cut = 0u64;
     loop {
         let rows: Vec<(String, String, Option<Vec<u8>>)> = page
             .query_map(params![r.name, from], |row| {
@@ -1377,6 +1380,7 @@ fn recapture(
             let ev = text
                 .as_deref()
                 .and_then(|t| decoder.decode_at(t.as_bytes(), None, Some(0)).ok());
+            cut += u64::from(text.is_some() && ev.is_none());
             let new: Vec<String> = want
                 .iter()
                 .zip(&r.captures)
@@ -1394,6 +1398,15 @@ fn recapture(
                 set.execute(params![r.name, key, new])?;
             }
         }
+    }
+    if cut > 0 {
+        tracing::warn!(
+            rule = r.name,
+            instances = cut,
+            "the trigger events of these stored instances were longer than the state keeps \
+             ({} KiB): the trigger fields the new templates read render empty for them",
+            MAX_EVENT_TEXT >> 10
+        );
     }
     Ok(())
 }
