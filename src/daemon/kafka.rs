@@ -927,10 +927,6 @@ impl Ctx {
 
     /// Commit what was processed, then let the partitions go.
     fn on_revoke(&self, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
-        self.metrics
-            .kafka_rebalances
-            .with_label_values(&["revoke"])
-            .inc();
         self.send_batch();
         let (tx, rx) = oneshot::channel();
         if self.core.send(Msg::Sync { done: tx }).is_ok() {
@@ -1316,7 +1312,14 @@ impl ConsumerContext for Ctx {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.on_revoke(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // (A rebalance error drops the assignment the same way; counted as such.)
+                self.metrics
+                    .kafka_rebalances
+                    .with_label_values(&["revoke"])
+                    .inc();
+                self.on_revoke(consumer, tpl);
+            }
             other => {
                 self.metrics
                     .kafka_rebalances
