@@ -3349,6 +3349,61 @@ fn a_refused_message_does_not_hold_back_a_later_instance_of_its_key() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A late correlate ends its own instance's alert only: an earlier instance of the key
+/// (closed, its alert still firing while `late` runs) keeps its alert.
+#[test]
+fn a_late_correlate_resolves_only_its_own_instances_alert() {
+    let rules = "rules:\n  - name: checkout\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+                 expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 10m }]\n    \
+                 on_missing: [{ alert: { summary: 'order {{key}}: {{step}} missing' } }]\n    dedup: 1h\n    late: 24h\n";
+    let mut d = Daemon::with_rules(
+        rules,
+        "time: { idle: 0s }\nsources: { api: { type: http } }\nsinks: { hook: { type: webhook, url: 'http://127.0.0.1:9/hook', secrets: ['${WEBHOOK_SECRET}'] } }\n\
+         alerts: { sinks: [hook] }\n",
+    );
+    d.start();
+    let event = |t: &str, ty: &str| {
+        format!("{{\"time\":\"2026-03-02T{t}:00Z\",\"type\":\"{ty}\",\"order_id\":\"k\"}}\n")
+    };
+    let body = [
+        event("00:00", "OrderPlaced"),
+        event("00:11", "Heartbeat"),
+        event("01:20", "OrderPlaced"),
+        event("01:31", "Heartbeat"),
+        event("01:35", "PaymentCompleted"),
+    ]
+    .concat();
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    // Committed with the answer.
+    let c = rusqlite::Connection::open_with_flags(
+        d.path("state.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let kinds: Vec<(String, String)> = c
+        .prepare("SELECT kind, body FROM outbox ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .map(|(k, b): (String, String)| {
+            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+            (k, v["data"]["opened_at"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let at = |t: &str| format!("2026-03-02T{t}:00Z");
+    assert_eq!(
+        kinds,
+        [
+            ("alert".to_string(), at("00:00")),
+            ("alert".to_string(), at("01:20")),
+            ("resolve".to_string(), at("01:20")),
+        ]
+    );
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A message held behind an older one of its lane that waits for a retry is not due
 /// before that retry: it is not read again at every round, and many of them do not fill
 /// the window of due messages that the sink's others are found in.

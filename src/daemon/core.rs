@@ -770,7 +770,7 @@ impl Core {
                 }
                 Kind::Late => {
                     let conn = self.engine.state().conn();
-                    for a in Outbox::take_alerts(conn, &rule.name, &o.key, step)? {
+                    for a in Outbox::take_alerts(conn, &rule.name, &o.key, step, o.opened_at)? {
                         if self.to_alertmanager(&a.sink) {
                             Outbox::supersede(conn, &a.id, &a.sink, now_ms)?;
                             // Alertmanager knows alerts by labels only: while another key's

@@ -268,19 +268,22 @@ impl Outbox {
         Ok(())
     }
 
-    /// Removes and returns the firing alerts of (rule, key, step).
+    /// Removes and returns the firing alerts of (rule, key, step) of the instance opened
+    /// at `opened` (and those written before instances were recorded): a late correlate
+    /// ends its own instance's alert, not an earlier instance's of the key still firing.
     pub fn take_alerts(
         conn: &Connection,
         rule: &str,
         key: &str,
         step: &str,
+        opened: i64,
     ) -> Result<Vec<AlertRow>> {
         let rows = {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, sink, body, active_until_ms, fp, opened FROM alerts
-                 WHERE rule = ?1 AND key = ?2 AND step = ?3",
+                 WHERE rule = ?1 AND key = ?2 AND step = ?3 AND (opened = ?4 OR opened IS NULL)",
             )?;
-            stmt.query_map(params![rule, key, step], |r| {
+            stmt.query_map(params![rule, key, step, opened], |r| {
                 Ok(AlertRow {
                     id: r.get(0)?,
                     sink: r.get(1)?,
@@ -296,8 +299,11 @@ impl Outbox {
             .collect::<rusqlite::Result<Vec<_>>>()?
         };
         if !rows.is_empty() {
-            conn.prepare_cached("DELETE FROM alerts WHERE rule = ?1 AND key = ?2 AND step = ?3")?
-                .execute(params![rule, key, step])?;
+            conn.prepare_cached(
+                "DELETE FROM alerts
+                 WHERE rule = ?1 AND key = ?2 AND step = ?3 AND (opened = ?4 OR opened IS NULL)",
+            )?
+            .execute(params![rule, key, step, opened])?;
         }
         Ok(rows)
     }
