@@ -513,30 +513,36 @@ impl Dispatcher {
                     unrecorded.push((p.seq, d));
                 }
                 retry_log.flush(false);
-                // Re-sends first: they only read, while recording waits for its turn at
-                // writing, which a long core batch (a mass expiry) holds for as long as it
-                // takes; re-sends held up that long would let Alertmanager end every
-                // firing alert, to fire them again at the next one.
-                if stop_at.is_none() {
-                    self.resend_alerts(
-                        &conn,
-                        &clients,
-                        &sinks,
-                        &mut last_resend,
-                        &mut flight,
-                        &paused,
-                    )?;
-                }
-                if !unrecorded.is_empty() {
-                    self.record(&conn, &unrecorded)?;
-                    unrecorded.clear();
-                }
                 for (sink, d) in flight.held.drain(..) {
                     let until = StdInstant::now() + d;
                     let e = paused.entry(sink).or_insert(until);
                     *e = (*e).max(until);
                 }
                 paused.retain(|_, t| *t > StdInstant::now());
+                // Re-sends go out whatever else waits: they only read, while every write
+                // here waits for its turn, which a long core batch (a mass expiry) holds
+                // for as long as it takes; re-sends held up that long would let
+                // Alertmanager end every firing alert, to fire them again at the next one.
+                // So they are also sent while a turn is awaited (see `turn`).
+                let mut resend = |flight: &mut Flight| -> Result<()> {
+                    if stop_at.is_none() {
+                        self.resend_alerts(
+                            &conn,
+                            &clients,
+                            &sinks,
+                            &mut last_resend,
+                            flight,
+                            &paused,
+                        )?;
+                    }
+                    Ok(())
+                };
+                resend(&mut flight)?;
+                if !unrecorded.is_empty() {
+                    let _turn = self.turn(|| resend(&mut flight))?;
+                    self.record(&conn, &unrecorded)?;
+                    unrecorded.clear();
+                }
                 // Past the grace period nothing more starts.
                 if stop_at.is_some_and(|t| StdInstant::now() >= t) {
                     return Ok(None);
@@ -654,7 +660,7 @@ impl Dispatcher {
                     return Ok(None);
                 }
                 if !deferred.is_empty() {
-                    let _turn = self.gate.enter();
+                    let _turn = self.turn(|| resend(&mut flight))?;
                     let tx = conn.unchecked_transaction()?;
                     for (seq, until) in deferred.drain(..) {
                         Outbox::defer(&tx, seq, until)?;
@@ -667,7 +673,7 @@ impl Dispatcher {
                     // DELETE of them all would hold the core's batches for seconds, and
                     // chunks back to back would too (the gate goes to whoever asks
                     // first). While chunks come back full, the next round purges again.
-                    let _turn = self.gate.enter();
+                    let _turn = self.turn(|| resend(&mut flight))?;
                     if Outbox::purge_done(&conn, before, PURGE_CHUNK)? < PURGE_CHUNK
                         && Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?, PURGE_CHUNK)?
                             < PURGE_CHUNK
@@ -800,9 +806,20 @@ impl Dispatcher {
         }
     }
 
-    /// Records delivery results, in one transaction, in the dispatcher's turn at writing.
+    /// The dispatcher's turn at writing (see `WriteGate`), running `meanwhile` (the
+    /// re-sends) every quarter of a second while the core's batch holds it.
+    fn turn(&self, mut meanwhile: impl FnMut() -> Result<()>) -> Result<store::GateGuard<'_>> {
+        let want = self.gate.want();
+        loop {
+            if let Some(turn) = want.take_within(Duration::from_millis(250)) {
+                return Ok(turn);
+            }
+            meanwhile()?;
+        }
+    }
+
+    /// Records delivery results, in one transaction (in the dispatcher's turn at writing).
     fn record(&self, conn: &Connection, results: &[(i64, Delivery)]) -> Result<()> {
-        let _turn = self.gate.enter();
         let tx = conn.unchecked_transaction()?;
         for (seq, d) in results {
             Outbox::record(&tx, *seq, d, wall_ms())?;

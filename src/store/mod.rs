@@ -292,10 +292,63 @@ impl WriteGate {
         GateGuard(took.then_some(self))
     }
 
+    /// A standing request for a turn, for a writer that must not block while it waits
+    /// (see [`Want::take_within`]): the core lets it go first from its next batch on, for
+    /// as long as the request stands.
+    pub fn want(&self) -> Want<'_> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).waiting += 1;
+        Want {
+            gate: self,
+            since: std::time::Instant::now(),
+        }
+    }
+
     /// Ends the holder's turn.
     pub fn leave(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).held = false;
         self.turn.notify_all();
+    }
+}
+
+/// See [`WriteGate::want`]; withdrawn on drop.
+pub struct Want<'a> {
+    gate: &'a WriteGate,
+    since: std::time::Instant,
+}
+
+impl<'a> Want<'a> {
+    /// The turn, if it comes within `d`; past `GATE_WAIT` since the request, none is
+    /// waited for (a guard without a turn: SQLite's locking decides, as for
+    /// [`WriteGate::enter`]).
+    pub fn take_within(&self, d: StdDuration) -> Option<GateGuard<'a>> {
+        let g = self.gate;
+        let mut s = g.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.since.elapsed() >= GATE_WAIT {
+            return Some(GateGuard(None));
+        }
+        let deadline = std::time::Instant::now() + d;
+        while s.held {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            s = g
+                .turn
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s.held = true;
+        Some(GateGuard(Some(g)))
+    }
+}
+
+impl Drop for Want<'_> {
+    fn drop(&mut self) {
+        let mut s = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.waiting = s.waiting.saturating_sub(1);
+        drop(s);
+        self.gate.turn.notify_all();
     }
 }
 
@@ -1185,6 +1238,36 @@ mod tests {
         drop(tx);
         let order: Vec<&str> = rx.iter().collect();
         assert_eq!(order, ["writer in", "writer out", "core in"]);
+    }
+
+    /// A standing request (`want`) does not block: a try that times out gives the writer
+    /// its hand back (to send re-sends, say), and the request still goes before the core's
+    /// next batch; once withdrawn, the core goes on.
+    #[test]
+    fn a_standing_request_goes_before_the_cores_next_batch_without_blocking() {
+        use std::sync::Arc;
+        let gate = Arc::new(WriteGate::default());
+        assert!(gate.enter_core());
+        let want = gate.want();
+        assert!(want.take_within(StdDuration::from_millis(20)).is_none());
+        // The core ends its batch; its next one waits for the request.
+        gate.leave();
+        let core = {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || {
+                assert!(gate.enter_core());
+                gate.leave();
+            })
+        };
+        std::thread::sleep(StdDuration::from_millis(50));
+        assert!(!core.is_finished(), "the core went before the request");
+        let turn = want
+            .take_within(StdDuration::from_secs(10))
+            .expect("the turn");
+        assert!(turn.0.is_some());
+        drop(turn);
+        drop(want);
+        core.join().unwrap();
     }
 
     fn rule_set(names: &[&str]) -> crate::rules::RuleSet {
