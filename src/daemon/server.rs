@@ -1283,11 +1283,11 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     if length.is_some_and(|len| len > max_body) {
         return refuse(req, too_large()).await;
     }
-    // The body's share of the ingest budget, taken before it is read (a gzip body's is
-    // what it may hold once decompressed).
+    // The body's share of the ingest budget, taken before it is read (a gzip body's adds
+    // what it may hold once decompressed: both are held while it is decompressed).
     let share = length
-        .filter(|_| !gzip)
         .unwrap_or(max_body)
+        .saturating_add(if gzip { max_body } else { 0 })
         .clamp(1, ingest_budget(&shared.cfg).max(1)) as u32;
     let acquire = Arc::clone(&shared.ingest).acquire_many_owned(share);
     let permit = match tokio::time::timeout(INGEST_WAIT, acquire).await {
@@ -1348,7 +1348,10 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     // The permit goes along: a client gone meanwhile frees it only when the split ends.
     let split = tokio::task::spawn_blocking(move || {
         let body = if gzip {
-            match gunzip(&body, max_body) {
+            let plain = gunzip(&body, max_body);
+            // Not held beside the events.
+            drop(body);
+            match plain {
                 Ok(Some(b)) => Bytes::from(b),
                 Ok(None) => return (Err(Unzip::TooLarge), permit),
                 Err(e) => return (Err(Unzip::Invalid(e.to_string())), permit),

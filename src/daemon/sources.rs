@@ -532,10 +532,14 @@ impl FileSource {
                 tracing::warn!(
                     source = &*self.name,
                     waited = ?self.rotate_wait * ROTATE_WAITS_AT_MOST,
+                    unfinished_line_bytes = partial.len() as u64 + skipping,
                     "the rotated file is still being written to (by a writer that has not \
                      reopened the path?); following the new one: what is written to the old \
-                     one from now on is not read"
+                     one from now on, and the start of a line still being written, is not read"
                 );
+                // Being written: not a last line without a newline, but the start of one.
+                partial.clear();
+                skipping = 0;
             }
             self.holding.store(false, Ordering::Relaxed);
             if !self.follow || rotated.is_some() {
