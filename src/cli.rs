@@ -143,6 +143,21 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     return Ok(EXIT_CONFIG);
                 }
             };
+            // `NAME=FILE` whose NAME is no source name, and no file of that whole name: a
+            // mistyped name, not a file name with `=` (those are written `./a=b`).
+            for a in &inputs {
+                if let Some((name, file)) = a.split_once('=')
+                    && !file.is_empty()
+                    && !crate::rules::valid_name(name)
+                    && !std::path::Path::new(a).exists()
+                {
+                    crate::stderr!(
+                        "error: invalid source name {name:?} in {a:?}: use [a-z0-9][a-z0-9_-]* \
+                         (a file whose name holds `=` is given as ./{a})"
+                    );
+                    return Ok(EXIT_CONFIG);
+                }
+            }
             let inputs: Vec<Input> = if inputs.is_empty() {
                 vec![Input::parse("-", source.as_deref())]
             } else {
@@ -226,7 +241,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     return Ok(EXIT_CONFIG);
                 }
             };
-            match crate::store::timeline(&conn, &rule, &key)? {
+            // A damaged file shows in the reads: a problem with `state`, not "no instance".
+            let found = match crate::store::timeline(&conn, &rule, &key) {
+                Ok(f) => f,
+                Err(e) => {
+                    let e = format!("error: state file {}: {e:#}", cfg.state.display());
+                    crate::stderr!("{}", cfg.masked(&e));
+                    return Ok(EXIT_CONFIG);
+                }
+            };
+            match found {
                 Some(v) => {
                     writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&v)?)?;
                     Ok(0)

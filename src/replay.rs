@@ -148,6 +148,22 @@ impl Reader {
                 self.buf.drain(..BOM.len());
             }
             if !self.buf.iter().all(u8::is_ascii_whitespace) {
+                // Trimmed of ASCII whitespace, as the daemon's sources take lines (JSON
+                // itself does not take a form feed around a value).
+                let end = self.buf.len()
+                    - self
+                        .buf
+                        .iter()
+                        .rev()
+                        .take_while(|b| b.is_ascii_whitespace())
+                        .count();
+                self.buf.truncate(end);
+                let start = self
+                    .buf
+                    .iter()
+                    .take_while(|b| b.is_ascii_whitespace())
+                    .count();
+                self.buf.drain(..start);
                 return Ok(true);
             }
         }

@@ -266,7 +266,8 @@ fn validate_reports_yaml_syntax_errors_with_position() {
 fn replay_skips_bad_lines_with_line_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let rules = write(&dir, "r.yaml", RULE);
-    let input = "{\"type\":\"A\",\"id\":\"k\",\"time\":\"2026-01-01T00:00:00Z\"}\nnot json\n[1,2]\n{\"type\":\"B\"}\n\n{\"type\":\"X\",\"time\":\"2026-01-01T00:05:00Z\"}\n";
+    // A form feed around a line is whitespace to the daemon's sources, as here.
+    let input = "\x0c{\"type\":\"A\",\"id\":\"k\",\"time\":\"2026-01-01T00:00:00Z\"}\x0c\nnot json\n[1,2]\n{\"type\":\"B\"}\n\n{\"type\":\"X\",\"time\":\"2026-01-01T00:05:00Z\"}\n";
     let (code, out, err) = sagawatch(&["replay", "--rules", &rules], Some(input));
     assert_eq!(code, 0, "{err}");
     // The position within the line, not serde_json's own line count.
@@ -358,6 +359,13 @@ fn replay_of_a_missing_file_is_a_one_line_error() {
     assert_eq!(code, 1);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("cannot open /nonexistent/x.jsonl"), "{err}");
+    // A source name that is no name: said so (exit 2), not taken for a file name.
+    let (code, _, err) = sagawatch(&["replay", "--rules", "rules", "Orders=x.jsonl"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid source name \"Orders\" in \"Orders=x.jsonl\""),
+        "{err}"
+    );
 }
 
 #[test]

@@ -2222,6 +2222,13 @@ fn instance_timeline_over_http_and_inspect() {
         let c = rusqlite::Connection::open(d.path("old.db")).unwrap();
         c.execute_batch("CREATE TABLE instances (x); PRAGMA user_version = 2;")
             .unwrap();
+        // Of this version, but damaged where the timeline reads it.
+        let c = rusqlite::Connection::open(d.path("damaged.db")).unwrap();
+        c.execute_batch(&format!(
+            "CREATE TABLE instances (x); PRAGMA user_version = {};",
+            sagawatch::store::SCHEMA_VERSION
+        ))
+        .unwrap();
     }
     for (state, says) in [
         ("rules", "not a regular file"),
@@ -2232,6 +2239,7 @@ fn instance_timeline_over_http_and_inspect() {
             "schema version 2 is older than this sagawatch reads",
         ),
         ("text.db", "not a usable SQLite file"),
+        ("damaged.db", "no such column"),
     ] {
         let before = std::fs::read(d.path(state)).ok();
         let out = inspect(&cfg.replace("state: state.db", &format!("state: {state}")));

@@ -17,6 +17,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 pub use outbox::{AlertRow, Delivery, NewMessage, Outbox, OutboxStats, Pending};
 pub use sqlite_state::SqliteState;
 
+/// The schema version this build writes (the number of migrations).
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema.
