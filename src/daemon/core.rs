@@ -400,6 +400,7 @@ impl Core {
         atomic: bool,
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
     ) -> Result<()> {
+        self.wall_tick()?;
         let received = self.arrival();
         if atomic {
             for (i, line) in lines.iter().enumerate() {
@@ -512,6 +513,7 @@ impl Core {
         positions: &[(String, Position)],
         done: Option<oneshot::Sender<Result<usize, Rejected>>>,
     ) -> Result<()> {
+        self.wall_tick()?;
         let received = self.arrival();
         self.begin()?;
         // Per-source counts, flushed once per message (sources repeat in runs).
@@ -561,6 +563,17 @@ impl Core {
         self.batch_events += records.len().max(1);
         if let Some(d) = done {
             self.pending_acks.push((d, applied));
+        }
+        Ok(())
+    }
+
+    /// In `clock: wall` mode, before a message: the clock moves to wall time and fires
+    /// what is due a lot at a time, each committed as it goes (as between messages), not
+    /// all in the batch of the message's first event (after a suspension or a restart
+    /// that let a million deadlines pass, say).
+    fn wall_tick(&mut self) -> Result<()> {
+        if matches!(self.cfg.time.clock, ClockMode::Wall) {
+            self.idle_tick()?;
         }
         Ok(())
     }
