@@ -466,6 +466,70 @@ fn two_instances_in_one_group_split_the_partitions_and_deliver_each_outcome_once
     assert_eq!(d2.terminate(), 0, "{}", d2.stderr());
 }
 
+/// A member the group gives no partition hears from its brokers only at metadata
+/// refreshes, minutes apart, but from the group coordinator at every heartbeat: it stays
+/// ready, its Kafka up, and its idle clock free for its other sources. (Without client
+/// telemetry, which tansu asks for every few seconds and plain Kafka brokers do not.)
+#[test]
+fn a_group_member_without_partitions_stays_ready_and_lets_the_clock_move() {
+    let broker = Broker::start(false);
+    broker.create_topics(&[("solo", 1)]);
+    let rules = "rules:\n  - name: r\n    trigger: { source: api, where: { type: A }, key: id }\n    \
+                 expect: [{ step: b, where: { type: B }, key: id, within: 2s }]\n  \
+                 - name: k\n    trigger: { source: solo, where: { type: A }, key: id }\n    \
+                 expect: [{ step: b, where: { type: B }, key: id, within: 1h }]\n";
+    let config = |member: &str| {
+        format!(
+            "time: {{ idle: 1s, lateness: 0s }}\n\
+             kafka:\n  brokers: {}\n  group: idle\n  consumer: {{ enable.metrics.push: 'false', group.instance.id: {member} }}\n\
+             sources:\n  solo: {{ type: kafka }}\n  api: {{ type: http }}\n\
+             sinks: {{ out: {{ type: stdout }} }}\nalerts: {{ sinks: [out] }}\n",
+            broker.brokers()
+        )
+    };
+    let mut d1 = Daemon::with_rules(rules, &config("a"));
+    d1.start();
+    wait_for(Duration::from_secs(60), "the partition assigned", || {
+        (assigned(&d1) == 1).then_some(())
+    });
+    let mut d2 = Daemon::with_rules(rules, &config("b"));
+    d2.start();
+    wait_for(
+        Duration::from_secs(60),
+        "the second member in the group",
+        || {
+            let (st, _) = http(d2.port, "GET", "/readyz", &[], b"").ok()?;
+            (st == 200 && assigned(&d1) + assigned(&d2) == 1).then_some(())
+        },
+    );
+    // Past the 10 s after which silent brokers count as unreachable.
+    let until = std::time::Instant::now() + Duration::from_secs(14);
+    while std::time::Instant::now() < until {
+        let (st, body) = http(d2.port, "GET", "/readyz", &[], b"").unwrap();
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(metric(d2.port, "sagawatch_kafka_up"), Some(1.0));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The idle clock moves: an http-source step goes missing without another event.
+    let now = sagawatch::time::format_rfc3339(now_nanos());
+    let ev = format!(r#"{{"time":"{now}","type":"A","id":"x"}}"#);
+    assert_eq!(
+        http(d2.port, "POST", "/v1/events", &[], ev.as_bytes())
+            .unwrap()
+            .0,
+        202
+    );
+    wait_for(Duration::from_secs(30), "the missing step", || {
+        (metric(
+            d2.port,
+            r#"sagawatch_steps_total{outcome="missing",rule="r""#,
+        )? == 1.0)
+            .then_some(())
+    });
+    assert_eq!(d2.terminate(), 0, "{}", d2.stderr());
+    assert_eq!(d1.terminate(), 0, "{}", d1.stderr());
+}
+
 #[test]
 fn topics_with_different_partition_counts_are_refused_at_startup() {
     let broker = Broker::start(false);

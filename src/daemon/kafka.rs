@@ -1172,10 +1172,14 @@ impl ClientContext for Ctx {
     }
 
     fn stats(&self, s: Statistics) {
-        let answering = s
-            .brokers
-            .values()
-            .any(|b| b.nodeid >= 0 && b.state == "UP" && b.rxidle < STALE_MICROS);
+        // A member with nothing to fetch hears from its brokers only at metadata refreshes
+        // (minutes apart), but from the group coordinator at every heartbeat: that logical
+        // connection's answers count too.
+        let answering = s.brokers.values().any(|b| {
+            b.state == "UP"
+                && ((b.nodeid >= 0 && b.rxidle < STALE_MICROS)
+                    || (b.source == "logical" && (0..STALE_MICROS).contains(&b.rxidle)))
+        });
         if answering {
             self.health.set_up();
             self.metrics.kafka_up.set(1);
@@ -1202,8 +1206,8 @@ impl ClientContext for Ctx {
             .collect();
         let mut inner = lock(&self.inner);
         // Not before the group has answered (an assignment of no partitions is an
-        // answer: this member has nothing to read).
-        let mut backlog = !inner.has_assignment || !answering;
+        // answer: this member has nothing to read, and no broker's silence holds it).
+        let mut backlog = !inner.has_assignment || (!answering && !inner.assigned.is_empty());
         // Assigned partitions the statistics tell a high watermark of.
         let mut known = 0;
         for (topic, t) in &s.topics {
@@ -1225,8 +1229,15 @@ impl ClientContext for Ctx {
                     continue;
                 }
                 known += 1;
-                // An old watermark may miss what arrived since: not known to be idle.
-                backlog |= !fresh.contains(&part.leader);
+                // An old watermark may miss what arrived since: not known to be idle. Told
+                // by the broker fetched from (a follower, with `client.rack`), else the
+                // leader.
+                let from = if part.broker >= 0 {
+                    part.broker
+                } else {
+                    part.leader
+                };
+                backlog |= !fresh.contains(&from);
                 let base = if part.committed_offset >= 0 {
                     part.committed_offset
                 } else {
