@@ -1624,46 +1624,6 @@ fn an_event_dated_far_ahead_does_not_pass_every_deadline() {
     assert_eq!(d.terminate(), 0);
 }
 
-/// On a fresh state, events all dated past `time.max_ahead` start the clock where the idle
-/// fallback would (wall time less lateness), not at "no clock": an instance they close is
-/// closed now, and remembered for `dedup` (a repeated trigger opens nothing).
-#[test]
-fn events_ahead_on_a_fresh_state_start_the_clock_at_wall_time() {
-    const RULE: &str = "rules:\n  - name: pay\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
-         expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 15m }]\n    \
-         dedup: 1h\n";
-    let mut d = Daemon::with_rules(
-        RULE,
-        "time: { idle: 0s, max_ahead: 5m }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\n",
-    );
-    d.start();
-    let now = now_nanos();
-    let at = |secs: i64| sagawatch::time::format_rfc3339(now + secs * 1_000_000_000);
-    let post = |body: String| {
-        let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
-        assert_eq!(st, 202, "{b}");
-    };
-    post(format!(
-        "{{\"time\":\"{}\",\"type\":\"OrderPlaced\",\"order_id\":\"a\"}}\n{{\"time\":\"{}\",\"type\":\"PaymentCompleted\",\"order_id\":\"a\"}}",
-        at(3600),
-        at(3900)
-    ));
-    let (_, t) = http(d.port, "GET", "/v1/instances/pay/a", &[], b"").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-    let closed = v["closed_at"].as_str().unwrap_or_default().to_string();
-    let this_year = &at(0)[..4];
-    assert!(closed.starts_with(this_year), "{t}");
-    post(format!(
-        r#"{{"time":"{}","type":"OrderPlaced","order_id":"a"}}"#,
-        at(3600)
-    ));
-    assert_eq!(
-        metric(d.port, r#"sagawatch_instances_opened_total{rule="pay"}"#),
-        Some(1.0)
-    );
-    assert_eq!(d.terminate(), 0);
-}
-
 /// An instance's timeline lists its own actions only: the outbox keeps those of an earlier
 /// instance of the same key (forgotten since) for `outbox.retain`.
 #[test]

@@ -476,13 +476,6 @@ impl Core {
                 self.engine
                     .state_mut()
                     .set_event(Some((line, ev.time)), part);
-                // No clock yet (a fresh state) and an event that may not start it: it
-                // starts where the idle fallback would, so that what this event decides
-                // (an instance closed, an action's time) is not dated "no clock".
-                if ahead && self.engine.clock() == Instant::MIN {
-                    let wall = wall_nanos().saturating_sub(self.cfg.time.lateness);
-                    self.engine.move_clock(wall.max(Instant::MIN + 1));
-                }
                 self.engine.observe(ev.time);
                 self.fire(false)?;
                 self.engine.process(&ev, &mut self.outcomes);
