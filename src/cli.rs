@@ -144,10 +144,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             };
             // `NAME=FILE` whose NAME is no source name, and no file of that whole name: a
-            // mistyped name, not a file name with `=` (those are written `./a=b`).
+            // mistyped name, not a file name with `=` (those are written `./a=b`; a path,
+            // `dir/k=v/x.jsonl`, is one too).
             for a in &inputs {
                 if let Some((name, file)) = a.split_once('=')
                     && !file.is_empty()
+                    && !name.contains('/')
+                    && !name.starts_with('.')
                     && !crate::rules::valid_name(name)
                     && !std::path::Path::new(a).exists()
                 {

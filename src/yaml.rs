@@ -16,6 +16,19 @@ use serde::de::{self, DeserializeOwned, Visitor};
 /// Most nodes a file may expand to (aliases included): far beyond any real rules or config
 /// file, far below what would exhaust memory.
 const MAX_NODES: usize = 1_000_000;
+/// Deepest nesting of collections a file may have (aliases included): far beyond any real
+/// rules or config file. What reads the tree recurses (on a runtime thread's stack, for a
+/// reload): a file nested thousands deep would overflow it and abort the daemon.
+const MAX_DEPTH: usize = 64;
+
+/// A collection being read: the node, the key waiting for its value (mappings), and the
+/// texts of the keys so far (duplicates are found by them; keys without text by value).
+struct Open {
+    node: Node,
+    key: Option<Node>,
+    texts: std::collections::HashSet<String>,
+    textless: bool,
+}
 
 /// A position in a source file, both 1-based.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -175,6 +188,21 @@ impl Node {
     }
 
     /// How many nodes this one is, itself included.
+    /// How deep collections nest in it (a scalar: 0).
+    fn depth(&self) -> usize {
+        match &self.value {
+            Value::Seq(items) => 1 + items.iter().map(Node::depth).max().unwrap_or(0),
+            Value::Map(entries) => {
+                1 + entries
+                    .iter()
+                    .map(|(k, v)| k.depth().max(v.depth()))
+                    .max()
+                    .unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
     fn count(&self) -> usize {
         1 + match &self.value {
             Value::Seq(items) => items.iter().map(Node::count).sum(),
@@ -263,10 +291,11 @@ pub fn resolve_plain(s: &str) -> Value {
 /// in a mapping are reported as diagnostics (the first entry wins).
 pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
     let mut parser = Parser::new_from_str(text);
-    let mut stack: Vec<(Node, Option<Node>)> = Vec::new();
-    // Anchored nodes with their size: aliases copy them, and nested aliases could make a
-    // small file expand without bound ("billion laughs"), so the nodes are counted.
-    let mut anchors: HashMap<usize, (Node, usize)> = HashMap::new();
+    let mut stack: Vec<Open> = Vec::new();
+    // Anchored nodes with their size and depth: aliases copy them, and nested aliases could
+    // make a small file expand without bound ("billion laughs"), so the nodes are counted
+    // (the copies kept here too: anchors nested in anchors are each a copy).
+    let mut anchors: HashMap<usize, (Node, usize, usize)> = HashMap::new();
     let mut nodes = 0usize;
     let mut anchor_of: Vec<usize> = Vec::new();
     let mut root: Option<Node> = None;
@@ -294,13 +323,13 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 if docs > 1 {
                     return Err(err(
                         &span,
-                        "a rules file holds one YAML document; found a second `---`".into(),
+                        "this file holds one YAML document; found a second `---`".into(),
                     ));
                 }
                 continue;
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some((n, size)) => {
+                Some((n, size, depth)) => {
                     nodes += size;
                     if nodes > MAX_NODES {
                         return Err(err(
@@ -308,12 +337,30 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                             format!("aliases expand this file beyond {MAX_NODES} YAML nodes"),
                         ));
                     }
+                    if stack.len() + depth > MAX_DEPTH {
+                        return Err(err(
+                            &span,
+                            format!("this alias nests the file deeper than {MAX_DEPTH} levels"),
+                        ));
+                    }
                     n.clone()
                 }
                 None => return Err(err(&span, "unknown alias".into())),
             },
             Event::Scalar(value, style, anchor, tag) => {
-                let v = match tag.as_ref().map(|t| t.suffix.as_str()) {
+                // The core schema's tags (`!!int`), and the non-specific `!` (a string);
+                // other local tags (`!int`) are not these, and change nothing.
+                let core = tag
+                    .as_ref()
+                    .filter(|t| t.is_yaml_core_schema())
+                    .map(|t| t.suffix.as_str());
+                let non_specific = tag.as_ref().is_some_and(|t| {
+                    matches!(
+                        (t.handle.as_str(), t.suffix.as_str()),
+                        ("!", "") | ("", "!")
+                    )
+                });
+                let v = match core {
                     Some("str") => Value::Str(value.to_string()),
                     // A core-schema type asked for: the text must be one (quoted or not).
                     Some(kind @ ("int" | "float" | "bool" | "null")) => {
@@ -331,7 +378,7 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                             }
                         }
                     }
-                    _ if style == ScalarStyle::Plain => resolve_plain(&value),
+                    _ if style == ScalarStyle::Plain && !non_specific => resolve_plain(&value),
                     _ => Value::Str(value.to_string()),
                 };
                 let node = Node {
@@ -341,7 +388,7 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 };
                 nodes += 1;
                 if anchor > 0 {
-                    anchors.insert(anchor, (node.clone(), 1));
+                    anchors.insert(anchor, (node.clone(), 1, 0));
                 }
                 node
             }
@@ -351,42 +398,56 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 } else {
                     Value::Map(Vec::new())
                 };
-                stack.push((
-                    Node {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(err(&span, format!("nested deeper than {MAX_DEPTH} levels")));
+                }
+                stack.push(Open {
+                    node: Node {
                         pos: pos_of(&span),
                         value,
                         text: None,
                     },
-                    None,
-                ));
+                    key: None,
+                    texts: Default::default(),
+                    textless: false,
+                });
                 anchor_of.push(anchor);
                 nodes += 1;
                 continue;
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (node, _) = stack.pop().expect("balanced events");
+                let node = stack.pop().expect("balanced events").node;
                 let anchor = anchor_of.pop().unwrap_or(0);
                 if anchor > 0 {
-                    anchors.insert(anchor, (node.clone(), node.count()));
+                    let size = node.count();
+                    nodes += size;
+                    if nodes > MAX_NODES {
+                        return Err(err(
+                            &span,
+                            format!("anchors expand this file beyond {MAX_NODES} YAML nodes"),
+                        ));
+                    }
+                    anchors.insert(anchor, (node.clone(), size, node.depth()));
                 }
                 node
             }
         };
         // A key written twice: where, as the other diagnostics say it.
+        // Found by the keys' texts (a set: a mapping of many keys is not quadratic), and
+        // by value where one of the two has no text.
+        let is_dup = |open: &Open, key: &Node| match (&open.node.value, key.as_text()) {
+            (Value::Map(entries), Some(t)) => {
+                open.texts.contains(t)
+                    || (open.textless && entries.iter().any(|(k, _)| same_key(k, key)))
+            }
+            (Value::Map(entries), None) => entries.iter().any(|(k, _)| same_key(k, key)),
+            _ => false,
+        };
         let dup_at = match stack.split_last() {
-            Some((
-                (
-                    Node {
-                        value: Value::Map(entries),
-                        ..
-                    },
-                    Some(key),
-                ),
-                outer,
-            )) if entries.iter().any(|(k, _)| same_key(k, key)) => {
+            Some((last @ Open { key: Some(key), .. }, outer)) if is_dup(last, key) => {
                 let mut path = YamlPath::default();
-                for (node, pending) in outer {
-                    path = match (&node.value, pending) {
+                for o in outer {
+                    path = match (&o.node.value, &o.key) {
                         (Value::Seq(items), _) => path.index(items.len()),
                         (_, Some(k)) => path.key(k.as_text().unwrap_or("?")),
                         _ => path,
@@ -398,7 +459,12 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
         };
         match stack.last_mut() {
             None => root = Some(complete),
-            Some((parent, pending_key)) => match &mut parent.value {
+            Some(Open {
+                node: parent,
+                key: pending_key,
+                texts,
+                textless,
+            }) => match &mut parent.value {
                 Value::Seq(items) => items.push(complete),
                 Value::Map(entries) => match pending_key.take() {
                     None => *pending_key = Some(complete),
@@ -413,6 +479,12 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                                 ),
                             });
                         } else {
+                            match key.as_text() {
+                                Some(t) => {
+                                    texts.insert(t.to_string());
+                                }
+                                None => *textless = true,
+                            }
                             entries.push((key, complete));
                         }
                     }
@@ -1218,6 +1290,67 @@ mod tests {
         // Ordinary aliases are fine.
         let n = parse("a: &x {k: 1}\nb: *x\n", &mut vec![]).unwrap();
         assert_eq!(n.get("b").unwrap().to_json(), serde_json::json!({"k": 1}));
+    }
+
+    /// Nesting is bounded (what reads the tree recurses): deeper is an error with its
+    /// place, directly or through an alias; and anchors nested in anchors count their
+    /// copies, so they cannot multiply memory without an alias either.
+    #[test]
+    fn deep_nesting_and_anchor_copies_are_bounded() {
+        let deep = format!("a: {}x{}\n", "[".repeat(80), "]".repeat(80));
+        let e = parse(&deep, &mut vec![]).unwrap_err();
+        assert!(
+            e.message.contains("nested deeper than 64 levels"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.pos.line, 1);
+        let ok = format!("a: {}x{}\n", "[".repeat(60), "]".repeat(60));
+        assert!(parse(&ok, &mut vec![]).is_ok());
+        let alias = format!(
+            "a: &d {}x{}\nb: {}*d{}\n",
+            "[".repeat(40),
+            "]".repeat(40),
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        let e = parse(&alias, &mut vec![]).unwrap_err();
+        assert!(e.message.contains("deeper than 64 levels"), "{}", e.message);
+        // 50 anchored levels around 30,000 items: 1.5M nodes kept as copies.
+        let items = vec!["1"; 30_000].join(",");
+        let mut nested = format!("[{items}]");
+        for i in 0..50 {
+            nested = format!("&a{i} [{nested}]");
+        }
+        let e = parse(&format!("x: {nested}\n"), &mut vec![]).unwrap_err();
+        assert!(
+            e.message.contains("beyond 1000000 YAML nodes"),
+            "{}",
+            e.message
+        );
+    }
+
+    /// A mapping of many keys is read in linear time (duplicates found by a set), and
+    /// still reports a duplicate among them.
+    #[test]
+    fn a_wide_mapping_finds_its_duplicate() {
+        let mut text: String = (0..50_000).map(|i| format!("k{i}: {i}\n")).collect();
+        text.push_str("k7: again\n");
+        let mut diags = vec![];
+        let n = parse(&text, &mut diags).unwrap();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].pos.line, 50_001);
+        assert_eq!(n.get("k7").unwrap().to_json(), serde_json::json!(7));
+    }
+
+    /// The non-specific tag `!` makes a scalar a string; a local tag (`!int`) is not the
+    /// core schema's `!!int`.
+    #[test]
+    fn non_specific_and_local_tags() {
+        let n = parse("a: ! 010\nb: !int \"5\"\nc: !!int \"5\"\n", &mut vec![]).unwrap();
+        assert_eq!(n.get("a").unwrap().to_json(), serde_json::json!("010"));
+        assert_eq!(n.get("b").unwrap().to_json(), serde_json::json!("5"));
+        assert_eq!(n.get("c").unwrap().to_json(), serde_json::json!(5));
     }
 
     #[test]

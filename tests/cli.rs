@@ -157,7 +157,8 @@ fn validate_refuses_numbers_json_cannot_hold() {
     assert_eq!(out.lines().count(), 3, "{out}");
 }
 
-/// A directory's hidden files are not rules (an editor's lock or backup of one).
+/// A directory's hidden files are not rules (an editor's lock or backup of one); a link
+/// to a file that is gone is reported.
 #[test]
 fn hidden_files_in_a_rules_directory_are_not_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,6 +167,14 @@ fn hidden_files_in_a_rules_directory_are_not_read() {
     let (code, out, _) = sagawatch(&["validate", &dir.path().display().to_string()], None);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("ok: 1 rule(s)"), "{out}");
+    // A rules file linked to one that is gone is not skipped: its rules would vanish.
+    std::os::unix::fs::symlink("/nonexistent/b.yaml", dir.path().join("b.yaml")).unwrap();
+    let (code, out, _) = sagawatch(&["validate", &dir.path().display().to_string()], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("b.yaml") && out.contains("No such file"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -124,6 +124,8 @@ const SUSPENDED: StdDuration = StdDuration::from_secs(1);
 const TICK: StdDuration = StdDuration::from_millis(100);
 /// Deadlines fired before their outcomes go to the outbox (see `Core::fire`).
 const FIRE_CHUNK: usize = 4096;
+/// Event text a batch holds (for the timeline, until its commit) past which it commits.
+const BATCH_EVENT_BYTES: usize = 64 << 20;
 
 pub struct Core {
     cfg: Arc<Config>,
@@ -374,7 +376,10 @@ impl Core {
             self.idle_tick()?;
             self.bad_log.flush(false);
             self.ahead_log.flush(false);
+            // Also by the event texts it holds for the timeline (up to 64 KiB each, until
+            // the commit): large events in long batches stay within memory.
             let full = self.batch_events >= self.cfg.batch_events
+                || self.engine.state().pending_event_bytes() >= BATCH_EVENT_BYTES
                 || (self.stopping && self.batch_started.is_some());
             let old = self
                 .batch_started

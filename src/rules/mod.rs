@@ -134,7 +134,9 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
             .map_err(|e| fail(format!("cannot list rules: {e}")))?
             .path();
         let is_yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        if is_yaml && !hidden(&p) && p.is_file() {
+        // Not `is_file`: a link whose target is gone (or unreadable) is listed, and its
+        // read names the problem, instead of its rules vanishing without a word.
+        if is_yaml && !hidden(&p) && !p.is_dir() {
             files.push(p);
         }
     }

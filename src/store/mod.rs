@@ -320,17 +320,17 @@ pub struct Want<'a> {
 }
 
 impl<'a> Want<'a> {
-    /// The turn, if it comes within `d`; past `GATE_WAIT` since the request, none is
-    /// waited for (a guard without a turn: SQLite's locking decides, as for
+    /// The turn, if it comes within `d`; past `GATE_WAIT` since the request, a turn still
+    /// held is not waited for (a guard without a turn: SQLite's locking decides, as for
     /// [`WriteGate::enter`]).
     pub fn take_within(&self, d: StdDuration) -> Option<GateGuard<'a>> {
         let g = self.gate;
         let mut s = g.state.lock().unwrap_or_else(|e| e.into_inner());
-        if self.since.elapsed() >= GATE_WAIT {
-            return Some(GateGuard(None));
-        }
         let deadline = std::time::Instant::now() + d;
         while s.held {
+            if self.since.elapsed() >= GATE_WAIT {
+                return Some(GateGuard(None));
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 return None;

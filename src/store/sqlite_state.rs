@@ -82,6 +82,8 @@ pub struct SqliteState {
     next_seq: i64,
     /// Events appended in this batch, inserted together at commit.
     new_events: Vec<(i64, Instant, Box<str>)>,
+    /// Their texts' bytes.
+    new_event_bytes: usize,
     /// The Kafka partition of the event being applied, stored on the rows it creates.
     part: Option<i32>,
     /// Step statuses and event references of the row taken last.
@@ -247,6 +249,7 @@ impl SqliteState {
             event_seq: None,
             next_seq: 0,
             new_events: Vec::new(),
+            new_event_bytes: 0,
             part: None,
             taken_steps: Vec::new(),
             taken_refs: Vec::new(),
@@ -315,6 +318,7 @@ impl SqliteState {
         self.chunked = false;
         self.next_seq = 0;
         self.new_events.clear();
+        self.new_event_bytes = 0;
         let mut remembered = HashMap::new();
         {
             let mut stmt = self
@@ -557,14 +561,22 @@ impl SqliteState {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.new_event_bytes += text.len();
         self.new_events.push((seq, time, Box::from(text)));
         Ok(seq)
+    }
+
+    /// Bytes of event text this batch holds until its commit (see [`MAX_EVENT_TEXT`]):
+    /// the core ends a batch early past a bound, whatever `batch.events` allows.
+    pub fn pending_event_bytes(&self) -> usize {
+        self.new_event_bytes
     }
 
     /// Inserts the events appended in this batch, many rows per statement.
     fn write_events(&mut self) -> rusqlite::Result<()> {
         const ROWS: usize = 64;
         let events = std::mem::take(&mut self.new_events);
+        self.new_event_bytes = 0;
         let mut chunks = events.chunks_exact(ROWS);
         static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let sql = SQL.get_or_init(|| {
@@ -1403,8 +1415,9 @@ fn recapture(
         tracing::warn!(
             rule = r.name,
             instances = cut,
-            "the trigger events of these stored instances were longer than the state keeps \
-             ({} KiB): the trigger fields the new templates read render empty for them",
+            "the trigger events of these stored instances were kept cut short (longer than \
+             the {} KiB the state keeps, or than the 4 KiB versions before 2026-11-24 kept): \
+             the trigger fields the new templates read render empty for them",
             MAX_EVENT_TEXT >> 10
         );
     }
