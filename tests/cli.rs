@@ -376,9 +376,12 @@ fn replay_of_a_missing_file_is_a_one_line_error() {
         "{err}"
     );
     // A path with `=` in a directory's name is a path (missing here: exit 1).
-    let (code, _, err) = sagawatch(&["replay", "--rules", "rules", "dt=2024/x.jsonl"], None);
+    let (code, _, err) = sagawatch(
+        &["replay", "--rules", "rules", "/data/dt=2024/x.jsonl"],
+        None,
+    );
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("cannot open dt=2024/x.jsonl"), "{err}");
+    assert!(err.contains("cannot open /data/dt=2024/x.jsonl"), "{err}");
 }
 
 #[test]
