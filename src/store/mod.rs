@@ -623,7 +623,7 @@ pub fn writer_settings(conn: &Connection, sync_each_commit: bool) -> Result<()> 
 const WAL_RESTART_FRAMES: i64 = 65536;
 
 /// Copies committed WAL frames into the database file every `every` until `stop`, on its
-/// own connection, so the writer never pays for checkpoints. Passive checkpoints cannot
+/// own connection, so the writer pays only for the rare restart below. Passive checkpoints cannot
 /// make a busy writer start the WAL over, so when it has grown past a limit this sets
 /// `restart`, and the writer runs a RESTART checkpoint between two batches (cheap: most
 /// frames are already copied by then).
