@@ -443,48 +443,57 @@ fn require_write_access(path: &Path) -> Result<()> {
 
 /// Opens (creating if needed) the state file with the settings every connection uses.
 pub fn open(path: &Path) -> Result<Connection> {
+    open_as(path, true)
+}
+
+fn open_as(path: &Path, create: bool) -> Result<Connection> {
     check_path(path)?;
     // The state holds every event's contents and the outbox bodies: a new file is for its
     // owner only, whatever the umask (SQLite gives `-wal` and `-shm` the database file's
     // mode). An existing file keeps the mode it was given.
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => {}
-        // A symbolic link to a file not there yet: that file is created, for its owner
-        // only too (SQLite would create it with the umask's mode).
-        // (Without O_EXCL the open follows the links, however many, to the file.)
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !path.exists() => {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| {
-                    format!(
-                        "state file {}: cannot create the file it links to",
-                        path.display()
-                    )
-                })?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => require_write_access(path)?,
-        // It exists (a read-only file system says so first): SQLite's open says what is wrong.
-        Err(_) if path.exists() => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("state file {}: cannot create", path.display()));
+    if create {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            // A symbolic link to a file not there yet: that file is created, for its owner
+            // only too (SQLite would create it with the umask's mode).
+            // (Without O_EXCL the open follows the links, however many, to the file.)
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !path.exists() => {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(path)
+                    .with_context(|| {
+                        format!(
+                            "state file {}: cannot create the file it links to",
+                            path.display()
+                        )
+                    })?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => require_write_access(path)?,
+            // It exists (a read-only file system says so first): SQLite's open says what is
+            // wrong.
+            Err(_) if path.exists() => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("state file {}: cannot create", path.display()));
+            }
         }
     }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .with_context(|| format!("state file {}: cannot open", path.display()))?;
+    // Without CREATE for the daemon's other connections: a file deleted since (even
+    // between a look and this open) is an error, not created again empty.
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags)
+        .with_context(|| format!("state file {}: cannot open", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // Room for the writer's statements, including one UPDATE per changed-column set.
     conn.set_prepared_statement_cache_capacity(64);
@@ -538,7 +547,7 @@ pub fn open_existing(path: &Path) -> Result<Connection> {
             path.display()
         );
     }
-    open(path)
+    open_as(path, false)
 }
 
 /// Opens an existing state file for reading only (`inspect`): nothing is written to it,
