@@ -203,11 +203,13 @@ impl Node {
         }
     }
 
+    /// Its size in nodes, a scalar's text weighing one more per 64 bytes (what an alias
+    /// of it copies).
     fn count(&self) -> usize {
         1 + match &self.value {
             Value::Seq(items) => items.iter().map(Node::count).sum(),
             Value::Map(entries) => entries.iter().map(|(k, v)| k.count() + v.count()).sum(),
-            _ => 0,
+            _ => self.text.as_ref().map_or(0, |t| t.len() / 64),
         }
     }
 
@@ -388,7 +390,8 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
                 };
                 nodes += 1;
                 if anchor > 0 {
-                    anchors.insert(anchor, (node.clone(), 1, 0));
+                    // Weighed by its length too: each alias copies the text (twice over).
+                    anchors.insert(anchor, (node.clone(), node.count(), 0));
                 }
                 node
             }
@@ -435,12 +438,12 @@ pub fn parse(text: &str, diags: &mut Vec<Diag>) -> Result<Node, Diag> {
         // A key written twice: where, as the other diagnostics say it.
         // Found by the keys' texts (a set: a mapping of many keys is not quadratic), and
         // by value where one of the two has no text.
+        // (A key with text and one without never give the same name: scalars have text.)
         let is_dup = |open: &Open, key: &Node| match (&open.node.value, key.as_text()) {
-            (Value::Map(entries), Some(t)) => {
-                open.texts.contains(t)
-                    || (open.textless && entries.iter().any(|(k, _)| same_key(k, key)))
+            (Value::Map(_), Some(t)) => open.texts.contains(t),
+            (Value::Map(entries), None) => {
+                open.textless && entries.iter().any(|(k, _)| same_key(k, key))
             }
-            (Value::Map(entries), None) => entries.iter().any(|(k, _)| same_key(k, key)),
             _ => false,
         };
         let dup_at = match stack.split_last() {
@@ -1328,6 +1331,15 @@ mod tests {
             "{}",
             e.message
         );
+        // A long string, aliased: weighed by its length (64 KiB, 1,100 times: 70 MB).
+        let long = "x".repeat(64 << 10);
+        let aliases = vec!["*s"; 1100].join(", ");
+        let e = parse(&format!("a: &s {long}\nb: [{aliases}]\n"), &mut vec![]).unwrap_err();
+        assert!(
+            e.message.contains("beyond 1000000 YAML nodes"),
+            "{}",
+            e.message
+        );
     }
 
     /// A mapping of many keys is read in linear time (duplicates found by a set), and
@@ -1341,6 +1353,10 @@ mod tests {
         assert_eq!(diags.len(), 1, "{diags:?}");
         assert_eq!(diags[0].pos.line, 50_001);
         assert_eq!(n.get("k7").unwrap().to_json(), serde_json::json!(7));
+        // Keys without text (null, collections) are compared by value among themselves.
+        let mut diags = vec![];
+        parse("~: a\nk: b\n? ~\n: c\n", &mut diags).unwrap();
+        assert_eq!(diags.len(), 1, "{diags:?}");
     }
 
     /// The non-specific tag `!` makes a scalar a string; a local tag (`!int`) is not the
