@@ -3319,9 +3319,7 @@ fn a_refused_message_does_not_hold_back_a_later_instance_of_its_key() {
         ),
     );
     d.start();
-    let event = |t: &str, ty: &str| {
-        format!("{{\"time\":\"2026-03-02T{t}:00Z\",\"type\":\"{ty}\",\"order_id\":\"o-1\"}}\n")
-    };
+    let event = |t: &str, ty: &str| order_event(t, ty, "o-1");
     let body = [
         event("09:00", "OrderPlaced"),
         event("09:16", "Heartbeat"),
@@ -3370,9 +3368,7 @@ fn a_late_correlate_resolves_only_its_own_instances_alert() {
          alerts: { sinks: [hook] }\n",
     );
     d.start();
-    let event = |t: &str, ty: &str| {
-        format!("{{\"time\":\"2026-03-02T{t}:00Z\",\"type\":\"{ty}\",\"order_id\":\"k\"}}\n")
-    };
+    let event = |t: &str, ty: &str| order_event(t, ty, "k");
     let body = [
         event("00:00", "OrderPlaced"),
         event("00:11", "Heartbeat"),
@@ -3384,11 +3380,7 @@ fn a_late_correlate_resolves_only_its_own_instances_alert() {
     let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
     assert_eq!(st, 202, "{b}");
     // Committed with the answer.
-    let c = rusqlite::Connection::open_with_flags(
-        d.path("state.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let c = read_state(&d);
     let kinds: Vec<(String, String)> = c
         .prepare("SELECT kind, body FROM outbox ORDER BY seq")
         .unwrap()
@@ -3431,11 +3423,7 @@ fn a_message_held_behind_a_retry_waits_until_then() {
     let body = "{\"time\":\"2026-03-02T09:00:00Z\",\"type\":\"OrderPlaced\",\"order_id\":\"o-1\"}\n{\"time\":\"2026-03-02T09:16:00Z\",\"type\":\"Heartbeat\"}";
     let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
     assert_eq!(st, 202, "{b}");
-    let c = rusqlite::Connection::open_with_flags(
-        d.path("state.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let c = read_state(&d);
     let rows = || -> Vec<(String, i64, i64)> {
         c.prepare("SELECT kind, attempts, next_ms FROM outbox ORDER BY seq")
             .unwrap()

@@ -44,6 +44,20 @@ rules:
     late: 1h
 "#;
 
+/// An NDJSON line of a checkout event on 2026-03-02 at `hhmm`, of `kind`, for order `key`.
+pub fn order_event(hhmm: &str, kind: &str, key: &str) -> String {
+    format!("{{\"time\":\"2026-03-02T{hhmm}:00Z\",\"type\":\"{kind}\",\"order_id\":\"{key}\"}}\n")
+}
+
+/// A read-only connection to a daemon's state file (beside the running daemon: WAL).
+pub fn read_state(d: &Daemon) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(
+        d.path("state.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap()
+}
+
 /// `data` gzip-compressed.
 pub fn gz(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
