@@ -3404,6 +3404,37 @@ fn a_late_correlate_resolves_only_its_own_instances_alert() {
     assert_eq!(d.terminate(), 0);
 }
 
+/// A step's timeline shows its own correlate, not an early correlate that another rule's
+/// trigger read for the same event (same step number, a time that would fit).
+#[test]
+fn a_timeline_step_shows_its_own_correlate() {
+    let rules = "rules:\n  - name: a\n    trigger: { where: { type: PaymentCompleted }, key: order_id }\n    \
+                 expect: [{ step: audit, where: { type: Audited }, key: order_id, within: 1h }]\n  \
+                 - name: b\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+                 expect: [{ step: pay, where: { type: PaymentCompleted }, key: order_id, within: 10m }]\n    \
+                 late: 1h\n";
+    let mut d = Daemon::with_rules(
+        rules,
+        "time: { idle: 0s, lateness: 0s }\nsources: { api: { type: http } }\nsinks: { out: { type: stdout } }\n",
+    );
+    d.start();
+    let body = [
+        order_event("00:00", "OrderPlaced", "k"),
+        order_event("00:20", "Audited", "k"),
+        order_event("00:21", "PaymentCompleted", "k"),
+    ]
+    .concat();
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    let (st, t) = http(d.port, "GET", "/v1/instances/b/k", &[], b"").unwrap();
+    assert_eq!(st, 200, "{t}");
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["steps"][0]["status"], "late", "{t}");
+    assert_eq!(v["steps"][0]["event"]["type"], "PaymentCompleted", "{t}");
+    assert_eq!(v["steps"][0]["late_at"], "2026-03-02T00:21:00Z", "{t}");
+    assert_eq!(d.terminate(), 0);
+}
+
 /// A message held behind an older one of its lane that waits for a retry is not due
 /// before that retry: it is not read again at every round, and many of them do not fill
 /// the window of due messages that the sink's others are found in.

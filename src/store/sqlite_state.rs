@@ -1451,6 +1451,10 @@ fn restore_deadlines(tx: &rusqlite::Transaction<'_>, rule: &str) -> rusqlite::Re
 
 impl State for SqliteState {
     fn take(&mut self, rule: usize, key: &str) -> Option<Instance> {
+        // The early correlates read for another row (another rule's trigger for this
+        // event, say) are not this one's: what settles this row's steps is read between
+        // this take and its put.
+        self.early_seen.borrow_mut().clear();
         let (row, refs) = match self.rows.get(rule, key) {
             Some(h) => h,
             None => {
