@@ -340,19 +340,21 @@ impl FileSource {
             if cur.is_none() {
                 // The stored position is used until a file is open: a failed attempt
                 // must not make a later one start the same file from its beginning.
-                let stored_at = resume.as_ref().map(|p| p.offset);
+                let stored = resume.clone();
                 match self.open(resume.clone(), next.take()) {
                     Ok(mut o) => {
                         // A file the stored position does not name (the new one after a
-                        // rotation, one replaced while stopped): its position is stored
-                        // at once, so a restart before its first line resumes it, not the
-                        // old one (with a false warning that lines were not read).
-                        if stored_at != Some(o.offset) {
+                        // rotation, one replaced while stopped; by its identity, not only
+                        // its offset: both may be at 0): its position is stored at once,
+                        // so a restart before its first line resumes it, not the old one
+                        // (with a false warning that lines were not read).
+                        let here = o.position(o.offset);
+                        if stored.as_ref() != Some(&here) {
                             let msg = Msg::Lines {
                                 source: Arc::clone(&self.name),
                                 lines: Vec::new(),
                                 at: LineAt::Unknown,
-                                position: Some(o.position(o.offset)),
+                                position: Some(here),
                                 atomic: false,
                                 done: None,
                                 hold: None,
@@ -509,8 +511,11 @@ impl FileSource {
             if !eof {
                 continue;
             }
-            let overdue =
-                rotated_at.is_some_and(|t| t.elapsed() >= self.rotate_wait * ROTATE_WAITS_AT_MOST);
+            // Still written to, by its modification time: not by this reader's progress,
+            // which a core too busy to take lines for a while also makes look recent.
+            let overdue = rotated_at
+                .is_some_and(|t| t.elapsed() >= self.rotate_wait * ROTATE_WAITS_AT_MOST)
+                && written_within(o.reader.get_ref(), self.rotate_wait);
             if let Some(t) = rotated
                 && t.elapsed() < self.rotate_wait
                 && !overdue
@@ -752,6 +757,13 @@ fn next_line(
     };
     r.consume(n);
     Ok(step)
+}
+
+/// Whether `file` was modified within `wait` of now (or when that cannot be told).
+fn written_within(file: &File, wait: Duration) -> bool {
+    file.metadata()
+        .and_then(|m| m.modified())
+        .map_or(true, |t| t.elapsed().map_or(true, |age| age < wait))
 }
 
 /// Adds a line's text, unless it is blank: whether it was added, `None` if it is not
@@ -1217,6 +1229,61 @@ mod tests {
             }
         }
         assert!(lagging, "the new file's line was not counted as lag");
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+
+    /// A rotated file whose writer stopped long ago is finished as a finished file (its
+    /// last line without a newline is a line) even when a busy core kept its reader
+    /// waiting past the bound on how long a rotated file still written to is read.
+    #[test]
+    fn a_rotated_file_read_late_behind_a_busy_core_keeps_its_last_line() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"n\":0}\n").unwrap();
+        // Long enough for the lines below to be written before the rotated file would
+        // be finished unwritten.
+        let wait = Duration::from_millis(300);
+        let Following {
+            rx,
+            stop,
+            holding,
+            thread: t,
+            ..
+        } = follow(&path, wait);
+        assert_eq!(lines_until(&rx, 1).0, [r#"{"n":0}"#]);
+        let mut old = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::fs::rename(&path, dir.path().join("events.jsonl.1")).unwrap();
+        std::fs::write(&path, "{\"new\":1}\n").unwrap();
+        // The rotation is seen (the new file's line waits behind the old one).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !holding.load(Ordering::Relaxed) {
+            assert!(Instant::now() < deadline, "the rotation was never seen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // More than the channel holds, then a last line without a newline; then nobody
+        // takes lines for longer than the bound (the busy core).
+        let line = format!("{{\"old\":1,\"pad\":\"{}\"}}\n", "x".repeat(100));
+        for _ in 0..30_000 {
+            old.write_all(line.as_bytes()).unwrap();
+        }
+        write!(old, "{{\"last\":1}}").unwrap();
+        drop(old);
+        std::thread::sleep(wait * ROTATE_WAITS_AT_MOST + Duration::from_secs(1));
+        let mut got = Vec::new();
+        while !got.iter().any(|l: &String| l.contains("new")) {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Msg::Lines { lines, .. }) => got.extend(lines),
+                Ok(_) => {}
+                Err(e) => panic!("{e}: the new file was never read"),
+            }
+        }
+        assert_eq!(got.len(), 30_002, "every line of both files, once");
+        assert_eq!(got[30_000], r#"{"last":1}"#);
         stop.store(true, Ordering::Relaxed);
         t.join().unwrap();
     }
