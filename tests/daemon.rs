@@ -470,6 +470,10 @@ fn bad_http_input_gets_clear_errors_and_the_daemon_stays_up() {
     let (st, b) = post(&gzip, format!("{good}\n").as_bytes());
     assert_eq!(st, 400, "{b}");
     assert!(b.contains("body is not valid gzip"), "{b}");
+    // An empty body is empty, compressed or not.
+    let (st, b) = post(&gzip, b"");
+    assert_eq!(st, 400, "{b}");
+    assert!(b.contains("line 1: empty body"), "{b}");
     // `identity` is no encoding: the body is read (here, a bad line).
     let plain = [auth[0], ("content-encoding", "identity")];
     let (st, b) = post(&plain, b"{not json");

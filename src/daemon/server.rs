@@ -1047,7 +1047,12 @@ pub fn split_body(
                 .starts_with('[')
         {
             let prefix = prefix.strip_prefix('\u{feff}').unwrap_or(prefix);
+            // Cut between elements (the bad byte after a complete one): no element to
+            // name, but the line.
+            let between =
+                serde_json::from_str::<serde::de::IgnoredAny>(&format!("{prefix}]")).is_ok();
             match split_array_to(prefix, &check) {
+                Err((_, true)) if between => {}
                 Err((mut bad, true)) => {
                     bad.message = "not UTF-8".into();
                     return bad;
@@ -1211,6 +1216,10 @@ enum Unzip {
 fn gunzip(body: &[u8], max: usize) -> std::io::Result<Option<Vec<u8>>> {
     use std::io::Read;
     let mut out = Vec::new();
+    if body.is_empty() {
+        // Nothing compressed: the empty body it is (refused as such).
+        return Ok(Some(out));
+    }
     flate2::read::MultiGzDecoder::new(body)
         .take(max as u64 + 1)
         .read_to_end(&mut out)?;
@@ -1347,6 +1356,7 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
     let wall = matches!(shared.cfg.time.clock, ClockMode::Wall);
     // The permit goes along: a client gone meanwhile frees it only when the split ends.
     let split = tokio::task::spawn_blocking(move || {
+        let mut permit = permit;
         let body = if gzip {
             let plain = gunzip(&body, max_body);
             // Not held beside the events.
@@ -1359,6 +1369,10 @@ async fn events(shared: Arc<Shared>, req: Request<Incoming>) -> Resp {
         } else {
             body
         };
+        // From here on the body's share is what it holds: the room taken for a gzip
+        // body's decompression, or for a body sent without a length, goes back.
+        let keep = body.len().clamp(1, permit.num_permits());
+        drop(permit.split(permit.num_permits() - keep));
         let decoder = Decoder::time_only(&field);
         let check = |line: &str| {
             decoder
@@ -1494,6 +1508,11 @@ mod tests {
             (e.at.as_str(), e.message.as_str()),
             ("element 2", "not UTF-8")
         );
+        // After the last element: no element to name, the line.
+        let body = [format!("[{{{t}}}\n").as_bytes(), b"\xff]"].concat();
+        let e = super::split_body(&body, check).unwrap_err();
+        assert_eq!((e.at.as_str(), e.line), ("line 2", 2), "{}", e.message);
+        assert!(e.message.starts_with("not UTF-8"), "{}", e.message);
         // One bad before it: that one.
         let body = [b"[{\"type\":\"A\"}, {\"k\":\"".as_slice(), b"\xff\"}]"].concat();
         let e = super::split_body(&body, check).unwrap_err();
