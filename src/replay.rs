@@ -89,6 +89,9 @@ struct Reader {
     bytes_read: u64,
     /// The line just read was longer than [`MAX_LINE`] (this many bytes), and skipped.
     oversized: Option<usize>,
+    /// How many bytes were trimmed from the start of the line in `buf` (a byte order mark,
+    /// whitespace): positions within it are reported from the line as written.
+    lead: usize,
 }
 
 /// The longest line read, as the daemon's file and stdin sources take it: a longer one is
@@ -113,6 +116,7 @@ impl Reader {
             done: false,
             bytes_read: 0,
             oversized: None,
+            lead: 0,
         })
     }
 
@@ -144,8 +148,10 @@ impl Reader {
             }
             self.bytes_read += n as u64;
             self.line_no += 1;
+            self.lead = 0;
             if self.line_no == 1 && self.buf.starts_with(BOM) {
                 self.buf.drain(..BOM.len());
+                self.lead = BOM.len();
             }
             if !self.buf.iter().all(u8::is_ascii_whitespace) {
                 // Trimmed of ASCII whitespace, as the daemon's sources take lines (JSON
@@ -164,6 +170,7 @@ impl Reader {
                     .take_while(|b| b.is_ascii_whitespace())
                     .count();
                 self.buf.drain(..start);
+                self.lead += start;
                 return Ok(true);
             }
         }
@@ -186,7 +193,7 @@ impl Reader {
         if let Err(e) = std::str::from_utf8(&self.buf) {
             return Err(format!(
                 "not UTF-8 (at byte {} of the line)",
-                e.valid_up_to() + 1
+                self.lead + e.valid_up_to() + 1
             ));
         }
         decoder.decode(&self.buf, source).map_err(|e| e.to_string())

@@ -158,7 +158,7 @@ fn validate_refuses_numbers_json_cannot_hold() {
 }
 
 /// A directory's hidden files are not rules (an editor's lock or backup of one); a link
-/// to a file that is gone is reported.
+/// to a file that is gone is reported; FIFOs and devices are passed over.
 #[test]
 fn hidden_files_in_a_rules_directory_are_not_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,6 +175,18 @@ fn hidden_files_in_a_rules_directory_are_not_read() {
         out.contains("b.yaml") && out.contains("No such file"),
         "{out}"
     );
+    // A link to /dev/null switches a file off; a FIFO is not read (it would block).
+    std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", dir.path().join("c.yaml")).unwrap();
+    let fifo = dir.path().join("d.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (code, out, _) = sagawatch(&["validate", &dir.path().display().to_string()], None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: 1 rule(s)"), "{out}");
 }
 
 #[test]
@@ -731,13 +743,15 @@ fn replay_into_a_closed_pipe_twice_from_stdin_and_an_oversized_line() {
     );
 
     // A line that is not UTF-8 is skipped, as the daemon's sources skip it, even where
-    // the bad bytes are in a field no rule reads.
+    // the bad bytes are in a field no rule reads; the bad byte is counted from the line
+    // as written (leading blanks too).
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(
-        &bad,
-        b"{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"1\",\"junk\":\"\xc3\"}\n{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"2\"}\n",
-    )
-    .unwrap();
+    let first: &[u8] =
+        b"  {\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"1\",\"junk\":\"\xc3\"}\n";
+    let at = 1 + first.iter().position(|&b| b == 0xc3).unwrap();
+    let mut text = first.to_vec();
+    text.extend_from_slice(b"{\"time\":\"2026-01-01T00:00:00Z\",\"type\":\"A\",\"id\":\"2\"}\n");
+    std::fs::write(&bad, text).unwrap();
     let (code, out, err) = sagawatch(
         &[
             "replay",
@@ -749,7 +763,12 @@ fn replay_into_a_closed_pipe_twice_from_stdin_and_an_oversized_line() {
         None,
     );
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("bad.jsonl:1: not UTF-8"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "bad.jsonl:1: not UTF-8 (at byte {at} of the line)"
+        )),
+        "{err}"
+    );
     assert!(
         out.contains("\"key\":\"2\"") && !out.contains("\"key\":\"1\""),
         "{out}"

@@ -134,9 +134,15 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, RulesError> {
             .map_err(|e| fail(format!("cannot list rules: {e}")))?
             .path();
         let is_yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        // Not `is_file`: a link whose target is gone (or unreadable) is listed, and its
-        // read names the problem, instead of its rules vanishing without a word.
-        if is_yaml && !hidden(&p) && !p.is_dir() {
+        // Regular files, through links; and a link whose target is gone (or cannot be
+        // looked at), so that its read names the problem instead of its rules vanishing
+        // without a word. Not a FIFO, socket or device (a link to /dev/null, to switch a
+        // file off): reading one may block, or give nothing that is rules.
+        let listed = match std::fs::metadata(&p) {
+            Ok(m) => m.is_file(),
+            Err(_) => true,
+        };
+        if is_yaml && !hidden(&p) && listed {
             files.push(p);
         }
     }
