@@ -524,7 +524,15 @@ impl Dispatcher {
                 // for as long as it takes; re-sends held up that long would let
                 // Alertmanager end every firing alert, to fire them again at the next one.
                 // So they are also sent while a turn is awaited (see `turn`).
-                let mut resend = |flight: &mut Flight| -> Result<()> {
+                let mut resend = |flight: &mut Flight,
+                                  finished: &mut Vec<(Pending, Result<(), Failed>)>|
+                 -> Result<()> {
+                    // Tasks that finished meanwhile off the books first: a re-send task
+                    // done holds its sink's next re-send only until it is (their results
+                    // are recorded in the next round).
+                    while let Some(r) = flight.tasks.try_join_next_with_id() {
+                        flight.finish(r, finished);
+                    }
                     if stop_at.is_none() {
                         self.resend_alerts(
                             &conn,
@@ -537,9 +545,9 @@ impl Dispatcher {
                     }
                     Ok(())
                 };
-                resend(&mut flight)?;
+                resend(&mut flight, &mut finished)?;
                 if !unrecorded.is_empty() {
-                    let _turn = self.turn(|| resend(&mut flight))?;
+                    let _turn = self.turn(|| resend(&mut flight, &mut finished))?;
                     self.record(&conn, &unrecorded)?;
                     unrecorded.clear();
                 }
@@ -588,8 +596,13 @@ impl Dispatcher {
                         let mut queue: VecDeque<Pending> = due.into();
                         while let Some(p) = queue.pop_front() {
                             // (Nothing is unrecorded here: a failed record ends the
-                            // round above, before anything starts.)
-                            if flight.has(p.seq) || !seen.insert(p.seq) {
+                            // round above, before anything starts. But a delivery that
+                            // finished while a re-send went out waits in `finished` for
+                            // the next round's record: not started again meanwhile.)
+                            if flight.has(p.seq)
+                                || finished.iter().any(|(f, _)| f.seq == p.seq)
+                                || !seen.insert(p.seq)
+                            {
                                 continue;
                             }
                             waiting = true;
@@ -660,7 +673,7 @@ impl Dispatcher {
                     return Ok(None);
                 }
                 if !deferred.is_empty() {
-                    let _turn = self.turn(|| resend(&mut flight))?;
+                    let _turn = self.turn(|| resend(&mut flight, &mut finished))?;
                     let tx = conn.unchecked_transaction()?;
                     for (seq, until) in deferred.drain(..) {
                         Outbox::defer(&tx, seq, until)?;
@@ -673,7 +686,7 @@ impl Dispatcher {
                     // DELETE of them all would hold the core's batches for seconds, and
                     // chunks back to back would too (the gate goes to whoever asks
                     // first). While chunks come back full, the next round purges again.
-                    let _turn = self.turn(|| resend(&mut flight))?;
+                    let _turn = self.turn(|| resend(&mut flight, &mut finished))?;
                     if Outbox::purge_done(&conn, before, PURGE_CHUNK)? < PURGE_CHUNK
                         && Outbox::purge_alerts(&conn, Outbox::clock_ms(&conn)?, PURGE_CHUNK)?
                             < PURGE_CHUNK
