@@ -413,6 +413,27 @@ pub const KAFKA_RESERVED: &[(&str, &str)] = &[
     ),
 ];
 
+/// Properties sagawatch sets by default, before the config's own (which override them).
+const KAFKA_DEFAULTS: &[&str] = &["auto.offset.reset", "linger.ms", "partitioner", "client.id"];
+
+/// The name under which a property the config sets reaches librdkafka: one sagawatch
+/// sets too (reserved or by default) under that one name. librdkafka also takes a topic
+/// property with a `topic.` prefix, and `queue.buffering.max.ms` is what `linger.ms`
+/// stands for; both names reaching it would leave which value wins to the order they
+/// are applied in. (Other `topic.` names, such as `topic.metadata.refresh.interval.ms`,
+/// are properties of their own and stay as written.)
+pub fn kafka_key(key: &str) -> &str {
+    let ours = |k: &str| KAFKA_DEFAULTS.contains(&k) || KAFKA_RESERVED.iter().any(|(r, _)| *r == k);
+    let key = match key.strip_prefix("topic.") {
+        Some(k) if ours(k) => k,
+        _ => key,
+    };
+    match key {
+        "queue.buffering.max.ms" => "linger.ms",
+        k => k,
+    }
+}
+
 /// The Kafka cluster. Property values may hold secrets: `Debug` prints keys only.
 #[derive(Clone)]
 pub struct KafkaConfig {
@@ -892,6 +913,28 @@ struct Checker {
 }
 
 impl Checker {
+    /// Whether `rules` is a directory whose rule files would include the config file.
+    fn rules_dir_holds_config(&self, rules: &Path) -> bool {
+        let yaml = self
+            .file
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml");
+        let hidden = self
+            .file
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        let dir = match self.dir.as_os_str().is_empty() {
+            true => Path::new("."),
+            false => &self.dir,
+        };
+        yaml && !hidden
+            && rules.is_dir()
+            && matches!(
+                (std::fs::canonicalize(dir), std::fs::canonicalize(rules)),
+                (Ok(a), Ok(b)) if a == b
+            )
+    }
+
     /// After the config failed to read (a value of the wrong type): reads each top-level
     /// section on its own, so the problems of the sections after the one that failed show
     /// too (a section that fails ends the reading of the mapping it is in). Returns the
@@ -1131,6 +1174,14 @@ impl Checker {
             self.err(
                 &top.key("rules"),
                 format!("{} does not exist", rules_path.display()),
+            );
+        } else if self.rules_dir_holds_config(&rules_path) {
+            self.err(
+                &top.key("rules"),
+                format!(
+                    "{} holds this config file, which would be read as a rules file: give the rules a directory of their own",
+                    rules_path.display()
+                ),
             );
         }
         let mut allowed_hosts = Vec::new();
@@ -1796,18 +1847,19 @@ impl Checker {
         }
         let check = |this: &mut Self, section: &str, props: &BTreeMap<String, String>| {
             for key in props.keys() {
-                if let Some((_, why)) = KAFKA_RESERVED.iter().find(|(r, _)| r == key) {
+                let name = kafka_key(key);
+                if let Some((_, why)) = KAFKA_RESERVED.iter().find(|(r, _)| *r == name) {
                     this.err(
                         &path.key(section).key(key),
-                        format!("sagawatch sets {key}: {why}"),
+                        format!("sagawatch sets {name}: {why}"),
                     );
-                } else if let Some(why) = kafka_property_problem(key, &props[key]) {
+                } else if let Some(why) = kafka_property_problem(name, &props[key]) {
                     this.err(&path.key(section).key(key), why);
                 }
             }
             props
                 .iter()
-                .map(|(k, v)| (k.clone(), this.kafka_path(k, v)))
+                .map(|(k, v)| (kafka_key(k).to_string(), this.kafka_path(k, v)))
                 .collect::<Vec<_>>()
         };
         let common = check(self, "properties", &k.properties);
@@ -2159,6 +2211,20 @@ mod tests {
     fn check(text: &str) -> Result<Config, String> {
         let dir = std::env::current_dir().unwrap();
         load_text(&dir.join("sagawatch.yaml"), text, &env).map_err(|e| e.to_string())
+    }
+
+    /// A rules directory that holds the config file would load it as rules (and fail
+    /// with its keys as unknown fields): said plainly instead.
+    #[test]
+    fn a_rules_directory_holding_the_config_is_refused() {
+        let e =
+            check("rules: .\nsources: { a: { type: stdin } }\nsinks: { o: { type: stdout } }\n")
+                .unwrap_err();
+        assert!(
+            e.contains("rules: ") && e.contains("holds this config file"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
     }
 
     #[test]
@@ -2717,6 +2783,33 @@ mod tests {
                 "{e}"
             );
         }
+        // Under another name librdkafka takes for it too.
+        let e = check(
+            "rules: rules\nkafka:\n  brokers: b:9092\n  producer: { topic.message.timeout.ms: '600000' }\nsources:\n  orders: { type: kafka }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(
+                "kafka.producer.topic.message.timeout.ms: sagawatch sets message.timeout.ms"
+            ),
+            "{e}"
+        );
+        // What sagawatch sets by default is overridden under its own name, whichever
+        // name the config used; other `topic.` properties stay as written.
+        let c = check(
+            "rules: rules\nkafka:\n  brokers: b:9092\n  properties: { topic.metadata.refresh.interval.ms: '1000' }\n  consumer: { topic.auto.offset.reset: latest }\n  producer: { queue.buffering.max.ms: '20' }\nsources:\n  orders: { type: kafka }\n",
+        )
+        .unwrap();
+        let k = c.kafka.as_ref().unwrap();
+        let keys = |v: &[(String, String)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            keys(&k.consumer),
+            ["topic.metadata.refresh.interval.ms", "auto.offset.reset"]
+        );
+        assert_eq!(
+            keys(&k.producer),
+            ["topic.metadata.refresh.interval.ms", "linger.ms"]
+        );
         let c = check(
             "rules: rules\nkafka:\n  brokers: b:9092\n  properties: { sasl.password: '${SECRET}' }\n  consumer: { group.instance.id: a }\nsources:\n  orders: { type: kafka, topic: orders.v1 }\nsinks:\n  cmds: { type: kafka, topic: commands }\n",
         )
