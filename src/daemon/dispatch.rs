@@ -804,8 +804,11 @@ impl Dispatcher {
                     Delivery::GiveUp { error }
                 } else {
                     m.deliveries.with_label_values(&[&p.sink, "retry"]).inc();
-                    // Never sooner than the receiver asked (429, 503 with Retry-After).
+                    // Not after the give-up age (a last attempt then, not one a whole
+                    // `max_backoff` later); never sooner than the receiver asked (429,
+                    // 503 with Retry-After).
                     let d = backoff(&self.cfg.outbox, p.attempts, p.seq)
+                        .min(self.cfg.outbox.give_up.saturating_sub(age))
                         .max(retry_after.unwrap_or_default());
                     if retry_log.allow(&p.sink) {
                         tracing::warn!(sink = p.sink, id = p.id, attempts = p.attempts + 1, retry_in = ?d, %error, "delivery failed; will retry");
