@@ -3668,3 +3668,46 @@ fn alerts_leave_during_a_long_intake_and_a_stop_in_it_loses_nothing() {
     );
     assert_eq!(d.terminate(), 0);
 }
+
+/// A message is given up at its give-up age, not at the retry after it: with a
+/// `max_backoff` far longer than `give_up`, the last attempt is made at the age.
+#[test]
+fn a_message_is_given_up_at_its_age_whatever_the_backoff() {
+    let port = free_port();
+    let mut rx = Receiver::new(port);
+    rx.refuse.lock().unwrap().push("T09:15:00".into());
+    rx.start();
+    let rules = "rules:\n  - name: checkout\n    trigger: { where: { type: OrderPlaced }, key: order_id }\n    \
+                 expect: [{ step: payment, where: { type: PaymentCompleted }, key: order_id, within: 15m }]\n    \
+                 on_missing: [{ alert: { summary: 'order {{key}}: {{step}} missing' } }]\n";
+    let mut d = Daemon::with_rules(
+        rules,
+        &format!(
+            "time: {{ idle: 0s }}\nbatch: {{ interval: 20ms }}\nsources: {{ api: {{ type: http }} }}\n\
+             sinks:\n  hook: {{ type: webhook, url: 'http://127.0.0.1:{port}/hook', secrets: ['${{WEBHOOK_SECRET}}'] }}\n\
+             alerts: {{ sinks: [hook] }}\noutbox: {{ backoff: 1h, max_backoff: 1h, give_up: 2s }}\n"
+        ),
+    );
+    d.start();
+    let body = [
+        order_event("09:00", "OrderPlaced", "o-1"),
+        order_event("09:16", "Heartbeat", "o-1"),
+    ]
+    .concat();
+    let (st, b) = http(d.port, "POST", "/v1/events", &[], body.as_bytes()).unwrap();
+    assert_eq!(st, 202, "{b}");
+    // (Half an hour at least to the second attempt before: its backoff, with jitter.)
+    wait_for(Duration::from_secs(30), "the message given up", || {
+        let given_up = metric(
+            d.port,
+            "sagawatch_outbox_deliveries_total{result=\"given_up\"",
+        )?;
+        (given_up == 1.0).then_some(())
+    });
+    // The first attempt and the last, at the age (only the last, on a machine slow
+    // enough that the first came after it).
+    let tries = rx.requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=2).contains(&tries), "{tries} attempts");
+    assert!(d.stderr().contains("giving up on a message"));
+    assert_eq!(d.terminate(), 0);
+}
