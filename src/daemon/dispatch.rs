@@ -910,7 +910,10 @@ impl Dispatcher {
                     .filter_map(|(_, body)| alertmanager_alert(&body, "alert", *resend)),
             );
             let body = serde_json::Value::Array(alerts).to_string();
-            let (http, sink) = (clients.http_for(s), s.clone());
+            let (http, mut sink) = (clients.http_for(s), s.clone());
+            // The next re-send waits for this one: a receiver slow to answer must not
+            // hold it past the alerts' endsAt (four intervals ahead).
+            sink.timeout = sink.timeout.min(*resend * 2);
             let task = flight.tasks.spawn(async move {
                 let r = post_alertmanager(&http, &sink, body).await;
                 Done::Resend(sink.name, r)
